@@ -1,0 +1,186 @@
+"""Configuration: one typed args model for the Serve application (`AppArgs`, validated from the
+`args:` of serve_config.yaml or a preset in configs/), and process settings from the environment
+(`Settings`, `CINEVIVID_*`). Secrets come only from the environment and are never logged.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+TINY_MODEL_SOURCE = "embedded:tiny"
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("CINEVIVID_CACHE_DIR", Path.home() / ".cache" / "cinevivid"))
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class ModelConfig(_Strict):
+    """One model the graph serves, with its defaults and the bounds a request must stay within."""
+
+    name: str = "cinevivid-tiny"
+    aliases: list[str] = Field(default_factory=list)
+    # A local diffusers folder, a Hub repo id ("Skywork/SkyReels-V2-T2V-14B-540P-Diffusers"),
+    # or "embedded:tiny" (built locally on first use, no network).
+    source: str = TINY_MODEL_SOURCE
+    revision: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    vae_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "auto"  # "auto" -> cuda if available else cpu
+    max_sequence_length: int = Field(default=512, ge=1, le=4096)
+    # defaults
+    width: int = 64
+    height: int = 64
+    num_frames: int = 9
+    fps: int = 8
+    num_inference_steps: int = 4
+    guidance_scale: float = 6.0
+    flow_shift: float = 8.0
+    negative_prompt: str = ""
+    # bounds
+    min_size: int = 16
+    max_width: int = 256
+    max_height: int = 256
+    max_frames: int = 65
+    max_steps: int = 100
+    max_prompt_chars: int = 2000
+    max_fps: int = 60
+
+    def all_names(self) -> set[str]:
+        return {self.name, *self.aliases}
+
+
+class AutoscalingConfig(_Strict):
+    min_replicas: int = Field(default=1, ge=0)
+    max_replicas: int = Field(default=1, ge=1)
+    initial_replicas: int | None = None
+    target_ongoing_requests: float = Field(default=2.0, gt=0)
+    upscale_delay_s: float = 30.0
+    downscale_delay_s: float = 600.0
+
+    @model_validator(mode="after")
+    def _bounds(self):
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("autoscaling_config.min_replicas must be <= max_replicas")
+        return self
+
+
+class ActorOptions(_Strict):
+    num_cpus: float = Field(default=0.1, ge=0)
+    num_gpus: float = Field(default=0.0, ge=0)
+    memory: int | None = None
+    resources: dict[str, float] | None = None
+    runtime_env: dict[str, Any] | None = None
+
+
+class DeploymentOptions(_Strict):
+    """Serve options for one deployment; passed to `.options(...)` in the app builder."""
+
+    num_replicas: int | None = Field(default=None, ge=1)
+    autoscaling_config: AutoscalingConfig | None = None
+    ray_actor_options: ActorOptions = Field(default_factory=ActorOptions)
+    max_ongoing_requests: int = Field(default=4, ge=1)
+    max_queued_requests: int = Field(default=64, ge=1)
+    graceful_shutdown_timeout_s: float = Field(default=600.0, ge=0)
+    graceful_shutdown_wait_loop_s: float = Field(default=2.0, ge=0)
+    health_check_period_s: float = Field(default=10.0, gt=0)
+    health_check_timeout_s: float = Field(default=30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _one_scaling_mode(self):
+        if self.num_replicas is not None and self.autoscaling_config is not None:
+            raise ValueError("set either num_replicas or autoscaling_config, not both")
+        return self
+
+    def serve_options(self) -> dict[str, Any]:
+        opts: dict[str, Any] = {
+            "ray_actor_options": self.ray_actor_options.model_dump(exclude_none=True),
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "max_queued_requests": self.max_queued_requests,
+            "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
+            "graceful_shutdown_wait_loop_s": self.graceful_shutdown_wait_loop_s,
+            "health_check_period_s": self.health_check_period_s,
+            "health_check_timeout_s": self.health_check_timeout_s,
+        }
+        if self.autoscaling_config is not None:
+            opts["autoscaling_config"] = self.autoscaling_config.model_dump(exclude_none=True)
+        else:
+            opts["num_replicas"] = self.num_replicas or 1
+        return opts
+
+
+class DeploymentsConfig(_Strict):
+    text_encoder: DeploymentOptions = Field(default_factory=DeploymentOptions)
+    transformer: DeploymentOptions = Field(default_factory=DeploymentOptions)
+    vae: DeploymentOptions = Field(default_factory=DeploymentOptions)
+    tts: DeploymentOptions = Field(default_factory=DeploymentOptions)
+    generator: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(max_ongoing_requests=16))
+    ingress: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(max_ongoing_requests=256,
+                                                                                 max_queued_requests=512))
+
+
+class LeversConfig(_Strict):
+    """Speed levers. Exact ones keep the fidelity rule; the others state their quality cost."""
+
+    # exact
+    cfg_batch: bool = False  # cond + uncond in one batched forward (exact up to fp rounding)
+    embedding_cache_size: int = Field(default=0, ge=0)  # LRU of prompt embeddings; 0 = off
+    # approximate
+    compile_transformer: bool = False  # torch.compile the DiT (exact within fp tolerance)
+    step_cache_threshold: float = Field(default=0.0, ge=0)  # first-block step cache; 0 = off
+    vae_tiling: bool = False  # lower peak memory for big frames; tiles blend at seams
+    # request batching across jobs of the same shape
+    batch_max_size: int = Field(default=1, ge=1)
+    batch_wait_timeout_s: float = Field(default=0.05, ge=0)
+    batch_token_budget: int = Field(default=2_000_000, ge=1)
+
+
+class TextEncoderBatching(_Strict):
+    max_batch_size: int = Field(default=8, ge=1)
+    batch_wait_timeout_s: float = Field(default=0.02, ge=0)
+
+
+class TTSConfig(_Strict):
+    default_provider: Literal["auto", "elevenlabs", "piper", "none"] = "auto"
+    providers: list[Literal["elevenlabs", "piper", "none"]] = Field(
+        default_factory=lambda: ["elevenlabs", "piper", "none"])
+    elevenlabs_base_url: str = "https://api.elevenlabs.io"
+    elevenlabs_model: str = "eleven_multilingual_v2"
+    elevenlabs_voice: str = "JBFqnCBsd6RMkjVDRZzb"
+    elevenlabs_timeout_s: float = Field(default=60.0, gt=0)
+    elevenlabs_max_retries: int = Field(default=3, ge=0)
+    piper_voice: str = "en_US-joe-medium"
+    max_text_chars: int = Field(default=2000, ge=1)
+    sample_rate: int = 22050
+
+
+class AppArgs(_Strict):
+    """Everything the app builder needs. serve_config.yaml's `args:` validates into this."""
+
+    name: str = "cinevivid"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    deployments: DeploymentsConfig = Field(default_factory=DeploymentsConfig)
+    levers: LeversConfig = Field(default_factory=LeversConfig)
+    text_encoder_batching: TextEncoderBatching = Field(default_factory=TextEncoderBatching)
+    tts: TTSConfig = Field(default_factory=TTSConfig)
+    with_ingress: bool = True
+    ingress: dict[str, Any] = Field(default_factory=dict)  # validated by the ingress' own settings
+    route_prefix: str = "/"
+
+
+class Settings(BaseSettings):
+    """Process settings from `CINEVIVID_*` environment variables."""
+
+    model_config = SettingsConfigDict(env_prefix="CINEVIVID_", extra="ignore")
+
+    mode: Literal["embedded", "production"] = "embedded"
+    cache_dir: Path = Field(default_factory=default_cache_dir)
+    log_level: str = "INFO"
