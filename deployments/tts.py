@@ -1,0 +1,40 @@
+"""The TTS deployment: text -> speech fitted to the video, for the Generator.
+
+Built by the app builder as `TTS.options(**opts).bind(TTSConfig.model_dump(mode="json"))`.
+The ElevenLabs key is read from this replica's environment (ELEVENLABS_API_KEY) only.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ray import serve
+
+from serve.audio import SpeechAudio
+from serve.tts_backends.service import TTSService
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["TTS", "SpeechAudio"]
+
+
+@serve.deployment(name="TTS")
+class TTS:
+    def __init__(self, tts_config: dict | None = None):
+        self.service = TTSService(tts_config or {})
+
+    async def synthesize(self, voiceover: dict, duration_s: float) -> SpeechAudio:
+        """Speech for `voiceover` ({text, voice, provider, fit}) fitted to `duration_s` seconds.
+        Raises TTSError (code says how) on failure."""
+        return await self.service.synthesize(voiceover, duration_s)
+
+    async def voices(self) -> list[dict]:
+        """[{voice_id, name, provider}] for every enabled backend."""
+        return await self.service.voices()
+
+    async def known_voices(self) -> dict[str, list[str]]:
+        """Voice ids each backend knows without a network call (for request validation)."""
+        return {k: sorted(v) for k, v in self.service.known_voices().items()}
+
+    async def check_health(self) -> None:
+        await self.service.check_health()
