@@ -179,6 +179,9 @@ class AppArgs(_Strict):
     with_ingress: bool = True
     ingress: dict[str, Any] = Field(default_factory=dict)  # validated by the ingress' own settings
     route_prefix: str = "/"
+    # Chaos testing only: make a stage fail at run time the way it would in production
+    # ("oom": torch.OutOfMemoryError inside the model call; "error": a RuntimeError).
+    fault_injection: dict[Literal["transformer", "vae"], Literal["oom", "error"]] = Field(default_factory=dict)
 
 
 class Settings(BaseSettings):

@@ -17,6 +17,12 @@ VAE_SPATIAL_FACTOR = 8
 VAE_TEMPORAL_FACTOR = 4
 
 
+def inject_fault(kind: str) -> None:
+    if kind == "oom":
+        raise torch.OutOfMemoryError("injected: CUDA out of memory. Tried to allocate 20.00 GiB")
+    raise RuntimeError(f"injected fault: {kind}")
+
+
 class Cancelled(Exception):
     """Raised between steps when every job of a batch was cancelled."""
 
@@ -63,12 +69,16 @@ class LoopSettings:
 class DenoiseLoop:
     """Holds the transformer and the scheduler config; `run` denoises a batch of jobs."""
 
-    def __init__(self, transformer, scheduler_config: dict, device: torch.device, step_cache=None):
+    def __init__(self, transformer, scheduler_config: dict, device: torch.device, step_cache=None,
+                 fault: str | None = None):
         self.transformer = transformer
+        self.fault = fault  # chaos testing: "oom" | "error" raised from the model call
         self.scheduler_config = dict(scheduler_config)
         self.device = device
-        self.dtype = next(transformer.parameters()).dtype
+        # ModelMixin.dtype skips the `_keep_in_fp32_modules` (the first parameter, scale_shift_table, is one)
+        self.dtype = getattr(transformer, "dtype", None) or next(transformer.parameters()).dtype
         self.step_cache = step_cache  # optional serve.step_cache.StepCache
+        self.steps_run = 0  # denoising steps executed over the loop's lifetime (observability)
 
     def make_scheduler(self, flow_shift: float):
         from diffusers import UniPCMultistepScheduler
@@ -76,6 +86,8 @@ class DenoiseLoop:
         return UniPCMultistepScheduler.from_config(self.scheduler_config, flow_shift=flow_shift)
 
     def _forward(self, latents: torch.Tensor, timestep: torch.Tensor, embeds: torch.Tensor, branch: str):
+        if self.fault:
+            inject_fault(self.fault)
         if self.step_cache is not None:
             return self.step_cache(self.transformer, latents, timestep, embeds, branch)
         return self.transformer(hidden_states=latents, timestep=timestep, encoder_hidden_states=embeds,
@@ -91,10 +103,10 @@ class DenoiseLoop:
         shape = latent_shape(channels, s.num_frames, s.height, s.width)
         active = list(jobs)
         latents = torch.cat([initial_latents(j.seed, shape, self.device) for j in active])
-        cond = torch.cat([torch.from_numpy(j.prompt_embeds) for j in active]).to(self.device, self.dtype)
+        cond = torch.cat([torch.from_numpy(np.array(j.prompt_embeds)) for j in active]).to(self.device, self.dtype)
         uncond = None
         if do_cfg:
-            uncond = torch.cat([torch.from_numpy(j.negative_prompt_embeds) for j in active]).to(
+            uncond = torch.cat([torch.from_numpy(np.array(j.negative_prompt_embeds)) for j in active]).to(
                 self.device, self.dtype)
 
         scheduler = self.make_scheduler(s.flow_shift)
@@ -102,7 +114,7 @@ class DenoiseLoop:
         timesteps = scheduler.timesteps
         total = len(timesteps)
         if self.step_cache is not None:
-            self.step_cache.reset()
+            self.step_cache.reset(num_steps=total)
 
         for i, t in enumerate(timesteps):
             keep = [k for k, j in enumerate(active) if not j.is_cancelled()]
@@ -134,6 +146,7 @@ class DenoiseLoop:
                     noise_uncond = self._forward(latent_input, timestep, uncond, "uncond")
                     noise_pred = noise_uncond + s.guidance_scale * (noise_pred - noise_uncond)
             latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+            self.steps_run += 1
             for j in active:
                 j.on_step(i + 1, total)
 

@@ -1,0 +1,95 @@
+"""Python client for other Ray drivers and jobs: calls the Generator through a Serve handle.
+
+    import ray
+    from client.handle import GeneratorClient
+    ray.init(address="auto")
+    client = GeneratorClient()                     # app "cinevivid"
+    result = client.generate({"prompt": "a red fox in the snow", "seed": 1})
+    open("fox.mp4", "wb").write(result.mp4)
+    for event in client.stream({"prompt": "..."}):  # ProgressEvents, then the result
+        print(event.type, event.progress)
+
+Errors arrive as the typed exceptions of `serve.errors` (InvalidSpecError naming the field,
+StageError naming the stage, GenerationCancelled, ...), not as raw Ray errors.
+"""
+
+from __future__ import annotations
+
+from typing import AsyncIterator, Iterator
+
+from ray import serve
+
+from serve.errors import CineVividError, OverloadedError, unwrap_error
+from serve.generation import GenerationResult, GenerationSpec, ProgressEvent
+
+GENERATOR_DEPLOYMENT = "Generator"
+
+
+def _typed(exc: BaseException) -> BaseException:
+    err = unwrap_error(exc)
+    if isinstance(err, CineVividError):
+        return err
+    name = type(exc).__name__
+    if "BackPressure" in name or "Overloaded" in name:
+        return OverloadedError(f"the generation graph is at capacity: {exc}")
+    return exc
+
+
+def _spec_dict(spec: GenerationSpec | dict) -> dict:
+    if isinstance(spec, GenerationSpec):
+        return spec.model_dump(mode="json", exclude_none=True)
+    return GenerationSpec.model_validate(spec).model_dump(mode="json", exclude_none=True)
+
+
+class GeneratorClient:
+    """Sync and async calls to the Generator of a running CineVivid application."""
+
+    def __init__(self, app_name: str = "cinevivid", handle=None):
+        self.handle = handle or serve.get_deployment_handle(GENERATOR_DEPLOYMENT, app_name=app_name)
+
+    # sync ---------------------------------------------------------------------------------------
+    def generate(self, spec: GenerationSpec | dict, timeout_s: float | None = None) -> GenerationResult:
+        try:
+            return self.handle.generate.remote(_spec_dict(spec)).result(timeout_s=timeout_s)
+        except Exception as exc:  # noqa: BLE001
+            raise _typed(exc) from None
+
+    def stream(self, spec: GenerationSpec | dict) -> Iterator[ProgressEvent]:
+        gen = self.handle.options(stream=True).stream.remote(_spec_dict(spec))
+        try:
+            yield from gen
+        except Exception as exc:  # noqa: BLE001
+            raise _typed(exc) from None
+        finally:
+            gen.cancel()  # a caller that stops iterating cancels the generation
+
+    def check(self, spec: GenerationSpec | dict) -> dict:
+        try:
+            return self.handle.check.remote(_spec_dict(spec)).result()
+        except Exception as exc:  # noqa: BLE001
+            raise _typed(exc) from None
+
+    # async --------------------------------------------------------------------------------------
+    async def agenerate(self, spec: GenerationSpec | dict) -> GenerationResult:
+        try:
+            return await self.handle.generate.remote(_spec_dict(spec))
+        except Exception as exc:  # noqa: BLE001
+            raise _typed(exc) from None
+
+    async def astream(self, spec: GenerationSpec | dict) -> AsyncIterator[ProgressEvent]:
+        gen = self.handle.options(stream=True).stream.remote(_spec_dict(spec))
+        try:
+            async for event in gen:
+                yield event
+        except Exception as exc:  # noqa: BLE001
+            raise _typed(exc) from None
+        finally:
+            gen.cancel()
+
+
+def generate(spec: GenerationSpec | dict, app_name: str = "cinevivid") -> GenerationResult:
+    return GeneratorClient(app_name).generate(spec)
+
+
+def stream(spec: GenerationSpec | dict, app_name: str = "cinevivid") -> Iterator[ProgressEvent]:
+    return GeneratorClient(app_name).stream(spec)

@@ -1,0 +1,191 @@
+"""Transformer deployment: the SkyReels-V2 DiT denoising loop.
+
+`denoise(embeds, spec)` is a streaming method: one `{"type": "step"}` event per denoising step,
+then `{"type": "latents", "ref": [ObjectRef]}` holding the normalised fp32 latents in the object
+store, so the caller hands them straight to the VAE without copying them through itself.
+
+Requests of the same shape (size, frames, steps, guidance, shift) that arrive together run as one
+batch, bounded by `levers.batch_max_size` and a token budget. A caller that cancels its stream is
+dropped from its batch at the next step boundary; nothing is decoded for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+import ray
+from ray import serve
+
+from serve.config import LeversConfig, ModelConfig
+from serve.denoising import Cancelled, DenoiseJob, DenoiseLoop, LoopSettings
+from serve.errors import GenerationCancelled, StageError
+from serve.generation import PromptEmbeds, ResolvedSpec
+from serve.models import resolve_subfolder, torch_device, torch_dtype
+
+logger = logging.getLogger(__name__)
+STAGE = "transformer"
+_DONE = object()
+
+
+def job_tokens(spec: ResolvedSpec) -> int:
+    """DiT sequence length of one job (x2 with guidance): what the token budget counts."""
+    t = (spec.num_frames - 1) // 4 + 1
+    tokens = t * (spec.height // 16) * (spec.width // 16)
+    return tokens * (2 if spec.do_cfg else 1)
+
+
+@dataclass
+class _Ticket:
+    spec: ResolvedSpec
+    embeds: PromptEmbeds
+    job_id: str
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    enqueued_at: float = field(default_factory=time.monotonic)
+
+
+@serve.deployment(name="Transformer")
+class Transformer:
+    def __init__(self, model: dict, levers: dict | None = None, fault: str | None = None):
+        import torch
+        from diffusers import SkyReelsV2Transformer3DModel, UniPCMultistepScheduler
+
+        self.model_cfg = ModelConfig.model_validate(model)
+        self.levers = LeversConfig.model_validate(levers or {})
+        self.device = torch_device(self.model_cfg)
+        self._torch = torch
+        transformer = SkyReelsV2Transformer3DModel.from_pretrained(
+            resolve_subfolder(self.model_cfg, "transformer"), torch_dtype=torch_dtype(self.model_cfg.dtype))
+        transformer = transformer.to(self.device).eval()
+        scheduler = UniPCMultistepScheduler.from_pretrained(resolve_subfolder(self.model_cfg, "scheduler"))
+        step_cache = None
+        if self.levers.step_cache_threshold > 0:
+            from serve.step_cache import StepCache
+
+            step_cache = StepCache(threshold=self.levers.step_cache_threshold)
+        if self.levers.compile_transformer:
+            from serve.levers import compile_transformer
+
+            transformer = compile_transformer(transformer)
+        self.loop = DenoiseLoop(transformer, scheduler.config, self.device, step_cache=step_cache, fault=fault)
+        self._pending: list[_Ticket] = []
+        self._wakeup: asyncio.Event | None = None
+        self._worker: asyncio.Task | None = None
+        self._fatal: str | None = None
+        self.batches_run: list[int] = []  # sizes of the batches actually run
+        self.running = 0
+        logger.info("transformer ready on %s (%s)", self.device, self.model_cfg.dtype)
+
+    # -- request side --------------------------------------------------------------------------
+    async def denoise(self, embeds: PromptEmbeds, spec: dict, job_id: str = "-"):
+        ticket = _Ticket(spec=ResolvedSpec.model_validate(spec), embeds=embeds, job_id=job_id)
+        self._ensure_worker()
+        self._pending.append(ticket)
+        self._wakeup.set()
+        try:
+            while True:
+                event = await ticket.events.get()
+                if event is _DONE:
+                    return
+                if isinstance(event, BaseException):
+                    raise event
+                yield event
+        finally:
+            # Cancelled by the caller (or finished): a job still in a batch leaves it at the
+            # next step boundary; one still pending is never started.
+            ticket.cancelled.set()
+
+    def _ensure_worker(self) -> None:
+        if self._worker is None or self._worker.done():
+            self._wakeup = asyncio.Event()
+            self._worker = asyncio.get_running_loop().create_task(self._run_forever())
+
+    # -- worker side ---------------------------------------------------------------------------
+    def _take_batch(self) -> list[_Ticket]:
+        self._pending = [t for t in self._pending if not t.cancelled.is_set()]
+        if not self._pending:
+            return []
+        first = self._pending[0]
+        key = first.spec.shape_key()
+        batch, budget = [first], self.levers.batch_token_budget - job_tokens(first.spec)
+        for ticket in self._pending[1:]:
+            if len(batch) >= self.levers.batch_max_size:
+                break
+            cost = job_tokens(ticket.spec)
+            if ticket.spec.shape_key() == key and cost <= budget:
+                batch.append(ticket)
+                budget -= cost
+        self._pending = [t for t in self._pending if t not in batch]
+        return batch
+
+    async def _run_forever(self) -> None:
+        while True:
+            if not self._pending:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            if self.levers.batch_max_size > 1 and self.levers.batch_wait_timeout_s > 0:
+                await asyncio.sleep(self.levers.batch_wait_timeout_s)  # let same-shape jobs gather
+            batch = self._take_batch()
+            if batch:
+                await self._run_batch(batch)
+
+    async def _run_batch(self, batch: list[_Ticket]) -> None:
+        loop = asyncio.get_running_loop()
+        spec = batch[0].spec
+
+        def step_callback(ticket: _Ticket):
+            def on_step(step: int, total: int) -> None:
+                loop.call_soon_threadsafe(ticket.events.put_nowait,
+                                          {"type": "step", "step": step, "total_steps": total,
+                                           "batch_size": len(batch)})
+            return on_step
+
+        jobs = [DenoiseJob(seed=t.spec.seed, prompt_embeds=t.embeds.prompt_embeds,
+                           negative_prompt_embeds=t.embeds.negative_prompt_embeds,
+                           is_cancelled=t.cancelled.is_set, on_step=step_callback(t)) for t in batch]
+        settings = LoopSettings(width=spec.width, height=spec.height, num_frames=spec.num_frames,
+                                num_inference_steps=spec.num_inference_steps,
+                                guidance_scale=spec.guidance_scale, flow_shift=spec.flow_shift,
+                                cfg_batch=self.levers.cfg_batch)
+        self.batches_run.append(len(batch))
+        logger.info("denoising batch of %d: %s", len(batch), [t.job_id for t in batch])
+        error: BaseException | None = None
+        self.running += 1
+        try:
+            await asyncio.to_thread(self.loop.run, jobs, settings)
+        except Cancelled:
+            pass
+        except self._torch.OutOfMemoryError as exc:
+            error = StageError(f"out of memory denoising {len(batch)} job(s) at {spec.width}x{spec.height}, "
+                               f"{spec.num_frames} frames", stage=STAGE, code="out_of_memory")
+            logger.error("transformer OOM: %s", exc)
+        except Exception as exc:  # noqa: BLE001 - any model failure becomes a typed stage error
+            logger.exception("transformer failed")
+            error = StageError(f"denoising failed: {type(exc).__name__}: {exc}", stage=STAGE)
+            if "CUDA error" in str(exc):
+                self._fatal = str(exc)
+        finally:
+            self.running -= 1
+        for ticket, job in zip(batch, jobs):
+            if error is not None:
+                ticket.events.put_nowait(error)
+            elif job.cancelled or job.result is None:
+                ticket.events.put_nowait(GenerationCancelled("generation cancelled", stage=STAGE))
+            else:
+                ticket.events.put_nowait({"type": "latents", "ref": [ray.put(job.result)]})
+                ticket.events.put_nowait(_DONE)
+
+    # -- observability -------------------------------------------------------------------------
+    def stats(self) -> dict:
+        cache = self.loop.step_cache
+        return {"batches_run": list(self.batches_run), "pending": len(self._pending), "running": self.running,
+                "steps_run": self.loop.steps_run,
+                "step_cache": cache.stats() if cache is not None and hasattr(cache, "stats") else None}
+
+    def check_health(self) -> None:
+        if self._fatal:
+            raise RuntimeError(f"transformer device unusable: {self._fatal}")

@@ -1,0 +1,80 @@
+"""The app builder: one typed args model in, one bound Serve application out.
+
+    serve run serve_config.yaml                      # import_path: serve.app:build_app
+    serve run serve.app:build_app with_ingress=false # args from the command line
+
+Every deployment gets its options from `AppArgs.deployments.<stage>`; the graph is bound here and
+nowhere else.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from ray.serve import Application
+
+from serve.config import AppArgs
+
+# A spec is validated by the Generator; these deployments never see HTTP.
+STAGE_DEPLOYMENTS = ("text_encoder", "transformer", "vae", "tts", "generator")
+
+
+def parse_args(args: AppArgs | dict[str, Any] | None) -> AppArgs:
+    if isinstance(args, AppArgs):
+        return args
+    args = dict(args or {})
+    # `serve run serve.app:build_app with_ingress=false` passes strings
+    if isinstance(args.get("with_ingress"), str):
+        args["with_ingress"] = args["with_ingress"].lower() in ("1", "true", "yes")
+    return AppArgs.model_validate(args)
+
+
+def uses_tts(args: AppArgs) -> bool:
+    return any(p != "none" for p in args.tts.providers)
+
+
+def build_generator(args: AppArgs) -> Application:
+    """The generation graph without HTTP: what a Ray job reaches through `serve.get_app_handle`."""
+    from deployments.generator import Generator
+    from deployments.text_encoder import TextEncoder
+    from deployments.transformer import Transformer
+    from deployments.vae import VAEDecoder
+
+    d = args.deployments
+    model = args.model.model_dump(mode="json")
+    levers = args.levers.model_dump(mode="json")
+    text_encoder = TextEncoder.options(**d.text_encoder.serve_options()).bind(
+        model, args.text_encoder_batching.model_dump(mode="json"), args.levers.embedding_cache_size)
+    transformer = Transformer.options(**d.transformer.serve_options()).bind(
+        model, levers, args.fault_injection.get("transformer"))
+    vae = VAEDecoder.options(**d.vae.serve_options()).bind(model, levers, args.fault_injection.get("vae"))
+    tts = None
+    if uses_tts(args):
+        from deployments.tts import TTS
+
+        tts = TTS.options(**d.tts.serve_options()).bind(args.tts.model_dump(mode="json"))
+    return Generator.options(**d.generator.serve_options()).bind(
+        text_encoder, transformer, vae, tts, model, args.tts.model_dump(mode="json"), args.name)
+
+
+def build_app(args: AppArgs | dict[str, Any] | None = None) -> Application:
+    args = parse_args(args)
+    generator = build_generator(args)
+    if not args.with_ingress:
+        return generator
+    from serve.ingress import Ingress
+
+    return Ingress.options(**args.deployments.ingress.serve_options()).bind(
+        generator, args.model_dump(mode="json"))
+
+
+def default_app_args() -> AppArgs:
+    """Args from CINEVIVID_APP_ARGS (a YAML/JSON file), else the embedded defaults."""
+    path = os.environ.get("CINEVIVID_APP_ARGS")
+    if not path:
+        return AppArgs()
+    import yaml
+
+    with open(path) as f:
+        return AppArgs.model_validate(yaml.safe_load(f) or {})

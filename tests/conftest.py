@@ -1,0 +1,95 @@
+"""Shared fixtures: one Ray cluster and one Serve instance for the whole session, the tiny model,
+and the generation graph deployed once (`graph_app`)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Everything the replicas build or cache goes to a per-session folder; set before Ray starts so
+# the workers inherit it.
+_SESSION_DIR = Path(tempfile.mkdtemp(prefix="cinevivid-tests-"))
+os.environ.setdefault("CINEVIVID_CACHE_DIR", str(_SESSION_DIR / "cache"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")
+
+GRAPH_APP = "graph"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def session_dir() -> Path:
+    return _SESSION_DIR
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> Path:
+    from serve.models import tiny_model_path
+    from serve.tiny_model import make_tiny_model
+
+    return make_tiny_model(tiny_model_path())
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tiny_model_dir):
+    """One local Ray cluster + Serve (HTTP on a free port) for the session."""
+    import ray
+    from ray import serve
+
+    ray.init(num_cpus=16, include_dashboard=False, log_to_driver=False,
+             object_store_memory=1_000_000_000, configure_logging=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield {"address": ray.get_runtime_context().gcs_address, "http_port": port,
+           "http_url": f"http://127.0.0.1:{port}"}
+    serve.shutdown()
+    ray.shutdown()
+
+
+def tiny_app_args(**overrides) -> dict:
+    """App args for tests: the tiny model on the CPU, small fractional CPUs per replica."""
+    small = {"ray_actor_options": {"num_cpus": 0.1}}
+    args = {
+        "name": GRAPH_APP,
+        "with_ingress": False,
+        "deployments": {k: dict(small) for k in ("text_encoder", "transformer", "vae", "tts", "generator")},
+        "tts": {"providers": ["none"]},
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(args.get(key), dict):
+            args[key] = {**args[key], **value}
+        else:
+            args[key] = value
+    return args
+
+
+@pytest.fixture(scope="session")
+def graph_app(ray_cluster):
+    """The generation graph (no HTTP) on the tiny model, deployed once as app 'graph'."""
+    from ray import serve
+
+    from client.handle import GeneratorClient
+    from serve.app import build_app
+
+    serve.run(build_app(tiny_app_args()), name=GRAPH_APP, route_prefix=None)
+    return GeneratorClient(GRAPH_APP)
+
+
+@pytest.fixture(scope="session")
+def stage_handle(graph_app):
+    from ray import serve
+
+    def get(deployment: str):
+        return serve.get_deployment_handle(deployment, app_name=GRAPH_APP)
+
+    return get
