@@ -225,7 +225,7 @@ class Dispatcher:
         progress = int(max(state["progress"], min(99, int(event.progress or 0))))
         stage_changed = event.type == "stage" and event.stage and event.stage != state["stage"]
         state["progress"] = progress
-        if event.type == "stage" and event.stage:
+        if event.stage:
             state["stage"] = event.stage
         payload = {"type": event.type, "progress": progress, "stage": state["stage"]}
         if event.type == "stage":

@@ -1,0 +1,35 @@
+"""The `Ingress` deployment: the HTTP entry point. It serves the Starlette app of serve.http_app
+through Ray Serve and runs the job dispatcher that drives the `Generator` deployment."""
+
+from __future__ import annotations
+
+import logging
+
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from serve.generator_client import HandleGeneratorClient
+from serve.http_app import create_app
+from serve.job_service import JobService
+
+logger = logging.getLogger(__name__)
+
+
+@serve.deployment(name="Ingress")
+@serve.ingress()
+class Ingress:
+    def __init__(self, generator: DeploymentHandle, app_args: dict):
+        # Configuration errors (e.g. no JWT secret in production mode) fail the deployment here.
+        self.service = JobService(app_args, HandleGeneratorClient(generator))
+
+    def __serve_build_asgi_app__(self):
+        # The app's lifespan (run by Serve on the replica) starts the dispatcher and stops it,
+        # releasing running jobs back to the queue, when the replica shuts down.
+        return create_app(self.service)
+
+    async def check_health(self) -> None:
+        # The replica is unhealthy only if its dispatcher died; a down database or stage is
+        # reported by /health (degraded), not by restarting the ingress.
+        task = self.service.dispatcher._loop_task
+        if task is not None and task.done() and not task.cancelled() and task.exception() is not None:
+            raise RuntimeError(f"the job dispatcher stopped: {task.exception()!r}")
