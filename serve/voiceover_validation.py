@@ -28,15 +28,25 @@ def elevenlabs_key_present(environ: Mapping[str, str] | None = None) -> bool:
     return bool((environ if environ is not None else os.environ).get(API_KEY_ENV, "").strip())
 
 
-def resolve_provider(voiceover: VoiceoverSpec, tts: TTSConfig, environ: Mapping[str, str] | None = None) -> str:
-    """The backend that will speak: the requested one; else piper when the voice is piper's;
-    else the configured default, where "auto" = elevenlabs if its key is set, otherwise piper."""
+def explicit_provider(voiceover: VoiceoverSpec, tts: TTSConfig) -> str | None:
+    """The backend that will speak when the request or the config says so without looking at the
+    environment: the requested one; else piper when the voice is piper's; else an explicit
+    configured default. None when it is "auto" (decided by the TTS replica, which has the key)."""
     if voiceover.provider is not None:
         return voiceover.provider
     if voiceover.voice is not None and voiceover.voice == piper_voice_id(tts) and "piper" in tts.providers:
         return "piper"
     if tts.default_provider != "auto":
         return tts.default_provider
+    return None
+
+
+def resolve_provider(voiceover: VoiceoverSpec, tts: TTSConfig, environ: Mapping[str, str] | None = None) -> str:
+    """The backend that will speak: `explicit_provider`, else "auto" = elevenlabs if its key is
+    set in `environ` (default: this process' environment), otherwise piper."""
+    provider = explicit_provider(voiceover, tts)
+    if provider is not None:
+        return provider
     if "elevenlabs" in tts.providers and elevenlabs_key_present(environ):
         return "elevenlabs"
     if "piper" in tts.providers:
@@ -70,7 +80,7 @@ def validate_voiceover(voiceover: VoiceoverSpec, tts: TTSConfig, *,
         if not _VOICE_RE.match(voice) or ".." in voice or not voice.strip():
             raise InvalidSpecError(f"voiceover.voice {voice!r} is not a valid voice id or name",
                                    param="voiceover.voice", code="tts_voice_not_found")
-        provider = resolve_provider(voiceover, tts)
+        provider = explicit_provider(voiceover, tts)
         known: set[str] | None = None
         if provider == "piper":
             known = {piper_voice_id(tts)}
