@@ -1,0 +1,149 @@
+"""Fixtures for the HTTP job service: the full app from `serve.app:build_app` (tiny model, with
+the Ingress) deployed once as app "http" at route prefix "/", users and API keys made with the
+admin CLI's functions against the same database, and an in-process variant of the HTTP app
+(`local_service`) wired to the deployed Generator, for tests that need their own limits."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import tiny_app_args
+
+HTTP_APP = "http"
+SMALL = {"ray_actor_options": {"num_cpus": 0.1}}
+
+
+def run_sync(coro):
+    """Run a coroutine to completion from sync code, even inside a running event loop."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
+@dataclass
+class HttpEnv:
+    url: str
+    data_dir: Path
+    database_url: str
+
+    def user(self, admin: bool = False) -> "UserCreds":
+        from serve.admin_cli import add_user, create_key
+
+        name = f"u{uuid.uuid4().hex[:10]}"
+        password = uuid.uuid4().hex
+        run_sync(add_user(name, password, admin=admin, database_url=self.database_url))
+        key = run_sync(create_key(name, "test", database_url=self.database_url))
+        return UserCreds(name, password, key["key"], key["id"])
+
+
+@dataclass
+class UserCreds:
+    username: str
+    password: str
+    api_key: str
+    key_id: str
+
+    @property
+    def headers(self) -> dict:
+        return {"Authorization": f"Bearer {self.api_key}"}
+
+
+def http_ingress_args(data_dir: Path, **overrides) -> dict:
+    ingress = {"data_dir": str(data_dir),
+               "dispatcher": {"max_concurrent_jobs": 2, "lease_seconds": 3.0, "poll_interval_s": 0.2,
+                              "progress_write_interval_s": 0.1},
+               "limits": {"rate_limit_per_minute": 100000, "rate_limit_burst": 100000,
+                          "max_concurrent_jobs_per_user": 100}}
+    for k, v in overrides.items():
+        ingress[k] = {**ingress.get(k, {}), **v} if isinstance(v, dict) else v
+    return ingress
+
+
+def deploy_http_app(name: str, data_dir: Path, http_url: str, **ingress_overrides) -> None:
+    from ray import serve
+
+    from serve.app import build_app
+
+    args = tiny_app_args(name=name, with_ingress=True, ingress=http_ingress_args(data_dir, **ingress_overrides),
+                         deployments={"ingress": SMALL}, route_prefix=f"/{name}" if name != HTTP_APP else "/")
+    serve.run(build_app(args), name=name, route_prefix=args["route_prefix"])
+
+
+def wait_healthy(url: str, timeout_s: float = 120.0) -> dict:
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.HTTPError):
+            r = httpx.get(f"{url}/health", timeout=10)
+            last = r.json() if r.headers.get("content-type", "").startswith("application/json") else r.text
+            if r.status_code == 200 and last.get("status") == "healthy":
+                return last
+        time.sleep(0.2)
+    raise AssertionError(f"{url} never became healthy: {last}")
+
+
+@pytest.fixture(scope="session")
+def http_env(ray_cluster, session_dir) -> HttpEnv:
+    data_dir = session_dir / "http-data"
+    deploy_http_app(HTTP_APP, data_dir, ray_cluster["http_url"])
+    wait_healthy(ray_cluster["http_url"])
+    return HttpEnv(ray_cluster["http_url"], data_dir, f"sqlite+aiosqlite:///{data_dir / 'cinevivid.db'}")
+
+
+@pytest.fixture
+def alice(http_env) -> UserCreds:
+    return http_env.user()
+
+
+@pytest.fixture
+def bob(http_env) -> UserCreds:
+    return http_env.user()
+
+
+@pytest.fixture
+def admin_user(http_env) -> UserCreds:
+    return http_env.user(admin=True)
+
+
+def wait_for_status(url: str, headers: dict, video_id: str, statuses: set[str], timeout_s: float = 120.0) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        v = httpx.get(f"{url}/v1/videos/{video_id}", headers=headers, timeout=10).json()
+        if v.get("status") in statuses:
+            return v
+        time.sleep(0.05)
+    raise AssertionError(f"video {video_id} never reached {statuses}: {v}")
+
+
+@contextlib.asynccontextmanager
+async def local_service(tmp_path: Path, **ingress_overrides):
+    """The same HTTP app in this process (its own database and limits), driving the deployed
+    Generator of app "http" through a real Serve handle. Yields (service, httpx.AsyncClient)."""
+    from serve.config import AppArgs
+    from serve.generator_client import HandleGeneratorClient
+    from serve.http_app import create_app
+    from serve.job_service import JobService
+
+    args = AppArgs.model_validate(tiny_app_args(name=HTTP_APP, with_ingress=True,
+                                                ingress=http_ingress_args(tmp_path, **ingress_overrides)))
+    service = JobService(args, HandleGeneratorClient.for_app(HTTP_APP))
+    app = create_app(service)
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://local",
+                                     timeout=60) as client:
+            yield service, client
+
+
+async def make_local_user(service, admin: bool = False) -> dict:
+    name = f"u{uuid.uuid4().hex[:10]}"
+    user = await service.auth.create_user(name, "pw-" + name, "admin" if admin else "user")
+    key = await service.auth.create_api_key(user["id"], "t")
+    return {"Authorization": f"Bearer {key['key']}"}
