@@ -87,11 +87,12 @@ def unwrap_error(exc: BaseException) -> BaseException:
     cur: BaseException | None = exc
     while cur is not None and id(cur) not in seen:
         seen.add(id(cur))
-        if isinstance(cur, CineVividError):
-            return cur
+        # RayTaskError(X) is also an X, but only its `.cause` carries X's attributes.
         cause = getattr(cur, "cause", None)
         if isinstance(cause, BaseException):
             cur = cause
             continue
+        if isinstance(cur, CineVividError):
+            return cur
         cur = cur.__cause__ or cur.__context__
     return exc

@@ -65,7 +65,16 @@ class JobService:
                              ("max_steps", lim.max_steps)):
             if limit is not None:
                 upd[field] = min(getattr(model, field), limit)
-        return model.model_copy(update=upd)
+        limited = model.model_copy(update=upd)
+        # defaults above a narrowed bound come down to it, so a request without them still fits
+        defaults = {
+            "width": min(limited.width, max(16, limited.max_width // 16 * 16)),
+            "height": min(limited.height, max(16, limited.max_height // 16 * 16)),
+            "num_frames": min(limited.num_frames, (limited.max_frames - 1) // VAE_TEMPORAL_FACTOR
+                              * VAE_TEMPORAL_FACTOR + 1),
+            "num_inference_steps": min(limited.num_inference_steps, limited.max_steps),
+        }
+        return limited.model_copy(update=defaults)
 
     # ---- lifecycle ----
     async def start(self) -> None:

@@ -119,14 +119,15 @@ class StepCache:
         head_residual = hidden - head_in
 
         skip = False
-        if (self.threshold > 0 and st.head_residual is not None and st.tail_residual is not None
-                and step >= self.warmup_steps and st.consecutive_skips < self.max_consecutive_skips
-                and st.head_residual.shape == head_residual.shape
-                and not (self.compute_last_step and self.num_steps is not None and step >= self.num_steps - 1)):
+        if st.head_residual is not None and st.head_residual.shape == head_residual.shape:
+            # recorded at every threshold (threshold 0 = a probe that never skips: calibration)
             change = _relative_change(head_residual, st.head_residual)
             st.last_change = change
             st.changes.append(change)
-            skip = change < self.threshold
+            skip = (self.threshold > 0 and change < self.threshold and st.tail_residual is not None
+                    and step >= self.warmup_steps and st.consecutive_skips < self.max_consecutive_skips
+                    and not (self.compute_last_step and self.num_steps is not None
+                             and step >= self.num_steps - 1))
 
         if skip:
             hidden = hidden + st.tail_residual

@@ -1,0 +1,85 @@
+"""serve_config.yaml and configs/: they validate, and their overrides take effect when deployed."""
+
+from __future__ import annotations
+
+import copy
+import glob
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+from ray import serve
+
+from serve.config import AppArgs
+from serve.deploy import deploy_serve_config, load_serve_config, validate_serve_config
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = ["serve_config.yaml", *sorted(glob.glob("configs/*.yaml", root_dir=ROOT))]
+
+
+@pytest.mark.parametrize("path", CONFIGS)
+def test_every_config_validates_against_the_app_args(path):
+    apps = validate_serve_config(load_serve_config(ROOT / path))
+    assert apps, f"{path} deploys no CineVivid app"
+    for args in apps.values():
+        assert args.model.width % 16 == 0 and args.model.height % 16 == 0
+        assert (args.model.num_frames - 1) % 4 == 0
+        assert args.model.num_frames <= args.model.max_frames
+
+
+def test_gpu_presets_use_fractional_gpus_and_bounded_queues():
+    for path in CONFIGS[1:]:
+        (args,) = validate_serve_config(load_serve_config(ROOT / path)).values()
+        d = args.deployments
+        assert 0 < d.text_encoder.ray_actor_options.num_gpus < 1
+        assert 0 < d.vae.ray_actor_options.num_gpus < 1
+        assert d.transformer.ray_actor_options.num_gpus > 0
+        assert d.transformer.autoscaling_config.max_replicas >= 1
+        for stage in ("text_encoder", "transformer", "vae", "generator"):
+            assert getattr(d, stage).max_queued_requests < 10_000
+
+
+def test_a_bad_arg_is_rejected_naming_it():
+    config = load_serve_config(ROOT / "serve_config.yaml")
+    config["applications"][0]["args"]["deployments"]["transformer"]["num_replicas"] = 2  # + autoscaling
+    with pytest.raises(ValidationError, match="num_replicas"):
+        validate_serve_config(config)
+    with pytest.raises(ValidationError, match="max_widht"):
+        AppArgs.model_validate({"model": {"max_widht": 10}})
+
+
+def _deployment_details(app: str) -> dict:
+    details = serve.context._get_global_client().get_serve_details()
+    return details["applications"][app]["deployments"]
+
+
+def test_serve_config_overrides_take_effect(ray_cluster):
+    """Deploy serve_config.yaml with overrides both in our args and in Serve's own
+    `deployments:` section, as an operator would, and read back what Serve runs."""
+    config = copy.deepcopy(load_serve_config(ROOT / "serve_config.yaml"))
+    app = config["applications"][0]
+    app["name"] = "overrides"
+    app["route_prefix"] = None
+    app["args"].update(name="overrides", with_ingress=False, tts={"providers": ["none"]})
+    app["args"]["deployments"]["vae"] = {"num_replicas": 2, "ray_actor_options": {"num_cpus": 0.15}}
+    app["deployments"] = [{"name": "TextEncoder", "ray_actor_options": {"num_cpus": 0.3}}]
+    config.pop("http_options")  # keep the session's Serve instance as it is
+    config.pop("proxy_location")
+    try:
+        deploy_serve_config(config, wait_timeout_s=240)
+        details = _deployment_details("overrides")
+        vae = details["VAEDecoder"]
+        assert vae["deployment_config"]["num_replicas"] == 2
+        assert sum(1 for r in vae["replicas"] if r["state"] == "RUNNING") == 2
+        assert vae["deployment_config"]["ray_actor_options"]["num_cpus"] == 0.15
+        assert details["TextEncoder"]["deployment_config"]["ray_actor_options"]["num_cpus"] == 0.3
+        transformer = details["Transformer"]["deployment_config"]
+        assert transformer["max_queued_requests"] == 32
+        assert transformer["autoscaling_config"]["max_replicas"] == 1
+        assert transformer["graceful_shutdown_timeout_s"] == 300
+        from client.handle import GeneratorClient
+
+        result = GeneratorClient("overrides").generate({"prompt": "override check", "num_inference_steps": 1})
+        assert result.mp4[4:8] == b"ftyp"
+    finally:
+        serve.delete("overrides")
