@@ -1,0 +1,33 @@
+# CineVivid. Quick start on a fresh machine: `make run` (sets up, starts Ray + Serve on the
+# embedded tiny model, generates a sample video) and `make test` (sets up, runs the suite).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# A CPU wheel by default. On a GPU machine: make setup TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+TORCH ?= torch==2.13.0
+OUT ?= out
+PYTEST_ARGS ?=
+
+.PHONY: setup run stop test loadtest bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch first and pinned, so nothing pulls a multi-GB CUDA build on a CPU machine
+	$(BIN)/python -m pip install --quiet $(TORCH)
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $@
+
+run: setup
+	$(BIN)/python -m serve.demo --out $(OUT)
+
+stop: setup
+	$(BIN)/cinevivid down
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) $(OUT) .pytest_cache
