@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import threading
 import time
@@ -30,6 +31,18 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+
+# The one key the test session uses for ELEVENLABS_API_KEY (tests never use a real one).
+TEST_API_KEY = "sk-test-cinevivid-3b9e1f04c6d2a8e75f10"
+
+
+def install_test_key() -> str:
+    """Put TEST_API_KEY in this process' environment, so the Ray cluster started later (and so
+    every TTS replica) inherits it, as a node's environment gives it in production. Call at import
+    time of a test module, before the session's Ray cluster starts. Returns the key."""
+    os.environ["ELEVENLABS_API_KEY"] = TEST_API_KEY
+    return TEST_API_KEY
+
 
 PCM_RATES = {8000, 16000, 22050, 24000, 44100, 48000}
 KNOWN_MODELS = {"eleven_multilingual_v2", "eleven_flash_v2_5", "eleven_turbo_v2_5", "eleven_v3"}

@@ -22,13 +22,12 @@ import pytest
 
 from conftest import tiny_app_args
 from fake_elevenlabs import (INVALID_API_KEY, QUOTA_EXCEEDED, SERVER_ERROR, TOO_MANY_REQUESTS, FakeElevenLabs,
-                             voice_not_found)
+                             install_test_key, voice_not_found)
 from serve.errors import TTSError
 from serve.media import probe_mp4
 
 APP = "voiceover"
-KEY = "sk-graph-3b9e1f04c6d2a8e75f10"
-os.environ["ELEVENLABS_API_KEY"] = KEY
+KEY = install_test_key()
 GEORGE = "JBFqnCBsd6RMkjVDRZzb"
 SMALL = dict(width=64, height=48, num_frames=9, fps=8, num_inference_steps=2, seed=7)
 
