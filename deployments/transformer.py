@@ -24,6 +24,7 @@ from serve.config import LeversConfig, ModelConfig
 from serve.denoising import Cancelled, DenoiseJob, DenoiseLoop, LoopSettings
 from serve.errors import GenerationCancelled, StageError
 from serve.generation import PromptEmbeds, ResolvedSpec
+from serve.levers import apply_levers
 from serve.models import resolve_subfolder, torch_device, torch_dtype
 
 logger = logging.getLogger(__name__)
@@ -67,10 +68,7 @@ class Transformer:
             from serve.step_cache import StepCache
 
             step_cache = StepCache(threshold=self.levers.step_cache_threshold)
-        if self.levers.compile_transformer:
-            from serve.levers import compile_transformer
-
-            transformer = compile_transformer(transformer)
+        apply_levers(transformer, None, self.levers)  # torch.compile when switched on
         self.loop = DenoiseLoop(transformer, scheduler.config, self.device, step_cache=step_cache, fault=fault)
         self._pending: list[_Ticket] = []
         self._wakeup: asyncio.Event | None = None

@@ -14,6 +14,7 @@ from ray import serve
 from serve.config import LeversConfig, ModelConfig
 from serve.denoising import denormalize_and_decode, inject_fault, to_float_frames, to_uint8
 from serve.errors import StageError
+from serve.levers import apply_levers
 from serve.models import resolve_subfolder, torch_device, torch_dtype
 
 logger = logging.getLogger(__name__)
@@ -40,8 +41,7 @@ class VAEDecoder:
         self.vae = AutoencoderKLWan.from_pretrained(
             resolve_subfolder(self.model_cfg, "vae"), torch_dtype=torch_dtype(self.model_cfg.vae_dtype)
         ).to(self.device).eval()
-        if levers_cfg.vae_tiling:
-            self.vae.enable_tiling()
+        apply_levers(None, self.vae, levers_cfg)  # VAE tiling when switched on
         self.fault = fault  # chaos testing only
         self._lock = asyncio.Lock()  # one decode at a time per replica: decoding is memory-bound
         logger.info("vae ready on %s (%s)", self.device, self.model_cfg.vae_dtype)

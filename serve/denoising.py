@@ -13,6 +13,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from serve.levers import main_dtype
+
 VAE_SPATIAL_FACTOR = 8
 VAE_TEMPORAL_FACTOR = 4
 
