@@ -112,8 +112,9 @@ async def test_malformed_bodies(http_env, tmp_path):
              422, "validation_error")
         _err(await c.post("/v1/videos", data={"prompt": "x", "voiceover": "{not json"}, headers=h),
              422, "validation_error", "voiceover")
+        # a truncated multipart body carries no usable field: the missing one is named
         _err(await c.post("/v1/videos", content=b"--zzz\r\nbroken", headers={
-            **h, "content-type": "multipart/form-data; boundary=zzz"}), 400)
+            **h, "content-type": "multipart/form-data; boundary=zzz"}), 422, "validation_error", "prompt")
         _err(await c.post("/v1/videos", data={"prompt": "x"}, files={"input_reference": ("a.png", b"\x89PNG")},
                           headers=h), 400, "invalid_request", "input_reference")
         _err(await c.post("/auth/login", content=b"nope", headers={"content-type": "application/json"}),

@@ -1,0 +1,229 @@
+"""Job lifecycle over HTTP: SSE progress, cancel/delete freeing the slot, crash recovery,
+health and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from serve.db import Database
+from serve.jobs import JobStore
+from tests.http_fixtures import *  # noqa: F401,F403
+from tests.http_fixtures import HTTP_APP, local_service, make_local_user, wait_for_status, wait_healthy
+
+HEAVY = {"prompt": "a long one", "size": "256x256", "num_frames": 65, "num_inference_steps": 100}
+MEDIUM = {"prompt": "medium", "size": "128x128", "num_frames": 17, "num_inference_steps": 12}
+
+
+def parse_sse(lines):
+    events, kind = [], None
+    for line in lines:
+        if line.startswith("event:"):
+            kind = line.split(":", 1)[1].strip()
+        elif line.startswith("data:"):
+            events.append((kind, json.loads(line.split(":", 1)[1])))
+    return events
+
+
+async def wait_local(c, h, vid, statuses, timeout_s=120.0) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        v = (await c.get(f"/v1/videos/{vid}", headers=h)).json()
+        if v["status"] in statuses:
+            return v
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{vid} never reached {statuses}: {v}")
+
+
+def test_sse_progress_goes_up_one_event_per_step_and_ends_completed(http_env, alice):
+    r = httpx.post(f"{http_env.url}/v1/videos", json={"prompt": "sse", "num_inference_steps": 6}, headers=alice.headers)
+    vid = r.json()["id"]
+    with httpx.stream("GET", f"{http_env.url}/v1/videos/{vid}/events", headers=alice.headers, timeout=120) as s:
+        assert s.status_code == 200 and s.headers["content-type"].startswith("text/event-stream")
+        events = parse_sse(s.iter_lines())
+    progress = [e["progress"] for _, e in events]
+    assert progress == sorted(progress), progress
+    steps = [e["step"] for k, e in events if k == "step"]
+    assert steps == [1, 2, 3, 4, 5, 6], events
+    assert {e["stage"] for k, e in events if k == "stage"} >= {"text_encoder", "transformer", "vae"}
+    assert events[-1][0] == "status" and events[-1][1]["status"] == "completed" and progress[-1] == 100
+    # a finished job's stream is one final status event
+    with httpx.stream("GET", f"{http_env.url}/v1/videos/{vid}/events", headers=alice.headers, timeout=30) as s:
+        again = parse_sse(s.iter_lines())
+    assert again == [("status", {**again[0][1], "status": "completed", "progress": 100})]
+
+
+def test_task_routes(http_env, alice):
+    r = httpx.post(f"{http_env.url}/generate/text-to-video", json={"prompt": "task", "num_frames": 5},
+                   headers=alice.headers)
+    assert r.status_code == 202, r.text
+    task = r.json()
+    assert task["status"] == "queued" and task["task_id"].startswith("video_")
+    wait_for_status(http_env.url, alice.headers, task["task_id"], {"completed"})
+    t = httpx.get(f"{http_env.url}/tasks/{task['task_id']}", headers=alice.headers).json()
+    assert t["status"] == "completed" and t["progress"] == 100
+    mp4 = httpx.get(f"{http_env.url}{t['video_url']}", headers=alice.headers)
+    assert mp4.status_code == 200 and mp4.content[4:8] == b"ftyp"
+    info = httpx.get(f"{http_env.url}/").json()
+    assert info["name"] == "CineVivid" and "POST /v1/videos" in info["endpoints"]
+
+
+@pytest.mark.parametrize("action", ["cancel", "delete"])
+async def test_cancel_and_delete_free_the_slot(http_env, tmp_path, action):
+    async with local_service(tmp_path, dispatcher={"max_concurrent_jobs": 1}) as (service, c):
+        h = await make_local_user(service)
+        a = (await c.post("/v1/videos", json=HEAVY, headers=h)).json()["id"]
+        b = (await c.post("/v1/videos", json={"prompt": "next", "num_inference_steps": 2}, headers=h)).json()["id"]
+        await wait_local(c, h, a, {"in_progress"})
+        assert (await c.get(f"/v1/videos/{b}", headers=h)).json()["status"] == "queued"
+        if action == "cancel":
+            r = await c.post(f"/v1/videos/{a}/cancel", headers=h)
+            assert r.status_code == 200, r.text
+            v = r.json()
+            assert v["status"] == "failed" and v["error"]["code"] == "cancelled" and v["progress"] < 100
+        else:
+            r = await c.delete(f"/v1/videos/{a}", headers=h)
+            assert r.status_code == 200 and r.json()["deleted"] is True
+            assert (await c.get(f"/v1/videos/{a}", headers=h)).status_code == 404
+        done = await wait_local(c, h, b, {"completed", "failed"})
+        assert done["status"] == "completed"
+        assert not list((tmp_path / "videos").glob(f"{a}*"))  # no artifact for the stopped job
+
+
+async def test_restart_on_same_database_finishes_the_job(http_env, tmp_path):
+    overrides = {"dispatcher": {"max_concurrent_jobs": 1, "max_attempts": 3}}
+    async with local_service(tmp_path, **overrides) as (service, c):
+        h = await make_local_user(service)
+        done = (await c.post("/v1/videos", json={"prompt": "kept", "num_inference_steps": 1}, headers=h)).json()["id"]
+        await wait_local(c, h, done, {"completed"})
+        vid = (await c.post("/v1/videos", json=MEDIUM, headers=h)).json()["id"]
+        await wait_local(c, h, vid, {"in_progress"})
+    # the app is gone mid-job: the job went back to the queue, nothing is in progress
+    store = JobStore(Database(service.db.url))
+    row = await store.get(vid)
+    assert row["status"] == "queued" and row["attempts"] == 1 and row["lease_owner"] is None
+    async with local_service(tmp_path, **overrides) as (service2, c2):
+        v = await wait_local(c2, h, vid, {"completed", "failed"})
+        assert v["status"] == "completed"
+        assert (await store.get(vid))["attempts"] == 2
+        kept = (await c2.get(f"/v1/videos/{done}", headers=h)).json()
+        assert kept["status"] == "completed"
+        assert (await c2.get(f"/v1/videos/{done}/content", headers=h)).content[4:8] == b"ftyp"
+    await store.db.dispose()
+
+
+async def test_restart_after_max_attempts_fails_with_reason(http_env, tmp_path):
+    overrides = {"dispatcher": {"max_concurrent_jobs": 1, "max_attempts": 1}}
+    async with local_service(tmp_path, **overrides) as (service, c):
+        h = await make_local_user(service)
+        vid = (await c.post("/v1/videos", json=MEDIUM, headers=h)).json()["id"]
+        await wait_local(c, h, vid, {"in_progress"})
+    async with local_service(tmp_path, **overrides) as (service2, c2):
+        v = (await c2.get(f"/v1/videos/{vid}", headers=h)).json()
+        assert v["status"] == "failed"
+        assert v["error"]["code"] == "max_attempts_exceeded" and "interrupted" in v["error"]["message"]
+
+
+def test_hard_crash_of_the_ingress_replica_recovers_the_job(http_env, alice):
+    """Kill the Ingress replica process mid-job (no shutdown hook runs). Serve starts a new
+    replica; the job's lease expires and the new dispatcher re-runs it to completion."""
+    import ray
+
+    r = httpx.post(f"{http_env.url}/v1/videos", json=MEDIUM, headers=alice.headers)
+    vid = r.json()["id"]
+    wait_for_status(http_env.url, alice.headers, vid, {"in_progress"})
+    replicas = [a for a in ray.util.list_named_actors(all_namespaces=True)
+                if f"{HTTP_APP}#Ingress" in a["name"]]
+    assert len(replicas) == 1, replicas
+    ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]), no_restart=True)
+    time.sleep(1.0)
+    wait_healthy(http_env.url, timeout_s=180)
+    v = wait_for_status(http_env.url, alice.headers, vid, {"completed", "failed"}, timeout_s=180)
+    assert v["status"] == "completed", v
+    row = asyncio.run(JobStore(Database(http_env.database_url)).get(vid))
+    assert row["attempts"] == 2 and row["lease_owner"] is None
+
+
+async def test_health_degraded_when_database_unreachable(http_env, tmp_path):
+    async with local_service(tmp_path, database_url="postgresql+asyncpg://cv:cv@127.0.0.1:9/cv",
+                             health_timeout_s=3) as (service, c):
+        r = await c.get("/health")
+        assert r.status_code == 200
+        body = r.json()
+        assert body["status"] == "degraded", body
+        assert body["services"]["database"]["status"] == "unhealthy"
+        assert body["services"]["transformer"]["status"] == "healthy"
+
+
+async def test_health_degraded_when_a_deployment_is_unhealthy(http_env, tmp_path):
+    from serve.generator_client import HandleGeneratorClient
+
+    async with local_service(tmp_path, health_timeout_s=2) as (service, c):
+        class OneStageDown(HandleGeneratorClient):  # the real Generator's report, with the VAE failing
+            async def health(self):
+                report = await super().health()
+                report["vae"] = {"status": "unhealthy", "detail": "replica failed its health check"}
+                return report
+        service.generator = OneStageDown(service.generator.handle)
+        body = (await c.get("/health")).json()
+        assert body["status"] == "degraded" and body["services"]["vae"]["status"] == "unhealthy"
+        assert body["services"]["database"]["status"] == "healthy"
+        # and when the Generator itself cannot be reached
+        from ray.serve.handle import DeploymentHandle
+
+        service.generator = HandleGeneratorClient(DeploymentHandle("Generator", "no-such-app"))
+        body = (await c.get("/health")).json()
+        assert body["status"] == "degraded" and body["services"]["generator"]["status"] == "unhealthy"
+
+
+def test_health_of_the_deployed_app(http_env):
+    body = httpx.get(f"{http_env.url}/health").json()
+    assert body["status"] == "healthy", body
+    assert {"database", "storage", "text_encoder", "transformer", "vae", "gpu"} <= set(body["services"])
+
+
+def _metrics(url) -> dict:
+    text = httpx.get(f"{url}/metrics").text
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def test_metrics_move_with_traffic(http_env, alice):
+    def val(m, name, **labels):
+        return m.get((name, tuple(sorted(labels.items()))), 0.0)
+
+    before = _metrics(http_env.url)
+    vid = httpx.post(f"{http_env.url}/v1/videos", json={"prompt": "metrics", "num_inference_steps": 1},
+                     headers=alice.headers).json()["id"]
+    wait_for_status(http_env.url, alice.headers, vid, {"completed"})
+    httpx.get(f"{http_env.url}/no-such-thing")
+    after = _metrics(http_env.url)
+    assert val(after, "cinevivid_http_requests_total", route="/v1/videos", method="POST", status="200") == \
+        val(before, "cinevivid_http_requests_total", route="/v1/videos", method="POST", status="200") + 1
+    assert val(after, "cinevivid_http_requests_total", route="unmatched", method="GET", status="404") >= \
+        val(before, "cinevivid_http_requests_total", route="unmatched", method="GET", status="404") + 1
+    assert val(after, "cinevivid_jobs_submitted_total") >= val(before, "cinevivid_jobs_submitted_total") + 1
+    assert val(after, "cinevivid_jobs_finished_total", status="completed", reason="") >= \
+        val(before, "cinevivid_jobs_finished_total", status="completed", reason="") + 1
+    assert val(after, "cinevivid_jobs", status="completed") >= val(before, "cinevivid_jobs", status="completed") + 1
+    assert ("cinevivid_queue_depth", ()) in after and ("cinevivid_disk_free_bytes", ()) in after
+    assert any(k[0] == "cinevivid_stage_duration_seconds_count" for k in after)
+    assert any(k[0] == "cinevivid_http_request_duration_seconds_bucket" for k in after)
+
+
+def test_openapi_and_offline_docs(http_env):
+    spec = httpx.get(f"{http_env.url}/openapi.json").json()
+    assert spec["openapi"].startswith("3.")
+    assert "post" in spec["paths"]["/v1/videos"] and "VideoCreateRequest" in spec["components"]["schemas"]
+    assert "multipart/form-data" in spec["paths"]["/v1/videos"]["post"]["requestBody"]["content"]
+    docs = httpx.get(f"{http_env.url}/docs")
+    assert docs.status_code == 200 and "openapi.json" in docs.text
+    assert "http://" not in docs.text and "https://" not in docs.text  # no external assets
