@@ -23,10 +23,10 @@ class TTS:
     def __init__(self, tts_config: dict | None = None):
         self.service = TTSService(tts_config or {})
 
-    async def synthesize(self, voiceover: dict, duration_s: float) -> SpeechAudio:
+    async def synthesize(self, voiceover: dict, duration_s: float, job_id: str = "-") -> SpeechAudio:
         """Speech for `voiceover` ({text, voice, provider, fit}) fitted to `duration_s` seconds.
-        Raises TTSError (code says how) on failure."""
-        return await self.service.synthesize(voiceover, duration_s)
+        Raises TTSError (code says how) on failure. `job_id` only labels the log lines."""
+        return await self.service.synthesize(voiceover, duration_s, job_id)
 
     async def voices(self) -> list[dict]:
         """[{voice_id, name, provider}] for every enabled backend."""

@@ -60,7 +60,8 @@ class TTSService:
         raise TTSError(f"voice-over provider {provider!r} is not enabled; enabled: {self.config.providers}",
                        code="tts_invalid_request", status=400, param="voiceover.provider")
 
-    async def synthesize(self, voiceover: VoiceoverSpec | Mapping[str, Any], duration_s: float) -> SpeechAudio:
+    async def synthesize(self, voiceover: VoiceoverSpec | Mapping[str, Any], duration_s: float,
+                         job_id: str = "-") -> SpeechAudio:
         """Speak `voiceover.text` and fit it to a video of `duration_s` seconds."""
         started = time.time()
         vo = voiceover if isinstance(voiceover, VoiceoverSpec) else VoiceoverSpec.model_validate(voiceover)
@@ -71,12 +72,17 @@ class TTSService:
             raise TTSError(exc.message, code=code, status=exc.status, param=exc.param) from None
         provider = resolve_provider(vo, self.config, self._environ)
         backend = self.backend(provider)
-        speech = await backend.synthesize(vo.text.strip(), vo.voice)
-        pcm, speech_s, trimmed = fit_audio(speech.pcm, speech.sample_rate, duration_s, fit=vo.fit,
-                                           fade_s=self.config.fade_s, provider=provider)
+        try:
+            speech = await backend.synthesize(vo.text.strip(), vo.voice)
+            pcm, speech_s, trimmed = fit_audio(speech.pcm, speech.sample_rate, duration_s, fit=vo.fit,
+                                               fade_s=self.config.fade_s, provider=provider)
+        except TTSError as exc:
+            logger.warning("[job %s] voice-over failed: %s", job_id, exc)
+            raise
         finished = time.time()
-        logger.info("voice-over: %s voice %s, %.2fs of speech fitted to %.2fs%s in %.2fs", provider,
-                    speech.voice, speech_s, duration_s, " (trimmed)" if trimmed else "", finished - started)
+        logger.info("[job %s] voice-over: %s voice %s, %.2fs of speech fitted to %.2fs%s in %.2fs", job_id,
+                    provider, speech.voice, speech_s, duration_s, " (trimmed)" if trimmed else "",
+                    finished - started)
         return SpeechAudio(pcm=pcm, sample_rate=speech.sample_rate, provider=provider, voice=speech.voice,
                            speech_s=speech_s, trimmed=trimmed, started_at=started, finished_at=finished)
 
