@@ -223,18 +223,23 @@ class FakeElevenLabs:
                                 status_code=400)
         if voice_id not in {v["voice_id"] for v in self.voices}:
             return JSONResponse(voice_not_found(voice_id), status_code=404)
-        if not output_format.startswith("pcm_") or int(output_format.split("_")[1]) not in PCM_RATES:
+        parts = output_format.split("_")
+        if not (len(parts) == 2 and parts[0] == "pcm" and parts[1].isdigit() and int(parts[1]) in PCM_RATES) and \
+                not (len(parts) == 3 and parts[0] == "mp3" and parts[1] in ("22050", "44100")):
             return JSONResponse({"detail": [{"type": "enum", "loc": ["query", "output_format"],
-                                             "msg": f"this fake serves pcm_* only, not {output_format!r}",
+                                             "msg": f"unsupported output_format {output_format!r}",
                                              "input": output_format}]}, status_code=422)
-        rate = int(output_format.split("_")[1])
+        rate = int(parts[1])
         pcm = speech_like_pcm16(body["text"], rate, self.seconds_per_char)
+        media_type = "audio/pcm"
+        if parts[0] == "mp3":
+            pcm, media_type = encode_mp3(pcm, rate, int(parts[2])), "audio/mpeg"
 
         async def chunks():
             for start in range(0, len(pcm), self.chunk_bytes):
                 yield pcm[start:start + self.chunk_bytes]
 
-        return StreamingResponse(chunks(), media_type="audio/pcm",
+        return StreamingResponse(chunks(), media_type=media_type,
                                  headers={"request-id": f"fake-{len(self.requests)}"})
 
 
@@ -249,3 +254,24 @@ def speech_like_pcm16(text: str, rate: int, seconds_per_char: float) -> bytes:
     envelope = 0.5 * (1 - np.cos(2 * np.pi * np.minimum(t * 4.0 % 1.0, 1.0)))
     signal = 0.3 * voiced * envelope
     return (np.clip(signal, -1, 1) * 32767).astype("<i2").tobytes()
+
+
+def encode_mp3(pcm16: bytes, rate: int, kbps: int) -> bytes:
+    """16-bit mono PCM -> an MP3 file (what ElevenLabs' mp3_* formats return)."""
+    import io
+
+    import av
+
+    samples = np.frombuffer(pcm16, dtype="<i2").reshape(1, -1)
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format="mp3") as container:
+        stream = container.add_stream("libmp3lame", rate=rate)
+        stream.layout = "mono"
+        stream.bit_rate = kbps * 1000
+        frame = av.AudioFrame.from_ndarray(samples, format="s16", layout="mono")
+        frame.sample_rate = rate
+        for packet in stream.encode(frame):
+            container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buf.getvalue()

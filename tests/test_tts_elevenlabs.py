@@ -76,6 +76,20 @@ async def test_other_sample_rate_asks_for_that_pcm_format(fake):
         await b.aclose()
 
 
+async def test_mp3_output_is_decoded(fake):
+    b = ElevenLabsBackend(KEY, base_url=fake.url, sample_rate=22050, output_format="mp3_44100_128")
+    try:
+        fake.reset()
+        text = "An mp3 answer, decoded with PyAV."
+        speech = await b.synthesize(text)
+        assert fake.tts_requests()[0].query["output_format"] == "mp3_44100_128"
+        assert speech.sample_rate == 22050  # resampled from 44.1 kHz
+        assert np.sqrt(np.mean(speech.pcm ** 2)) > 0.01
+        assert len(speech.pcm) / 22050 == pytest.approx(len(text) * fake.seconds_per_char, abs=0.1)
+    finally:
+        await b.aclose()
+
+
 async def test_lists_voices_and_accepts_a_voice_name(fake, backend):
     voices = await backend.voices()
     assert {(v.voice_id, v.name, v.provider) for v in voices} >= {(GEORGE, "George", "elevenlabs"),
