@@ -10,6 +10,9 @@ import sys
 # Modules exposing `register(subparsers)`; a missing optional module is skipped.
 COMMAND_MODULES = [
     "serve.model_cli",
+    "serve.launcher",
+    "serve.admin_cli",
+    "client.cli",
 ]
 
 

@@ -1,0 +1,55 @@
+"""`make run`: bring the stack up (detached), create a demo user and API key (printed), and
+generate a sample video over HTTP with the CLI client.
+
+    python -m serve.demo --out out [--config serve_config.yaml]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import secrets
+import sys
+from pathlib import Path
+
+from client.cli import register as register_client
+from serve.admin_cli import add_user, create_key
+from serve.auth import ConflictError
+from serve.launcher import DEFAULT_CONFIG, up
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="serve.demo")
+    p.add_argument("--out", default="out")
+    p.add_argument("--config", default=DEFAULT_CONFIG)
+    p.add_argument("--user", default="demo")
+    p.add_argument("--prompt", default="a paper boat drifting down a rainy street, cinematic")
+    args = p.parse_args(argv)
+
+    url = up(args.config, detach=True)
+    password = secrets.token_urlsafe(12)
+    try:
+        asyncio.run(add_user(args.user, password))
+        print(f"demo user:     {args.user} / {password}")
+    except ConflictError:
+        print(f"demo user:     {args.user} (exists; password unchanged)")
+    key = asyncio.run(create_key(args.user, "demo"))["key"]
+    print(f"service URL:   {url}")
+    print(f"demo API key:  {key}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / "sample.mp4"
+    cli = argparse.ArgumentParser(prog="cinevivid")
+    register_client(cli.add_subparsers(dest="command", required=True))
+    gen = cli.parse_args(["generate", args.prompt, "-o", str(target), "--server", url, "--api-key", key,
+                          "--seed", "1"])
+    code = gen.func(gen)
+    if code == 0:
+        print(f"sample video:  {target}")
+        print(f"try:           CINEVIVID_URL={url} CINEVIVID_API_KEY={key} .venv/bin/cinevivid videos list")
+        print("stop with:     make stop   (or .venv/bin/cinevivid down)")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
