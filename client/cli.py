@@ -4,6 +4,7 @@ Server and key from --server/--api-key or $CINEVIVID_URL/$CINEVIVID_API_KEY."""
 from __future__ import annotations
 
 import json
+import logging
 import sys
 
 from client.http import DEFAULT_URL, APIError, CineVividClient
@@ -109,6 +110,7 @@ def _conn_args(p) -> None:
 
 
 def register(subparsers) -> None:
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # no per-request log lines on the terminal
     g = subparsers.add_parser("generate", help="generate a video over HTTP with a live progress bar")
     g.add_argument("prompt")
     g.add_argument("-o", "--output", default="out.mp4")

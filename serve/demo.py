@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt", default="a paper boat drifting down a rainy street, cinematic")
     args = p.parse_args(argv)
 
-    url = up(args.config, detach=True)
+    url = up(args.config)
     password = secrets.token_urlsafe(12)
     try:
         asyncio.run(add_user(args.user, password))
