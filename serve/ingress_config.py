@@ -2,7 +2,31 @@
 
 `AppArgs.ingress` (a plain dict from serve_config.yaml) validates into `IngressConfig`. Where a
 field is left unset, the matching `CINEVIVID_*` environment variable fills it (database URL, data
-dir); secrets (`CINEVIVID_JWT_SECRET`) come only from the environment and are never logged.
+dir, mode); secrets (`CINEVIVID_JWT_SECRET`) come only from the environment and are never logged.
+
+    args:
+      ingress:
+        database_url: postgresql+asyncpg://cv@db/cv  # default $CINEVIVID_DATABASE_URL, else SQLite in data_dir
+        data_dir: /var/lib/cinevivid                 # default $CINEVIVID_DATA_DIR (artifacts, SQLite, JWT secret)
+        limits:
+          max_prompt_chars: 1000       # 400 invalid_request, param prompt        (None: the model's bound)
+          max_frames: 33               # 400 invalid_request, param num_frames / seconds
+          max_width: 128               # 400 invalid_request, param width / size
+          max_height: 128              # 400 invalid_request, param height / size
+          max_steps: 50                # 400 invalid_request, param num_inference_steps
+          max_upload_bytes: 1000000    # 413 payload_too_large (any request body)
+          max_concurrent_jobs_per_user: 4   # 429 too_many_active_jobs + Retry-After (queued + in_progress)
+          rate_limit_per_minute: 120   # 429 rate_limit_exceeded + Retry-After (token bucket per user)
+          rate_limit_burst: 60
+          max_list_limit: 100          # 400 invalid_request, param limit (GET /v1/videos)
+        dispatcher:
+          max_concurrent_jobs: 2       # jobs one ingress replica runs at once; the rest wait queued
+          lease_seconds: 30            # claimed job's lease, renewed every lease/3 while it runs
+          max_attempts: 3              # an interrupted job is re-queued until then, then failed
+          poll_interval_s: 0.5         # look for queued / expired jobs this often
+        auth: {token_ttl_s: 3600}
+
+The model's own bounds (`ModelConfig.max_*`) always apply; these can only narrow them.
 """
 
 from __future__ import annotations
