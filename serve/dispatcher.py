@@ -68,6 +68,13 @@ class Dispatcher:
     def wake(self) -> None:
         self._wake.set()
 
+    def failed(self) -> BaseException | None:
+        """The exception that ended the dispatcher loop, if it died (it should never)."""
+        t = self._loop_task
+        if t is not None and t.done() and not t.cancelled():
+            return t.exception()
+        return None
+
     @property
     def running_ids(self) -> list[str]:
         return list(self._running)

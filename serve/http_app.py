@@ -151,7 +151,7 @@ def create_app(service: JobService, *, manage_lifecycle: bool = True) -> Starlet
     """The HTTP app. With `manage_lifecycle` the app's lifespan starts and stops the service
     (its dispatcher and database); the Ingress deployment does the same through Serve."""
     limits = service.config.limits
-    poll_after_ms = "200"
+    poll_after_ms = str(service.config.poll_after_ms)
 
     async def principal(request: Request) -> Principal:
         p = await service.authenticate(request.headers.get("authorization"))

@@ -30,6 +30,6 @@ class Ingress:
     async def check_health(self) -> None:
         # The replica is unhealthy only if its dispatcher died; a down database or stage is
         # reported by /health (degraded), not by restarting the ingress.
-        task = self.service.dispatcher._loop_task
-        if task is not None and task.done() and not task.cancelled() and task.exception() is not None:
-            raise RuntimeError(f"the job dispatcher stopped: {task.exception()!r}")
+        exc = self.service.dispatcher.failed()
+        if exc is not None:
+            raise RuntimeError(f"the job dispatcher stopped: {exc!r}")

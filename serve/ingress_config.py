@@ -16,8 +16,8 @@ dir, mode); secrets (`CINEVIVID_JWT_SECRET`) come only from the environment and 
           max_steps: 50                # 400 invalid_request, param num_inference_steps
           max_upload_bytes: 1000000    # 413 payload_too_large (any request body)
           max_concurrent_jobs_per_user: 4   # 429 too_many_active_jobs + Retry-After (queued + in_progress)
-          rate_limit_per_minute: 120   # 429 rate_limit_exceeded + Retry-After (token bucket per user)
-          rate_limit_burst: 60
+          rate_limit_per_minute: 600   # 429 rate_limit_exceeded + Retry-After (token bucket per user)
+          rate_limit_burst: 120
           max_list_limit: 100          # 400 invalid_request, param limit (GET /v1/videos)
         dispatcher:
           max_concurrent_jobs: 2       # jobs one ingress replica runs at once; the rest wait queued
@@ -25,6 +25,7 @@ dir, mode); secrets (`CINEVIVID_JWT_SECRET`) come only from the environment and 
           max_attempts: 3              # an interrupted job is re-queued until then, then failed
           poll_interval_s: 0.5         # look for queued / expired jobs this often
         auth: {token_ttl_s: 3600}
+        poll_after_ms: 1000            # openai-poll-after-ms header: the SDK's poll() interval
 
 The model's own bounds (`ModelConfig.max_*`) always apply; these can only narrow them.
 """
@@ -56,8 +57,8 @@ class LimitsConfig(BaseModel):
     max_steps: int | None = Field(default=None, ge=1)
     max_upload_bytes: int = Field(default=1_000_000, ge=1)  # request body size; larger -> 413
     max_concurrent_jobs_per_user: int = Field(default=4, ge=1)  # queued + in_progress; more -> 429
-    rate_limit_per_minute: float = Field(default=120.0, gt=0)  # authenticated requests per user
-    rate_limit_burst: int = Field(default=60, ge=1)
+    rate_limit_per_minute: float = Field(default=600.0, gt=0)  # authenticated requests per user
+    rate_limit_burst: int = Field(default=120, ge=1)
     max_list_limit: int = Field(default=100, ge=1)
 
 
@@ -89,6 +90,8 @@ class IngressConfig(BaseModel):
     dispatcher: DispatcherConfig = Field(default_factory=DispatcherConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
     health_timeout_s: float = Field(default=5.0, gt=0)
+    # `openai-poll-after-ms` on video responses: how often the openai SDK's poll() asks again
+    poll_after_ms: int = Field(default=1000, ge=10)
     mode: Literal["embedded", "production"] | None = None  # default: $CINEVIVID_MODE, else embedded
 
     @classmethod

@@ -115,7 +115,11 @@ def _connect(address: str | None, *, start_if_missing: bool, num_cpus: int | Non
         raise ConnectionError("no cluster started by `cinevivid up` (pass --address to use another)")
     port = _free_port()
     state = {"address": f"127.0.0.1:{port}", "started_ray": True, "token_path": os.environ["RAY_AUTH_TOKEN_PATH"]}
-    cmd = [_ray_bin(), "start", "--head", f"--port={port}", "--disable-usage-stats", "--include-dashboard=false",
+    # Our own temp dir: `ray start` records "the current cluster" there, and a plain `ray.init()`
+    # elsewhere on this machine would otherwise connect to (or trip over) ours.
+    temp_dir = f"/tmp/cinevivid-ray-{os.getuid()}"
+    cmd = [_ray_bin(), "start", "--head", f"--port={port}", f"--temp-dir={temp_dir}",
+           "--disable-usage-stats", "--include-dashboard=false",
            # the stack's replicas ask for fractional CPUs; give small machines enough logical ones
            f"--num-cpus={num_cpus or max(os.cpu_count() or 1, 8)}"]
     print(f"starting a local Ray cluster: {' '.join(cmd[1:])}", file=sys.stderr)

@@ -57,7 +57,7 @@ class UserCreds:
 
 
 def http_ingress_args(data_dir: Path, **overrides) -> dict:
-    ingress = {"data_dir": str(data_dir),
+    ingress = {"data_dir": str(data_dir), "poll_after_ms": 50,
                "dispatcher": {"max_concurrent_jobs": 2, "lease_seconds": 3.0, "poll_interval_s": 0.2,
                               "progress_write_interval_s": 0.1},
                "limits": {"rate_limit_per_minute": 100000, "rate_limit_burst": 100000,
