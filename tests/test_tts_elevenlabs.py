@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 import pickle
 import socket
-import time
 
 import numpy as np
 import pytest
