@@ -90,12 +90,21 @@ def wait_healthy(url: str, timeout_s: float = 120.0) -> dict:
     raise AssertionError(f"{url} never became healthy: {last}")
 
 
+_DEPLOYED: dict[str, HttpEnv] = {}
+
+
 @pytest.fixture(scope="session")
 def http_env(ray_cluster, session_dir) -> HttpEnv:
-    data_dir = session_dir / "http-data"
-    deploy_http_app(HTTP_APP, data_dir, ray_cluster["http_url"])
+    # Test modules import these fixtures with `import *`, which makes one session fixture per
+    # module; deploy once per session and hand every module the same app.
+    key = ray_cluster["address"]
+    if key not in _DEPLOYED:
+        data_dir = session_dir / "http-data"
+        deploy_http_app(HTTP_APP, data_dir, ray_cluster["http_url"])
+        _DEPLOYED[key] = HttpEnv(ray_cluster["http_url"], data_dir,
+                                 f"sqlite+aiosqlite:///{data_dir / 'cinevivid.db'}")
     wait_healthy(ray_cluster["http_url"])
-    return HttpEnv(ray_cluster["http_url"], data_dir, f"sqlite+aiosqlite:///{data_dir / 'cinevivid.db'}")
+    return _DEPLOYED[key]
 
 
 @pytest.fixture
