@@ -81,7 +81,7 @@ class Generator:
         resolved = self._resolve(spec)
         timings: list[StageTiming] = []
         started = time.time()
-        tts_call = self._start_tts(resolved)
+        tts_call = self._start_tts(resolved, job_id)
         denoise = None
         try:
             yield ProgressEvent(type="stage", stage="text_encoder", status="started", progress=0.0)
@@ -159,12 +159,12 @@ class Generator:
             if tts_call is not None:
                 tts_call.cancel()
 
-    def _start_tts(self, spec: ResolvedSpec):
+    def _start_tts(self, spec: ResolvedSpec, job_id: str):
         vo = spec.voiceover
         if vo is None or self.tts is None or vo.provider == "none":
             return None
         duration = spec.num_frames / spec.fps
-        response = self.tts.synthesize.remote(vo.model_dump(mode="json"), duration)
+        response = self.tts.synthesize.remote(vo.model_dump(mode="json"), duration, job_id)
 
         async def wait():
             try:

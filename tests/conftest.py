@@ -46,7 +46,7 @@ def ray_cluster(tiny_model_dir):
     import ray
     from ray import serve
 
-    ray.init(num_cpus=16, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=16, include_dashboard=False, log_to_driver=False,
              object_store_memory=1_000_000_000, configure_logging=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
