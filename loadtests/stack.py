@@ -1,0 +1,180 @@
+"""Start a local CineVivid stack for the benchmarks and load tests: a Ray cluster in this process,
+Serve's HTTP proxy on a free port, the app from `serve.app:build_app` (tiny model on the CPU unless
+the args say otherwise), a user with an API key. Everything lives under one temporary data dir.
+
+    with local_stack(threads=2) as stack:
+        print(stack.url, stack.api_key)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import json
+import os
+import socket
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+
+APP = "cinevivid-bench"
+SMALL = {"ray_actor_options": {"num_cpus": 0.1}}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def set_threads(threads: int) -> None:
+    """Same intra-op thread count for torch here and in every replica (Ray would set 1 otherwise)."""
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def run_sync(coro):
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
+def app_args(data_dir: Path, name: str = APP, levers: dict | None = None, ingress: dict | None = None,
+             with_ingress: bool = True) -> dict:
+    ingress_cfg = {
+        "data_dir": str(data_dir), "poll_after_ms": 50,
+        "dispatcher": {"max_concurrent_jobs": 4, "poll_interval_s": 0.2, "progress_write_interval_s": 0.1},
+        "limits": {"rate_limit_per_minute": 10_000_000, "rate_limit_burst": 1_000_000,
+                   "max_concurrent_jobs_per_user": 1000},
+    }
+    for k, v in (ingress or {}).items():
+        ingress_cfg[k] = {**ingress_cfg.get(k, {}), **v} if isinstance(v, dict) else v
+    return {
+        "name": name, "with_ingress": with_ingress, "route_prefix": "/",
+        "deployments": {k: dict(SMALL) for k in ("text_encoder", "transformer", "vae", "tts", "generator",
+                                                 "ingress")},
+        "tts": {"providers": ["none"]},
+        "levers": levers or {},
+        "ingress": ingress_cfg,
+    }
+
+
+def wait_healthy(url: str, timeout_s: float = 300.0) -> dict:
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.HTTPError, ValueError):
+            r = httpx.get(f"{url}/health", timeout=10)
+            last = r.json()
+            if r.status_code == 200 and last.get("status") == "healthy":
+                return last
+        time.sleep(0.3)
+    raise RuntimeError(f"{url} never became healthy: {last}")
+
+
+def make_user(database_url: str, admin: bool = False) -> str:
+    """A new user and API key in the stack's database; returns the key."""
+    from serve.admin_cli import add_user, create_key
+
+    name = f"bench{uuid.uuid4().hex[:8]}"
+    run_sync(add_user(name, uuid.uuid4().hex, admin=admin, database_url=database_url))
+    return run_sync(create_key(name, "bench", database_url=database_url))["key"]
+
+
+@dataclass
+class Stack:
+    url: str
+    app: str
+    data_dir: Path
+    database_url: str
+    api_key: str
+    args: dict
+    ray_address: str
+
+    @property
+    def headers(self) -> dict:
+        return {"Authorization": f"Bearer {self.api_key}"}
+
+
+@contextlib.contextmanager
+def local_stack(threads: int = 2, levers: dict | None = None, ingress: dict | None = None,
+                num_cpus: int = 16, data_dir: Path | None = None) -> Iterator[Stack]:
+    set_threads(threads)
+    import ray
+    from ray import serve
+
+    from serve.app import build_app
+    from serve.models import tiny_model_path
+    from serve.tiny_model import make_tiny_model
+
+    make_tiny_model(tiny_model_path())  # once, before the replicas race for it
+    tmp = None
+    if data_dir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="cinevivid-bench-")
+        data_dir = Path(tmp.name)
+    args = app_args(data_dir, levers=levers, ingress=ingress)
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False,
+             object_store_memory=500_000_000)
+    try:
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(args), name=APP, route_prefix="/")
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url)
+        database_url = f"sqlite+aiosqlite:///{data_dir / 'cinevivid.db'}"
+        yield Stack(url=url, app=APP, data_dir=data_dir, database_url=database_url,
+                    api_key=make_user(database_url), args=args, ray_address=ray.get_runtime_context().gcs_address)
+    finally:
+        with contextlib.suppress(Exception):
+            serve.shutdown()
+        ray.shutdown()
+        if tmp is not None:
+            tmp.cleanup()
+
+
+def wait_video(client: httpx.Client, video_id: str, poll_s: float = 0.01, timeout_s: float = 600.0) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        v = client.get(f"/v1/videos/{video_id}").json()
+        if v.get("status") in ("completed", "failed"):
+            return v
+        time.sleep(poll_s)
+    raise TimeoutError(f"video {video_id} not done after {timeout_s}s")
+
+
+def wait_video_sse(client: httpx.Client, video_id: str, timeout_s: float = 600.0) -> dict:
+    """Follow GET /v1/videos/{id}/events until a terminal status event (no polling load)."""
+    kind = None
+    with client.stream("GET", f"/v1/videos/{video_id}/events", timeout=timeout_s) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if line.startswith("event:"):
+                kind = line[6:].strip()
+            elif line.startswith("data:") and kind == "status":
+                data = json.loads(line[5:])
+                if data.get("status") in ("completed", "failed"):
+                    return data
+    return client.get(f"/v1/videos/{video_id}").json()
+
+
+def http_generate(client: httpx.Client, body: dict, wait: str = "sse", poll_s: float = 0.05) -> tuple[dict, bytes]:
+    """Submit -> wait until completed (SSE events, or polling GET /v1/videos/{id}) -> download the MP4."""
+    r = client.post("/v1/videos", json=body)
+    r.raise_for_status()
+    vid = r.json()["id"]
+    v = wait_video_sse(client, vid) if wait == "sse" else wait_video(client, vid, poll_s=poll_s)
+    if v.get("status") != "completed":
+        raise RuntimeError(f"video {vid} failed: {v.get('error')}")
+    content = client.get(f"/v1/videos/{vid}/content")
+    content.raise_for_status()
+    return v, content.content
