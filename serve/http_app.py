@@ -380,8 +380,10 @@ def _sse_event(kind: str, data: dict) -> bytes:
 
 
 async def _sse(service: JobService, job: dict, keepalive_s: float = 15.0) -> AsyncIterator[bytes]:
-    """Events for one job until it ends: `status` (queued/in_progress/completed/failed), `stage`,
-    `step`; every event carries `progress`, which never goes down."""
+    """Events for one job until it ends: `status` (queued/in_progress/completed/failed), `stage`
+    (a stage started/finished), `step` (one per denoising step), and `progress` (from the job
+    record, when the job runs on another replica); every event carries `progress`, which never
+    goes down. The stream ends after the final `status` event."""
     job_id = job["id"]
     queue, history = service.broker.subscribe(job_id)
     last_progress = 0
@@ -421,10 +423,12 @@ async def _sse(service: JobService, job: dict, keepalive_s: float = 15.0) -> Asy
                 if row is None:
                     yield _sse_event("status", {"id": job_id, "status": "deleted", "progress": last_progress})
                     return
-                if row["status"] != last_status or row["progress"] > last_progress:
-                    if row["status"] != last_status or row["status"] not in TERMINAL:
-                        yield emit({"type": "status", "status": row["status"], "progress": row["progress"],
-                                    "stage": row["stage"], **_error_of(row)})
+                if row["status"] != last_status:
+                    yield emit({"type": "status", "status": row["status"], "progress": row["progress"],
+                                "stage": row["stage"], **_error_of(row)})
+                elif row["progress"] > last_progress:  # running elsewhere: progress from its record
+                    yield emit({"type": "progress", "status": row["status"], "progress": row["progress"],
+                                "stage": row["stage"]})
                 if row["status"] in TERMINAL:
                     return
                 if idle >= keepalive_s:

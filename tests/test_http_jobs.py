@@ -51,7 +51,7 @@ def test_sse_progress_goes_up_one_event_per_step_and_ends_completed(http_env, al
     steps = [e["step"] for k, e in events if k == "step"]
     assert steps == [1, 2, 3, 4, 5, 6], events
     assert {e["stage"] for k, e in events if k == "stage"} >= {"text_encoder", "transformer", "vae"}
-    assert events[-1][0] == "status" and events[-1][1]["status"] == "completed" and progress[-1] == 100
+    assert events[-1][0] == "status" and events[-1][1]["status"] == "completed" and progress[-1] == 100, events[-1]
     # a finished job's stream is one final status event
     with httpx.stream("GET", f"{http_env.url}/v1/videos/{vid}/events", headers=alice.headers, timeout=30) as s:
         again = parse_sse(s.iter_lines())
@@ -227,3 +227,25 @@ def test_openapi_and_offline_docs(http_env):
     docs = httpx.get(f"{http_env.url}/docs")
     assert docs.status_code == 200 and "openapi.json" in docs.text
     assert "http://" not in docs.text and "https://" not in docs.text  # no external assets
+
+
+async def test_sse_from_another_replica_follows_the_job_record(http_env, tmp_path):
+    """Two ingress replicas on one database: the events stream of the replica that is not
+    running the job follows its record until it completes."""
+    async with local_service(tmp_path, dispatcher={"max_concurrent_jobs": 1}) as (runner, c1):
+        h = await make_local_user(runner)
+        vid = (await c1.post("/v1/videos", json=MEDIUM, headers=h)).json()["id"]
+        await wait_local(c1, h, vid, {"in_progress"})
+        async with local_service(tmp_path) as (other, c2):
+            lines = []
+            async with c2.stream("GET", f"/v1/videos/{vid}/events", headers=h) as s:
+                assert s.status_code == 200
+                async for line in s.aiter_lines():
+                    lines.append(line)
+            events = parse_sse(lines)
+            assert vid not in other.dispatcher.running_ids
+    progress = [e["progress"] for _, e in events]
+    assert progress == sorted(progress)
+    assert events[0][0] == "status" and events[0][1]["status"] == "in_progress"
+    assert events[-1] == ("status", {**events[-1][1], "status": "completed"}) and progress[-1] == 100, events[-1]
+    assert {k for k, _ in events} <= {"status", "progress"}
