@@ -71,6 +71,9 @@ async def handle_validation_error(request: Request, exc: Exception) -> JSONRespo
 
 
 async def handle_unexpected(request: Request, exc: Exception) -> JSONResponse:
+    err = unwrap_error(exc)
+    if isinstance(err, CineVividError):  # a typed error from a deployment, wrapped by Ray
+        return await handle_cinevivid_error(request, err)
     logger.exception("unhandled error on %s %s", request.method, request.url.path)
     return error_response(500, "internal_error", "internal server error")
 
