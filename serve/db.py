@@ -13,7 +13,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import AsyncIterator
 
-from sqlalchemy import (Boolean, Column, Float, ForeignKey, Index, Integer, MetaData, String, Table,
+from sqlalchemy import (Boolean, Column, Float, ForeignKey, Index, Integer, MetaData, String, Table, false,
                         Text, event, text)
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
@@ -30,7 +30,7 @@ users = Table(
     Column("username", String(128), nullable=False, unique=True),
     Column("password_hash", String(256), nullable=False),
     Column("role", String(16), nullable=False, server_default="user"),
-    Column("disabled", Boolean, nullable=False, server_default=text("0")),
+    Column("disabled", Boolean, nullable=False, server_default=false()),
     Column("created_at", Float, nullable=False),
 )
 
@@ -63,11 +63,11 @@ jobs = Table(
     Column("attempts", Integer, nullable=False, server_default=text("0")),
     Column("lease_owner", String(128), nullable=True),
     Column("lease_expires_at", Float, nullable=True),
-    Column("cancel_requested", Boolean, nullable=False, server_default=text("0")),
+    Column("cancel_requested", Boolean, nullable=False, server_default=false()),
     Column("remixed_from", String(64), nullable=True),
     Column("video_path", Text, nullable=True),
     Column("thumbnail_path", Text, nullable=True),
-    Column("has_audio", Boolean, nullable=False, server_default=text("0")),
+    Column("has_audio", Boolean, nullable=False, server_default=false()),
     Column("duration_s", Float, nullable=True),
     Column("created_at", Float, nullable=False),
     Column("started_at", Float, nullable=True),

@@ -19,7 +19,7 @@ def upgrade() -> None:
         sa.Column("username", sa.String(128), nullable=False, unique=True),
         sa.Column("password_hash", sa.String(256), nullable=False),
         sa.Column("role", sa.String(16), nullable=False, server_default="user"),
-        sa.Column("disabled", sa.Boolean, nullable=False, server_default=sa.text("0")),
+        sa.Column("disabled", sa.Boolean, nullable=False, server_default=sa.false()),
         sa.Column("created_at", sa.Float, nullable=False),
     )
     op.create_table(
@@ -51,11 +51,11 @@ def upgrade() -> None:
         sa.Column("attempts", sa.Integer, nullable=False, server_default=sa.text("0")),
         sa.Column("lease_owner", sa.String(128), nullable=True),
         sa.Column("lease_expires_at", sa.Float, nullable=True),
-        sa.Column("cancel_requested", sa.Boolean, nullable=False, server_default=sa.text("0")),
+        sa.Column("cancel_requested", sa.Boolean, nullable=False, server_default=sa.false()),
         sa.Column("remixed_from", sa.String(64), nullable=True),
         sa.Column("video_path", sa.Text, nullable=True),
         sa.Column("thumbnail_path", sa.Text, nullable=True),
-        sa.Column("has_audio", sa.Boolean, nullable=False, server_default=sa.text("0")),
+        sa.Column("has_audio", sa.Boolean, nullable=False, server_default=sa.false()),
         sa.Column("duration_s", sa.Float, nullable=True),
         sa.Column("created_at", sa.Float, nullable=False),
         sa.Column("started_at", sa.Float, nullable=True),
