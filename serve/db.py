@@ -134,6 +134,9 @@ class Database:
     async def migrate(self) -> None:
         """Upgrade the schema to the newest Alembic revision (idempotent; safe to race)."""
         async with self.write() as conn:
+            if self.write_engine.dialect.name == "postgresql":
+                # replicas starting together: one migrates, the others wait, then find it done
+                await conn.execute(text("SELECT pg_advisory_xact_lock(7203151)"))
             await conn.run_sync(_alembic_upgrade)
 
     async def ping(self, timeout_s: float = 5.0) -> None:
