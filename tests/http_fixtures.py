@@ -133,9 +133,9 @@ def wait_for_status(url: str, headers: dict, video_id: str, statuses: set[str], 
 
 
 @contextlib.asynccontextmanager
-async def local_service(tmp_path: Path, **ingress_overrides):
+async def local_service(tmp_path: Path, generator_app: str = HTTP_APP, **ingress_overrides):
     """The same HTTP app in this process (its own database and limits), driving the deployed
-    Generator of app "http" through a real Serve handle. Yields (service, httpx.AsyncClient)."""
+    Generator of app `generator_app` through a real Serve handle. Yields (service, httpx.AsyncClient)."""
     from serve.config import AppArgs
     from serve.generator_client import HandleGeneratorClient
     from serve.http_app import create_app
@@ -143,7 +143,7 @@ async def local_service(tmp_path: Path, **ingress_overrides):
 
     args = AppArgs.model_validate(tiny_app_args(name=HTTP_APP, with_ingress=True,
                                                 ingress=http_ingress_args(tmp_path, **ingress_overrides)))
-    service = JobService(args, HandleGeneratorClient.for_app(HTTP_APP))
+    service = JobService(args, HandleGeneratorClient.for_app(generator_app))
     app = create_app(service)
     async with app.router.lifespan_context(app):
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://local",

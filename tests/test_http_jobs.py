@@ -161,24 +161,39 @@ async def test_health_degraded_when_database_unreachable(http_env, tmp_path):
 
 
 async def test_health_degraded_when_a_deployment_is_unhealthy(http_env, tmp_path):
-    from serve.generator_client import HandleGeneratorClient
+    """A real unhealthy stage: an app whose Transformer cannot be scheduled (it asks for more CPUs
+    than the cluster has) never becomes healthy; the ingress driving its Generator says degraded."""
+    from ray import serve
 
-    async with local_service(tmp_path, health_timeout_s=2) as (service, c):
-        class OneStageDown(HandleGeneratorClient):  # the real Generator's report, with the VAE failing
-            async def health(self):
-                report = await super().health()
-                report["vae"] = {"status": "unhealthy", "detail": "replica failed its health check"}
-                return report
-        service.generator = OneStageDown(service.generator.handle)
-        body = (await c.get("/health")).json()
-        assert body["status"] == "degraded" and body["services"]["vae"]["status"] == "unhealthy"
-        assert body["services"]["database"]["status"] == "healthy"
-        # and when the Generator itself cannot be reached
-        from ray.serve.handle import DeploymentHandle
+    from serve.app import build_app
+    from tests.conftest import tiny_app_args
 
-        service.generator = HandleGeneratorClient(DeploymentHandle("Generator", "no-such-app"))
-        body = (await c.get("/health")).json()
-        assert body["status"] == "degraded" and body["services"]["generator"]["status"] == "unhealthy"
+    name = "sick"
+    args = tiny_app_args(name=name, deployments={"transformer": {"ray_actor_options": {"num_cpus": 10_000}}})
+    serve._run(build_app(args), name=name, route_prefix=None, _blocking=False)
+    try:
+        deadline = time.monotonic() + 120
+        body = None
+        async with local_service(tmp_path, generator_app=name, health_timeout_s=5) as (service, c):
+            while time.monotonic() < deadline:
+                body = (await c.get("/health")).json()
+                if body["services"].get("text_encoder", {}).get("status") == "healthy":
+                    break  # the rest of the app is up; the Transformer never will be
+                await asyncio.sleep(0.5)
+            assert body["status"] == "degraded", body
+            assert body["services"]["transformer"]["status"] == "unhealthy", body
+            assert body["services"]["text_encoder"]["status"] == "healthy", body
+            assert body["services"]["database"]["status"] == "healthy"
+            # and when the Generator itself cannot be reached at all
+            from ray.serve.handle import DeploymentHandle
+
+            from serve.generator_client import HandleGeneratorClient
+
+            service.generator = HandleGeneratorClient(DeploymentHandle("Generator", "no-such-app"))
+            body = (await c.get("/health")).json()
+            assert body["status"] == "degraded" and body["services"]["generator"]["status"] == "unhealthy"
+    finally:
+        serve.delete(name, _blocking=False)
 
 
 def test_health_of_the_deployed_app(http_env):
