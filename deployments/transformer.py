@@ -15,6 +15,7 @@ import asyncio
 import logging
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import ray
@@ -30,6 +31,11 @@ from serve.models import resolve_subfolder, torch_device, torch_dtype
 logger = logging.getLogger(__name__)
 STAGE = "transformer"
 _DONE = object()
+# The latents' ObjectRef travels inside a streamed event, and Ray does not count a borrower for a
+# ref nested in a generator item: without a live ref here the object can be freed before the VAE
+# fetches it. Each output is held this long (or until this many newer ones exist).
+OUTPUT_HOLD_S = 600.0
+OUTPUT_HOLD_MAX = 64
 
 
 def job_tokens(spec: ResolvedSpec) -> int:
@@ -74,6 +80,7 @@ class Transformer:
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
         self._fatal: str | None = None
+        self._held_outputs: deque[tuple[float, ray.ObjectRef]] = deque()
         self.batches_run: list[int] = []  # sizes of the batches actually run
         self.running = 0
         logger.info("transformer ready on %s (%s)", self.device, self.model_cfg.dtype)
@@ -174,8 +181,16 @@ class Transformer:
             elif job.cancelled or job.result is None:
                 ticket.events.put_nowait(GenerationCancelled("generation cancelled", stage=STAGE))
             else:
-                ticket.events.put_nowait({"type": "latents", "ref": [ray.put(job.result)]})
+                ticket.events.put_nowait({"type": "latents", "ref": [self._hold(ray.put(job.result))]})
                 ticket.events.put_nowait(_DONE)
+
+    def _hold(self, ref: ray.ObjectRef) -> ray.ObjectRef:
+        now = time.monotonic()
+        self._held_outputs.append((now, ref))
+        while self._held_outputs and (len(self._held_outputs) > OUTPUT_HOLD_MAX
+                                      or now - self._held_outputs[0][0] > OUTPUT_HOLD_S):
+            self._held_outputs.popleft()
+        return ref
 
     # -- observability -------------------------------------------------------------------------
     def stats(self) -> dict:
