@@ -61,8 +61,11 @@ def app_args(data_dir: Path, name: str = APP, levers: dict | None = None, ingres
         ingress_cfg[k] = {**ingress_cfg.get(k, {}), **v} if isinstance(v, dict) else v
     return {
         "name": name, "with_ingress": with_ingress, "route_prefix": "/",
-        "deployments": {k: dict(SMALL) for k in ("text_encoder", "transformer", "vae", "tts", "generator",
-                                                 "ingress")},
+        # small CPU shares; the ingress and generator keep their production concurrency (a dict here
+        # replaces DeploymentsConfig's defaults, which would drop the ingress to 4 ongoing requests)
+        "deployments": {**{k: dict(SMALL) for k in ("text_encoder", "transformer", "vae", "tts")},
+                        "generator": {**SMALL, "max_ongoing_requests": 16},
+                        "ingress": {**SMALL, "max_ongoing_requests": 256, "max_queued_requests": 512}},
         "tts": {"providers": ["none"]},
         "levers": levers or {},
         "ingress": ingress_cfg,
