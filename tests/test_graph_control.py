@@ -115,17 +115,18 @@ def test_unknown_field_is_rejected_before_sending(graph_app):
 
 @pytest.fixture(scope="module")
 def faulty_apps(ray_cluster):
+    from ray.serve import RunTarget
+
     from client.handle import GeneratorClient
     from serve.app import build_app
 
-    clients = {}
-    for stage, kind in (("transformer", "oom"), ("vae", "error")):
-        name = f"faulty-{stage}"
-        serve.run(build_app(tiny_app_args(name=name, fault_injection={stage: kind})), name=name,
-                  route_prefix=None)
-        clients[stage] = GeneratorClient(name)
-    yield clients
-    for stage in clients:
+    faults = {"transformer": "oom", "vae": "error"}
+    serve.run_many([  # both apps start together
+        RunTarget(target=build_app(tiny_app_args(name=f"faulty-{stage}", fault_injection={stage: kind})),
+                  name=f"faulty-{stage}", route_prefix=None)
+        for stage, kind in faults.items()])
+    yield {stage: GeneratorClient(f"faulty-{stage}") for stage in faults}
+    for stage in faults:
         serve.delete(f"faulty-{stage}")
 
 
