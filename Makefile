@@ -7,6 +7,10 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 OUT ?= out
 PYTEST_ARGS ?=
+USERS ?= 20
+SPAWN_RATE ?= 5
+RUN_TIME ?= 60s
+LOCUST_ARGS ?=
 
 .PHONY: setup run stop test loadtest bench clean
 
@@ -28,6 +32,16 @@ stop: setup
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Locust in its own process against a local stack it starts (or --host/--api-key in LOCUST_ARGS)
+loadtest: setup
+	$(BIN)/python -m loadtests.run_locust -u $(USERS) -r $(SPAWN_RATE) -t $(RUN_TIME) $(LOCUST_ARGS)
+
+# CPU benchmarks; results in loadtests/results/ and the figures in loadtests/RESULTS.md
+bench: setup
+	$(BIN)/python -m loadtests.bench_overhead
+	$(BIN)/python -m loadtests.bench_ingress
+	$(BIN)/python -m loadtests.bench_batching
 
 clean:
 	rm -rf $(VENV) $(OUT) .pytest_cache

@@ -117,14 +117,33 @@ class DeploymentOptions(_Strict):
         return opts
 
 
+# Per-stage defaults; what a config gives for a stage is laid over these, so setting only
+# `ray_actor_options` for the ingress keeps its high concurrency limits.
+STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "text_encoder": {},
+    "transformer": {},
+    "vae": {},
+    "tts": {},
+    "generator": {"max_ongoing_requests": 16},
+    "ingress": {"max_ongoing_requests": 256, "max_queued_requests": 512},
+}
+
+
 class DeploymentsConfig(_Strict):
     text_encoder: DeploymentOptions = Field(default_factory=DeploymentOptions)
     transformer: DeploymentOptions = Field(default_factory=DeploymentOptions)
     vae: DeploymentOptions = Field(default_factory=DeploymentOptions)
     tts: DeploymentOptions = Field(default_factory=DeploymentOptions)
-    generator: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(max_ongoing_requests=16))
-    ingress: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(max_ongoing_requests=256,
-                                                                                 max_queued_requests=512))
+    generator: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(**STAGE_DEFAULTS["generator"]))
+    ingress: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(**STAGE_DEFAULTS["ingress"]))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _over_stage_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            data = {stage: ({**STAGE_DEFAULTS.get(stage, {}), **value} if isinstance(value, dict) else value)
+                    for stage, value in data.items()}
+        return data
 
 
 class LeversConfig(_Strict):

@@ -83,3 +83,10 @@ def test_serve_config_overrides_take_effect(ray_cluster):
         assert result.mp4[4:8] == b"ftyp"
     finally:
         serve.delete("overrides")
+
+
+def test_a_partial_stage_override_keeps_that_stages_defaults():
+    args = AppArgs.model_validate({"deployments": {"ingress": {"ray_actor_options": {"num_cpus": 0.1}}}})
+    assert args.deployments.ingress.ray_actor_options.num_cpus == 0.1
+    assert args.deployments.ingress.max_ongoing_requests == 256
+    assert args.deployments.ingress.max_queued_requests == 512
