@@ -93,6 +93,9 @@ class DeploymentOptions(_Strict):
     graceful_shutdown_wait_loop_s: float = Field(default=2.0, ge=0)
     health_check_period_s: float = Field(default=10.0, gt=0)
     health_check_timeout_s: float = Field(default=30.0, gt=0)
+    # Serve's per-request access log line in the replica; /metrics counts requests either way.
+    access_log: bool = True
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @model_validator(mode="after")
     def _one_scaling_mode(self):
@@ -109,6 +112,7 @@ class DeploymentOptions(_Strict):
             "graceful_shutdown_wait_loop_s": self.graceful_shutdown_wait_loop_s,
             "health_check_period_s": self.health_check_period_s,
             "health_check_timeout_s": self.health_check_timeout_s,
+            "logging_config": {"enable_access_log": self.access_log, "log_level": self.log_level},
         }
         if self.autoscaling_config is not None:
             opts["autoscaling_config"] = self.autoscaling_config.model_dump(exclude_none=True)
