@@ -93,14 +93,15 @@ class Generator:
             denoise_started = None
             async for event in denoise:
                 self._raise_if_tts_failed(tts_call)
-                if event["type"] == "step":
-                    if denoise_started is None:
-                        denoise_started = time.time()
-                        timings.append(StageTiming(stage="text_encoder", start=started, end=denoise_started))
-                        yield ProgressEvent(type="stage", stage="text_encoder", status="finished",
-                                            progress=ENCODE_DONE)
-                        yield ProgressEvent(type="stage", stage="transformer", status="started",
-                                            progress=ENCODE_DONE)
+                if event["type"] == "started":
+                    # text encoding (and any wait for a batch slot) ends where denoising starts
+                    denoise_started = time.time()
+                    timings.append(StageTiming(stage="text_encoder", start=started, end=denoise_started))
+                    yield ProgressEvent(type="stage", stage="text_encoder", status="finished",
+                                        progress=ENCODE_DONE)
+                    yield ProgressEvent(type="stage", stage="transformer", status="started",
+                                        progress=ENCODE_DONE)
+                elif event["type"] == "step":
                     step, total = event["step"], event["total_steps"]
                     yield ProgressEvent(type="step", stage="transformer", step=step, total_steps=total,
                                         progress=ENCODE_DONE + (DENOISE_DONE - ENCODE_DONE) * step / total)

@@ -1,6 +1,7 @@
 """Transformer deployment: the SkyReels-V2 DiT denoising loop.
 
-`denoise(embeds, spec)` is a streaming method: one `{"type": "step"}` event per denoising step,
+`denoise(embeds, spec)` is a streaming method: `{"type": "started"}` when the job's batch starts
+(its embeddings have arrived), one `{"type": "step"}` event per denoising step,
 then `{"type": "latents", "ref": [ObjectRef]}` holding the normalised fp32 latents in the object
 store, so the caller hands them straight to the VAE without copying them through itself.
 
@@ -156,6 +157,8 @@ class Transformer:
                                 num_inference_steps=spec.num_inference_steps,
                                 guidance_scale=spec.guidance_scale, flow_shift=spec.flow_shift,
                                 cfg_batch=self.levers.cfg_batch)
+        for ticket in batch:  # its embeddings have arrived and its denoising starts now
+            ticket.events.put_nowait({"type": "started", "batch_size": len(batch)})
         self.batches_run.append(len(batch))
         logger.info("denoising batch of %d: %s", len(batch), [t.job_id for t in batch])
         error: BaseException | None = None
