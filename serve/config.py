@@ -168,7 +168,8 @@ class LeversConfig(_Strict):
 
 class TextEncoderBatching(_Strict):
     max_batch_size: int = Field(default=8, ge=1)
-    batch_wait_timeout_s: float = Field(default=0.02, ge=0)
+    # A job's prompt and negative prompt arrive together and share a batch well within this.
+    batch_wait_timeout_s: float = Field(default=0.005, ge=0)
 
 
 class TTSConfig(_Strict):
