@@ -11,15 +11,21 @@ from sqlalchemy import text, update
 from serve.db import Database, jobs
 from serve.jobs import FAILED, IN_PROGRESS, QUEUED, JobStore, TooManyJobsError
 
+from pg_server import new_database, postgres_server  # noqa: F401 (fixture)
 
-@pytest.fixture
-async def store(tmp_path):
-    db = Database(f"sqlite+aiosqlite:///{tmp_path / 'jobs.db'}")
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def store(request, tmp_path):
+    if request.param == "sqlite":
+        url = f"sqlite+aiosqlite:///{tmp_path / 'jobs.db'}"
+    else:
+        url = await new_database(request.getfixturevalue("postgres_server"))
+    db = Database(url)
     await db.migrate()
     await db.migrate()  # idempotent
     async with db.write() as conn:
         await conn.execute(text("INSERT INTO users (id, username, password_hash, role, disabled, created_at) "
-                                "VALUES ('u1', 'u1', 'x', 'user', 0, 0), ('u2', 'u2', 'x', 'user', 0, 0)"))
+                                "VALUES ('u1', 'u1', 'x', 'user', false, 0), ('u2', 'u2', 'x', 'user', false, 0)"))
     yield JobStore(db)
     await db.dispose()
 
@@ -31,6 +37,8 @@ async def _new(store, user="u1", **kw):
 async def test_schema_is_managed_by_alembic_with_wal(store):
     async with store.db.read() as conn:
         assert (await conn.execute(text("SELECT version_num FROM alembic_version"))).scalar_one() == "0001_initial"
+        if not store.db.url.startswith("sqlite"):
+            return
         assert (await conn.execute(text("PRAGMA journal_mode"))).scalar_one() == "wal"
         assert (await conn.execute(text("PRAGMA busy_timeout"))).scalar_one() == 5000
 
