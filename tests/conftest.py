@@ -18,6 +18,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")
 
+from pg_server import postgres_server  # noqa: E402,F401 (session fixture: a throwaway PostgreSQL)
+
 GRAPH_APP = "graph"
 
 

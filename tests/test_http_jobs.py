@@ -264,3 +264,25 @@ async def test_sse_from_another_replica_follows_the_job_record(http_env, tmp_pat
     assert events[0][0] == "status" and events[0][1]["status"] == "in_progress"
     assert events[-1] == ("status", {**events[-1][1], "status": "completed"}) and progress[-1] == 100, events[-1]
     assert {k for k, _ in events} <= {"status", "progress"}
+
+
+async def test_two_ingress_replicas_share_one_postgresql_queue(http_env, tmp_path, postgres_server):
+    """The multi-replica setup DESIGN.md names: two HTTP services with running dispatchers on one
+    PostgreSQL database. Every job is claimed once, runs to completion, and either replica serves it."""
+    from pg_server import new_database
+
+    url = await new_database(postgres_server)
+    overrides = {"database_url": url, "dispatcher": {"max_concurrent_jobs": 1}}
+    async with local_service(tmp_path / "a", **overrides) as (one, c1):
+        async with local_service(tmp_path / "a", **overrides) as (two, c2):
+            h = await make_local_user(one)
+            ids = [(await (c1 if i % 2 else c2).post("/v1/videos", json={"prompt": f"pg {i}", "num_inference_steps": 2},
+                                                     headers=h)).json()["id"] for i in range(4)]
+            done = [await wait_local(c1 if i % 2 else c2, h, vid, {"completed", "failed"}) for i, vid in enumerate(ids)]
+            assert [v["status"] for v in done] == ["completed"] * 4
+            store = JobStore(Database(url))
+            assert [(await store.get(vid))["attempts"] for vid in ids] == [1, 1, 1, 1]
+            await store.db.dispose()
+            for vid in ids:  # the artifacts are on the shared data dir; both replicas serve them
+                assert (await c2.get(f"/v1/videos/{vid}/content", headers=h)).content[4:8] == b"ftyp"
+                assert (await c1.get(f"/v1/videos/{vid}", headers=h)).json()["status"] == "completed"

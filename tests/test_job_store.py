@@ -11,7 +11,7 @@ from sqlalchemy import text, update
 from serve.db import Database, jobs
 from serve.jobs import FAILED, IN_PROGRESS, QUEUED, JobStore, TooManyJobsError
 
-from pg_server import new_database, postgres_server  # noqa: F401 (fixture)
+from pg_server import new_database
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
