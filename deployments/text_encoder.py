@@ -41,6 +41,9 @@ class EmbeddingCache:
         self.hits += 1
         return value
 
+    def __len__(self) -> int:
+        return len(self._items)
+
     def put(self, key: str, value: np.ndarray) -> None:
         if self.size <= 0:
             return
@@ -108,7 +111,7 @@ class TextEncoder:
     def stats(self) -> dict:
         return {"batch_sizes": list(self.batch_sizes), "encoder_calls": self.encoder_calls,
                 "cache_hits": self.cache.hits, "cache_misses": self.cache.misses,
-                "cache_size": len(self.cache._items), "time": time.time()}
+                "cache_size": len(self.cache), "time": time.time()}
 
     def check_health(self) -> None:
         if self.encoder is None:

@@ -53,7 +53,6 @@ class _Ticket:
     job_id: str
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
-    enqueued_at: float = field(default_factory=time.monotonic)
 
 
 @serve.deployment(name="Transformer")

@@ -16,10 +16,6 @@ from ray.serve import Application
 
 from serve.config import AppArgs
 
-# A spec is validated by the Generator; these deployments never see HTTP.
-STAGE_DEPLOYMENTS = ("text_encoder", "transformer", "vae", "tts", "generator")
-
-
 def parse_args(args: AppArgs | dict[str, Any] | None) -> AppArgs:
     if isinstance(args, AppArgs):
         return args

@@ -215,4 +215,3 @@ class Settings(BaseSettings):
 
     mode: Literal["embedded", "production"] = "embedded"
     cache_dir: Path = Field(default_factory=default_cache_dir)
-    log_level: str = "INFO"

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import tiny_app_args
+from conftest import tiny_app_args
 
 HTTP_APP = "http"
 SMALL = {"ray_actor_options": {"num_cpus": 0.1}}

@@ -166,7 +166,7 @@ async def test_health_degraded_when_a_deployment_is_unhealthy(http_env, tmp_path
     from ray import serve
 
     from serve.app import build_app
-    from tests.conftest import tiny_app_args
+    from conftest import tiny_app_args
 
     name = "sick"
     args = tiny_app_args(name=name, deployments={"transformer": {"ray_actor_options": {"num_cpus": 10_000}}})

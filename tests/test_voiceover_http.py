@@ -15,7 +15,7 @@ import pytest
 
 from fake_elevenlabs import QUOTA_EXCEEDED, FakeElevenLabs, install_test_key
 from serve.media import probe_mp4
-from tests.conftest import tiny_app_args
+from conftest import tiny_app_args
 from tests.http_fixtures import SMALL, HttpEnv, http_ingress_args, wait_for_status
 
 APP = "vohttp"
