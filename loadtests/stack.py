@@ -39,6 +39,9 @@ def set_threads(threads: int) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")
+    from serve.serve_env import apply_serve_env
+
+    apply_serve_env()  # before Ray starts: the same HTTP front (HAProxy) as `cinevivid up`
     import torch
 
     torch.set_num_threads(threads)
@@ -53,7 +56,9 @@ def app_args(data_dir: Path, name: str = APP, levers: dict | None = None, ingres
              with_ingress: bool = True) -> dict:
     ingress_cfg = {
         "data_dir": str(data_dir), "poll_after_ms": 50,
-        "dispatcher": {"max_concurrent_jobs": 4, "poll_interval_s": 0.2, "progress_write_interval_s": 0.1},
+        # the shipped dispatcher defaults (poll 0.5 s, progress writes at most every 0.5 s), with
+        # room for the Locust mixes' concurrent jobs
+        "dispatcher": {"max_concurrent_jobs": 4},
         "limits": {"rate_limit_per_minute": 10_000_000, "rate_limit_burst": 1_000_000,
                    "max_concurrent_jobs_per_user": 1000},
     }

@@ -20,6 +20,7 @@ from pathlib import Path
 import httpx
 
 from serve.config import default_cache_dir
+from serve.serve_env import apply_serve_env
 
 DEFAULT_CONFIG = "serve_config.yaml"
 
@@ -183,6 +184,7 @@ def wait_healthy(url: str, timeout_s: float) -> dict:
 
 def up(config_path: str = DEFAULT_CONFIG, *, address: str | None = None, num_cpus: int | None = None,
        timeout_s: float = 600.0, replace: bool = False) -> str:
+    apply_serve_env()  # before Ray starts: `ray start` below passes the environment on to the cluster
     _prepare_auth(address)
     from ray import serve
 

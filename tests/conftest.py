@@ -17,6 +17,12 @@ os.environ.setdefault("CINEVIVID_CACHE_DIR", str(_SESSION_DIR / "cache"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")
+# The tests run behind the same HTTP front as production (HAProxy, see serve/serve_env.py), with a
+# short drain so replaced ingress replicas don't hold up the suite.
+os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "0.5")
+from serve.serve_env import apply_serve_env  # noqa: E402
+
+apply_serve_env()
 
 from pg_server import postgres_server  # noqa: E402,F401 (session fixture: a throwaway PostgreSQL)
 
