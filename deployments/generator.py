@@ -4,7 +4,8 @@
 with the result (`stream`, called with `handle.options(stream=True)`). No users, no database.
 
   TextEncoder.encode ──(DeploymentResponse, chained)──> Transformer.denoise (stream: steps)
-      ──(ObjectRef of latents)──> VAEDecoder.decode ──> mux H.264 (+ AAC from TTS, started first)
+      ──(ObjectRef of latents)──> VAEDecoder.decode_stream (chunks of frames)
+      ──> H.264 encoded as the chunks arrive, + AAC from TTS (started first), mux
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import logging
 import time
 from typing import AsyncIterator
 
+import numpy as np
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -22,7 +24,7 @@ from serve.errors import CineVividError, GenerationCancelled, StageError, unwrap
 from serve.generation import (
     GenerationResult, GenerationSpec, ProgressEvent, ResolvedSpec, StageTiming,
 )
-from serve.media import encode_mp4, thumbnail_jpeg
+from serve.media import Mp4Writer, thumbnail_jpeg
 from serve.validation import resolve_spec
 
 logger = logging.getLogger(__name__)
@@ -82,7 +84,7 @@ class Generator:
         timings: list[StageTiming] = []
         started = time.time()
         tts_call = self._start_tts(resolved, job_id)
-        denoise = None
+        denoise = decoding = writer = None
         try:
             yield ProgressEvent(type="stage", stage="text_encoder", status="started", progress=0.0)
             embeds = self.text_encoder.encode.remote(
@@ -114,10 +116,26 @@ class Generator:
             timings.append(StageTiming(stage="transformer", start=denoise_started or started, end=t_denoised))
             yield ProgressEvent(type="stage", stage="transformer", status="finished", progress=DENOISE_DONE)
             yield ProgressEvent(type="stage", stage="vae", status="started", progress=DENOISE_DONE)
+            # The VAE streams its frames chunk by chunk; they are H.264-encoded as they arrive
+            # (once the voice-over, if any, has told us its sample rate), so by the time the last
+            # chunk is decoded the MP4 only needs flushing.
+            chunks, float_chunks = [], []
+            decoding = self.vae.options(stream=True).decode_stream.remote(latents_ref, resolved.return_frames)
             try:
-                decoded = await self.vae.decode.remote(latents_ref, resolved.return_frames)
+                async for chunk in decoding:
+                    chunks.append(chunk.frames)
+                    if chunk.float_frames is not None:
+                        float_chunks.append(chunk.float_frames)
+                    if writer is None and (tts_call is None or tts_call.done()):
+                        self._raise_if_tts_failed(tts_call)
+                        writer = self._new_writer(chunk.frames, resolved.fps, tts_call)
+                        await asyncio.to_thread(writer.add, np.concatenate(chunks))
+                    elif writer is not None:
+                        await asyncio.to_thread(writer.add, chunk.frames)
             except Exception as exc:  # noqa: BLE001
                 _raise_typed(exc, "vae")
+            decoding = None
+            frames = np.concatenate(chunks)
             t_decoded = time.time()
             timings.append(StageTiming(stage="vae", start=t_denoised, end=t_decoded))
             yield ProgressEvent(type="stage", stage="vae", status="finished", progress=DECODE_DONE)
@@ -132,15 +150,19 @@ class Generator:
                 timings.append(StageTiming(stage="tts", start=audio.started_at, end=audio.finished_at))
 
             yield ProgressEvent(type="stage", stage="mux", status="started", progress=DECODE_DONE)
-            mp4, thumb = await asyncio.to_thread(self._mux, decoded.frames, resolved.fps, audio)
+            if writer is None:  # the voice-over finished after the last frame
+                writer = self._new_writer(frames, resolved.fps, audio)
+                await asyncio.to_thread(writer.add, frames)
+            mp4 = await asyncio.to_thread(writer.finish, audio.pcm if audio is not None else None)
+            thumb = await asyncio.to_thread(thumbnail_jpeg, frames)
             t_muxed = time.time()
             timings.append(StageTiming(stage="mux", start=t_decoded, end=t_muxed))
             yield ProgressEvent(type="stage", stage="mux", status="finished", progress=100.0)
-            frames = decoded.frames
             result = GenerationResult(
                 mp4=mp4, thumbnail_jpeg=thumb, spec=resolved, width=frames.shape[2], height=frames.shape[1],
                 num_frames=frames.shape[0], fps=resolved.fps, duration_s=frames.shape[0] / resolved.fps,
-                has_audio=audio is not None, timings=timings, frames=decoded.float_frames,
+                has_audio=audio is not None, timings=timings,
+                frames=np.concatenate(float_chunks) if float_chunks else None,
                 metadata={"seed": resolved.seed, "model": resolved.model, "total_s": t_muxed - started,
                           **({"voice": audio.voice, "tts_provider": audio.provider} if audio else {})},
             )
@@ -157,6 +179,10 @@ class Generator:
         finally:
             if denoise is not None:
                 denoise.cancel()
+            if decoding is not None:
+                decoding.cancel()
+            if writer is not None:
+                writer.close()  # no-op once finished
             if tts_call is not None:
                 tts_call.cancel()
 
@@ -183,10 +209,12 @@ class Generator:
             _raise_typed(tts_call.exception(), "tts")
 
     @staticmethod
-    def _mux(frames, fps, audio):
-        pcm = audio.pcm if audio is not None else None
-        rate = audio.sample_rate if audio is not None else 22050
-        return encode_mp4(frames, fps, pcm, rate), thumbnail_jpeg(frames)
+    def _new_writer(frames, fps: int, audio) -> Mp4Writer:
+        """An MP4 writer for frames like these; with an AAC track when there is (or will be, for a
+        finished TTS call) a voice-over."""
+        if isinstance(audio, asyncio.Future):
+            audio = audio.result()
+        return Mp4Writer(frames.shape[2], frames.shape[1], fps, audio.sample_rate if audio is not None else None)
 
     # -- service information -------------------------------------------------------------------
     async def health(self) -> dict:

@@ -1,10 +1,15 @@
 """VAEDecoder deployment: de-normalise latents (`latents * std + mean`), `vae.decode`, and
-post-process to frames: uint8 (F, H, W, 3), plus the float32 [0, 1] frames when asked."""
+post-process to frames: uint8 (F, H, W, 3), plus the float32 [0, 1] frames when asked.
+
+`decode_stream` yields the frames chunk by chunk as the Wan VAE decodes them (1 frame, then 4 per
+latent frame), so the Generator encodes the MP4 while the rest is still decoding; `decode` returns
+them all at once. Both give exactly `vae.decode`'s frames."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 
 import numpy as np
 import ray
@@ -12,7 +17,7 @@ from pydantic import BaseModel, ConfigDict
 from ray import serve
 
 from serve.config import LeversConfig, ModelConfig
-from serve.denoising import denormalize_and_decode, inject_fault, to_float_frames, to_uint8
+from serve.denoising import inject_fault, iter_decode, to_float_frames, to_uint8
 from serve.errors import StageError
 from serve.levers import apply_levers
 from serve.models import resolve_subfolder, torch_device, torch_dtype
@@ -46,27 +51,72 @@ class VAEDecoder:
         self._lock = asyncio.Lock()  # one decode at a time per replica: decoding is memory-bound
         logger.info("vae ready on %s (%s)", self.device, self.model_cfg.vae_dtype)
 
-    def _decode(self, latents: np.ndarray, want_float: bool) -> DecodedFrames:
+    def _chunks(self, latents: np.ndarray, want_float: bool, stop: threading.Event | None = None):
+        """DecodedFrames per decoded chunk (runs in a worker thread)."""
         if self.fault:
             inject_fault(self.fault)
-        video = denormalize_and_decode(self.vae, self._torch.from_numpy(np.array(latents)).to(self.device))
-        frames = to_float_frames(video)
-        return DecodedFrames(frames=to_uint8(frames), float_frames=frames if want_float else None)
+        for video in iter_decode(self.vae, self._torch.from_numpy(np.array(latents)).to(self.device)):
+            if stop is not None and stop.is_set():
+                return
+            frames = to_float_frames(video)
+            yield DecodedFrames(frames=to_uint8(frames), float_frames=frames if want_float else None)
 
-    async def decode(self, latents, return_float: bool = False) -> DecodedFrames:
-        """`latents`: normalised fp32 (1, C, T, h, w) as numpy, or an ObjectRef to it."""
+    def _decode(self, latents: np.ndarray, want_float: bool) -> DecodedFrames:
+        parts = list(self._chunks(latents, want_float))
+        return DecodedFrames(frames=np.concatenate([p.frames for p in parts]),
+                             float_frames=np.concatenate([p.float_frames for p in parts]) if want_float else None)
+
+    @staticmethod
+    async def _resolve(latents):
         if isinstance(latents, list) and latents and isinstance(latents[0], ray.ObjectRef):
             latents = latents[0]
         if isinstance(latents, ray.ObjectRef):
             latents = await latents
+        return latents
+
+    def _stage_error(self, exc: BaseException, latents) -> StageError:
+        if isinstance(exc, self._torch.OutOfMemoryError):
+            return StageError(f"out of memory decoding latents {tuple(latents.shape)}", stage=STAGE,
+                              code="out_of_memory")
+        return StageError(f"decoding failed: {type(exc).__name__}: {exc}", stage=STAGE)
+
+    async def decode(self, latents, return_float: bool = False) -> DecodedFrames:
+        """`latents`: normalised fp32 (1, C, T, h, w) as numpy, or an ObjectRef to it."""
+        latents = await self._resolve(latents)
         async with self._lock:
             try:
                 return await asyncio.to_thread(self._decode, latents, return_float)
-            except self._torch.OutOfMemoryError as exc:
-                raise StageError(f"out of memory decoding latents {tuple(latents.shape)}", stage=STAGE,
-                                 code="out_of_memory") from exc
             except Exception as exc:
-                raise StageError(f"decoding failed: {type(exc).__name__}: {exc}", stage=STAGE) from exc
+                raise self._stage_error(exc, latents) from exc
+
+    async def decode_stream(self, latents, return_float: bool = False):
+        """Streaming `decode` (call with `handle.options(stream=True)`): DecodedFrames chunks in
+        order; their concatenation is what `decode` returns."""
+        latents = await self._resolve(latents)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        stop = threading.Event()
+        done = object()
+
+        def work() -> None:
+            try:
+                for chunk in self._chunks(latents, return_float, stop):
+                    loop.call_soon_threadsafe(queue.put_nowait, chunk)
+            except Exception as exc:  # noqa: BLE001 - handed to the caller as a typed stage error
+                loop.call_soon_threadsafe(queue.put_nowait, self._stage_error(exc, latents))
+            finally:
+                loop.call_soon_threadsafe(queue.put_nowait, done)
+
+        async with self._lock:
+            worker = loop.run_in_executor(None, work)
+            try:
+                while (item := await queue.get()) is not done:
+                    if isinstance(item, BaseException):
+                        raise item
+                    yield item
+            finally:
+                stop.set()  # the caller went away: stop after the chunk being decoded
+                await asyncio.shield(worker)
 
     def check_health(self) -> None:
         if self.vae is None:

@@ -90,3 +90,14 @@ def test_a_partial_stage_override_keeps_that_stages_defaults():
     assert args.deployments.ingress.ray_actor_options.num_cpus == 0.1
     assert args.deployments.ingress.max_ongoing_requests == 256
     assert args.deployments.ingress.max_queued_requests == 512
+
+
+def test_serve_env_defaults_do_not_override_the_environment():
+    from serve.serve_env import SERVE_ENV, apply_serve_env
+
+    env = {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
+    applied = apply_serve_env(env)
+    assert applied["RAY_SERVE_ENABLE_HA_PROXY"] == "0"  # the user's choice wins
+    assert applied["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == SERVE_ENV[
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"]
+    assert apply_serve_env({})["RAY_SERVE_ENABLE_HA_PROXY"] == "1"

@@ -202,6 +202,16 @@ def test_health_of_the_deployed_app(http_env):
     assert {"database", "storage", "text_encoder", "transformer", "vae", "gpu"} <= set(body["services"])
 
 
+def test_the_http_port_is_served_by_haproxy(http_env):
+    """Requests reach the Ingress replica through HAProxy, not Serve's Python proxy (serve_env)."""
+    import psutil
+
+    port = int(http_env.url.rsplit(":", 1)[1])
+    listeners = {psutil.Process(c.pid).name() for c in psutil.net_connections("tcp")
+                 if c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN and c.pid}
+    assert any("haproxy" in name for name in listeners), listeners
+
+
 def _metrics(url) -> dict:
     text = httpx.get(f"{url}/metrics").text
     out = {}
