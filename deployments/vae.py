@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict
 from ray import serve
 
 from serve.config import LeversConfig, ModelConfig
-from serve.denoising import inject_fault, iter_decode, to_float_frames, to_uint8
+from serve.denoising import inject_fault, iter_decode, to_float_frames, video_to_uint8
 from serve.errors import StageError
 from serve.levers import apply_levers
 from serve.models import resolve_subfolder, torch_device, torch_dtype
@@ -58,8 +58,8 @@ class VAEDecoder:
         for video in iter_decode(self.vae, self._torch.from_numpy(np.array(latents)).to(self.device)):
             if stop is not None and stop.is_set():
                 return
-            frames = to_float_frames(video)
-            yield DecodedFrames(frames=to_uint8(frames), float_frames=frames if want_float else None)
+            yield DecodedFrames(frames=video_to_uint8(video),
+                                float_frames=to_float_frames(video) if want_float else None)
 
     def _decode(self, latents: np.ndarray, want_float: bool) -> DecodedFrames:
         parts = list(self._chunks(latents, want_float))

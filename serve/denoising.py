@@ -227,5 +227,14 @@ def to_uint8(frames: np.ndarray) -> np.ndarray:
     return (frames * 255).round().astype(np.uint8)
 
 
+@torch.no_grad()
+def video_to_uint8(video: torch.Tensor) -> np.ndarray:
+    """(1, 3, F, H, W) in [-1, 1] -> uint8 (F, H, W, 3): `to_uint8(to_float_frames(video))` with the
+    same float32 operations (so the same bytes), done in torch on the video's device with its
+    threads, without materialising the float frames."""
+    x = (video[0].float() / 2 + 0.5).clamp(0, 1)
+    return (x * 255).round().to(torch.uint8).permute(1, 2, 3, 0).contiguous().cpu().numpy()
+
+
 def clone_scheduler_config(scheduler) -> dict:
     return copy.deepcopy(dict(scheduler.config))

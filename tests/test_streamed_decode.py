@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from serve.denoising import denormalize_and_decode, iter_decode
+from serve.denoising import denormalize_and_decode, iter_decode, to_float_frames, to_uint8, video_to_uint8
 from serve.media import Mp4Writer, encode_mp4, probe_mp4
 
 
@@ -24,6 +24,12 @@ def test_chunks_concatenate_to_the_whole_decode(vae):
     assert [c.shape[2] for c in chunks] == [1, 4, 4]  # Wan: 1 frame, then 4 per latent frame
     whole = denormalize_and_decode(vae, latents)
     assert torch.equal(torch.cat(chunks, 2), whole)
+
+
+def test_uint8_frames_straight_from_the_video_are_the_same_bytes():
+    video = torch.rand(1, 3, 5, 16, 24, generator=torch.Generator().manual_seed(3)) * 2.4 - 1.2
+    video[0, 0, 0, 0, :6] = torch.tensor([-1.0, -0.5, 0.0, 0.5, 1.0, 1 / 255 - 1])  # rounding edges
+    assert np.array_equal(video_to_uint8(video), to_uint8(to_float_frames(video)))
 
 
 def test_tiled_vae_decodes_in_one_piece(vae):
