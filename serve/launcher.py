@@ -138,13 +138,19 @@ def _stop_cluster(session_dir: str) -> int:
     `ray stop` would stop every Ray cluster on the machine."""
     import psutil
 
-    procs = []
+    found: dict[int, psutil.Process] = {}
     for proc in psutil.process_iter(["pid", "cmdline"]):
         try:
             if any(session_dir in part for part in proc.info["cmdline"] or ()) and proc.pid != os.getpid():
-                procs.append(proc)
+                found[proc.pid] = proc
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
+    # and their children: the raylet's agents rename themselves (ray::DashboardAgent, ...) so their
+    # command lines no longer name the session dir, and they outlive a terminated raylet
+    for proc in list(found.values()):
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            found.update((c.pid, c) for c in proc.children(recursive=True) if c.pid != os.getpid())
+    procs = list(found.values())
     for proc in procs:
         with contextlib.suppress(psutil.NoSuchProcess):
             proc.terminate()
