@@ -11,6 +11,9 @@ so `RAY_SERVE_ENABLE_HA_PROXY=0` brings back Serve's Python proxy.
 from __future__ import annotations
 
 import os
+import socket
+import tempfile
+from pathlib import Path
 from typing import MutableMapping
 
 SERVE_ENV: dict[str, str] = {
@@ -29,10 +32,39 @@ SERVE_ENV: dict[str, str] = {
 }
 
 
-def apply_serve_env(env: MutableMapping[str, str] | None = None) -> dict[str, str]:
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def apply_serve_env(env: MutableMapping[str, str] | None = None, haproxy_dir: str | Path | None = None
+                    ) -> dict[str, str]:
     """Put CineVivid's Serve settings into `env` (default: this process' environment, which the
-    Ray processes it starts inherit) where not already set. Returns the settings now in effect."""
+    Ray processes it starts inherit) where not already set. Returns the settings now in effect.
+
+    With HAProxy on, Ray's defaults give every cluster the same HAProxy files
+    (/tmp/haproxy-serve/...) and ports (stats 8404, metrics 9101), so a second cluster on the same
+    machine (the tests while `cinevivid up` runs, a benchmark) could not start its HAProxy. The
+    cluster about to start gets its own: files under `haproxy_dir` (default: a new temporary
+    directory) and two free ports."""
     env = os.environ if env is None else env
     for key, value in SERVE_ENV.items():
         env.setdefault(key, value)
-    return {key: env[key] for key in SERVE_ENV}
+    applied = {key: env[key] for key in SERVE_ENV}
+    if env.get("RAY_SERVE_ENABLE_HA_PROXY") == "1":
+        base = Path(haproxy_dir) if haproxy_dir else Path(tempfile.mkdtemp(prefix="cinevivid-haproxy-"))
+        base.mkdir(parents=True, exist_ok=True)
+        own = {
+            "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(base / "haproxy.cfg"),
+            "RAY_SERVE_HAPROXY_SOCKET_PATH": str(base / "admin.sock"),
+            "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(base),
+            "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(base / "server-state"),
+            "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(base / "metrics.sock"),
+            "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
+            "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
+        }
+        for key, value in own.items():
+            env.setdefault(key, value)
+            applied[key] = env[key]
+    return applied

@@ -92,12 +92,28 @@ def test_a_partial_stage_override_keeps_that_stages_defaults():
     assert args.deployments.ingress.max_queued_requests == 512
 
 
-def test_serve_env_defaults_do_not_override_the_environment():
+def test_serve_env_defaults_do_not_override_the_environment(tmp_path):
     from serve.serve_env import SERVE_ENV, apply_serve_env
 
     env = {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
-    applied = apply_serve_env(env)
+    applied = apply_serve_env(env, haproxy_dir=tmp_path / "x")
     assert applied["RAY_SERVE_ENABLE_HA_PROXY"] == "0"  # the user's choice wins
     assert applied["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == SERVE_ENV[
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"]
-    assert apply_serve_env({})["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+    assert "RAY_SERVE_HAPROXY_STATS_PORT" not in env  # no HAProxy, nothing of its own
+    assert apply_serve_env({}, haproxy_dir=tmp_path / "y")["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+
+
+def test_each_cluster_gets_its_own_haproxy_files_and_ports(tmp_path):
+    """Ray's HAProxy defaults (/tmp/haproxy-serve, ports 8404/9101) allow one cluster per machine."""
+    from serve.serve_env import apply_serve_env
+
+    a = apply_serve_env({}, haproxy_dir=tmp_path / "a")
+    b = apply_serve_env({}, haproxy_dir=tmp_path / "b")
+    assert a["RAY_SERVE_HAPROXY_SOCKET_PATH"] == str(tmp_path / "a" / "admin.sock")
+    assert (tmp_path / "a").is_dir()
+    assert a["RAY_SERVE_HAPROXY_CONFIG_FILE_LOC"] != b["RAY_SERVE_HAPROXY_CONFIG_FILE_LOC"]
+    ports = {a["RAY_SERVE_HAPROXY_STATS_PORT"], a["RAY_SERVE_HAPROXY_METRICS_PORT"]}
+    assert len(ports) == 2 and all(int(p) > 0 for p in ports)
+    mine = apply_serve_env({"RAY_SERVE_HAPROXY_STATS_PORT": "18404"}, haproxy_dir=tmp_path / "c")
+    assert mine["RAY_SERVE_HAPROXY_STATS_PORT"] == "18404"
