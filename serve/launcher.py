@@ -190,8 +190,7 @@ def wait_healthy(url: str, timeout_s: float) -> dict:
 
 def up(config_path: str = DEFAULT_CONFIG, *, address: str | None = None, num_cpus: int | None = None,
        timeout_s: float = 600.0, replace: bool = False) -> str:
-    # before Ray starts: `ray start` below passes the environment on to the cluster
-    apply_serve_env(haproxy_dir=_state_file().with_name("haproxy"))
+    apply_serve_env()  # before Ray starts: `ray start` below passes the environment on to the cluster
     _prepare_auth(address)
     from ray import serve
 

@@ -32,6 +32,10 @@ SERVE_ENV: dict[str, str] = {
 }
 
 
+HAPROXY_MAX_SOCKET_PATH = 97  # HAProxy's limit for a unix socket path
+HAPROXY_SUBPATH_LEN = len("/") + 56 + len("/metrics.sock")  # Ray's node-id folder + the longest socket
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -47,13 +51,19 @@ def apply_serve_env(env: MutableMapping[str, str] | None = None, haproxy_dir: st
     (/tmp/haproxy-serve/...) and ports (stats 8404, metrics 9101), so a second cluster on the same
     machine (the tests while `cinevivid up` runs, a benchmark) could not start its HAProxy. The
     cluster about to start gets its own: files under `haproxy_dir` (default: a new temporary
-    directory) and two free ports."""
+    directory under /tmp) and two free ports. Ray puts the sockets in a subfolder named after the
+    node id (56 characters) and HAProxy takes socket paths of at most 97 characters, so the folder
+    must have a short path."""
     env = os.environ if env is None else env
     for key, value in SERVE_ENV.items():
         env.setdefault(key, value)
     applied = {key: env[key] for key in SERVE_ENV}
     if env.get("RAY_SERVE_ENABLE_HA_PROXY") == "1":
-        base = Path(haproxy_dir) if haproxy_dir else Path(tempfile.mkdtemp(prefix="cinevivid-haproxy-"))
+        tmp = "/tmp" if os.path.isdir("/tmp") else None
+        base = Path(haproxy_dir) if haproxy_dir else Path(tempfile.mkdtemp(prefix="cvhap-", dir=tmp))
+        if len(str(base)) + HAPROXY_SUBPATH_LEN > HAPROXY_MAX_SOCKET_PATH:
+            raise ValueError(f"HAProxy folder {base} is too long for its sockets "
+                             f"(at most {HAPROXY_MAX_SOCKET_PATH - HAPROXY_SUBPATH_LEN} characters)")
         base.mkdir(parents=True, exist_ok=True)
         own = {
             "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(base / "haproxy.cfg"),

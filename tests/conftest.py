@@ -22,7 +22,7 @@ os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")
 os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "0.5")
 from serve.serve_env import apply_serve_env  # noqa: E402
 
-apply_serve_env(haproxy_dir=_SESSION_DIR / "haproxy")
+apply_serve_env()
 
 from pg_server import postgres_server  # noqa: E402,F401 (session fixture: a throwaway PostgreSQL)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import glob
+import shutil
 from pathlib import Path
 
 import pytest
@@ -101,19 +102,28 @@ def test_serve_env_defaults_do_not_override_the_environment(tmp_path):
     assert applied["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == SERVE_ENV[
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"]
     assert "RAY_SERVE_HAPROXY_STATS_PORT" not in env  # no HAProxy, nothing of its own
-    assert apply_serve_env({}, haproxy_dir=tmp_path / "y")["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+    on = apply_serve_env({})
+    assert on["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+    shutil.rmtree(Path(on["RAY_SERVE_HAPROXY_SOCKET_PATH"]).parent, ignore_errors=True)
 
 
 def test_each_cluster_gets_its_own_haproxy_files_and_ports(tmp_path):
     """Ray's HAProxy defaults (/tmp/haproxy-serve, ports 8404/9101) allow one cluster per machine."""
     from serve.serve_env import apply_serve_env
 
-    a = apply_serve_env({}, haproxy_dir=tmp_path / "a")
-    b = apply_serve_env({}, haproxy_dir=tmp_path / "b")
-    assert a["RAY_SERVE_HAPROXY_SOCKET_PATH"] == str(tmp_path / "a" / "admin.sock")
-    assert (tmp_path / "a").is_dir()
-    assert a["RAY_SERVE_HAPROXY_CONFIG_FILE_LOC"] != b["RAY_SERVE_HAPROXY_CONFIG_FILE_LOC"]
+    a, b = apply_serve_env({}), apply_serve_env({})
+    folder = Path(a["RAY_SERVE_HAPROXY_SOCKET_PATH"]).parent
+    try:
+        assert folder.is_dir() and folder != Path(b["RAY_SERVE_HAPROXY_SOCKET_PATH"]).parent
+        # HAProxy's 97-character socket limit, with Ray's 56-character node-id folder inside
+        assert len(str(folder / ("n" * 56) / "metrics.sock")) <= 97
+    finally:
+        for d in (a, b):
+            shutil.rmtree(Path(d["RAY_SERVE_HAPROXY_SOCKET_PATH"]).parent, ignore_errors=True)
     ports = {a["RAY_SERVE_HAPROXY_STATS_PORT"], a["RAY_SERVE_HAPROXY_METRICS_PORT"]}
     assert len(ports) == 2 and all(int(p) > 0 for p in ports)
-    mine = apply_serve_env({"RAY_SERVE_HAPROXY_STATS_PORT": "18404"}, haproxy_dir=tmp_path / "c")
+    mine = apply_serve_env({"RAY_SERVE_HAPROXY_STATS_PORT": "18404"}, haproxy_dir="/tmp/cvhap-test")
     assert mine["RAY_SERVE_HAPROXY_STATS_PORT"] == "18404"
+    shutil.rmtree("/tmp/cvhap-test", ignore_errors=True)
+    with pytest.raises(ValueError, match="too long"):
+        apply_serve_env({}, haproxy_dir=tmp_path / ("x" * 60))
