@@ -128,7 +128,8 @@ class Generator:
                         float_chunks.append(chunk.float_frames)
                     if writer is None and (tts_call is None or tts_call.done()):
                         self._raise_if_tts_failed(tts_call)
-                        writer = self._new_writer(chunk.frames, resolved.fps, tts_call)
+                        writer = self._new_writer(chunk.frames, resolved.fps,
+                                                  tts_call.result() if tts_call is not None else None)
                         await asyncio.to_thread(writer.add, np.concatenate(chunks))
                     elif writer is not None:
                         await asyncio.to_thread(writer.add, chunk.frames)
@@ -210,10 +211,7 @@ class Generator:
 
     @staticmethod
     def _new_writer(frames, fps: int, audio) -> Mp4Writer:
-        """An MP4 writer for frames like these; with an AAC track when there is (or will be, for a
-        finished TTS call) a voice-over."""
-        if isinstance(audio, asyncio.Future):
-            audio = audio.result()
+        """An MP4 writer for frames like these; with an AAC track when there is a voice-over."""
         return Mp4Writer(frames.shape[2], frames.shape[1], fps, audio.sample_rate if audio is not None else None)
 
     # -- service information -------------------------------------------------------------------

@@ -91,10 +91,12 @@ def main(argv: list[str] | None = None) -> int:
         gen = GeneratorClient(stack.app)
         http = httpx.Client(base_url=stack.url, headers=stack.headers, timeout=600)
 
+        def pipe_frames(w):
+            return pipe(PROMPT, negative_prompt=NEGATIVE, generator=torch.Generator().manual_seed(SEED),
+                        output_type="np", max_sequence_length=512, **w).frames[0]
+
         def run_a(w):
-            frames = pipe(PROMPT, negative_prompt=NEGATIVE, generator=torch.Generator().manual_seed(SEED),
-                          output_type="np", max_sequence_length=512, **w).frames[0]
-            return {"frames_shape": list(frames.shape)}
+            return {"frames_shape": list(pipe_frames(w).shape)}
 
         def run_b(w):
             r = gen.generate({"prompt": PROMPT, "negative_prompt": NEGATIVE, "seed": SEED, **w})
@@ -110,9 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             return {"mp4_bytes": len(mp4)}
 
         def run_m(w):
-            frames = pipe(PROMPT, negative_prompt=NEGATIVE, generator=torch.Generator().manual_seed(SEED),
-                          output_type="np", max_sequence_length=512, **w).frames[0]
-            frames = to_uint8(frames)
+            frames = to_uint8(pipe_frames(w))
             mp4, _ = encode_mp4(frames, ModelConfig().fps), thumbnail_jpeg(frames)
             return {"mp4_bytes": len(mp4)}
 

@@ -13,7 +13,6 @@ import concurrent.futures
 import contextlib
 import json
 import os
-import socket
 import tempfile
 import time
 import uuid
@@ -23,14 +22,10 @@ from typing import Iterator
 
 import httpx
 
+from serve.serve_env import apply_serve_env, free_port
+
 APP = "cinevivid-bench"
 SMALL = {"ray_actor_options": {"num_cpus": 0.1}}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def set_threads(threads: int) -> None:
@@ -39,8 +34,6 @@ def set_threads(threads: int) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")
-    from serve.serve_env import apply_serve_env
-
     apply_serve_env()  # before Ray starts: the same HTTP front (HAProxy) as `cinevivid up`
     import torch
 

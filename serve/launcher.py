@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 
 from serve.config import default_cache_dir
-from serve.serve_env import apply_serve_env
+from serve.serve_env import apply_serve_env, free_port
 
 DEFAULT_CONFIG = "serve_config.yaml"
 
@@ -32,14 +32,6 @@ def _state_file() -> Path:
 def _ray_bin() -> str:
     cand = Path(sys.executable).parent / "ray"
     return str(cand) if cand.exists() else "ray"
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _reachable(address: str) -> bool:
@@ -114,7 +106,7 @@ def _connect(address: str | None, *, start_if_missing: bool, num_cpus: int | Non
                 raise ConnectionError(f"no Ray cluster at {target}") from None
     elif not start_if_missing:
         raise ConnectionError("no cluster started by `cinevivid up` (pass --address to use another)")
-    port = _free_port()
+    port = free_port()
     state = {"address": f"127.0.0.1:{port}", "started_ray": True, "token_path": os.environ["RAY_AUTH_TOKEN_PATH"]}
     # Our own temp dir: `ray start` records "the current cluster" there, and a plain `ray.init()`
     # elsewhere on this machine would otherwise connect to (or trip over) ours.

@@ -12,6 +12,11 @@ from PIL import Image
 from serve.audio import fade_out, target_samples
 
 
+def _check_frames(frames: np.ndarray) -> None:
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"frames must be uint8 (F, H, W, 3), got {frames.dtype} {frames.shape}")
+
+
 class Mp4Writer:
     """An H.264 (+ AAC) MP4 built in memory as frames arrive: `add` uint8 (F, H, W, 3) frames as they
     are decoded, then `finish` with the voice-over (if the writer was made with `audio_rate`).
@@ -33,8 +38,7 @@ class Mp4Writer:
             self._audio.layout = "mono"
 
     def add(self, frames: np.ndarray) -> None:
-        if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
-            raise ValueError(f"frames must be uint8 (F, H, W, 3), got {frames.dtype} {frames.shape}")
+        _check_frames(frames)
         if frames.shape[1:3] != (self.height, self.width):
             raise ValueError(f"frames are {frames.shape[2]}x{frames.shape[1]}, the MP4 is {self.width}x{self.height}")
         for frame in frames:
@@ -68,8 +72,7 @@ def encode_mp4(frames: np.ndarray, fps: int, audio: np.ndarray | None = None, sa
     """frames: uint8 (F, H, W, 3). audio: float32 mono in [-1, 1], fitted to the video (see
     `serve.audio.fit_audio`); its length is snapped here to whole AAC frames nearest the video's
     duration, so the audio track a player decodes ends within one video frame of the picture."""
-    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
-        raise ValueError(f"frames must be uint8 (F, H, W, 3), got {frames.dtype} {frames.shape}")
+    _check_frames(frames)
     writer = Mp4Writer(frames.shape[2], frames.shape[1], fps, sample_rate if audio is not None else None, crf)
     try:
         writer.add(frames)

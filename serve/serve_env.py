@@ -32,11 +32,21 @@ SERVE_ENV: dict[str, str] = {
 }
 
 
+# HAProxy's own files (variable -> name in the cluster's folder) and ports, one set per cluster
+HAPROXY_FILES = {
+    "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": "haproxy.cfg",
+    "RAY_SERVE_HAPROXY_SOCKET_PATH": "admin.sock",
+    "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": "",
+    "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": "server-state",
+    "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": "metrics.sock",
+}
+HAPROXY_PORTS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
 HAPROXY_MAX_SOCKET_PATH = 97  # HAProxy's limit for a unix socket path
 HAPROXY_SUBPATH_LEN = len("/") + 56 + len("/metrics.sock")  # Ray's node-id folder + the longest socket
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -59,22 +69,17 @@ def apply_serve_env(env: MutableMapping[str, str] | None = None, haproxy_dir: st
         env.setdefault(key, value)
     applied = {key: env[key] for key in SERVE_ENV}
     if env.get("RAY_SERVE_ENABLE_HA_PROXY") == "1":
-        tmp = "/tmp" if os.path.isdir("/tmp") else None
-        base = Path(haproxy_dir) if haproxy_dir else Path(tempfile.mkdtemp(prefix="cvhap-", dir=tmp))
-        if len(str(base)) + HAPROXY_SUBPATH_LEN > HAPROXY_MAX_SOCKET_PATH:
-            raise ValueError(f"HAProxy folder {base} is too long for its sockets "
-                             f"(at most {HAPROXY_MAX_SOCKET_PATH - HAPROXY_SUBPATH_LEN} characters)")
-        base.mkdir(parents=True, exist_ok=True)
-        own = {
-            "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(base / "haproxy.cfg"),
-            "RAY_SERVE_HAPROXY_SOCKET_PATH": str(base / "admin.sock"),
-            "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(base),
-            "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(base / "server-state"),
-            "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(base / "metrics.sock"),
-            "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
-            "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
-        }
-        for key, value in own.items():
-            env.setdefault(key, value)
-            applied[key] = env[key]
+        if any(key not in env for key in HAPROXY_FILES):  # once per cluster, not per call
+            tmp = "/tmp" if os.path.isdir("/tmp") else None
+            base = Path(haproxy_dir) if haproxy_dir else Path(tempfile.mkdtemp(prefix="cvhap-", dir=tmp))
+            if len(str(base)) + HAPROXY_SUBPATH_LEN > HAPROXY_MAX_SOCKET_PATH:
+                raise ValueError(f"HAProxy folder {base} is too long for its sockets "
+                                 f"(at most {HAPROXY_MAX_SOCKET_PATH - HAPROXY_SUBPATH_LEN} characters)")
+            base.mkdir(parents=True, exist_ok=True)
+            for key, name in HAPROXY_FILES.items():
+                env.setdefault(key, str(base / name))
+        for key in HAPROXY_PORTS:
+            if key not in env:
+                env[key] = str(free_port())
+        applied.update({key: env[key] for key in (*HAPROXY_FILES, *HAPROXY_PORTS)})
     return applied

@@ -4,7 +4,6 @@ and the generation graph deployed once (`graph_app`)."""
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 from pathlib import Path
 
@@ -20,19 +19,13 @@ os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")
 # The tests run behind the same HTTP front as production (HAProxy, see serve/serve_env.py), with a
 # short drain so replaced ingress replicas don't hold up the suite.
 os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "0.5")
-from serve.serve_env import apply_serve_env  # noqa: E402
+from serve.serve_env import apply_serve_env, free_port  # noqa: E402
 
 apply_serve_env()
 
 from pg_server import postgres_server  # noqa: E402,F401 (session fixture: a throwaway PostgreSQL)
 
 GRAPH_APP = "graph"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
