@@ -25,7 +25,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 run: setup
-	$(BIN)/python -m serve.demo --out $(OUT)
+	$(BIN)/python -m serve.ops.demo --out $(OUT)
 
 stop: setup
 	$(BIN)/cinevivid down

@@ -19,8 +19,8 @@ from typing import AsyncIterator, Iterator
 
 from ray import serve
 
-from serve.errors import CineVividError, OverloadedError, unwrap_error
-from serve.generation import GenerationResult, GenerationSpec, ProgressEvent
+from serve.contracts import GenerationResult, GenerationSpec, ProgressEvent
+from serve.errors import CineVividError, GenerationCancelled, OverloadedError, unwrap_error
 
 GENERATOR_DEPLOYMENT = "Generator"
 
@@ -32,7 +32,45 @@ def _typed(exc: BaseException) -> BaseException:
     name = type(exc).__name__
     if "BackPressure" in name or "Overloaded" in name:
         return OverloadedError(f"the generation graph is at capacity: {exc}")
+    if "Cancelled" in name:  # RequestCancelledError, TaskCancelledError
+        return GenerationCancelled("the generation was cancelled")
     return exc
+
+
+class GenerationStream:
+    """The ProgressEvents of one generation, ending with the "result" event. `cancel()` stops the
+    generation within one denoising step; iterating on after it ends with GenerationCancelled.
+    Leaving the iteration early (break, close) cancels it too."""
+
+    def __init__(self, response_generator):
+        self._gen = response_generator
+        self._cancelled = False
+
+    def __iter__(self) -> Iterator[ProgressEvent]:
+        return self
+
+    def __next__(self) -> ProgressEvent:
+        try:
+            return next(self._gen)
+        except StopIteration:
+            if self._cancelled:
+                raise GenerationCancelled("the generation was cancelled") from None
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise _typed(exc) from None
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        self._gen.cancel()
+
+    def close(self) -> None:
+        self._gen.cancel()
+
+    def __del__(self):
+        try:
+            self._gen.cancel()
+        except Exception:  # noqa: BLE001
+            pass
 
 
 def _spec_dict(spec: GenerationSpec | dict) -> dict:
@@ -54,14 +92,8 @@ class GeneratorClient:
         except Exception as exc:  # noqa: BLE001
             raise _typed(exc) from None
 
-    def stream(self, spec: GenerationSpec | dict) -> Iterator[ProgressEvent]:
-        gen = self.handle.options(stream=True).stream.remote(_spec_dict(spec))
-        try:
-            yield from gen
-        except Exception as exc:  # noqa: BLE001
-            raise _typed(exc) from None
-        finally:
-            gen.cancel()  # a caller that stops iterating cancels the generation
+    def stream(self, spec: GenerationSpec | dict) -> GenerationStream:
+        return GenerationStream(self.handle.options(stream=True).stream.remote(_spec_dict(spec)))
 
     def check(self, spec: GenerationSpec | dict) -> dict:
         try:

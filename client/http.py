@@ -8,20 +8,31 @@ progress through Server-Sent Events, and raise `APIError` carrying the server's 
         for event, data in cv.events(video["id"]):
             print(event, data["progress"])
         cv.download(video["id"], "fox.mp4")
+
+`AsyncCineVividClient` has the same methods, awaited (`iter_videos` and `events` are async
+iterators). Both are thin transports over one request core: `API` builds each request as a
+`Call` (method, path, params, JSON body, how to read the answer) without doing I/O, and
+`Call.result` turns a response into the method's result or an `APIError`. Job events are read
+with httpx-sse by `iter_events` / `aiter_events`, which also take a bare httpx client.
 """
 
 from __future__ import annotations
 
-import json
+import asyncio
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterator
+from typing import Any, AsyncIterator, Callable, Iterator
 
 import httpx
+from httpx_sse import ServerSentEvent, aconnect_sse, connect_sse
+
+from serve.contracts import TERMINAL_STATUSES
 
 DEFAULT_URL = "http://127.0.0.1:8000"
-TERMINAL = ("completed", "failed")
+# A job's event stream ends with a `status` event carrying one of these.
+END_STATUSES = (*TERMINAL_STATUSES, "deleted")
 
 
 class APIError(Exception):
@@ -32,19 +43,58 @@ class APIError(Exception):
         self.headers = headers or {}
 
 
-def _raise_for(r: httpx.Response) -> None:
+# ---- the request core: requests and responses, no I/O ----------------------------------------
+def raise_for_error(r: httpx.Response) -> None:
+    """Raise `APIError` for an error response (its body already read), from the server's
+    envelope `{"error": {"code", "message", "param"}}`, else from the raw body."""
     if r.status_code < 400:
         return
     try:
         err = r.json()["error"]
-        raise APIError(r.status_code, err.get("code", "error"), err.get("message", ""), err.get("param"),
+        exc = APIError(r.status_code, err.get("code") or "error", err.get("message") or "", err.get("param"),
                        dict(r.headers))
-    except (ValueError, KeyError, TypeError):
-        raise APIError(r.status_code, "http_error", r.text[:500]) from None
+    except (ValueError, KeyError, TypeError, AttributeError):
+        exc = APIError(r.status_code, "http_error", r.text[:500], headers=dict(r.headers))
+    raise exc
 
 
-def _video_body(prompt: str, *, seconds: float | str | None = None, size: str | None = None,
-                **extensions: Any) -> dict:
+def _json(r: httpx.Response) -> Any:
+    return r.json()
+
+
+@dataclass(frozen=True)
+class Call:
+    """One API request: what to send, and how to read the answer (`read`, after the error check
+    unless `check` is off)."""
+
+    method: str
+    path: str
+    params: dict[str, Any] | None = None
+    json: Any = None
+    timeout: httpx.Timeout | None = None  # None: the client's
+    read: Callable[[httpx.Response], Any] = _json
+    check: bool = True
+
+    def options(self) -> dict[str, Any]:
+        """Keyword arguments for httpx's `request` / `stream`."""
+        opts: dict[str, Any] = {}
+        if self.params is not None:
+            opts["params"] = self.params
+        if self.json is not None:
+            opts["json"] = self.json
+        if self.timeout is not None:
+            opts["timeout"] = self.timeout
+        return opts
+
+    def result(self, r: httpx.Response) -> Any:
+        if self.check:
+            raise_for_error(r)
+        return self.read(r)
+
+
+def video_body(prompt: str, *, seconds: float | str | None = None, size: str | None = None,
+               **extensions: Any) -> dict:
+    """The POST /v1/videos body: OpenAI's fields plus CineVivid's extensions (None ones dropped)."""
     body: dict[str, Any] = {"prompt": prompt}
     if seconds is not None:
         body["seconds"] = str(seconds)
@@ -54,34 +104,127 @@ def _video_body(prompt: str, *, seconds: float | str | None = None, size: str | 
     return body
 
 
-def _parse_sse_lines(lines: Iterator[str]) -> Iterator[tuple[str, dict]]:
-    kind, data = "message", []
-    for line in lines:
-        if line == "":
-            if data:
-                yield kind, json.loads("\n".join(data))
-            kind, data = "message", []
-        elif line.startswith(":"):
-            continue
-        elif line.startswith("event:"):
-            kind = line[6:].strip()
-        elif line.startswith("data:"):
-            data.append(line[5:].strip())
-    if data:
-        yield kind, json.loads("\n".join(data))
+class API:
+    """The API as `Call`s: the one place that knows each endpoint's path, parameters and body,
+    and how its answer is read. The clients' methods of the same names send these."""
+
+    @staticmethod
+    def login(username: str, password: str) -> Call:
+        return Call("POST", "/auth/login", json={"username": username, "password": password},
+                    read=lambda r: r.json()["access_token"])
+
+    @staticmethod
+    def create_api_key(name: str = "") -> Call:
+        return Call("POST", "/v1/api-keys", json={"name": name})
+
+    @staticmethod
+    def create_video(prompt: str, **kw: Any) -> Call:
+        return Call("POST", "/v1/videos", json=video_body(prompt, **kw))
+
+    @staticmethod
+    def get_video(video_id: str) -> Call:
+        return Call("GET", f"/v1/videos/{video_id}")
+
+    @staticmethod
+    def list_videos(*, after: str | None = None, limit: int = 20, order: str = "desc") -> Call:
+        params: dict[str, Any] = {"limit": limit, "order": order}
+        if after:
+            params["after"] = after
+        return Call("GET", "/v1/videos", params=params)
+
+    @staticmethod
+    def delete_video(video_id: str) -> Call:
+        return Call("DELETE", f"/v1/videos/{video_id}")
+
+    @staticmethod
+    def cancel_video(video_id: str) -> Call:
+        return Call("POST", f"/v1/videos/{video_id}/cancel")
+
+    @staticmethod
+    def remix_video(video_id: str, prompt: str) -> Call:
+        return Call("POST", f"/v1/videos/{video_id}/remix", json={"prompt": prompt})
+
+    @staticmethod
+    def content(video_id: str, variant: str = "video") -> Call:
+        return Call("GET", f"/v1/videos/{video_id}/content", params={"variant": variant}, read=lambda r: r.content)
+
+    @staticmethod
+    def events(video_id: str, timeout: float | None = None) -> Call:
+        """The SSE stream; `timeout` bounds the wait for each event (None: no bound)."""
+        return Call("GET", f"/v1/videos/{video_id}/events", timeout=httpx.Timeout(timeout, connect=10.0))
+
+    @staticmethod
+    def health() -> Call:
+        return Call("GET", "/health", check=False)  # an unhealthy service answers 503 with the same body
+
+    @staticmethod
+    def voices() -> Call:
+        return Call("GET", "/v1/voices", read=lambda r: r.json()["data"])
 
 
-def _is_end(kind: str, data: dict) -> bool:
-    return kind == "status" and data.get("status") in (*TERMINAL, "deleted")
+def next_page_after(page: dict) -> str | None:
+    """The `after` cursor of the page following `page`, None on the last page."""
+    return page["last_id"] if page.get("has_more") and page.get("data") else None
+
+
+def _part_file(path: Path) -> Path:
+    return path.with_name(f".{path.name}.part")
+
+
+# ---- Server-Sent Events (httpx-sse) -----------------------------------------------------------
+def _event(sse: ServerSentEvent) -> tuple[str, dict] | None:
+    return (sse.event, sse.json()) if sse.data else None
+
+
+def is_end(kind: str, data: dict) -> bool:
+    """Whether (kind, data) is the last event of a job's stream."""
+    return kind == "status" and data.get("status") in END_STATUSES
+
+
+def iter_events(http: httpx.Client, video_id: str, *, timeout: float | None = None) -> Iterator[tuple[str, dict]]:
+    """(event, data) pairs of GET /v1/videos/{id}/events on `http` (any httpx.Client with the
+    base URL and auth), up to and including the terminal `status` event."""
+    call = API.events(video_id, timeout)
+    with connect_sse(http, call.method, call.path, **call.options()) as source:
+        if source.response.is_error:
+            source.response.read()
+            raise_for_error(source.response)
+        for sse in source.iter_sse():
+            if (ev := _event(sse)) is not None:
+                yield ev
+                if is_end(*ev):
+                    return
+
+
+async def aiter_events(http: httpx.AsyncClient, video_id: str, *,
+                       timeout: float | None = None) -> AsyncIterator[tuple[str, dict]]:
+    """`iter_events` on an httpx.AsyncClient."""
+    call = API.events(video_id, timeout)
+    async with aconnect_sse(http, call.method, call.path, **call.options()) as source:
+        if source.response.is_error:
+            await source.response.aread()
+            raise_for_error(source.response)
+        async for sse in source.aiter_sse():
+            if (ev := _event(sse)) is not None:
+                yield ev
+                if is_end(*ev):
+                    return
+
+
+# ---- the transports ---------------------------------------------------------------------------
+def _http_options(base_url: str | None, api_key: str | None, timeout: float, transport: Any) -> dict:
+    base_url = (base_url or os.environ.get("CINEVIVID_URL") or DEFAULT_URL).rstrip("/")
+    api_key = api_key or os.environ.get("CINEVIVID_API_KEY")
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    return {"base_url": base_url, "headers": headers, "timeout": timeout, "transport": transport}
 
 
 class CineVividClient:
+    """Sync client. `base_url` and `api_key` default to $CINEVIVID_URL and $CINEVIVID_API_KEY."""
+
     def __init__(self, base_url: str | None = None, api_key: str | None = None, *, timeout: float = 60.0,
                  transport: httpx.BaseTransport | None = None):
-        base_url = (base_url or os.environ.get("CINEVIVID_URL") or DEFAULT_URL).rstrip("/")
-        api_key = api_key or os.environ.get("CINEVIVID_API_KEY")
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._http = httpx.Client(base_url=base_url, headers=headers, timeout=timeout, transport=transport)
+        self._http = httpx.Client(**_http_options(base_url, api_key, timeout, transport))
 
     def __enter__(self):
         return self
@@ -92,98 +235,94 @@ class CineVividClient:
     def close(self) -> None:
         self._http.close()
 
-    def _req(self, method: str, path: str, **kw) -> httpx.Response:
-        r = self._http.request(method, path, **kw)
-        _raise_for(r)
-        return r
+    def _send(self, call: Call) -> Any:
+        return call.result(self._http.request(call.method, call.path, **call.options()))
 
     # auth
     def login(self, username: str, password: str) -> str:
-        token = self._req("POST", "/auth/login", json={"username": username, "password": password}).json()
-        self._http.headers["Authorization"] = f"Bearer {token['access_token']}"
-        return token["access_token"]
+        """Log in with a password; later requests use the returned access token."""
+        token = self._send(API.login(username, password))
+        self._http.headers["Authorization"] = f"Bearer {token}"
+        return token
 
     def create_api_key(self, name: str = "") -> dict:
-        return self._req("POST", "/v1/api-keys", json={"name": name}).json()
+        return self._send(API.create_api_key(name))
 
     # videos
-    def create_video(self, prompt: str, **kw) -> dict:
-        return self._req("POST", "/v1/videos", json=_video_body(prompt, **kw)).json()
+    def create_video(self, prompt: str, **kw: Any) -> dict:
+        return self._send(API.create_video(prompt, **kw))
 
     def get_video(self, video_id: str) -> dict:
-        return self._req("GET", f"/v1/videos/{video_id}").json()
+        return self._send(API.get_video(video_id))
 
     def list_videos(self, *, after: str | None = None, limit: int = 20, order: str = "desc") -> dict:
-        params = {"limit": limit, "order": order, **({"after": after} if after else {})}
-        return self._req("GET", "/v1/videos", params=params).json()
+        return self._send(API.list_videos(after=after, limit=limit, order=order))
 
     def iter_videos(self, *, limit: int = 20, order: str = "desc") -> Iterator[dict]:
+        """Every video, page by page."""
         after = None
         while True:
             page = self.list_videos(after=after, limit=limit, order=order)
             yield from page["data"]
-            if not page["has_more"]:
+            if (after := next_page_after(page)) is None:
                 return
-            after = page["last_id"]
 
     def delete_video(self, video_id: str) -> dict:
-        return self._req("DELETE", f"/v1/videos/{video_id}").json()
+        return self._send(API.delete_video(video_id))
 
     def cancel_video(self, video_id: str) -> dict:
-        return self._req("POST", f"/v1/videos/{video_id}/cancel").json()
+        return self._send(API.cancel_video(video_id))
 
     def remix_video(self, video_id: str, prompt: str) -> dict:
-        return self._req("POST", f"/v1/videos/{video_id}/remix", json={"prompt": prompt}).json()
+        return self._send(API.remix_video(video_id, prompt))
+
+    def download_bytes(self, video_id: str, variant: str = "video") -> bytes:
+        return self._send(API.content(video_id, variant))
 
     def download(self, video_id: str, path: str | Path, variant: str = "video") -> Path:
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.part")
-        with self._http.stream("GET", f"/v1/videos/{video_id}/content", params={"variant": variant}) as r:
-            if r.status_code >= 400:
-                r.read()
-                _raise_for(r)
-            with open(tmp, "wb") as f:
-                for chunk in r.iter_bytes():
-                    f.write(chunk)
-        tmp.replace(path)
+        """Stream the content to `path` (through a temporary file beside it)."""
+        call, path = API.content(video_id, variant), Path(path)
+        tmp = _part_file(path)
+        try:
+            with self._http.stream(call.method, call.path, **call.options()) as r:
+                if r.is_error:
+                    r.read()
+                    raise_for_error(r)
+                with open(tmp, "wb") as f:
+                    for chunk in r.iter_bytes():
+                        f.write(chunk)
+            tmp.replace(path)
+        finally:
+            tmp.unlink(missing_ok=True)
         return path
 
     def events(self, video_id: str, *, timeout: float | None = None) -> Iterator[tuple[str, dict]]:
         """(event, data) pairs from the SSE stream until the job ends."""
-        with self._http.stream("GET", f"/v1/videos/{video_id}/events",
-                               timeout=httpx.Timeout(timeout, connect=10.0)) as r:
-            if r.status_code >= 400:
-                r.read()
-                _raise_for(r)
-            for kind, data in _parse_sse_lines(r.iter_lines()):
-                yield kind, data
-                if _is_end(kind, data):
-                    return
+        return iter_events(self._http, video_id, timeout=timeout)
 
     def wait(self, video_id: str, *, poll_s: float = 0.5, timeout_s: float = 3600) -> dict:
+        """Poll until the video is completed or failed (or `timeout_s` passed); returns it."""
         deadline = time.monotonic() + timeout_s
         while True:
             v = self.get_video(video_id)
-            if v["status"] in TERMINAL or time.monotonic() > deadline:
+            if v["status"] in TERMINAL_STATUSES or time.monotonic() > deadline:
                 return v
             time.sleep(poll_s)
 
     # service
     def health(self) -> dict:
-        r = self._http.get("/health")
-        return r.json()
+        return self._send(API.health())
 
     def voices(self) -> list[dict]:
-        return self._req("GET", "/v1/voices").json()["data"]
+        return self._send(API.voices())
 
 
 class AsyncCineVividClient:
+    """Async client: `CineVividClient`'s methods, awaited."""
+
     def __init__(self, base_url: str | None = None, api_key: str | None = None, *, timeout: float = 60.0,
                  transport: httpx.AsyncBaseTransport | None = None):
-        base_url = (base_url or os.environ.get("CINEVIVID_URL") or DEFAULT_URL).rstrip("/")
-        api_key = api_key or os.environ.get("CINEVIVID_API_KEY")
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._http = httpx.AsyncClient(base_url=base_url, headers=headers, timeout=timeout, transport=transport)
+        self._http = httpx.AsyncClient(**_http_options(base_url, api_key, timeout, transport))
 
     async def __aenter__(self):
         return self
@@ -194,50 +333,80 @@ class AsyncCineVividClient:
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def _req(self, method: str, path: str, **kw) -> httpx.Response:
-        r = await self._http.request(method, path, **kw)
-        _raise_for(r)
-        return r
+    async def _send(self, call: Call) -> Any:
+        return call.result(await self._http.request(call.method, call.path, **call.options()))
 
+    # auth
     async def login(self, username: str, password: str) -> str:
-        token = (await self._req("POST", "/auth/login", json={"username": username, "password": password})).json()
-        self._http.headers["Authorization"] = f"Bearer {token['access_token']}"
-        return token["access_token"]
+        token = await self._send(API.login(username, password))
+        self._http.headers["Authorization"] = f"Bearer {token}"
+        return token
 
-    async def create_video(self, prompt: str, **kw) -> dict:
-        return (await self._req("POST", "/v1/videos", json=_video_body(prompt, **kw))).json()
+    async def create_api_key(self, name: str = "") -> dict:
+        return await self._send(API.create_api_key(name))
+
+    # videos
+    async def create_video(self, prompt: str, **kw: Any) -> dict:
+        return await self._send(API.create_video(prompt, **kw))
 
     async def get_video(self, video_id: str) -> dict:
-        return (await self._req("GET", f"/v1/videos/{video_id}")).json()
+        return await self._send(API.get_video(video_id))
 
     async def list_videos(self, *, after: str | None = None, limit: int = 20, order: str = "desc") -> dict:
-        params = {"limit": limit, "order": order, **({"after": after} if after else {})}
-        return (await self._req("GET", "/v1/videos", params=params)).json()
+        return await self._send(API.list_videos(after=after, limit=limit, order=order))
+
+    async def iter_videos(self, *, limit: int = 20, order: str = "desc") -> AsyncIterator[dict]:
+        after = None
+        while True:
+            page = await self.list_videos(after=after, limit=limit, order=order)
+            for v in page["data"]:
+                yield v
+            if (after := next_page_after(page)) is None:
+                return
 
     async def delete_video(self, video_id: str) -> dict:
-        return (await self._req("DELETE", f"/v1/videos/{video_id}")).json()
+        return await self._send(API.delete_video(video_id))
 
     async def cancel_video(self, video_id: str) -> dict:
-        return (await self._req("POST", f"/v1/videos/{video_id}/cancel")).json()
+        return await self._send(API.cancel_video(video_id))
 
     async def remix_video(self, video_id: str, prompt: str) -> dict:
-        return (await self._req("POST", f"/v1/videos/{video_id}/remix", json={"prompt": prompt})).json()
+        return await self._send(API.remix_video(video_id, prompt))
 
     async def download_bytes(self, video_id: str, variant: str = "video") -> bytes:
-        return (await self._req("GET", f"/v1/videos/{video_id}/content", params={"variant": variant})).content
+        return await self._send(API.content(video_id, variant))
 
-    async def events(self, video_id: str) -> AsyncIterator[tuple[str, dict]]:
-        async with self._http.stream("GET", f"/v1/videos/{video_id}/events",
-                                     timeout=httpx.Timeout(None, connect=10.0)) as r:
-            if r.status_code >= 400:
-                await r.aread()
-                _raise_for(r)
-            lines = []
-            async for line in r.aiter_lines():
-                lines.append(line)
-                if line == "":
-                    for kind, data in _parse_sse_lines(iter(lines)):
-                        yield kind, data
-                        if _is_end(kind, data):
-                            return
-                    lines = []
+    async def download(self, video_id: str, path: str | Path, variant: str = "video") -> Path:
+        call, path = API.content(video_id, variant), Path(path)
+        tmp = _part_file(path)
+        try:
+            async with self._http.stream(call.method, call.path, **call.options()) as r:
+                if r.is_error:
+                    await r.aread()
+                    raise_for_error(r)
+                with open(tmp, "wb") as f:
+                    async for chunk in r.aiter_bytes():
+                        f.write(chunk)
+            tmp.replace(path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return path
+
+    def events(self, video_id: str, *, timeout: float | None = None) -> AsyncIterator[tuple[str, dict]]:
+        """(event, data) pairs from the SSE stream until the job ends (`async for`)."""
+        return aiter_events(self._http, video_id, timeout=timeout)
+
+    async def wait(self, video_id: str, *, poll_s: float = 0.5, timeout_s: float = 3600) -> dict:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            v = await self.get_video(video_id)
+            if v["status"] in TERMINAL_STATUSES or time.monotonic() > deadline:
+                return v
+            await asyncio.sleep(poll_s)
+
+    # service
+    async def health(self) -> dict:
+        return await self._send(API.health())
+
+    async def voices(self) -> list[dict]:
+        return await self._send(API.voices())

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 import numpy as np
@@ -20,17 +21,20 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from serve.config import ModelConfig, TTSConfig
-from serve.errors import CineVividError, GenerationCancelled, StageError, unwrap_error
-from serve.generation import (
-    GenerationResult, GenerationSpec, ProgressEvent, ResolvedSpec, StageTiming,
+from serve.contracts import (
+    DecodedFrames, DenoisedLatents, GenerationResult, GenerationSpec, ProgressEvent, ResolvedSpec, StageTiming,
 )
-from serve.media import Mp4Writer, thumbnail_jpeg
-from serve.validation import resolve_spec
+from serve.errors import CineVividError, GenerationCancelled, StageError, unwrap_error
+from serve.media.mp4 import Mp4Writer, thumbnail_jpeg
+from serve.pipeline.spec import resolve_spec
 
 logger = logging.getLogger(__name__)
 
-# progress (0-100) given to each part of the graph
+# progress (0-100) at the end of each part of the graph
 ENCODE_DONE, DENOISE_DONE, DECODE_DONE = 5.0, 90.0, 96.0
+# Serve deployment name -> stage name, for /health
+STAGE_OF_DEPLOYMENT = {"TextEncoder": "text_encoder", "Transformer": "transformer", "VAEDecoder": "vae",
+                       "TTS": "tts", "Generator": "generator"}
 
 
 def _raise_typed(exc: BaseException, stage: str) -> None:
@@ -43,6 +47,30 @@ def _raise_typed(exc: BaseException, stage: str) -> None:
 class _JobLog(logging.LoggerAdapter):
     def process(self, msg, kwargs):
         return f"[job {self.extra['job_id']}] {msg}", kwargs
+
+
+@dataclass
+class _Run:
+    """One generation in flight: its spec, the calls it has open, and what it has produced."""
+
+    spec: ResolvedSpec
+    job_id: str
+    started: float = field(default_factory=time.time)
+    timings: list[StageTiming] = field(default_factory=list)
+    tts_call: asyncio.Future | None = None
+    open_calls: list = field(default_factory=list)  # stage streams to cancel if the run ends early
+    writer: Mp4Writer | None = None
+    latents: DenoisedLatents | None = None
+    frames: np.ndarray | None = None
+    float_frames: np.ndarray | None = None
+    audio: object | None = None  # the TTS stage's fitted speech
+    mp4: bytes = b""
+    thumbnail: bytes = b""
+
+    def mark(self, stage: str, start: float) -> float:
+        end = time.time()
+        self.timings.append(StageTiming(stage=stage, start=start, end=end))
+        return end
 
 
 @serve.deployment(name="Generator")
@@ -59,7 +87,9 @@ class Generator:
         self.app_name = app_name
 
     # -- validation ----------------------------------------------------------------------------
-    def _resolve(self, spec) -> ResolvedSpec:
+    def _resolve(self, spec: ResolvedSpec | GenerationSpec | dict) -> ResolvedSpec:
+        """A ResolvedSpec (the job service validated it at submission) is used as is; anything
+        else is validated here, once."""
         if isinstance(spec, ResolvedSpec):
             return spec
         if not isinstance(spec, GenerationSpec):
@@ -80,95 +110,21 @@ class Generator:
 
     async def stream(self, spec, job_id: str = "-") -> AsyncIterator[ProgressEvent]:
         log = _JobLog(logger, {"job_id": job_id})
-        resolved = self._resolve(spec)
-        timings: list[StageTiming] = []
-        started = time.time()
-        tts_call = self._start_tts(resolved, job_id)
-        denoise = decoding = writer = None
+        # 1. Resolve the spec (once; a ResolvedSpec from the job service is used as is)
+        run = _Run(spec=self._resolve(spec), job_id=job_id)
         try:
-            yield ProgressEvent(type="stage", stage="text_encoder", status="started", progress=0.0)
-            embeds = self.text_encoder.encode.remote(
-                resolved.prompt, resolved.negative_prompt if resolved.do_cfg else None)
-            denoise = self.transformer.options(stream=True).denoise.remote(
-                embeds, resolved.model_dump(mode="json"), job_id)
-            latents_ref = None
-            denoise_started = None
-            async for event in denoise:
-                self._raise_if_tts_failed(tts_call)
-                if event["type"] == "started":
-                    # text encoding (and any wait for a batch slot) ends where denoising starts
-                    denoise_started = time.time()
-                    timings.append(StageTiming(stage="text_encoder", start=started, end=denoise_started))
-                    yield ProgressEvent(type="stage", stage="text_encoder", status="finished",
-                                        progress=ENCODE_DONE)
-                    yield ProgressEvent(type="stage", stage="transformer", status="started",
-                                        progress=ENCODE_DONE)
-                elif event["type"] == "step":
-                    step, total = event["step"], event["total_steps"]
-                    yield ProgressEvent(type="step", stage="transformer", step=step, total_steps=total,
-                                        progress=ENCODE_DONE + (DENOISE_DONE - ENCODE_DONE) * step / total)
-                elif event["type"] == "latents":
-                    latents_ref = event["ref"]
-            denoise = None
-            if latents_ref is None:
-                raise GenerationCancelled("generation cancelled", stage="transformer")
-            t_denoised = time.time()
-            timings.append(StageTiming(stage="transformer", start=denoise_started or started, end=t_denoised))
-            yield ProgressEvent(type="stage", stage="transformer", status="finished", progress=DENOISE_DONE)
-            yield ProgressEvent(type="stage", stage="vae", status="started", progress=DENOISE_DONE)
-            # The VAE streams its frames chunk by chunk; they are H.264-encoded as they arrive
-            # (once the voice-over, if any, has told us its sample rate), so by the time the last
-            # chunk is decoded the MP4 only needs flushing.
-            chunks, float_chunks = [], []
-            decoding = self.vae.options(stream=True).decode_stream.remote(latents_ref, resolved.return_frames)
-            try:
-                async for chunk in decoding:
-                    chunks.append(chunk.frames)
-                    if chunk.float_frames is not None:
-                        float_chunks.append(chunk.float_frames)
-                    if writer is None and (tts_call is None or tts_call.done()):
-                        self._raise_if_tts_failed(tts_call)
-                        writer = self._new_writer(chunk.frames, resolved.fps,
-                                                  tts_call.result() if tts_call is not None else None)
-                        await asyncio.to_thread(writer.add, np.concatenate(chunks))
-                    elif writer is not None:
-                        await asyncio.to_thread(writer.add, chunk.frames)
-            except Exception as exc:  # noqa: BLE001
-                _raise_typed(exc, "vae")
-            decoding = None
-            frames = np.concatenate(chunks)
-            t_decoded = time.time()
-            timings.append(StageTiming(stage="vae", start=t_denoised, end=t_decoded))
-            yield ProgressEvent(type="stage", stage="vae", status="finished", progress=DECODE_DONE)
-
-            audio = None
-            if tts_call is not None:
-                try:
-                    audio = await tts_call
-                except Exception as exc:  # noqa: BLE001
-                    _raise_typed(exc, "tts")
-                tts_call = None
-                timings.append(StageTiming(stage="tts", start=audio.started_at, end=audio.finished_at))
-
-            yield ProgressEvent(type="stage", stage="mux", status="started", progress=DECODE_DONE)
-            if writer is None:  # the voice-over finished after the last frame
-                writer = self._new_writer(frames, resolved.fps, audio)
-                await asyncio.to_thread(writer.add, frames)
-            mp4 = await asyncio.to_thread(writer.finish, audio.pcm if audio is not None else None)
-            thumb = await asyncio.to_thread(thumbnail_jpeg, frames)
-            t_muxed = time.time()
-            timings.append(StageTiming(stage="mux", start=t_decoded, end=t_muxed))
-            yield ProgressEvent(type="stage", stage="mux", status="finished", progress=100.0)
-            result = GenerationResult(
-                mp4=mp4, thumbnail_jpeg=thumb, spec=resolved, width=frames.shape[2], height=frames.shape[1],
-                num_frames=frames.shape[0], fps=resolved.fps, duration_s=frames.shape[0] / resolved.fps,
-                has_audio=audio is not None, timings=timings,
-                frames=np.concatenate(float_chunks) if float_chunks else None,
-                metadata={"seed": resolved.seed, "model": resolved.model, "total_s": t_muxed - started,
-                          **({"voice": audio.voice, "tts_provider": audio.provider} if audio else {})},
-            )
+            # 2. Start the voice-over: it runs in parallel with the video stages
+            run.tts_call = self._start_tts(run)
+            # 3. Encode the prompt and 4. denoise: the embeddings go straight to the Transformer
+            async for event in self._encode_and_denoise(run):
+                yield event
+            # 5. Decode the latents and encode the MP4 as the frames arrive; mux the voice-over
+            async for event in self._decode_and_mux(run):
+                yield event
+            # 6. The result
+            result = self._result(run)
             log.info("generated %dx%d, %d frames in %.2fs", result.width, result.height, result.num_frames,
-                     t_muxed - started)
+                     result.metadata["total_s"])
             yield ProgressEvent(type="result", progress=100.0, result=result)
         except asyncio.CancelledError:
             log.info("generation cancelled by the caller")
@@ -176,23 +132,119 @@ class Generator:
         except CineVividError:
             raise
         except Exception as exc:  # noqa: BLE001
-            _raise_typed(exc, "transformer" if denoise is not None else "generator")
+            _raise_typed(exc, "generator")
         finally:
-            if denoise is not None:
-                denoise.cancel()
-            if decoding is not None:
-                decoding.cancel()
-            if writer is not None:
-                writer.close()  # no-op once finished
-            if tts_call is not None:
-                tts_call.cancel()
+            for call in run.open_calls:
+                call.cancel()
+            if run.writer is not None:
+                run.writer.close()  # no-op once finished
+            if run.tts_call is not None:
+                run.tts_call.cancel()
 
-    def _start_tts(self, spec: ResolvedSpec, job_id: str):
-        vo = spec.voiceover
+    async def _encode_and_denoise(self, run: _Run) -> AsyncIterator[ProgressEvent]:
+        spec = run.spec
+        yield ProgressEvent(type="stage", stage="text_encoder", stage_status="started", progress=0.0)
+        embeds = self.text_encoder.encode.remote(spec.prompt, spec.negative_prompt if spec.do_cfg else None)
+        denoise = self.transformer.options(stream=True).denoise.remote(embeds, spec, run.job_id)
+        run.open_calls.append(denoise)
+        denoise_started = run.started
+        try:
+            async for item in denoise:
+                self._raise_if_tts_failed(run.tts_call)
+                if isinstance(item, DenoisedLatents):
+                    run.latents = item
+                elif item.type == "stage":  # the Transformer started this job's batch
+                    # text encoding (and any wait for a batch slot) ends where denoising starts
+                    denoise_started = run.mark("text_encoder", run.started)
+                    yield ProgressEvent(type="stage", stage="text_encoder", stage_status="finished",
+                                        progress=ENCODE_DONE)
+                    yield item.model_copy(update={"progress": ENCODE_DONE})
+                elif item.type == "step":
+                    share = (DENOISE_DONE - ENCODE_DONE) * item.step / item.total_steps
+                    yield item.model_copy(update={"progress": ENCODE_DONE + share})
+        except CineVividError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            _raise_typed(exc, "transformer")
+        run.open_calls.remove(denoise)
+        if run.latents is None:
+            raise GenerationCancelled("generation cancelled", stage="transformer")
+        run.mark("transformer", denoise_started)
+        yield ProgressEvent(type="stage", stage="transformer", stage_status="finished", progress=DENOISE_DONE)
+
+    async def _decode_and_mux(self, run: _Run) -> AsyncIterator[ProgressEvent]:
+        spec = run.spec
+        t_denoised = time.time()
+        # The VAE streams its frames chunk by chunk; they are H.264-encoded as they arrive (once the
+        # voice-over, if any, has told us its sample rate), so when the last chunk is decoded the
+        # MP4 only needs flushing.
+        chunks: list[np.ndarray] = []
+        float_chunks: list[np.ndarray] = []
+        decoding = self.vae.options(stream=True).decode_stream.remote(run.latents.ref, spec.return_frames)
+        run.open_calls.append(decoding)
+        try:
+            async for item in decoding:
+                if isinstance(item, ProgressEvent):  # the VAE started decoding this job
+                    yield item.model_copy(update={"progress": DENOISE_DONE})
+                    continue
+                await self._encode_chunk(run, item, chunks)
+                if item.float_frames is not None:
+                    float_chunks.append(item.float_frames)
+        except CineVividError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            _raise_typed(exc, "vae")
+        run.open_calls.remove(decoding)
+        run.frames = np.concatenate(chunks)
+        run.float_frames = np.concatenate(float_chunks) if float_chunks else None
+        t_decoded = run.mark("vae", t_denoised)
+        yield ProgressEvent(type="stage", stage="vae", stage_status="finished", progress=DECODE_DONE)
+
+        if run.tts_call is not None:
+            try:
+                run.audio = await run.tts_call
+            except Exception as exc:  # noqa: BLE001
+                _raise_typed(exc, "tts")
+            run.tts_call = None
+            run.timings.append(StageTiming(stage="tts", start=run.audio.started_at, end=run.audio.finished_at))
+
+        yield ProgressEvent(type="stage", stage="mux", stage_status="started", progress=DECODE_DONE)
+        if run.writer is None:  # the voice-over finished after the last frame
+            run.writer = self._new_writer(run.frames, spec.fps, run.audio)
+            await asyncio.to_thread(run.writer.add, run.frames)
+        run.mp4 = await asyncio.to_thread(run.writer.finish, run.audio.pcm if run.audio is not None else None)
+        run.thumbnail = await asyncio.to_thread(thumbnail_jpeg, run.frames)
+        run.mark("mux", t_decoded)
+        yield ProgressEvent(type="stage", stage="mux", stage_status="finished", progress=100.0)
+
+    async def _encode_chunk(self, run: _Run, chunk: DecodedFrames, chunks: list[np.ndarray]) -> None:
+        """H.264-encode a chunk of frames now if the writer can exist (the voice-over's sample rate
+        is known, or there is none); otherwise keep it for later."""
+        chunks.append(chunk.frames)
+        if run.writer is not None:
+            await asyncio.to_thread(run.writer.add, chunk.frames)
+        elif run.tts_call is None or run.tts_call.done():
+            self._raise_if_tts_failed(run.tts_call)
+            audio = run.tts_call.result() if run.tts_call is not None else None
+            run.writer = self._new_writer(chunk.frames, run.spec.fps, audio)
+            await asyncio.to_thread(run.writer.add, np.concatenate(chunks))
+
+    @staticmethod
+    def _result(run: _Run) -> GenerationResult:
+        spec, frames, audio = run.spec, run.frames, run.audio
+        return GenerationResult(
+            mp4=run.mp4, thumbnail_jpeg=run.thumbnail, spec=spec, width=frames.shape[2], height=frames.shape[1],
+            num_frames=frames.shape[0], fps=spec.fps, duration_s=frames.shape[0] / spec.fps,
+            has_audio=audio is not None, timings=run.timings, frames=run.float_frames,
+            metadata={"seed": spec.seed, "model": spec.model, "total_s": run.timings[-1].end - run.started,
+                      **({"voice": audio.voice, "tts_provider": audio.provider} if audio else {})},
+        )
+
+    def _start_tts(self, run: _Run) -> asyncio.Future | None:
+        vo = run.spec.voiceover
         if vo is None or self.tts is None or vo.provider == "none":
             return None
-        duration = spec.num_frames / spec.fps
-        response = self.tts.synthesize.remote(vo.model_dump(mode="json"), duration, job_id)
+        response = self.tts.synthesize.remote(vo, run.spec.num_frames / run.spec.fps, run.job_id)
 
         async def wait():
             try:
@@ -217,14 +269,12 @@ class Generator:
     # -- service information -------------------------------------------------------------------
     async def health(self) -> dict:
         """Per-stage health from Serve's own replica health checks."""
-        stages = {"TextEncoder": "text_encoder", "Transformer": "transformer", "VAEDecoder": "vae",
-                  "TTS": "tts", "Generator": "generator"}
         out = {}
         try:
             status = await asyncio.to_thread(serve.status)
             app = status.applications.get(self.app_name)
             deployments = app.deployments if app else {}
-            for name, stage in stages.items():
+            for name, stage in STAGE_OF_DEPLOYMENT.items():
                 d = deployments.get(name)
                 if d is None:
                     continue
@@ -241,7 +291,7 @@ class Generator:
         return await self.tts.voices.remote()
 
     async def model_info(self) -> dict:
-        from serve.model_cache import model_cache_stats
+        from serve.pipeline.hub_cache import model_cache_stats
 
         return {"model": self.model_cfg.model_dump(mode="json"),
                 "cache": await asyncio.to_thread(model_cache_stats, self.model_cfg)}

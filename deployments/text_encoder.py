@@ -13,9 +13,9 @@ from ray import serve
 
 from serve.config import ModelConfig, TextEncoderBatching
 from serve.errors import StageError
-from serve.generation import PromptEmbeds
-from serve.models import resolve_subfolder, torch_device, torch_dtype
-from serve.text_encoding import clean_prompt, encode_prompts
+from serve.contracts import PromptEmbeds
+from serve.pipeline.loading import resolve_subfolder, torch_device, torch_dtype
+from serve.pipeline.text_encoding import clean_prompt, encode_prompts
 
 logger = logging.getLogger(__name__)
 STAGE = "text_encoder"

@@ -1,9 +1,9 @@
 """Transformer deployment: the SkyReels-V2 DiT denoising loop.
 
-`denoise(embeds, spec)` is a streaming method: `{"type": "started"}` when the job's batch starts
-(its embeddings have arrived), one `{"type": "step"}` event per denoising step,
-then `{"type": "latents", "ref": [ObjectRef]}` holding the normalised fp32 latents in the object
-store, so the caller hands them straight to the VAE without copying them through itself.
+`denoise(embeds, spec)` is a streaming method: a `ProgressEvent` "stage started" when the job's
+batch starts (its embeddings have arrived), one "step" `ProgressEvent` per denoising step, then
+`DenoisedLatents` holding the ObjectRef of the normalised fp32 latents in the object store, so the
+caller hands them straight to the VAE without copying them through itself.
 
 Requests of the same shape (size, frames, steps, guidance, shift) that arrive together run as one
 batch, bounded by `levers.batch_max_size` and a token budget. A caller that cancels its stream is
@@ -23,11 +23,11 @@ import ray
 from ray import serve
 
 from serve.config import LeversConfig, ModelConfig
-from serve.denoising import Cancelled, DenoiseJob, DenoiseLoop, LoopSettings
+from serve.pipeline.denoising import DenoiseJob, DenoiseLoop, LoopSettings
 from serve.errors import GenerationCancelled, StageError
-from serve.generation import PromptEmbeds, ResolvedSpec
-from serve.levers import apply_levers
-from serve.models import resolve_subfolder, torch_device, torch_dtype
+from serve.contracts import DenoisedLatents, ProgressEvent, PromptEmbeds, ResolvedSpec, dit_tokens
+from serve.pipeline.levers import apply_levers, lever_state
+from serve.pipeline.loading import resolve_subfolder, torch_device, torch_dtype
 
 logger = logging.getLogger(__name__)
 STAGE = "transformer"
@@ -41,9 +41,7 @@ OUTPUT_HOLD_MAX = 64
 
 def job_tokens(spec: ResolvedSpec) -> int:
     """DiT sequence length of one job (x2 with guidance): what the token budget counts."""
-    t = (spec.num_frames - 1) // 4 + 1
-    tokens = t * (spec.height // 16) * (spec.width // 16)
-    return tokens * (2 if spec.do_cfg else 1)
+    return dit_tokens(spec.num_frames, spec.height, spec.width) * (2 if spec.do_cfg else 1)
 
 
 @dataclass
@@ -53,6 +51,7 @@ class _Ticket:
     job_id: str
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    steps_after_cancel: int = 0  # steps that finished after the caller cancelled (at most the one in flight)
 
 
 @serve.deployment(name="Transformer")
@@ -71,7 +70,7 @@ class Transformer:
         scheduler = UniPCMultistepScheduler.from_pretrained(resolve_subfolder(self.model_cfg, "scheduler"))
         step_cache = None
         if self.levers.step_cache_threshold > 0:
-            from serve.step_cache import StepCache
+            from serve.pipeline.step_cache import StepCache
 
             step_cache = StepCache(threshold=self.levers.step_cache_threshold)
         apply_levers(transformer, None, self.levers)  # torch.compile when switched on
@@ -82,12 +81,13 @@ class Transformer:
         self._fatal: str | None = None
         self._held_outputs: deque[tuple[float, ray.ObjectRef]] = deque()
         self.batches_run: list[int] = []  # sizes of the batches actually run
+        self.cancellations: deque[dict] = deque(maxlen=100)  # jobs cancelled mid-batch, for stats()
         self.running = 0
         logger.info("transformer ready on %s (%s)", self.device, self.model_cfg.dtype)
 
     # -- request side --------------------------------------------------------------------------
-    async def denoise(self, embeds: PromptEmbeds, spec: dict, job_id: str = "-"):
-        ticket = _Ticket(spec=ResolvedSpec.model_validate(spec), embeds=embeds, job_id=job_id)
+    async def denoise(self, embeds: PromptEmbeds, spec: ResolvedSpec, job_id: str = "-"):
+        ticket = _Ticket(spec=spec, embeds=embeds, job_id=job_id)
         self._ensure_worker()
         self._pending.append(ticket)
         self._wakeup.set()
@@ -144,9 +144,10 @@ class Transformer:
 
         def step_callback(ticket: _Ticket):
             def on_step(step: int, total: int) -> None:
-                loop.call_soon_threadsafe(ticket.events.put_nowait,
-                                          {"type": "step", "step": step, "total_steps": total,
-                                           "batch_size": len(batch)})
+                if ticket.cancelled.is_set():
+                    ticket.steps_after_cancel += 1
+                loop.call_soon_threadsafe(ticket.events.put_nowait, ProgressEvent(
+                    type="step", stage=STAGE, step=step, total_steps=total))
             return on_step
 
         jobs = [DenoiseJob(seed=t.spec.seed, prompt_embeds=t.embeds.prompt_embeds,
@@ -157,14 +158,14 @@ class Transformer:
                                 guidance_scale=spec.guidance_scale, flow_shift=spec.flow_shift,
                                 cfg_batch=self.levers.cfg_batch)
         for ticket in batch:  # its embeddings have arrived and its denoising starts now
-            ticket.events.put_nowait({"type": "started", "batch_size": len(batch)})
+            ticket.events.put_nowait(ProgressEvent(type="stage", stage=STAGE, stage_status="started"))
         self.batches_run.append(len(batch))
         logger.info("denoising batch of %d: %s", len(batch), [t.job_id for t in batch])
         error: BaseException | None = None
         self.running += 1
         try:
             await asyncio.to_thread(self.loop.run, jobs, settings)
-        except Cancelled:
+        except GenerationCancelled:
             pass
         except self._torch.OutOfMemoryError as exc:
             error = StageError(f"out of memory denoising {len(batch)} job(s) at {spec.width}x{spec.height}, "
@@ -178,12 +179,14 @@ class Transformer:
         finally:
             self.running -= 1
         for ticket, job in zip(batch, jobs):
+            if job.cancelled:  # dropped from the loop at a step boundary after its caller cancelled
+                self.cancellations.append({"job_id": ticket.job_id, "steps_after_cancel": ticket.steps_after_cancel})
             if error is not None:
                 ticket.events.put_nowait(error)
             elif job.cancelled or job.result is None:
                 ticket.events.put_nowait(GenerationCancelled("generation cancelled", stage=STAGE))
             else:
-                ticket.events.put_nowait({"type": "latents", "ref": [self._hold(ray.put(job.result))]})
+                ticket.events.put_nowait(DenoisedLatents(ref=[self._hold(ray.put(job.result))]))
                 ticket.events.put_nowait(_DONE)
 
     def _hold(self, ref: ray.ObjectRef) -> ray.ObjectRef:
@@ -198,7 +201,7 @@ class Transformer:
     def stats(self) -> dict:
         cache = self.loop.step_cache
         return {"batches_run": list(self.batches_run), "pending": len(self._pending), "running": self.running,
-                "steps_run": self.loop.steps_run,
+                "steps_run": self.loop.steps_run, "cancellations": list(self.cancellations), "levers": lever_state(transformer=self.loop.transformer),
                 "step_cache": cache.stats() if cache is not None and hasattr(cache, "stats") else None}
 
     def check_health(self) -> None:

@@ -10,8 +10,9 @@ import logging
 
 from ray import serve
 
-from serve.audio import SpeechAudio
-from serve.tts_backends.service import TTSService
+from serve.contracts import VoiceoverSpec
+from serve.media.audio import SpeechAudio
+from serve.media.tts.service import TTSService
 
 logger = logging.getLogger(__name__)
 
@@ -23,7 +24,7 @@ class TTS:
     def __init__(self, tts_config: dict | None = None):
         self.service = TTSService(tts_config or {})
 
-    async def synthesize(self, voiceover: dict, duration_s: float, job_id: str = "-") -> SpeechAudio:
+    async def synthesize(self, voiceover: VoiceoverSpec, duration_s: float, job_id: str = "-") -> SpeechAudio:
         """Speech for `voiceover` ({text, voice, provider, fit}) fitted to `duration_s` seconds.
         Raises TTSError (code says how) on failure. `job_id` only labels the log lines."""
         return await self.service.synthesize(voiceover, duration_s, job_id)
@@ -31,10 +32,6 @@ class TTS:
     async def voices(self) -> list[dict]:
         """[{voice_id, name, provider}] for every enabled backend."""
         return await self.service.voices()
-
-    async def known_voices(self) -> dict[str, list[str]]:
-        """Voice ids each backend knows without a network call (for request validation)."""
-        return {k: sorted(v) for k, v in self.service.known_voices().items()}
 
     async def check_health(self) -> None:
         await self.service.check_health()

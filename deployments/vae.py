@@ -1,9 +1,9 @@
 """VAEDecoder deployment: de-normalise latents (`latents * std + mean`), `vae.decode`, and
 post-process to frames: uint8 (F, H, W, 3), plus the float32 [0, 1] frames when asked.
 
-`decode_stream` yields the frames chunk by chunk as the Wan VAE decodes them (1 frame, then 4 per
-latent frame), so the Generator encodes the MP4 while the rest is still decoding; `decode` returns
-them all at once. Both give exactly `vae.decode`'s frames."""
+`decode_stream` yields a "stage started" `ProgressEvent`, then the frames chunk by chunk as the Wan
+VAE decodes them (1 frame, then 4 per latent frame), so the Generator encodes the MP4 while the
+rest is still decoding; `decode` returns them all at once. Both give exactly `vae.decode`'s frames."""
 
 from __future__ import annotations
 
@@ -13,24 +13,18 @@ import threading
 
 import numpy as np
 import ray
-from pydantic import BaseModel, ConfigDict
 from ray import serve
 
 from serve.config import LeversConfig, ModelConfig
-from serve.denoising import inject_fault, iter_decode, to_float_frames, video_to_uint8
+from serve.contracts import DecodedFrames, ProgressEvent
+from serve.pipeline.faults import inject_fault
+from serve.pipeline.vae_decode import is_tiled, iter_decode, to_float_frames, video_to_uint8
 from serve.errors import StageError
-from serve.levers import apply_levers
-from serve.models import resolve_subfolder, torch_device, torch_dtype
+from serve.pipeline.levers import apply_levers, lever_state
+from serve.pipeline.loading import resolve_subfolder, torch_device, torch_dtype
 
 logger = logging.getLogger(__name__)
 STAGE = "vae"
-
-
-class DecodedFrames(BaseModel):
-    model_config = ConfigDict(arbitrary_types_allowed=True)
-
-    frames: np.ndarray  # uint8 (F, H, W, 3)
-    float_frames: np.ndarray | None = None  # float32 (F, H, W, 3) in [0, 1]
 
 
 @serve.deployment(name="VAEDecoder")
@@ -49,13 +43,18 @@ class VAEDecoder:
         apply_levers(None, self.vae, levers_cfg)  # VAE tiling when switched on
         self.fault = fault  # chaos testing only
         self._lock = asyncio.Lock()  # one decode at a time per replica: decoding is memory-bound
+        self.decodes = 0
+        self.tiled_decodes = 0
         logger.info("vae ready on %s (%s)", self.device, self.model_cfg.vae_dtype)
 
     def _chunks(self, latents: np.ndarray, want_float: bool, stop: threading.Event | None = None):
         """DecodedFrames per decoded chunk (runs in a worker thread)."""
         if self.fault:
             inject_fault(self.fault)
-        for video in iter_decode(self.vae, self._torch.from_numpy(np.array(latents)).to(self.device)):
+        latents = self._torch.from_numpy(np.array(latents)).to(self.device)
+        self.decodes += 1
+        self.tiled_decodes += is_tiled(self.vae, latents)
+        for video in iter_decode(self.vae, latents):
             if stop is not None and stop.is_set():
                 return
             yield DecodedFrames(frames=video_to_uint8(video),
@@ -90,8 +89,9 @@ class VAEDecoder:
                 raise self._stage_error(exc, latents) from exc
 
     async def decode_stream(self, latents, return_float: bool = False):
-        """Streaming `decode` (call with `handle.options(stream=True)`): DecodedFrames chunks in
-        order; their concatenation is what `decode` returns."""
+        """Streaming `decode` (call with `handle.options(stream=True)`): a "stage started"
+        ProgressEvent, then DecodedFrames chunks in order; their concatenation is what `decode`
+        returns."""
         latents = await self._resolve(latents)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
@@ -108,6 +108,7 @@ class VAEDecoder:
                 loop.call_soon_threadsafe(queue.put_nowait, done)
 
         async with self._lock:
+            yield ProgressEvent(type="stage", stage=STAGE, stage_status="started")
             worker = loop.run_in_executor(None, work)
             try:
                 while (item := await queue.get()) is not done:
@@ -117,6 +118,10 @@ class VAEDecoder:
             finally:
                 stop.set()  # the caller went away: stop after the chunk being decoded
                 await asyncio.shield(worker)
+
+    def stats(self) -> dict:
+        """What is in effect in this replica (read from the loaded VAE) and what it has done."""
+        return {"levers": lever_state(vae=self.vae), "decodes": self.decodes, "tiled_decodes": self.tiled_decodes}
 
     def check_health(self) -> None:
         if self.vae is None:

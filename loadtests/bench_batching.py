@@ -41,9 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from serve.denoising import DenoiseJob, DenoiseLoop, LoopSettings, clone_scheduler_config
-    from serve.text_encoding import encode_prompts
-    from serve.tiny_model import build_tiny_pipeline
+    from serve.pipeline.denoising import DenoiseJob, DenoiseLoop, LoopSettings, clone_scheduler_config
+    from serve.pipeline.text_encoding import encode_prompts
+    from serve.pipeline.tiny_model import build_tiny_pipeline
 
     dev = torch.device("cpu")
     pipe = build_tiny_pipeline(0)

@@ -16,11 +16,11 @@ TFLOP/s of the DiT, peak GPU memory, and PSNR / max |Δ| of the frames against t
 
 Variants:
   diffusers        SkyReelsV2Pipeline.__call__ (the exact reference)
-  cinevivid        serve.denoising.DenoiseLoop + serve.text_encoding + decode, no levers
+  cinevivid        serve.pipeline.denoising.DenoiseLoop + serve.pipeline.text_encoding + decode, no levers
   cfg_batch        + cond/uncond in one batched forward (exact lever); also probes the step cache
                    (threshold 0: never skips) to record the first-block changes for calibration
-  step_cache       + serve.step_cache.StepCache(threshold) (approximate)
-  compile          + cfg_batch + torch.compile of the DiT blocks (serve.levers.compile_transformer)
+  step_cache       + serve.pipeline.step_cache.StepCache(threshold) (approximate)
+  compile          + cfg_batch + torch.compile of the DiT blocks (serve.pipeline.levers.compile_transformer)
   best             + cfg_batch + compile + step cache
   vae_tiling       decode of the cinevivid latents with VAE tiling: time, peak memory, PSNR
 
@@ -49,6 +49,8 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+from serve.pipeline.loading import torch_dtype
+
 PROMPT = ("A cinematic shot of a red fox running through fresh snow in a pine forest at golden hour, "
           "slow motion, shallow depth of field")
 NEGATIVE = ("Bright tones, overexposed, static, blurred details, subtitles, worst quality, low quality, "
@@ -69,7 +71,7 @@ UMT5_XXL = dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, 
                 feed_forward_proj="gated-gelu", dropout_rate=0.0)
 SCHEDULER = dict(prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=8.0)
 ALL_VARIANTS = ["diffusers", "cinevivid", "cfg_batch", "step_cache", "best", "compile", "vae_tiling"]
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 
 def log(msg: str) -> None:
@@ -93,11 +95,11 @@ def build_components(name: str, device: torch.device, dtype: torch.dtype, encode
     """Random-init models directly on `device` (a 14B fp32 copy is never made on the CPU)."""
     from diffusers import AutoencoderKLWan, SkyReelsV2Transformer3DModel, UniPCMultistepScheduler
 
-    from serve.levers import cast_model
+    from serve.pipeline.levers import cast_model
 
     t0 = time.perf_counter()
     if name == "tiny":
-        from serve.tiny_model import build_tiny_pipeline
+        from serve.pipeline.tiny_model import build_tiny_pipeline
 
         p = build_tiny_pipeline(0)
         comps = Components(name, p.tokenizer, p.text_encoder.to(device), p.transformer.to(device), p.vae.to(device),
@@ -110,7 +112,7 @@ def build_components(name: str, device: torch.device, dtype: torch.dtype, encode
 
     from transformers import UMT5Config, UMT5EncoderModel
 
-    from serve.tiny_model import _train_tokenizer
+    from serve.pipeline.tiny_model import _train_tokenizer
 
     tokenizer = _train_tokenizer()
     torch.manual_seed(0)
@@ -199,15 +201,9 @@ def run_diffusers(c: Components, s: SimpleNamespace, device) -> dict:
 
 def run_cinevivid(c: Components, s: SimpleNamespace, device, *, cfg_batch=False, cache=None,
                   decode: bool = True) -> dict:
-    from serve.denoising import (
-        DenoiseJob,
-        DenoiseLoop,
-        LoopSettings,
-        clone_scheduler_config,
-        denormalize_and_decode,
-        to_float_frames,
-    )
-    from serve.text_encoding import encode_prompts
+    from serve.pipeline.denoising import DenoiseJob, DenoiseLoop, LoopSettings, clone_scheduler_config
+    from serve.pipeline.vae_decode import denormalize_and_decode, to_float_frames
+    from serve.pipeline.text_encoding import encode_prompts
 
     clock = StepClock(device)
     _reset_peak(device)
@@ -232,7 +228,7 @@ def run_cinevivid(c: Components, s: SimpleNamespace, device, *, cfg_batch=False,
 
 
 def run_vae_tiling(c: Components, latents: np.ndarray, device) -> dict:
-    from serve.denoising import denormalize_and_decode, to_float_frames
+    from serve.pipeline.vae_decode import denormalize_and_decode, to_float_frames
 
     res = {}
     for tiled in (False, True):
@@ -293,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variants-14b", default="diffusers,best", help="variants for 14B")
     ap.add_argument("--step-cache-threshold", default="auto",
                     help="float, or 'auto': 1.05 x median first-block change probed in the cfg_batch run")
-    ap.add_argument("--dtype", default=None, choices=list(DTYPES), help="DiT/encoder dtype (cuda: bfloat16, cpu: float32)")
+    ap.add_argument("--dtype", default=None, choices=list(DTYPE_NAMES), help="DiT/encoder dtype (cuda: bfloat16, cpu: float32)")
     ap.add_argument("--encoder", default="umt5-xxl", choices=["umt5-xxl", "umt5-2layer"],
                     help="text encoder size (runs once per video; 2 layers saves build time)")
     ap.add_argument("--device", default="auto")
@@ -304,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
+    dtype = torch_dtype(args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     start = time.perf_counter()
     import diffusers
 
@@ -333,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
                             steps=args.steps_14b if name == "14B" else args.steps, guidance=args.guidance,
                             max_len=args.max_len)
         variants = [v.strip() for v in (args.variants_14b if name == "14B" else args.variants).split(",") if v.strip()]
-        from serve.denoising import latent_shape
+        from serve.pipeline.denoising import latent_shape
 
         lat = latent_shape(16, s.frames, s.height, s.width)
         tokens = lat[2] * (lat[3] // 2) * (lat[4] // 2)
@@ -384,13 +380,13 @@ def main(argv: list[str] | None = None) -> int:
                 elif v == "cinevivid":
                     r = run_cinevivid(c, s, device)
                 elif v == "cfg_batch":
-                    from serve.step_cache import StepCache
+                    from serve.pipeline.step_cache import StepCache
 
                     probe = StepCache(threshold=0.0)
                     r = run_cinevivid(c, s, device, cfg_batch=True, cache=probe)
                     rec["probe_changes"] = r.pop("step_cache")["branches"]["cfg"]["changes"]
                 elif v in ("step_cache", "compile", "best"):
-                    from serve.step_cache import StepCache
+                    from serve.pipeline.step_cache import StepCache
 
                     cache = None
                     if v in ("step_cache", "best"):
@@ -400,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
                         cache = StepCache(threshold=th)
                         rec["threshold"] = th
                     if v in ("compile", "best") and not compiled:
-                        from serve.levers import compile_transformer
+                        from serve.pipeline.levers import compile_transformer
 
                         t0 = time.perf_counter()
                         rec["compile_mode"] = compile_transformer(c.transformer)

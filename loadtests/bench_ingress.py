@@ -1,5 +1,5 @@
 """Ingress benchmark: authenticated `GET /v1/videos/{id}` throughput and latency through Ray Serve
-(proxy -> Ingress replica) vs the same Starlette app run bare under uvicorn (`serve.bare`), on the
+(proxy -> Ingress replica) vs the same Starlette app run bare under uvicorn (`loadtests.bare`), on the
 same machine, in the same run, against the same database and video.
 
 A closed-loop load generator (asyncio + httpx, --concurrency connections) hammers one target for
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         port = free_port()
         bare_url = f"http://127.0.0.1:{port}"
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path.cwd()), os.environ.get("PYTHONPATH", "")])}
-        proc = subprocess.Popen([sys.executable, "-m", "serve.bare", "--address", stack.ray_address, "--app",
+        proc = subprocess.Popen([sys.executable, "-m", "loadtests.bare", "--address", stack.ray_address, "--app",
                                  stack.app, "--port", str(port), "--args", str(args_file)], env=env)
         try:
             wait_up(bare_url)

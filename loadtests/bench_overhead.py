@@ -66,10 +66,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from client.handle import GeneratorClient
     from serve.config import ModelConfig
-    from serve.denoising import to_uint8
-    from serve.media import encode_mp4, thumbnail_jpeg
-    from serve.models import tiny_model_path
-    from serve.tiny_model import make_tiny_model
+    from serve.pipeline.vae_decode import to_uint8
+    from serve.media.mp4 import encode_mp4, thumbnail_jpeg
+    from serve.pipeline.loading import tiny_model_path
+    from serve.pipeline.tiny_model import make_tiny_model
 
     paths = [p.strip() for p in args.paths.split(",")]
     pipe = SkyReelsV2Pipeline.from_pretrained(make_tiny_model(tiny_model_path()))

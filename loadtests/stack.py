@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import json
 import os
 import tempfile
 import time
@@ -22,7 +21,9 @@ from typing import Iterator
 
 import httpx
 
-from serve.serve_env import apply_serve_env, free_port
+from client.http import iter_events
+from serve.contracts import TERMINAL_STATUSES
+from serve.ops.serve_env import apply_serve_env, free_port
 
 APP = "cinevivid-bench"
 SMALL = {"ray_actor_options": {"num_cpus": 0.1}}
@@ -85,7 +86,7 @@ def wait_healthy(url: str, timeout_s: float = 300.0) -> dict:
 
 def make_user(database_url: str, admin: bool = False) -> str:
     """A new user and API key in the stack's database; returns the key."""
-    from serve.admin_cli import add_user, create_key
+    from serve.ops.admin import add_user, create_key
 
     name = f"bench{uuid.uuid4().hex[:8]}"
     run_sync(add_user(name, uuid.uuid4().hex, admin=admin, database_url=database_url))
@@ -115,8 +116,8 @@ def local_stack(threads: int = 2, levers: dict | None = None, ingress: dict | No
     from ray import serve
 
     from serve.app import build_app
-    from serve.models import tiny_model_path
-    from serve.tiny_model import make_tiny_model
+    from serve.pipeline.loading import tiny_model_path
+    from serve.pipeline.tiny_model import make_tiny_model
 
     make_tiny_model(tiny_model_path())  # once, before the replicas race for it
     tmp = None
@@ -147,7 +148,7 @@ def wait_video(client: httpx.Client, video_id: str, poll_s: float = 0.01, timeou
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         v = client.get(f"/v1/videos/{video_id}").json()
-        if v.get("status") in ("completed", "failed"):
+        if v.get("status") in TERMINAL_STATUSES:
             return v
         time.sleep(poll_s)
     raise TimeoutError(f"video {video_id} not done after {timeout_s}s")
@@ -155,16 +156,12 @@ def wait_video(client: httpx.Client, video_id: str, poll_s: float = 0.01, timeou
 
 def wait_video_sse(client: httpx.Client, video_id: str, timeout_s: float = 600.0) -> dict:
     """Follow GET /v1/videos/{id}/events until a terminal status event (no polling load)."""
-    kind = None
-    with client.stream("GET", f"/v1/videos/{video_id}/events", timeout=timeout_s) as r:
-        r.raise_for_status()
-        for line in r.iter_lines():
-            if line.startswith("event:"):
-                kind = line[6:].strip()
-            elif line.startswith("data:") and kind == "status":
-                data = json.loads(line[5:])
-                if data.get("status") in ("completed", "failed"):
-                    return data
+    last: dict = {}
+    for kind, data in iter_events(client, video_id, timeout=timeout_s):
+        if kind == "status":
+            last = data
+    if last.get("status") in TERMINAL_STATUSES:
+        return last
     return client.get(f"/v1/videos/{video_id}").json()
 
 

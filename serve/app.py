@@ -16,6 +16,7 @@ from ray.serve import Application
 
 from serve.config import AppArgs
 
+
 def parse_args(args: AppArgs | dict[str, Any] | None) -> AppArgs:
     if isinstance(args, AppArgs):
         return args
@@ -30,7 +31,13 @@ def uses_tts(args: AppArgs) -> bool:
     return any(p != "none" for p in args.tts.providers)
 
 
-def build_generator(args: AppArgs) -> Application:
+def _options(opts, name: str, overrides: dict[str, dict] | None) -> dict[str, Any]:
+    """A deployment's Serve options from its `AppArgs.deployments.<stage>`, with any of Serve's own
+    per-deployment overrides (a config file's `deployments:` list, by deployment name) on top."""
+    return {**opts.serve_options(), **(overrides or {}).get(name, {})}
+
+
+def build_generator(args: AppArgs, serve_overrides: dict[str, dict] | None = None) -> Application:
     """The generation graph without HTTP: what a Ray job reaches through `serve.get_app_handle`."""
     from deployments.generator import Generator
     from deployments.text_encoder import TextEncoder
@@ -40,28 +47,30 @@ def build_generator(args: AppArgs) -> Application:
     d = args.deployments
     model = args.model.model_dump(mode="json")
     levers = args.levers.model_dump(mode="json")
-    text_encoder = TextEncoder.options(**d.text_encoder.serve_options()).bind(
+    o = serve_overrides
+    text_encoder = TextEncoder.options(**_options(d.text_encoder, "TextEncoder", o)).bind(
         model, args.text_encoder_batching.model_dump(mode="json"), args.levers.embedding_cache_size)
-    transformer = Transformer.options(**d.transformer.serve_options()).bind(
+    transformer = Transformer.options(**_options(d.transformer, "Transformer", o)).bind(
         model, levers, args.fault_injection.get("transformer"))
-    vae = VAEDecoder.options(**d.vae.serve_options()).bind(model, levers, args.fault_injection.get("vae"))
+    vae = VAEDecoder.options(**_options(d.vae, "VAEDecoder", o)).bind(model, levers, args.fault_injection.get("vae"))
     tts = None
     if uses_tts(args):
         from deployments.tts import TTS
 
-        tts = TTS.options(**d.tts.serve_options()).bind(args.tts.model_dump(mode="json"))
-    return Generator.options(**d.generator.serve_options()).bind(
+        tts = TTS.options(**_options(d.tts, "TTS", o)).bind(args.tts.model_dump(mode="json"))
+    return Generator.options(**_options(d.generator, "Generator", o)).bind(
         text_encoder, transformer, vae, tts, model, args.tts.model_dump(mode="json"), args.name)
 
 
-def build_app(args: AppArgs | dict[str, Any] | None = None) -> Application:
+def build_app(args: AppArgs | dict[str, Any] | None = None,
+              serve_overrides: dict[str, dict] | None = None) -> Application:
     args = parse_args(args)
-    generator = build_generator(args)
+    generator = build_generator(args, serve_overrides)
     if not args.with_ingress:
         return generator
-    from serve.ingress import Ingress
+    from deployments.ingress import Ingress
 
-    return Ingress.options(**args.deployments.ingress.serve_options()).bind(
+    return Ingress.options(**_options(args.deployments.ingress, "Ingress", serve_overrides)).bind(
         generator, args.model_dump(mode="json"))
 
 

@@ -13,6 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 TINY_MODEL_SOURCE = "embedded:tiny"
+# The ElevenLabs API key is read from this environment variable only (never from a config file).
+ELEVENLABS_KEY_ENV = "ELEVENLABS_API_KEY"
 
 
 def default_cache_dir() -> Path:
@@ -160,6 +162,8 @@ class LeversConfig(_Strict):
     compile_transformer: bool = False  # torch.compile the DiT (exact within fp tolerance)
     step_cache_threshold: float = Field(default=0.0, ge=0)  # first-block step cache; 0 = off
     vae_tiling: bool = False  # lower peak memory for big frames; tiles blend at seams
+    vae_tile_px: int = Field(default=256, ge=32)  # a tile's size in pixels (frames larger than this tile)
+    vae_tile_stride_px: int = Field(default=192, ge=16)  # tiles overlap by vae_tile_px - stride
     # request batching across jobs of the same shape
     batch_max_size: int = Field(default=1, ge=1)
     batch_wait_timeout_s: float = Field(default=0.05, ge=0)
@@ -191,6 +195,95 @@ class TTSConfig(_Strict):
     fade_s: float = Field(default=0.05, ge=0)  # fade-out when a long voice-over is trimmed
 
 
+
+# ---------------------------------------------------------------------------------------------
+# Settings of the HTTP job service (the `Ingress`): limits, dispatcher, auth, storage.
+#
+# `AppArgs.ingress` (serve_config.yaml's `args.ingress`) validates into `IngressConfig`. Where a
+# field is left unset, the matching `CINEVIVID_*` environment variable fills it (database URL, data
+# dir, mode); secrets (`CINEVIVID_JWT_SECRET`) come only from the environment and are never logged.
+#
+#     args:
+#       ingress:
+#         database_url: postgresql+asyncpg://cv@db/cv  # default $CINEVIVID_DATABASE_URL, else SQLite in data_dir
+#         data_dir: /var/lib/cinevivid                 # default $CINEVIVID_DATA_DIR (artifacts, SQLite, JWT secret)
+#         limits:
+#           max_prompt_chars: 1000       # 400 invalid_request, param prompt        (None: the model's bound)
+#           max_frames: 33               # 400 invalid_request, param num_frames / seconds
+#           max_width: 128               # 400 invalid_request, param width / size
+#           max_height: 128              # 400 invalid_request, param height / size
+#           max_steps: 50                # 400 invalid_request, param num_inference_steps
+#           max_upload_bytes: 1000000    # 413 payload_too_large (any request body)
+#           max_concurrent_jobs_per_user: 4   # 429 too_many_active_jobs + Retry-After (queued + in_progress)
+#           rate_limit_per_minute: 600   # 429 rate_limit_exceeded + Retry-After (token bucket per user)
+#           rate_limit_burst: 120
+#           max_list_limit: 100          # 400 invalid_request, param limit (GET /v1/videos)
+#         dispatcher:
+#           max_concurrent_jobs: 2       # jobs one ingress replica runs at once; the rest wait queued
+#           lease_seconds: 30            # claimed job's lease, renewed every lease/3 while it runs
+#           max_attempts: 3              # an interrupted job is re-queued until then, then failed
+#           poll_interval_s: 0.5         # look for queued / expired jobs this often
+#         auth: {token_ttl_s: 3600}
+#         poll_after_ms: 1000            # openai-poll-after-ms header: the SDK's poll() interval
+#
+# The model's own bounds (`ModelConfig.max_*`) always apply; these can only narrow them.
+
+class LimitsConfig(_Strict):
+    """Per-request and per-user limits. Model bounds (resolution, frames, steps, prompt length)
+    come from the model's `ModelConfig`; these narrow them further where set."""
+
+    max_prompt_chars: int | None = Field(default=None, ge=1)  # None: the model's max_prompt_chars
+    max_frames: int | None = Field(default=None, ge=1)  # None: the model's max_frames
+    max_width: int | None = Field(default=None, ge=16)
+    max_height: int | None = Field(default=None, ge=16)
+    max_steps: int | None = Field(default=None, ge=1)
+    max_upload_bytes: int = Field(default=1_000_000, ge=1)  # request body size; larger -> 413
+    max_concurrent_jobs_per_user: int = Field(default=4, ge=1)  # queued + in_progress; more -> 429
+    rate_limit_per_minute: float = Field(default=600.0, gt=0)  # authenticated requests per user
+    rate_limit_burst: int = Field(default=120, ge=1)
+    max_list_limit: int = Field(default=100, ge=1)
+
+
+class DispatcherConfig(_Strict):
+    max_concurrent_jobs: int = Field(default=2, ge=1)  # jobs this ingress replica runs at once
+    lease_seconds: float = Field(default=30.0, gt=0)  # a claimed job's lease; renewed while it runs
+    max_attempts: int = Field(default=3, ge=1)  # claims before an interrupted job is failed
+    poll_interval_s: float = Field(default=0.5, gt=0)  # look for queued / expired jobs this often
+    progress_write_interval_s: float = Field(default=0.5, ge=0)  # DB progress writes, at most this often
+    subscriber_history: int = Field(default=2000, ge=0)  # live events kept per running job for late SSE clients
+
+
+class AuthConfig(_Strict):
+    token_ttl_s: int = Field(default=3600, ge=1)
+    issuer: str = "cinevivid"
+
+
+class IngressConfig(_Strict):
+    database_url: str | None = None  # default: $CINEVIVID_DATABASE_URL, else SQLite in data_dir
+    data_dir: str | None = None  # default: $CINEVIVID_DATA_DIR, else ~/.cache/cinevivid/data
+    sqlite_busy_timeout_ms: int = Field(default=5000, ge=0)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    dispatcher: DispatcherConfig = Field(default_factory=DispatcherConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    health_timeout_s: float = Field(default=5.0, gt=0)
+    # `openai-poll-after-ms` on video responses: how often the openai SDK's poll() asks again
+    poll_after_ms: int = Field(default=1000, ge=10)
+    mode: Literal["embedded", "production"] | None = None  # default: $CINEVIVID_MODE, else embedded
+
+    def resolved_mode(self) -> str:
+        return self.mode or os.environ.get("CINEVIVID_MODE", "embedded")
+
+    def resolved_data_dir(self) -> Path:
+        raw = self.data_dir or os.environ.get("CINEVIVID_DATA_DIR") or str(default_cache_dir() / "data")
+        return Path(raw).expanduser()
+
+    def resolved_database_url(self) -> str:
+        url = self.database_url or os.environ.get("CINEVIVID_DATABASE_URL")
+        if url:
+            return url
+        return f"sqlite+aiosqlite:///{self.resolved_data_dir() / 'cinevivid.db'}"
+
+
 class AppArgs(_Strict):
     """Everything the app builder needs. serve_config.yaml's `args:` validates into this."""
 
@@ -201,8 +294,7 @@ class AppArgs(_Strict):
     text_encoder_batching: TextEncoderBatching = Field(default_factory=TextEncoderBatching)
     tts: TTSConfig = Field(default_factory=TTSConfig)
     with_ingress: bool = True
-    ingress: dict[str, Any] = Field(default_factory=dict)  # validated by the ingress' own settings
-    route_prefix: str = "/"
+    ingress: IngressConfig = Field(default_factory=IngressConfig)
     # Chaos testing only: make a stage fail at run time the way it would in production
     # ("oom": torch.OutOfMemoryError inside the model call; "error": a RuntimeError).
     fault_injection: dict[Literal["transformer", "vae"], Literal["oom", "error"]] = Field(default_factory=dict)
@@ -213,5 +305,4 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="CINEVIVID_", extra="ignore")
 
-    mode: Literal["embedded", "production"] = "embedded"
     cache_dir: Path = Field(default_factory=default_cache_dir)

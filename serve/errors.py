@@ -1,9 +1,10 @@
-"""Typed errors shared by the stages, the Generator, the ingress and the clients.
+"""Every error class of CineVivid, shared by the stages, the Generator, the ingress and the clients.
 
-Each carries a stable `code`, a human `message`, the offending `param` (a request field) where
-there is one, and the HTTP `status` the ingress answers with. They pickle cleanly, so they
-cross Ray process boundaries intact (Serve re-raises them wrapped in RayTaskError; use
-`unwrap_error` to get the original back).
+Each `CineVividError` carries a stable `code`, a human `message`, the offending `param` (a request
+field) where there is one, the `stage` that failed where there is one, the HTTP `status` the
+ingress answers with, and `retry_after_s` (sent as `Retry-After`) where waiting helps. They pickle
+cleanly, so they cross Ray process boundaries intact (Serve re-raises them wrapped in
+RayTaskError; `unwrap_error` gets the original back).
 """
 
 from __future__ import annotations
@@ -14,18 +15,20 @@ class CineVividError(Exception):
     status = 500
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
-                 status: int | None = None, stage: str | None = None):
+                 status: int | None = None, stage: str | None = None, retry_after_s: float | None = None):
         super().__init__(message)
         self.message = message
         self.param = param
         self.stage = stage
+        self.retry_after_s = retry_after_s
         if code is not None:
             self.code = code
         if status is not None:
             self.status = status
 
     def __reduce__(self):
-        return (_rebuild, (type(self), self.message, self.param, self.code, self.status, self.stage))
+        return (_rebuild, (type(self), self.message, self.param, self.code, self.status, self.stage,
+                           self.retry_after_s))
 
     def to_dict(self) -> dict:
         return {"code": self.code, "message": self.message, "param": self.param}
@@ -35,10 +38,14 @@ class CineVividError(Exception):
         return f"{self.code}{where}: {self.message}"
 
 
-def _rebuild(cls, message, param, code, status, stage):
-    return cls(message, param=param, code=code, status=status, stage=stage)
+def _rebuild(cls, message, param, code, status, stage, retry_after_s=None):
+    err = cls.__new__(cls)
+    CineVividError.__init__(err, message, param=param, code=code, status=status, stage=stage,
+                            retry_after_s=retry_after_s)
+    return err
 
 
+# -- the request ------------------------------------------------------------------------------
 class InvalidSpecError(CineVividError):
     """The request is invalid; raised before any model work. `param` names the field."""
 
@@ -51,14 +58,51 @@ class UnknownModelError(InvalidSpecError):
     status = 404
 
 
+class NotFound(CineVividError):
+    """No such video, task or key for this caller (another user's video is a 404 too)."""
+
+    code = "not_found"
+    status = 404
+
+
+class PayloadTooLarge(CineVividError):
+    code = "payload_too_large"
+    status = 413
+
+
+# -- auth and limits --------------------------------------------------------------------------
+class AuthError(CineVividError):
+    code = "invalid_api_key"
+    status = 401
+
+
+class PermissionDenied(CineVividError):
+    code = "permission_denied"
+    status = 403
+
+
+class ConflictError(CineVividError):
+    code = "conflict"
+    status = 409
+
+
+class RateLimited(CineVividError):
+    """Too many requests; `retry_after_s` says when to try again."""
+
+    code = "rate_limit_exceeded"
+    status = 429
+
+
+class TooManyJobsError(RateLimited):
+    code = "too_many_active_jobs"
+
+
+# -- generation -------------------------------------------------------------------------------
 class StageError(CineVividError):
     """A model stage failed (out of memory, a bad checkpoint, ...). `stage` names it."""
 
     code = "stage_failed"
     status = 500
-
-    def __init__(self, message: str, *, stage: str | None = None, **kw):
-        super().__init__(message, stage=stage, **kw)
 
     def __str__(self) -> str:
         return f"{self.code} in stage {self.stage}: {self.message}"
@@ -67,6 +111,11 @@ class StageError(CineVividError):
 class GenerationCancelled(CineVividError):
     code = "cancelled"
     status = 409
+
+
+class JobLost(Exception):
+    """Inside the dispatcher: the job it runs is no longer its own (deleted, or re-queued to
+    another replica), so it stops without writing anything."""
 
 
 class OverloadedError(CineVividError):
@@ -79,6 +128,11 @@ class TTSError(CineVividError):
 
     code = "tts_failed"
     status = 502
+
+
+# -- operations -------------------------------------------------------------------------------
+class ConfigurationError(RuntimeError):
+    """A startup error the operator must fix (e.g. a missing JWT secret in production)."""
 
 
 def unwrap_error(exc: BaseException) -> BaseException:

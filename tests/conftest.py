@@ -16,10 +16,10 @@ os.environ.setdefault("CINEVIVID_CACHE_DIR", str(_SESSION_DIR / "cache"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")
-# The tests run behind the same HTTP front as production (HAProxy, see serve/serve_env.py), with a
+# The tests run behind the same HTTP front as production (HAProxy, see serve/ops/serve_env.py), with a
 # short drain so replaced ingress replicas don't hold up the suite.
 os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "0.5")
-from serve.serve_env import apply_serve_env, free_port  # noqa: E402
+from serve.ops.serve_env import apply_serve_env, free_port  # noqa: E402
 
 apply_serve_env()
 
@@ -35,8 +35,8 @@ def session_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:
-    from serve.models import tiny_model_path
-    from serve.tiny_model import make_tiny_model
+    from serve.pipeline.loading import tiny_model_path
+    from serve.pipeline.tiny_model import make_tiny_model
 
     return make_tiny_model(tiny_model_path())
 

@@ -35,7 +35,7 @@ class HttpEnv:
     database_url: str
 
     def user(self, admin: bool = False) -> "UserCreds":
-        from serve.admin_cli import add_user, create_key
+        from serve.ops.admin import add_user, create_key
 
         name = f"u{uuid.uuid4().hex[:10]}"
         password = uuid.uuid4().hex
@@ -73,8 +73,8 @@ def deploy_http_app(name: str, data_dir: Path, http_url: str, **ingress_override
     from serve.app import build_app
 
     args = tiny_app_args(name=name, with_ingress=True, ingress=http_ingress_args(data_dir, **ingress_overrides),
-                         deployments={"ingress": SMALL}, route_prefix=f"/{name}" if name != HTTP_APP else "/")
-    serve.run(build_app(args), name=name, route_prefix=args["route_prefix"])
+                         deployments={"ingress": SMALL})
+    serve.run(build_app(args), name=name, route_prefix=f"/{name}" if name != HTTP_APP else "/")
 
 
 def wait_healthy(url: str, timeout_s: float = 120.0) -> dict:
@@ -137,9 +137,9 @@ async def local_service(tmp_path: Path, generator_app: str = HTTP_APP, **ingress
     """The same HTTP app in this process (its own database and limits), driving the deployed
     Generator of app `generator_app` through a real Serve handle. Yields (service, httpx.AsyncClient)."""
     from serve.config import AppArgs
-    from serve.generator_client import HandleGeneratorClient
-    from serve.http_app import create_app
-    from serve.job_service import JobService
+    from serve.jobs.generator_client import HandleGeneratorClient
+    from serve.api.routes import create_app
+    from serve.jobs.service import JobService
 
     args = AppArgs.model_validate(tiny_app_args(name=HTTP_APP, with_ingress=True,
                                                 ingress=http_ingress_args(tmp_path, **ingress_overrides)))
@@ -152,7 +152,10 @@ async def local_service(tmp_path: Path, generator_app: str = HTTP_APP, **ingress
 
 
 async def make_local_user(service, admin: bool = False) -> dict:
+    from serve.api.auth import Authenticator
+
+    auth = Authenticator(service.db, secret="-")  # users and keys need no JWT secret
     name = f"u{uuid.uuid4().hex[:10]}"
-    user = await service.auth.create_user(name, "pw-" + name, "admin" if admin else "user")
-    key = await service.auth.create_api_key(user["id"], "t")
+    user = await auth.create_user(name, "pw-" + name, "admin" if admin else "user")
+    key = await auth.create_api_key(user["id"], "t")
     return {"Authorization": f"Bearer {key['key']}"}

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from ray import serve
 
 from serve.config import AppArgs
-from serve.deploy import deploy_serve_config, load_serve_config, validate_serve_config
+from serve.ops.deploy import deploy_serve_config, load_serve_config, validate_serve_config
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ["serve_config.yaml", *sorted(glob.glob("configs/*.yaml", root_dir=ROOT))]
@@ -47,6 +47,16 @@ def test_a_bad_arg_is_rejected_naming_it():
         validate_serve_config(config)
     with pytest.raises(ValidationError, match="max_widht"):
         AppArgs.model_validate({"model": {"max_widht": 10}})
+
+
+def test_a_bad_ingress_setting_fails_at_deploy_time_naming_it():
+    config = load_serve_config(ROOT / "serve_config.yaml")
+    config["applications"][0]["args"]["ingress"] = {"limits": {"max_upload_bytes": 0}}
+    with pytest.raises(ValidationError, match=r"ingress\.limits\.max_upload_bytes"):
+        validate_serve_config(config)
+    config["applications"][0]["args"]["ingress"] = {"dispatcher": {"lease_secs": 5}}
+    with pytest.raises(ValidationError, match="lease_secs"):
+        validate_serve_config(config)
 
 
 def _deployment_details(app: str) -> dict:
@@ -94,7 +104,7 @@ def test_a_partial_stage_override_keeps_that_stages_defaults():
 
 
 def test_serve_env_defaults_do_not_override_the_environment(tmp_path):
-    from serve.serve_env import SERVE_ENV, apply_serve_env
+    from serve.ops.serve_env import SERVE_ENV, apply_serve_env
 
     env = {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
     applied = apply_serve_env(env, haproxy_dir=tmp_path / "x")
@@ -109,7 +119,7 @@ def test_serve_env_defaults_do_not_override_the_environment(tmp_path):
 
 def test_each_cluster_gets_its_own_haproxy_files_and_ports(tmp_path):
     """Ray's HAProxy defaults (/tmp/haproxy-serve, ports 8404/9101) allow one cluster per machine."""
-    from serve.serve_env import apply_serve_env
+    from serve.ops.serve_env import apply_serve_env
 
     a, b = apply_serve_env({}), apply_serve_env({})
     folder = Path(a["RAY_SERVE_HAPROXY_SOCKET_PATH"]).parent

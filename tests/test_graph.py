@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from serve.media import probe_mp4
+from media_probe import probe_mp4
 
 SETTINGS = dict(width=96, height=64, num_frames=9, num_inference_steps=3)
 
@@ -68,9 +68,10 @@ def test_one_step_event_per_denoising_step_then_result(graph_app):
     assert progress == sorted(progress) and progress[-1] == 100
     assert events[-1].type == "result" and events[-1].result.mp4[4:8] == b"ftyp"
     assert sum(e.type == "result" for e in events) == 1
-    stages = [(e.stage, e.status) for e in events if e.type == "stage"]
-    assert stages[0] == ("text_encoder", "started")
-    assert ("transformer", "finished") in stages and ("vae", "finished") in stages
+    stages = [(e.stage, e.stage_status) for e in events if e.type == "stage"]
+    assert stages == [("text_encoder", "started"), ("text_encoder", "finished"), ("transformer", "started"),
+                      ("transformer", "finished"), ("vae", "started"), ("vae", "finished"), ("mux", "started"),
+                      ("mux", "finished")]
 
 
 async def test_async_client_generate_and_stream(graph_app):

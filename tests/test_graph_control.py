@@ -26,29 +26,39 @@ def _wait_idle(transformer, timeout_s=30.0) -> dict:
 
 def test_cancel_stops_within_one_step_and_replicas_stay_healthy(graph_app, stage_handle):
     transformer = stage_handle("Transformer")
-    before = _wait_idle(transformer)["steps_run"]
+    before = _wait_idle(transformer)
     steps = 100
-    seen = 0
     stream = graph_app.stream({"prompt": "a long slow pan", "seed": 9, "width": 128, "height": 128,
                                "num_frames": 17, "num_inference_steps": steps})
     events = []
-    for event in stream:
-        events.append(event)
-        if event.type == "step":
-            seen = event.step
-            if seen == 2:
-                break  # leaving the iterator cancels the generation
-    stream.close()
-    after = _wait_idle(transformer)["steps_run"]
+    with pytest.raises(GenerationCancelled):  # a cancelled stream ends with GenerationCancelled
+        for event in stream:
+            events.append(event)
+            if event.type == "step" and event.step == 2:
+                stream.cancel()
+    after = _wait_idle(transformer)
     assert not any(e.type == "result" for e in events)
-    # the step in flight when the cancel landed may finish, nothing more
-    assert after - before <= seen + 2, (before, after)
-    assert after - before < steps
+    # once the cancel reached the Transformer, at most the step already in flight finished
+    cancelled = after["cancellations"][len(before["cancellations"]):]
+    assert len(cancelled) == 1 and cancelled[0]["steps_after_cancel"] <= 1, cancelled
+    assert after["steps_run"] - before["steps_run"] < steps
     # the next request is served normally
     result = graph_app.generate({"prompt": "after the cancel", "seed": 1, "num_inference_steps": 2})
     assert result.mp4[4:8] == b"ftyp"
     status = serve.status().applications["graph"].deployments
     assert all(str(d.status).endswith("HEALTHY") and "UN" not in str(d.status) for d in status.values())
+
+
+def test_leaving_a_stream_early_cancels_the_generation(graph_app, stage_handle):
+    transformer = stage_handle("Transformer")
+    before = _wait_idle(transformer)
+    for event in graph_app.stream({"prompt": "left early", "seed": 3, "width": 128, "height": 128,
+                                   "num_frames": 17, "num_inference_steps": 100}):
+        if event.type == "step":
+            break  # leaving the iteration cancels the generation
+    after = _wait_idle(transformer)
+    assert after["steps_run"] - before["steps_run"] < 100
+    assert len(after["cancellations"]) == len(before["cancellations"]) + 1
 
 
 async def test_concurrent_prompts_are_batched_and_match_unbatched(graph_app, stage_handle):

@@ -8,7 +8,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from serve.media import probe_mp4
+from media_probe import probe_mp4
 
 ROOT = Path(__file__).resolve().parent.parent
 

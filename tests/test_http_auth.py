@@ -6,9 +6,9 @@ import time
 
 import httpx
 import jwt
-import pytest
 
-from serve.ingress_config import IngressConfig, load_jwt_secret
+from serve.api.auth import load_jwt_secret
+from serve.config import IngressConfig
 from tests.http_fixtures import *  # noqa: F401,F403
 from tests.http_fixtures import wait_for_status
 
@@ -95,7 +95,7 @@ def test_api_keys_create_list_revoke(http_env, alice):
 
 
 def test_cli_revoked_key_is_refused(http_env, bob):
-    from serve.admin_cli import revoke_key
+    from serve.ops.admin import revoke_key
     from tests.http_fixtures import run_sync
 
     assert httpx.get(f"{http_env.url}/v1/videos", headers=bob.headers).status_code == 200

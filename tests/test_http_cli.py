@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def cli(env_dir: Path, *args: str, stdin: str = "") -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "CINEVIVID_DATA_DIR": str(env_dir)}
     env.pop("CINEVIVID_DATABASE_URL", None)
-    return subprocess.run([sys.executable, "-m", "serve.cli", *args], input=stdin, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "serve.ops.cli", *args], input=stdin, capture_output=True, text=True,
                           env=env, timeout=300, cwd=ROOT)
 
 

@@ -4,30 +4,20 @@ health and metrics."""
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from serve.db import Database
-from serve.jobs import JobStore
+from client.http import aiter_events, iter_events
+from serve.jobs.db import Database
+from serve.jobs.store import JobStore
 from tests.http_fixtures import *  # noqa: F401,F403
 from tests.http_fixtures import HTTP_APP, local_service, make_local_user, wait_for_status, wait_healthy
 
 HEAVY = {"prompt": "a long one", "size": "256x256", "num_frames": 65, "num_inference_steps": 100}
 MEDIUM = {"prompt": "medium", "size": "128x128", "num_frames": 17, "num_inference_steps": 12}
-
-
-def parse_sse(lines):
-    events, kind = [], None
-    for line in lines:
-        if line.startswith("event:"):
-            kind = line.split(":", 1)[1].strip()
-        elif line.startswith("data:"):
-            events.append((kind, json.loads(line.split(":", 1)[1])))
-    return events
 
 
 async def wait_local(c, h, vid, statuses, timeout_s=120.0) -> dict:
@@ -43,9 +33,8 @@ async def wait_local(c, h, vid, statuses, timeout_s=120.0) -> dict:
 def test_sse_progress_goes_up_one_event_per_step_and_ends_completed(http_env, alice):
     r = httpx.post(f"{http_env.url}/v1/videos", json={"prompt": "sse", "num_inference_steps": 6}, headers=alice.headers)
     vid = r.json()["id"]
-    with httpx.stream("GET", f"{http_env.url}/v1/videos/{vid}/events", headers=alice.headers, timeout=120) as s:
-        assert s.status_code == 200 and s.headers["content-type"].startswith("text/event-stream")
-        events = parse_sse(s.iter_lines())
+    with httpx.Client(base_url=http_env.url, headers=alice.headers, timeout=120) as http:
+        events = list(iter_events(http, vid))  # (httpx-sse checks the text/event-stream content type)
     progress = [e["progress"] for _, e in events]
     assert progress == sorted(progress), progress
     steps = [e["step"] for k, e in events if k == "step"]
@@ -53,8 +42,8 @@ def test_sse_progress_goes_up_one_event_per_step_and_ends_completed(http_env, al
     assert {e["stage"] for k, e in events if k == "stage"} >= {"text_encoder", "transformer", "vae"}
     assert events[-1][0] == "status" and events[-1][1]["status"] == "completed" and progress[-1] == 100, events[-1]
     # a finished job's stream is one final status event
-    with httpx.stream("GET", f"{http_env.url}/v1/videos/{vid}/events", headers=alice.headers, timeout=30) as s:
-        again = parse_sse(s.iter_lines())
+    with httpx.Client(base_url=http_env.url, headers=alice.headers, timeout=30) as http:
+        again = list(iter_events(http, vid))
     assert again == [("status", {**again[0][1], "status": "completed", "progress": 100})]
 
 
@@ -134,13 +123,20 @@ def test_hard_crash_of_the_ingress_replica_recovers_the_job(http_env, alice):
     replica; the job's lease expires and the new dispatcher re-runs it to completion."""
     import ray
 
-    r = httpx.post(f"{http_env.url}/v1/videos", json=MEDIUM, headers=alice.headers)
+    job = {**MEDIUM, "num_inference_steps": 40}
+    r = httpx.post(f"{http_env.url}/v1/videos", json=job, headers=alice.headers)
     vid = r.json()["id"]
-    wait_for_status(http_env.url, alice.headers, vid, {"in_progress"})
+    # the job is certainly running when the replica dies: kill on its first denoising step
+    with httpx.stream("GET", f"{http_env.url}/v1/videos/{vid}/events", headers=alice.headers, timeout=60) as s:
+        for line in s.iter_lines():
+            if line.startswith("event: step"):
+                break
     replicas = [a for a in ray.util.list_named_actors(all_namespaces=True)
                 if f"{HTTP_APP}#Ingress" in a["name"]]
     assert len(replicas) == 1, replicas
     ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]), no_restart=True)
+    row = asyncio.run(JobStore(Database(http_env.database_url)).get(vid))
+    assert row["status"] == "in_progress" and row["progress"] < 100, row  # killed mid-job
     time.sleep(1.0)
     wait_healthy(http_env.url, timeout_s=180)
     v = wait_for_status(http_env.url, alice.headers, vid, {"completed", "failed"}, timeout_s=180)
@@ -164,13 +160,15 @@ async def test_health_degraded_when_a_deployment_is_unhealthy(http_env, tmp_path
     """A real unhealthy stage: an app whose Transformer cannot be scheduled (it asks for more CPUs
     than the cluster has) never becomes healthy; the ingress driving its Generator says degraded."""
     from ray import serve
+    from ray.serve import RunTarget
 
     from serve.app import build_app
     from conftest import tiny_app_args
 
     name = "sick"
     args = tiny_app_args(name=name, deployments={"transformer": {"ray_actor_options": {"num_cpus": 10_000}}})
-    serve._run(build_app(args), name=name, route_prefix=None, _blocking=False)
+    serve.run_many([RunTarget(target=build_app(args), name=name, route_prefix=None)],
+                   wait_for_applications_running=False)
     try:
         deadline = time.monotonic() + 120
         body = None
@@ -187,7 +185,7 @@ async def test_health_degraded_when_a_deployment_is_unhealthy(http_env, tmp_path
             # and when the Generator itself cannot be reached at all
             from ray.serve.handle import DeploymentHandle
 
-            from serve.generator_client import HandleGeneratorClient
+            from serve.jobs.generator_client import HandleGeneratorClient
 
             service.generator = HandleGeneratorClient(DeploymentHandle("Generator", "no-such-app"))
             body = (await c.get("/health")).json()
@@ -262,12 +260,8 @@ async def test_sse_from_another_replica_follows_the_job_record(http_env, tmp_pat
         vid = (await c1.post("/v1/videos", json=MEDIUM, headers=h)).json()["id"]
         await wait_local(c1, h, vid, {"in_progress"})
         async with local_service(tmp_path) as (other, c2):
-            lines = []
-            async with c2.stream("GET", f"/v1/videos/{vid}/events", headers=h) as s:
-                assert s.status_code == 200
-                async for line in s.aiter_lines():
-                    lines.append(line)
-            events = parse_sse(lines)
+            c2.headers.update(h)
+            events = [ev async for ev in aiter_events(c2, vid)]
             assert vid not in other.dispatcher.running_ids
     progress = [e["progress"] for _, e in events]
     assert progress == sorted(progress)

@@ -140,7 +140,6 @@ async def test_voiceover_passes_through_and_is_validated(http_env, tmp_path):
                                                                                         "provider": "none"}},
                           headers=h)
         assert r3.status_code == 202, r3.text
-        from serve.job_service import JobService  # noqa: F401
         for vid in (r.json()["id"], r2.json()["id"], r3.json()["task_id"]):
             job = await service.store.get(vid)
             assert json.loads(job["spec"])["voiceover"]["provider"] == "none"
@@ -150,7 +149,9 @@ async def test_voiceover_passes_through_and_is_validated(http_env, tmp_path):
 
 
 def test_production_mode_needs_a_jwt_secret(tmp_path, monkeypatch):
-    from serve.ingress_config import ConfigurationError, IngressConfig, load_jwt_secret
+    from serve.api.auth import load_jwt_secret
+    from serve.config import IngressConfig
+    from serve.errors import ConfigurationError
 
     monkeypatch.delenv("CINEVIVID_JWT_SECRET", raising=False)
     cfg = IngressConfig(data_dir=str(tmp_path), mode="production")

@@ -8,8 +8,10 @@ import asyncio
 import pytest
 from sqlalchemy import text, update
 
-from serve.db import Database, jobs
-from serve.jobs import FAILED, IN_PROGRESS, QUEUED, JobStore, TooManyJobsError
+from serve.jobs.db import Database, jobs
+from serve.errors import TooManyJobsError
+from serve.contracts import FAILED, IN_PROGRESS, QUEUED
+from serve.jobs.store import JobStore
 
 from pg_server import new_database
 
@@ -36,7 +38,7 @@ async def _new(store, user="u1", **kw):
 
 async def test_schema_is_managed_by_alembic_with_wal(store):
     async with store.db.read() as conn:
-        assert (await conn.execute(text("SELECT version_num FROM alembic_version"))).scalar_one() == "0001_initial"
+        assert (await conn.execute(text("SELECT version_num FROM alembic_version"))).scalar_one() == "0002_drop_api_key_last_used"
         if not store.db.url.startswith("sqlite"):
             return
         assert (await conn.execute(text("PRAGMA journal_mode"))).scalar_one() == "wal"

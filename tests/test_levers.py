@@ -14,18 +14,12 @@ import pytest
 import torch
 
 from serve.config import LeversConfig, ModelConfig
-from serve.denoising import (
-    DenoiseJob,
-    DenoiseLoop,
-    LoopSettings,
-    clone_scheduler_config,
-    denormalize_and_decode,
-    to_float_frames,
-)
-from serve.levers import apply_levers, cast_model, main_dtype
-from serve.step_cache import StepCache
-from serve.text_encoding import encode_prompts
-from serve.tiny_model import build_tiny_pipeline
+from serve.pipeline.denoising import DenoiseJob, DenoiseLoop, LoopSettings, clone_scheduler_config
+from serve.pipeline.vae_decode import denormalize_and_decode, to_float_frames
+from serve.pipeline.levers import apply_levers, cast_model, main_dtype
+from serve.pipeline.step_cache import StepCache
+from serve.pipeline.text_encoding import encode_prompts
+from serve.pipeline.tiny_model import build_tiny_pipeline
 
 W, H, F = 64, 64, 9
 PROMPT, NEGATIVE, SEED = "a cat walks on the grass", "low quality", 7
@@ -149,7 +143,7 @@ def test_step_cache_counts_reset_per_loop(pipe, embeds):
     assert cache.total_computed + cache.total_skipped == 2 * first_total
 
 
-# -- model levers (serve.levers.apply_levers) ----------------------------------------------------
+# -- model levers (serve.pipeline.levers.apply_levers) ----------------------------------------------------
 
 def test_apply_levers_with_defaults_changes_nothing(pipe):
     applied = apply_levers(pipe.transformer, pipe.vae, LeversConfig(), ModelConfig())

@@ -53,16 +53,22 @@ def _report(record_property, capsys, label: str, value: float) -> None:
 
 def test_step_cache_compile_and_vae_tiling_switched_on_in_config(ray_cluster, expected, record_property, capsys):
     name = "approx-levers"
+    # 32 px tiles over 64 px frames: the VAE really decodes tile by tile
     client = _deploy(name, levers={"step_cache_threshold": 0.2, "compile_transformer": True, "vae_tiling": True,
-                                   "cfg_batch": True})
+                                   "vae_tile_px": 32, "vae_tile_stride_px": 16, "cfg_batch": True})
     try:
         result = client.generate({"prompt": PROMPT, "negative_prompt": "", "seed": SEED, "return_frames": True,
                                   **SHAPE})
         stats = serve.get_deployment_handle("Transformer", app_name=name).stats.remote().result()
+        vae = serve.get_deployment_handle("VAEDecoder", app_name=name).stats.remote().result()
         value = psnr(result.frames, expected)
         _report(record_property, capsys, "step cache 0.2 + compile + VAE tiling + CFG batch", value)
         assert result.mp4 and result.frames.shape == expected.shape
         assert stats["step_cache"]["skipped"] > 0  # the cache did skip forwards
+        # each lever is in effect in the replicas, read from the loaded models
+        assert stats["levers"]["compiled_blocks"] == stats["levers"]["blocks"] > 0, stats["levers"]
+        assert vae["levers"]["vae_tiling"] and vae["levers"]["vae_tile_px"] == 32, vae
+        assert vae["tiled_decodes"] == vae["decodes"] >= 1, vae  # and this job's decode was tiled
         assert value > 20.0
     finally:
         serve.delete(name)
@@ -74,8 +80,12 @@ def test_bf16_dit_switched_on_in_config(ray_cluster, expected, record_property, 
     try:
         result = client.generate({"prompt": PROMPT, "negative_prompt": "", "seed": SEED, "return_frames": True,
                                   **SHAPE})
+        levers = serve.get_deployment_handle("Transformer", app_name=name).stats.remote().result()["levers"]
+        vae = serve.get_deployment_handle("VAEDecoder", app_name=name).stats.remote().result()["levers"]
         value = psnr(result.frames, expected)
         _report(record_property, capsys, "bf16 DiT + encoder, fp32 VAE", value)
+        assert levers["transformer_dtype"] == "bfloat16" and levers["compiled_blocks"] == 0, levers
+        assert vae["vae_dtype"] == "float32" and not vae["vae_tiling"], vae
         assert result.frames.shape == expected.shape and np.isfinite(result.frames).all()
         assert value > 20.0
     finally:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from serve.audio import AAC_FRAME_SAMPLES, fit_audio, pcm16_to_float, resample
+from serve.media.audio import AAC_FRAME_SAMPLES, fit_audio, pcm16_to_float, resample
 from serve.errors import TTSError
-from serve.media import encode_mp4, probe_mp4
+from serve.media.mp4 import encode_mp4
+
+from media_probe import probe_mp4
 
 RATE = 22050
 

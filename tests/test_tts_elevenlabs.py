@@ -14,7 +14,7 @@ import pytest
 from fake_elevenlabs import (INVALID_API_KEY, QUOTA_EXCEEDED, SERVER_ERROR, TOO_MANY_REQUESTS, FakeElevenLabs,
                              voice_not_found)
 from serve.errors import TTSError
-from serve.tts_backends.elevenlabs import ElevenLabsBackend
+from serve.media.tts.elevenlabs import ElevenLabsBackend
 
 KEY = "sk-test-5d1c0e7a9b3f4c2e8a6d"
 GEORGE = "JBFqnCBsd6RMkjVDRZzb"

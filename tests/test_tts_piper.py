@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from serve.errors import TTSError
-from serve.tts_backends.piper import BUNDLED_VOICE, PiperBackend
+from serve.media.tts.piper import BUNDLED_VOICE, PiperBackend
 
 
 @pytest.fixture(scope="module")

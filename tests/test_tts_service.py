@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from fake_elevenlabs import QUOTA_EXCEEDED, FakeElevenLabs
-from serve.audio import AAC_FRAME_SAMPLES
+from serve.media.audio import AAC_FRAME_SAMPLES
 from serve.errors import TTSError
-from serve.tts_backends.service import TTSService
+from serve.media.tts.service import TTSService
 
 KEY = "sk-test-service-7e3a91c2f0"
 
@@ -28,7 +28,8 @@ async def with_key(fake):
     fake.reset()
     service = TTSService(config(fake), environ={"ELEVENLABS_API_KEY": KEY})
     yield service
-    await service.aclose()
+    for backend in service.backends.values():
+        await backend.aclose()
 
 
 async def test_auto_is_elevenlabs_with_a_key_and_piper_without(fake, with_key):
@@ -104,7 +105,7 @@ async def test_voices_of_all_backends(fake, with_key):
     assert {"voice_id": "en_US-joe-medium", "name": "Joe (en_US, medium)", "provider": "piper"} in voices
     assert {"voice_id": "JBFqnCBsd6RMkjVDRZzb", "name": "George", "provider": "elevenlabs"} in voices
     assert all(set(v) == {"voice_id", "name", "provider"} for v in voices)
-    assert with_key.known_voices()["elevenlabs"] >= {"JBFqnCBsd6RMkjVDRZzb"}
+    assert with_key.backends["elevenlabs"].known_voice_ids() >= {"JBFqnCBsd6RMkjVDRZzb"}
 
 
 async def test_voices_when_elevenlabs_is_down(fake):
@@ -114,4 +115,5 @@ async def test_voices_when_elevenlabs_is_down(fake):
         assert {"voice_id": "JBFqnCBsd6RMkjVDRZzb", "name": "default", "provider": "elevenlabs"} in voices
         assert any(v["provider"] == "piper" for v in voices)
     finally:
-        await service.aclose()
+        for backend in service.backends.values():
+            await backend.aclose()

@@ -24,7 +24,7 @@ from conftest import tiny_app_args
 from fake_elevenlabs import (INVALID_API_KEY, QUOTA_EXCEEDED, SERVER_ERROR, TOO_MANY_REQUESTS, FakeElevenLabs,
                              install_test_key, voice_not_found)
 from serve.errors import TTSError
-from serve.media import probe_mp4
+from media_probe import probe_mp4
 
 APP = "voiceover"
 KEY = install_test_key()

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from fake_elevenlabs import QUOTA_EXCEEDED, FakeElevenLabs, install_test_key
-from serve.media import probe_mp4
+from media_probe import probe_mp4
 from conftest import tiny_app_args
 from tests.http_fixtures import SMALL, HttpEnv, http_ingress_args, wait_for_status
 
@@ -36,11 +36,11 @@ def env(ray_cluster, session_dir, fake) -> HttpEnv:
 
     data_dir = session_dir / "vohttp-data"
     args = tiny_app_args(
-        name=APP, with_ingress=True, route_prefix=f"/{APP}", ingress=http_ingress_args(data_dir),
+        name=APP, with_ingress=True, ingress=http_ingress_args(data_dir),
         deployments={"ingress": SMALL},
         tts={"providers": ["elevenlabs", "piper", "none"], "elevenlabs_base_url": fake.url,
              "elevenlabs_retry_backoff_s": 0.05, "max_text_chars": 500})
-    serve.run(build_app(args), name=APP, route_prefix=args["route_prefix"])
+    serve.run(build_app(args), name=APP, route_prefix=f"/{APP}")
     url = f"{ray_cluster['http_url']}/{APP}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:

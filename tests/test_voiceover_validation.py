@@ -6,8 +6,8 @@ import pytest
 
 from serve.config import TTSConfig
 from serve.errors import InvalidSpecError
-from serve.generation import VoiceoverSpec
-from serve.voiceover_validation import resolve_provider, validate_voiceover
+from serve.contracts import VoiceoverSpec
+from serve.pipeline.voiceover import resolve_provider, validate_voiceover
 
 
 def check(tts: TTSConfig | None = None, **voiceover):

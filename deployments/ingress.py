@@ -1,0 +1,36 @@
+"""The `Ingress` deployment: the HTTP entry point. It serves the Starlette app of serve.api.routes
+through Ray Serve and runs the job dispatcher that drives the `Generator` deployment."""
+
+from __future__ import annotations
+
+import logging
+
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from serve.api.routes import create_app
+from serve.jobs.generator_client import HandleGeneratorClient
+from serve.jobs.service import JobService
+
+logger = logging.getLogger(__name__)
+
+
+@serve.deployment(name="Ingress")
+@serve.ingress()
+class Ingress:
+    def __init__(self, generator: DeploymentHandle, app_args: dict):
+        # Configuration errors (e.g. no JWT secret in production mode) fail the deployment here.
+        self.service = JobService(app_args, HandleGeneratorClient(generator))
+        self.http_app = create_app(self.service)  # (not `app`: Serve's ASGI wrapper owns that name)
+
+    def __serve_build_asgi_app__(self):
+        # The app's lifespan (run by Serve on the replica) starts the dispatcher and stops it,
+        # releasing running jobs back to the queue, when the replica shuts down.
+        return self.http_app
+
+    async def check_health(self) -> None:
+        # The replica is unhealthy only if its dispatcher died; a down database or stage is
+        # reported by /health (degraded), not by restarting the ingress.
+        exc = self.service.dispatcher.failed()
+        if exc is not None:
+            raise RuntimeError(f"the job dispatcher stopped: {exc!r}")

@@ -1,0 +1,38 @@
+"""The request-body limit: 413 for a body over `max_bytes`, by Content-Length or as it streams in."""
+
+from __future__ import annotations
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from serve.api.errors import error_response
+from serve.errors import PayloadTooLarge
+
+
+class BodyLimitMiddleware:
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length":
+                try:
+                    if int(value) > self.max_bytes:
+                        resp = error_response(413, "payload_too_large",
+                                              f"request body is {int(value)} bytes; the limit is {self.max_bytes}")
+                        return await resp(scope, receive, send)
+                except ValueError:
+                    pass
+        seen = 0
+
+        async def limited_receive() -> Message:
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.max_bytes:
+                    raise PayloadTooLarge(f"request body exceeds the limit of {self.max_bytes} bytes")
+            return msg
+        await self.app(scope, limited_receive, send)

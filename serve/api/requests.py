@@ -1,0 +1,103 @@
+"""Reading requests: a JSON or form body into its pydantic model (400 for a body that is not JSON,
+422 naming the field), and an OpenAI-style video request (`seconds`, `size`) onto the
+`GenerationSpec` the job service validates."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pydantic import BaseModel
+from starlette.requests import Request
+
+from serve.config import ModelConfig
+from serve.contracts import SIZE_MULTIPLE, VAE_TEMPORAL_FACTOR, GenerationSpec
+from serve.errors import CineVividError, InvalidSpecError, PayloadTooLarge
+
+
+async def read_body(request: Request, model: type[BaseModel], *, allow_empty: bool = False,
+                    form_ok: bool = True) -> BaseModel:
+    """Parse a JSON or form body into `model`: 400 for unparseable JSON, 422 naming the field."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    data: Any
+    if form_ok and ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        try:
+            form = await request.form()
+        except PayloadTooLarge:
+            raise
+        except Exception as exc:  # noqa: BLE001 - malformed multipart
+            raise CineVividError(f"malformed form body: {exc}", code="invalid_form", status=400) from None
+        data = unflatten_form(form)
+    else:
+        raw = await request.body()
+        if not raw.strip():
+            if not allow_empty:
+                raise CineVividError("the request body is empty; send a JSON object", code="invalid_json",
+                                     status=400)
+            data = {}
+        else:
+            try:
+                data = json.loads(raw)
+            except ValueError as exc:
+                raise CineVividError(f"the request body is not valid JSON: {exc}", code="invalid_json",
+                                     status=400) from None
+    if not isinstance(data, dict):
+        raise CineVividError("the request body must be a JSON object", code="invalid_json", status=400)
+    return model.model_validate(data)
+
+
+def unflatten_form(form) -> dict:
+    """Form fields to a dict; `a[b]=v` (how the openai SDK sends nested objects) becomes {"a": {"b": v}};
+    an uploaded file becomes a marker so the request can reject it by name."""
+    out: dict[str, Any] = {}
+    for key, value in form.multi_items():
+        if not isinstance(value, str):
+            value = {"filename": getattr(value, "filename", None), "upload": True}
+        if "[" in key and key.endswith("]"):
+            head, _, rest = key.partition("[")
+            sub = rest[:-1]
+            node = out.setdefault(head, {})
+            if isinstance(node, dict):
+                node[sub] = value
+            continue
+        out[key] = value
+    return out
+
+
+def spec_from_openai(req, m: ModelConfig) -> GenerationSpec:
+    """Map an OpenAI-style request (`seconds`, `size`) onto a GenerationSpec, checking `size` and
+    `seconds` against the model's bounds so the error names the field the caller sent."""
+    if req.input_reference not in (None, ""):
+        raise InvalidSpecError("input_reference is not supported by this deployment (text-to-video only)",
+                               param="input_reference")
+    width = height = None
+    if req.size is not None:
+        try:
+            w, h = str(req.size).lower().split("x")
+            width, height = int(w), int(h)
+        except ValueError:
+            raise InvalidSpecError(f"size must be WIDTHxHEIGHT, e.g. {m.width}x{m.height}; got {req.size!r}",
+                                   param="size") from None
+        for name, value, upper in (("width", width, m.max_width), ("height", height, m.max_height)):
+            if not m.min_size <= value <= upper or value % SIZE_MULTIPLE:
+                raise InvalidSpecError(
+                    f"size {req.size} is outside this model's bounds: {name} must be a multiple of "
+                    f"{SIZE_MULTIPLE} between {m.min_size} and {upper}", param="size")
+    frames = req.num_frames
+    if req.seconds is not None and frames is None:
+        try:
+            seconds = float(req.seconds)
+        except ValueError:
+            raise InvalidSpecError(f"seconds must be a number, got {req.seconds!r}", param="seconds") from None
+        fps = req.fps or m.fps
+        if not seconds > 0:
+            raise InvalidSpecError("seconds must be positive", param="seconds")
+        frames = VAE_TEMPORAL_FACTOR * max(0, round(seconds * fps / VAE_TEMPORAL_FACTOR)) + 1
+        if frames > m.max_frames:
+            raise InvalidSpecError(
+                f"seconds={req.seconds} needs {frames} frames at {fps} fps; this model allows at most "
+                f"{m.max_frames} frames ({(m.max_frames - 1) / fps:g} s)", param="seconds")
+    return GenerationSpec(prompt=req.prompt, negative_prompt=req.negative_prompt, model=req.model,
+                          width=width, height=height, num_frames=frames, fps=req.fps,
+                          num_inference_steps=req.num_inference_steps, guidance_scale=req.guidance_scale,
+                          seed=req.seed, voiceover=req.voiceover)

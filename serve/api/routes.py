@@ -1,0 +1,340 @@
+"""The HTTP API as a Starlette app over a `JobService`: OpenAI Videos API, the original CineVivid
+routes, auth, health, metrics, OpenAPI and an offline docs page. `create_app` builds it; the
+`Ingress` deployment serves it through Ray Serve, and it runs as well under bare uvicorn.
+
+Authentication and the per-user rate limit live here; the job service knows users only by id."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+from typing import AsyncIterator, Callable
+
+from dataclasses import dataclass
+
+from pydantic import BaseModel
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from serve.api import schemas as m
+from serve.api.auth import Authenticator, Principal, load_jwt_secret
+from serve.api.errors import EXCEPTION_HANDLERS
+from serve.api.metrics import HttpMetrics, MetricsMiddleware
+from serve.api.middleware import BodyLimitMiddleware
+from serve.api.ratelimit import RateLimiter
+from serve.api.requests import read_body, spec_from_openai
+from serve.api.sse import job_events
+from serve.contracts import GenerationSpec
+from serve.errors import CineVividError, InvalidSpecError, NotFound, PermissionDenied, RateLimited
+from serve.config import IngressConfig
+from serve.jobs.service import VERSION, JobService
+
+logger = logging.getLogger(__name__)
+
+
+def _json(model: type[BaseModel], data, status: int = 200, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(model.model_validate(data).model_dump(mode="json"), status_code=status, headers=headers)
+
+
+@dataclass
+class Api:
+    """What the endpoints share, kept in `app.state.api`: the job service, authentication, the
+    per-user rate limit and the HTTP metrics."""
+
+    service: JobService
+    auth: Authenticator
+    rate_limiter: RateLimiter
+    http_metrics: HttpMetrics
+
+    @property
+    def config(self) -> IngressConfig:
+        return self.service.config
+
+    @property
+    def poll_after_ms(self) -> str:
+        return str(self.service.config.poll_after_ms)
+
+
+async def _principal(request: Request) -> Principal:
+    """The caller (401 without valid credentials), within its request rate (else 429)."""
+    api: Api = request.app.state.api
+    p = await api.auth.authenticate(request.headers.get("authorization"))
+    wait = api.rate_limiter.check(p.user_id)
+    if wait > 0:
+        raise RateLimited(f"rate limit of {api.config.limits.rate_limit_per_minute:g} requests per minute "
+                          "exceeded", retry_after_s=wait)
+    return p
+
+
+async def _admin(request: Request) -> Principal:
+    p = await _principal(request)
+    if not p.is_admin:
+        raise PermissionDenied("this route needs the admin role")
+    return p
+
+
+# ---- service ----
+async def root(request: Request) -> Response:
+    api: Api = request.app.state.api
+    return _json(m.ServiceInfo, {
+        "name": "CineVivid", "version": VERSION, "model": api.service.model_cfg.name,
+        "endpoints": sorted({f"{' '.join(sorted(r.methods))} {r.path}" for r in API_ROUTES})})
+
+
+async def health(request: Request) -> Response:
+    api: Api = request.app.state.api
+    h = await api.service.health()
+    return _json(m.Health, h, status=503 if h["status"] == "unhealthy" else 200)
+
+
+async def metrics(request: Request) -> Response:
+    api: Api = request.app.state.api
+    with contextlib.suppress(Exception):
+        await api.service.refresh_gauges()
+    return Response(api.http_metrics.render(), media_type=api.http_metrics.content_type)
+
+
+async def openapi(request: Request) -> Response:
+    from serve.api.openapi import build_openapi
+
+    return JSONResponse(build_openapi(API_ROUTES, VERSION))
+
+
+async def docs(request: Request) -> Response:
+    from serve.api.openapi import DOCS_HTML
+
+    return HTMLResponse(DOCS_HTML)
+
+
+# ---- auth ----
+async def login(request: Request) -> Response:
+    api: Api = request.app.state.api
+    req = await read_body(request, m.LoginRequest)
+    return _json(m.TokenResponse, await api.auth.login(req.username, req.password))
+
+
+async def create_key(request: Request) -> Response:
+    api: Api = request.app.state.api
+    p = await _principal(request)
+    req = await read_body(request, m.ApiKeyCreateRequest, allow_empty=True)
+    return _json(m.ApiKeyCreated, await api.auth.create_api_key(p.user_id, req.name), status=201)
+
+
+async def list_keys(request: Request) -> Response:
+    api: Api = request.app.state.api
+    p = await _principal(request)
+    return _json(m.ApiKeyList, {"data": await api.auth.list_api_keys(p.user_id)})
+
+
+async def revoke_key(request: Request) -> Response:
+    api: Api = request.app.state.api
+    p = await _principal(request)
+    key_id = request.path_params["key_id"]
+    if not await api.auth.revoke_api_key(key_id, p.user_id):
+        raise NotFound(f"no active API key with id {key_id!r}", param="key_id")
+    return JSONResponse({"id": key_id, "object": "api_key", "revoked": True})
+
+
+# ---- OpenAI videos ----
+async def create_video(request: Request) -> Response:
+    api: Api = request.app.state.api
+    p = await _principal(request)
+    req = await read_body(request, m.VideoCreateRequest)
+    job = await api.service.submit(p.user_id, spec_from_openai(req, api.service.model_cfg))
+    return _json(m.Video, api.service.video_view(job), headers={"openai-poll-after-ms": api.poll_after_ms})
+
+
+async def get_video(request: Request) -> Response:
+    api: Api = request.app.state.api
+    p = await _principal(request)
+    job = await api.service.get_job(p.user_id, request.path_params["video_id"])
+    return _json(m.Video, api.service.video_view(job), headers={"openai-poll-after-ms": api.poll_after_ms})
+
+
+async def list_videos(request: Request) -> Response:
+    api: Api = request.app.state.api
+    p = await _principal(request)
+    q = request.query_params
+    order = q.get("order", "desc")
+    if order not in ("asc", "desc"):
+        raise InvalidSpecError("order must be 'asc' or 'desc'", param="order")
+    try:
+        limit = int(q.get("limit", "20"))
+    except ValueError:
+        raise InvalidSpecError("limit must be an integer", param="limit") from None
+    if not 1 <= limit <= api.config.limits.max_list_limit:
+        raise InvalidSpecError(f"limit must be between 1 and {api.config.limits.max_list_limit}", param="limit")
+    rows, has_more = await api.service.store.list(user_id=p.user_id, after=q.get("after") or None,
+                                              limit=limit, order=order)
+    data = [api.service.video_view(r) for r in rows]
+    return _json(m.VideoList, {"data": data, "has_more": has_more,
+                               "first_id": data[0]["id"] if data else None,
+                               "last_id": data[-1]["id"] if data else None})
+
+
+async def delete_video(request: Request) -> Response:
+    api: Api = request.app.state.api
+    p = await _principal(request)
+    job = await api.service.delete(p.user_id, request.path_params["video_id"])
+    return _json(m.VideoDeleted, {"id": job["id"]})
+
+
+async def cancel_video(request: Request) -> Response:
+    api: Api = request.app.state.api
+    p = await _principal(request)
+    job = await api.service.cancel(p.user_id, request.path_params["video_id"])
+    return _json(m.Video, api.service.video_view(job))
+
+
+async def remix_video(request: Request) -> Response:
+    api: Api = request.app.state.api
+    p = await _principal(request)
+    video_id = request.path_params["video_id"]
+    await api.service.get_job(p.user_id, video_id)  # 404 before looking at the body
+    req = await read_body(request, m.VideoRemixRequest)
+    job = await api.service.remix(p.user_id, video_id, req.prompt)
+    return _json(m.Video, api.service.video_view(job), headers={"openai-poll-after-ms": api.poll_after_ms})
+
+
+async def video_content(request: Request) -> Response:
+    api: Api = request.app.state.api
+    p = await _principal(request)
+    job = await api.service.get_job(p.user_id, request.path_params["video_id"])
+    variant = request.query_params.get("variant", "video")
+    if variant not in ("video", "thumbnail"):
+        raise InvalidSpecError(f"variant must be 'video' or 'thumbnail' (got {variant!r})", param="variant")
+    if job["status"] != "completed":
+        raise CineVividError(f"video {job['id']} is {job['status']}; content exists once it is completed",
+                             code="video_not_ready", status=409)
+    path = job["video_path"] if variant == "video" else job["thumbnail_path"]
+    if not path or not Path(path).exists():
+        raise NotFound(f"the {variant} of video {job['id']} is missing from storage", param="variant")
+    media = "video/mp4" if variant == "video" else "image/jpeg"
+    ext = "mp4" if variant == "video" else "jpg"
+    return FileResponse(path, media_type=media, filename=f"{job['id']}.{ext}",
+                        content_disposition_type="inline")
+
+
+async def video_events(request: Request) -> Response:
+    api: Api = request.app.state.api
+    p = await _principal(request)
+    job = await api.service.get_job(p.user_id, request.path_params["video_id"])
+    return StreamingResponse(job_events(api.service, job), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def voices(request: Request) -> Response:
+    api: Api = request.app.state.api
+    await _principal(request)
+    return _json(m.VoiceList, {"data": await api.service.generator.voices()})
+
+
+# ---- original CineVivid routes ----
+async def text_to_video(request: Request) -> Response:
+    api: Api = request.app.state.api
+    p = await _principal(request)
+    req = await read_body(request, m.TextToVideoRequest, form_ok=False)
+    job = await api.service.submit(p.user_id, GenerationSpec.model_validate(req.model_dump(exclude_none=True)))
+    return _json(m.TaskCreated, {"task_id": job["id"], "status": job["status"]}, status=202)
+
+
+async def get_task(request: Request) -> Response:
+    api: Api = request.app.state.api
+    p = await _principal(request)
+    job = await api.service.get_job(p.user_id, request.path_params["task_id"])
+    return _json(m.Task, api.service.task_view(job))
+
+
+async def admin_stats(request: Request) -> Response:
+    api: Api = request.app.state.api
+    await _admin(request)
+    return _json(m.AdminStats, await api.service.admin_stats())
+
+
+async def cache_stats(request: Request) -> Response:
+    api: Api = request.app.state.api
+    await _admin(request)
+    return JSONResponse(await api.service.generator.model_info())
+
+
+class ApiRoute:
+    def __init__(self, path: str, endpoint: Callable, methods: list[str], summary: str, *,
+                 req: type[BaseModel] | None = None, resp: type[BaseModel] | None = None, status: int = 200,
+                 auth: str | None = "user", form: bool = False, query: list[str] | None = None,
+                 content: str | None = None, in_schema: bool = True):
+        self.path, self.endpoint, self.methods, self.summary = path, endpoint, methods, summary
+        self.req, self.resp, self.status, self.auth, self.form = req, resp, status, auth, form
+        self.query, self.content, self.in_schema = query or [], content, in_schema
+
+
+R = ApiRoute
+API_ROUTES = [
+    R("/", root, ["GET"], "Service information", resp=m.ServiceInfo, auth=None),
+    R("/health", health, ["GET"], "Health of the database, storage, each stage and the GPU", resp=m.Health,
+      auth=None),
+    R("/metrics", metrics, ["GET"], "Prometheus metrics (text format)", auth=None, content="text/plain"),
+    R("/openapi.json", openapi, ["GET"], "This OpenAPI document", auth=None, in_schema=False),
+    R("/docs", docs, ["GET"], "API docs page (works offline)", auth=None, in_schema=False),
+    R("/auth/login", login, ["POST"], "Exchange username and password for a bearer JWT", req=m.LoginRequest,
+      resp=m.TokenResponse, auth=None),
+    R("/v1/api-keys", create_key, ["POST"], "Create an API key (the secret is shown once)",
+      req=m.ApiKeyCreateRequest, resp=m.ApiKeyCreated, status=201),
+    R("/v1/api-keys", list_keys, ["GET"], "List your API keys", resp=m.ApiKeyList),
+    R("/v1/api-keys/{key_id}", revoke_key, ["DELETE"], "Revoke an API key"),
+    R("/v1/videos", create_video, ["POST"], "Create a video job (JSON or multipart form)",
+      req=m.VideoCreateRequest, resp=m.Video, form=True),
+    R("/v1/videos", list_videos, ["GET"], "List your videos (after, limit, order)", resp=m.VideoList,
+      query=["after", "limit", "order"]),
+    R("/v1/videos/{video_id}", get_video, ["GET"], "Retrieve a video job", resp=m.Video),
+    R("/v1/videos/{video_id}", delete_video, ["DELETE"], "Delete a video (aborts it if running)",
+      resp=m.VideoDeleted),
+    R("/v1/videos/{video_id}/cancel", cancel_video, ["POST"], "Cancel a video job without deleting it",
+      resp=m.Video),
+    R("/v1/videos/{video_id}/remix", remix_video, ["POST"], "Same settings and seed, new prompt",
+      req=m.VideoRemixRequest, resp=m.Video),
+    R("/v1/videos/{video_id}/content", video_content, ["GET"], "Download the MP4 (Range supported) or thumbnail",
+      query=["variant"], content="video/mp4"),
+    R("/v1/videos/{video_id}/events", video_events, ["GET"], "Progress as Server-Sent Events",
+      content="text/event-stream"),
+    R("/v1/voices", voices, ["GET"], "Voices of the enabled voice-over providers", resp=m.VoiceList),
+    R("/generate/text-to-video", text_to_video, ["POST"], "Queue a generation (original CineVivid route)",
+      req=m.TextToVideoRequest, resp=m.TaskCreated, status=202),
+    R("/tasks/{task_id}", get_task, ["GET"], "A generation task's state", resp=m.Task),
+    R("/admin/stats", admin_stats, ["GET"], "Job and user statistics (admin)", resp=m.AdminStats,
+      auth="admin"),
+    R("/models/cache/stats", cache_stats, ["GET"], "Models cached and loaded (admin)", auth="admin"),
+]
+
+
+def create_app(service: JobService, *, manage_lifecycle: bool = True) -> Starlette:
+    """The HTTP app. With `manage_lifecycle` the app's lifespan starts and stops the service
+    (its dispatcher and database); the Ingress deployment does the same through Serve."""
+    config = service.config
+    # A configuration error (e.g. no JWT secret in production) fails here, at replica start.
+    auth = Authenticator(service.db, load_jwt_secret(config), token_ttl_s=config.auth.token_ttl_s,
+                         issuer=config.auth.issuer)
+    api = Api(service=service, auth=auth,
+              rate_limiter=RateLimiter(config.limits.rate_limit_per_minute, config.limits.rate_limit_burst),
+              http_metrics=HttpMetrics(service.metrics.registry))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app) -> AsyncIterator[None]:
+        if manage_lifecycle:
+            await service.start()
+        try:
+            yield
+        finally:
+            if manage_lifecycle:
+                await service.stop()
+
+    app = Starlette(routes=[Route(r.path, r.endpoint, methods=r.methods) for r in API_ROUTES],
+                    exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=config.limits.max_upload_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=api.http_metrics)
+    app.state.api = api
+    app.state.service = service
+    app.state.api_routes = API_ROUTES
+    return app

@@ -1,0 +1,208 @@
+"""Request and response models of the HTTP API (pydantic v2; requests forbid unknown fields).
+The OpenAPI document is generated from these."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from serve.contracts import VoiceoverSpec
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class _Response(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+
+# ---- errors ----
+class ErrorBody(_Response):
+    code: str
+    message: str
+    param: str | None = None
+
+
+class ErrorEnvelope(_Response):
+    error: ErrorBody
+
+
+# ---- auth ----
+class LoginRequest(_Request):
+    username: str = Field(min_length=1, max_length=128)
+    password: str = Field(min_length=1, max_length=1024)
+
+
+class TokenResponse(_Response):
+    access_token: str
+    token_type: Literal["bearer"] = "bearer"
+    expires_in: int
+
+
+class ApiKeyCreateRequest(_Request):
+    name: str = Field(default="", max_length=128)
+
+
+class ApiKey(_Response):
+    id: str
+    object: Literal["api_key"] = "api_key"
+    name: str
+    prefix: str
+    created_at: int
+    revoked_at: int | None = None
+
+
+class ApiKeyCreated(ApiKey):
+    key: str = Field(description="The secret key; shown only once")
+
+
+class ApiKeyList(_Response):
+    object: Literal["list"] = "list"
+    data: list[ApiKey]
+
+
+# ---- videos (OpenAI Videos API + CineVivid extensions) ----
+class _GenerationExtensions(_Request):
+    negative_prompt: str | None = None
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    num_frames: int | None = None
+    fps: int | None = None
+    voiceover: VoiceoverSpec | None = None
+
+    @field_validator("voiceover", mode="before")
+    @classmethod
+    def _voiceover_from_form(cls, v: Any) -> Any:
+        # multipart forms carry the object as a JSON-encoded string
+        if isinstance(v, (str, bytes)):
+            import json
+
+            try:
+                return json.loads(v)
+            except ValueError as exc:
+                raise ValueError(f"voiceover must be a JSON object: {exc}") from None
+        return v
+
+
+class VideoCreateRequest(_GenerationExtensions):
+    prompt: str
+    model: str | None = None
+    seconds: str | float | None = Field(default=None, description="Clip length in seconds; maps onto frames")
+    size: str | None = Field(default=None, description="WIDTHxHEIGHT within the model's bounds")
+    input_reference: Any = Field(default=None, description="Not supported by this deployment")
+
+
+class VideoRemixRequest(_Request):
+    prompt: str
+
+
+class VideoError(_Response):
+    code: str
+    message: str
+    param: str | None = None
+
+
+class Video(_Response):
+    id: str
+    object: Literal["video"] = "video"
+    created_at: int
+    status: Literal["queued", "in_progress", "completed", "failed"]
+    model: str
+    progress: int
+    seconds: str
+    size: str
+    prompt: str | None = None
+    completed_at: int | None = None
+    expires_at: int | None = None
+    error: VideoError | None = None
+    remixed_from_video_id: str | None = None
+    # CineVivid extensions
+    stage: str | None = None
+    has_audio: bool = False
+    seed: int | None = None
+    num_frames: int | None = None
+    fps: int | None = None
+    num_inference_steps: int | None = None
+
+
+class VideoList(_Response):
+    object: Literal["list"] = "list"
+    data: list[Video]
+    has_more: bool
+    first_id: str | None = None
+    last_id: str | None = None
+
+
+class VideoDeleted(_Response):
+    id: str
+    object: Literal["video.deleted"] = "video.deleted"
+    deleted: bool = True
+
+
+class Voice(_Response):
+    voice_id: str
+    name: str
+    provider: str
+
+
+class VoiceList(_Response):
+    object: Literal["list"] = "list"
+    data: list[Voice]
+
+
+# ---- original CineVivid routes ----
+class TextToVideoRequest(_GenerationExtensions):
+    prompt: str
+    model: str | None = None
+    width: int | None = None
+    height: int | None = None
+    flow_shift: float | None = None
+
+
+class TaskCreated(_Response):
+    task_id: str
+    status: str
+
+
+class Task(_Response):
+    task_id: str
+    status: str
+    progress: int
+    stage: str | None = None
+    prompt: str
+    created_at: int
+    completed_at: int | None = None
+    error: VideoError | None = None
+    has_audio: bool = False
+    video_url: str | None = None
+    thumbnail_url: str | None = None
+
+
+class ServiceInfo(_Response):
+    name: str
+    version: str
+    model: str
+    docs_url: str = "/docs"
+    openapi_url: str = "/openapi.json"
+    endpoints: list[str]
+
+
+class ComponentHealth(_Response):
+    status: Literal["healthy", "unhealthy", "unavailable"]
+    detail: str = ""
+
+
+class Health(_Response):
+    status: Literal["healthy", "degraded", "unhealthy"]
+    services: dict[str, ComponentHealth]
+
+
+class AdminStats(_Response):
+    total_videos: int
+    active_users: int
+    jobs_by_status: dict[str, int]
+    queue_depth: int
+    running_here: int

@@ -1,0 +1,201 @@
+"""Stage contracts of the generation graph: the spec a caller sends, the events it streams back,
+the result it gets, and the small models that cross stage boundaries (tensors travel as numpy).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+# -- geometry of the Wan VAE and DiT (every SkyReels-V2 model) ---------------------------------
+VAE_SPATIAL_FACTOR = 8  # pixels per latent row/column
+VAE_TEMPORAL_FACTOR = 4  # frames per latent frame after the first: num_frames = 4k + 1
+PATCH_SIZE = 2  # the DiT's spatial patch (1, 2, 2)
+SIZE_MULTIPLE = VAE_SPATIAL_FACTOR * PATCH_SIZE  # width and height are multiples of 16
+
+
+def latent_frames(num_frames: int) -> int:
+    return (num_frames - 1) // VAE_TEMPORAL_FACTOR + 1
+
+
+def dit_tokens(num_frames: int, height: int, width: int) -> int:
+    """The DiT's sequence length for one video: latent frames x patches per frame."""
+    return latent_frames(num_frames) * (height // SIZE_MULTIPLE) * (width // SIZE_MULTIPLE)
+
+
+# -- job statuses (the OpenAI Videos API's) ----------------------------------------------------
+QUEUED, IN_PROGRESS, COMPLETED, FAILED = "queued", "in_progress", "completed", "failed"
+JOB_STATUSES = (QUEUED, IN_PROGRESS, COMPLETED, FAILED)
+ACTIVE_STATUSES = (QUEUED, IN_PROGRESS)
+TERMINAL_STATUSES = (COMPLETED, FAILED)
+
+
+class VoiceoverSpec(BaseModel):
+    """A spoken voice-over to synthesise alongside the video and mux as AAC."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: str
+    voice: str | None = None
+    provider: Literal["elevenlabs", "piper", "none"] | None = None
+    fit: Literal["trim", "error"] = "trim"
+
+
+class GenerationSpec(BaseModel):
+    """One text-to-video generation as a caller asks for it. `serve.pipeline.spec.resolve_spec`
+    fills the defaults that depend on the model (`ModelConfig`) and checks every bound, once,
+    before any model work, giving the `ResolvedSpec` the stages run."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    prompt: str
+    negative_prompt: str | None = None
+    model: str | None = None
+    width: int | None = None
+    height: int | None = None
+    num_frames: int | None = None
+    fps: int | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    flow_shift: float | None = None
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    voiceover: VoiceoverSpec | None = None
+    # Debug/fidelity aid: also return the float32 frames in [0, 1] (what diffusers returns).
+    return_frames: bool = False
+
+
+class ResolvedSpec(BaseModel):
+    """A spec with every field filled and validated; what the stages actually run."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    prompt: str
+    negative_prompt: str
+    model: str
+    width: int
+    height: int
+    num_frames: int
+    fps: int
+    num_inference_steps: int
+    guidance_scale: float
+    flow_shift: float
+    seed: int
+    voiceover: VoiceoverSpec | None = None
+    return_frames: bool = False
+
+    @property
+    def do_cfg(self) -> bool:
+        return self.guidance_scale > 1.0
+
+    def shape_key(self) -> tuple:
+        """Jobs with the same key can be denoised as one batch."""
+        return (self.model, self.width, self.height, self.num_frames, self.num_inference_steps,
+                self.guidance_scale, self.flow_shift)
+
+
+class PromptEmbeds(BaseModel):
+    """TextEncoder -> Transformer: (1, L, D) fp32 embeddings; rows after the real tokens are zero."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    prompt_embeds: np.ndarray
+    negative_prompt_embeds: np.ndarray | None = None
+    cache_hits: int = 0
+
+
+class DecodedFrames(BaseModel):
+    """VAE -> Generator: decoded frames (all of them, or one chunk of a stream)."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    frames: np.ndarray  # uint8 (F, H, W, 3)
+    float_frames: np.ndarray | None = None  # float32 (F, H, W, 3) in [0, 1]
+
+
+class StageTiming(BaseModel):
+    stage: str
+    start: float  # unix time, seconds
+    end: float
+
+    @property
+    def seconds(self) -> float:
+        return self.end - self.start
+
+
+class ErrorInfo(BaseModel):
+    """The API's error envelope body: what failed, in words, and the request field at fault."""
+
+    code: str
+    message: str
+    param: str | None = None
+
+
+StageStatus = Literal["started", "finished"]
+
+
+class ProgressEvent(BaseModel):
+    """One progress event: the same type and JSON shape from the stage replica that emits it to
+    the browser that shows it (`to_json` is the SSE `data:`; `type` is the SSE `event:`).
+
+    - "stage": a stage started or finished (`stage`, `stage_status`); the Transformer and the VAE
+      emit their own "started", the Generator the "finished" ones
+    - "step": denoising step `step` of `total_steps` finished (`stage` "transformer")
+    - "status": the job's status changed (`status`; `error` once failed); from the job service
+    - "progress": the job's progress read from its record (it runs on another ingress replica)
+    - "result": the last event of a Generator stream; `result` holds the GenerationResult and is
+      never serialised to JSON
+
+    `progress` (0-100) is filled in by the Generator, which knows each stage's share; the job
+    service adds the job `id` and keeps `progress` from going down.
+    """
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+    type: Literal["stage", "step", "status", "progress", "result"]
+    id: str | None = None
+    status: Literal["queued", "in_progress", "completed", "failed", "deleted"] | None = None
+    stage: str | None = None
+    stage_status: StageStatus | None = None
+    step: int | None = None
+    total_steps: int | None = None
+    progress: int | float = 0  # 0..100; the job service sends whole numbers
+    error: ErrorInfo | None = None
+    result: "GenerationResult | None" = Field(default=None, exclude=True)
+
+    def to_json(self) -> str:
+        return self.model_dump_json(exclude_none=True, exclude={"type"})
+
+
+class DenoisedLatents(BaseModel):
+    """Transformer -> VAE: the last item of a `denoise` stream. `ref` is a one-element list
+    holding the ObjectRef of the normalised fp32 latents (B=1, C, T, h, w): a list, so that Ray
+    hands the reference over instead of resolving it."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    ref: list[Any]
+
+
+class GenerationResult(BaseModel):
+    model_config = ConfigDict(arbitrary_types_allowed=True, protected_namespaces=())
+
+    mp4: bytes
+    thumbnail_jpeg: bytes
+    spec: ResolvedSpec
+    width: int
+    height: int
+    num_frames: int
+    fps: int
+    duration_s: float
+    has_audio: bool = False
+    timings: list[StageTiming] = Field(default_factory=list)
+    frames: np.ndarray | None = None  # float32 (F, H, W, 3) in [0, 1] when spec.return_frames
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+    def timing(self, stage: str) -> StageTiming | None:
+        return next((t for t in self.timings if t.stage == stage), None)
+
+
+ProgressEvent.model_rebuild()

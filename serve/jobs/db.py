@@ -1,0 +1,160 @@
+"""Database schema and engine. SQLite + aiosqlite is the embedded default (WAL, busy_timeout,
+every write in a short `BEGIN IMMEDIATE` transaction); PostgreSQL (asyncpg) by URL.
+
+Tables are SQLAlchemy Core; the schema is created and upgraded by the Alembic migrations in
+`serve/migrations` (`Database.migrate`), never by `create_all`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import AsyncIterator
+
+from sqlalchemy import (Boolean, Column, Float, ForeignKey, Index, Integer, MetaData, String, Table, false,
+                        Text, event, text)
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+logger = logging.getLogger(__name__)
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+
+metadata = MetaData()
+
+users = Table(
+    "users", metadata,
+    Column("id", String(64), primary_key=True),
+    Column("username", String(128), nullable=False, unique=True),
+    Column("password_hash", String(256), nullable=False),
+    Column("role", String(16), nullable=False, server_default="user"),
+    Column("disabled", Boolean, nullable=False, server_default=false()),
+    Column("created_at", Float, nullable=False),
+)
+
+api_keys = Table(
+    "api_keys", metadata,
+    Column("id", String(64), primary_key=True),
+    Column("user_id", String(64), ForeignKey("users.id", ondelete="CASCADE"), nullable=False, index=True),
+    Column("name", String(128), nullable=False, server_default=""),
+    Column("prefix", String(32), nullable=False),
+    Column("key_hash", String(128), nullable=False, unique=True),
+    Column("created_at", Float, nullable=False),
+    Column("revoked_at", Float, nullable=True),
+)
+
+jobs = Table(
+    "jobs", metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("id", String(64), nullable=False, unique=True),
+    Column("user_id", String(64), ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    Column("model", String(128), nullable=False),
+    Column("prompt", Text, nullable=False),
+    Column("spec", Text, nullable=False),  # the ResolvedSpec as JSON
+    Column("status", String(16), nullable=False),  # queued | in_progress | completed | failed
+    Column("progress", Integer, nullable=False, server_default=text("0")),
+    Column("stage", String(64), nullable=True),
+    Column("error_code", String(64), nullable=True),
+    Column("error_message", Text, nullable=True),
+    Column("error_param", String(128), nullable=True),
+    Column("attempts", Integer, nullable=False, server_default=text("0")),
+    Column("lease_owner", String(128), nullable=True),
+    Column("lease_expires_at", Float, nullable=True),
+    Column("cancel_requested", Boolean, nullable=False, server_default=false()),
+    Column("remixed_from", String(64), nullable=True),
+    Column("video_path", Text, nullable=True),
+    Column("thumbnail_path", Text, nullable=True),
+    Column("has_audio", Boolean, nullable=False, server_default=false()),
+    Column("duration_s", Float, nullable=True),
+    Column("created_at", Float, nullable=False),
+    Column("started_at", Float, nullable=True),
+    Column("completed_at", Float, nullable=True),
+    Column("updated_at", Float, nullable=False),
+    Index("ix_jobs_user_seq", "user_id", "seq"),
+    Index("ix_jobs_status_seq", "status", "seq"),
+)
+
+
+def is_sqlite(url: str) -> bool:
+    return make_url(url).get_backend_name() == "sqlite"
+
+
+class Database:
+    """Two views of one database: `read()` (deferred transactions) and `write()` (on SQLite,
+    `BEGIN IMMEDIATE`, so a writer takes the lock up front and waits `busy_timeout` for it
+    instead of failing mid-transaction). Keep write transactions short: never await model work
+    or file I/O inside one."""
+
+    def __init__(self, url: str, *, busy_timeout_ms: int = 5000):
+        self.url = url
+        self.sqlite = is_sqlite(url)
+        if self.sqlite:
+            db_path = make_url(url).database
+            if db_path and db_path != ":memory:":
+                Path(db_path).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            self.read_engine = self._sqlite_engine(url, "BEGIN", busy_timeout_ms)
+            self.write_engine = self._sqlite_engine(url, "BEGIN IMMEDIATE", busy_timeout_ms)
+        else:
+            self.read_engine = self.write_engine = create_async_engine(
+                url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+
+    @staticmethod
+    def _sqlite_engine(url: str, begin: str, busy_timeout_ms: int) -> AsyncEngine:
+        engine = create_async_engine(url, connect_args={"timeout": busy_timeout_ms / 1000})
+
+        @event.listens_for(engine.sync_engine, "connect")
+        def _on_connect(dbapi_conn, _record):
+            dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        @event.listens_for(engine.sync_engine, "begin")
+        def _on_begin(conn):
+            conn.exec_driver_sql(begin)
+
+        return engine
+
+    @asynccontextmanager
+    async def read(self) -> AsyncIterator[AsyncConnection]:
+        async with self.read_engine.begin() as conn:
+            yield conn
+
+    @asynccontextmanager
+    async def write(self) -> AsyncIterator[AsyncConnection]:
+        async with self.write_engine.begin() as conn:
+            yield conn
+
+    async def migrate(self) -> None:
+        """Upgrade the schema to the newest Alembic revision (idempotent; safe to race)."""
+        async with self.write() as conn:
+            if self.write_engine.dialect.name == "postgresql":
+                # replicas starting together: one migrates, the others wait, then find it done
+                await conn.execute(text("SELECT pg_advisory_xact_lock(7203151)"))
+            await conn.run_sync(_alembic_upgrade)
+
+    async def ping(self, timeout_s: float = 5.0) -> None:
+        async def _ping():
+            async with self.read() as conn:
+                await conn.execute(text("SELECT 1"))
+        await asyncio.wait_for(_ping(), timeout_s)
+
+    async def dispose(self) -> None:
+        await self.read_engine.dispose()
+        if self.write_engine is not self.read_engine:
+            await self.write_engine.dispose()
+
+
+def _alembic_upgrade(connection) -> None:
+    from alembic import command
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.attributes["connection"] = connection
+    command.upgrade(cfg, "head")

@@ -1,0 +1,274 @@
+"""The job dispatcher inside the ingress: claims queued jobs (conditional UPDATE + lease), drives
+the Generator's progress stream, publishes progress (live to subscribers, throttled to the DB),
+stores the artifacts and finishes the record. Interrupted jobs (lease expired, shutdown) are
+re-queued or, after `max_attempts`, failed with a reason. At most `max_concurrent_jobs` run here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+import uuid
+
+from serve.config import DispatcherConfig
+from serve.contracts import FAILED, ErrorInfo, ProgressEvent, ResolvedSpec
+from serve.errors import CineVividError, GenerationCancelled, JobLost, unwrap_error
+from serve.jobs.artifacts import ArtifactStore
+from serve.jobs.events import ProgressBroker
+from serve.jobs.generator_client import GeneratorClient
+from serve.jobs.metrics import JobMetrics
+from serve.jobs.store import JobStore
+
+logger = logging.getLogger(__name__)
+
+
+class Dispatcher:
+    def __init__(self, store: JobStore, generator: GeneratorClient, artifacts: ArtifactStore,
+                 broker: ProgressBroker, metrics: JobMetrics, config: DispatcherConfig):
+        self.store = store
+        self.generator = generator
+        self.artifacts = artifacts
+        self.broker = broker
+        self.metrics = metrics
+        self.config = config
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._running: dict[str, asyncio.Task] = {}
+        self._cancel_reason: dict[str, str] = {}
+        self._wake = asyncio.Event()
+        self._loop_task: asyncio.Task | None = None
+        self._stopping = False
+
+    # ---- lifecycle ----
+    async def start(self) -> None:
+        self._stopping = False
+        self._loop_task = asyncio.create_task(self._loop(), name="cinevivid-dispatcher")
+        logger.info("dispatcher %s started (max %d concurrent jobs)", self.owner, self.config.max_concurrent_jobs)
+
+    async def stop(self) -> None:
+        """Stop claiming; give running jobs back to the queue so another replica (or this app
+        after a restart) picks them up at once."""
+        self._stopping = True
+        if self._loop_task:
+            self._loop_task.cancel()
+            await asyncio.gather(self._loop_task, return_exceptions=True)
+        running = list(self._running.items())
+        for job_id, task in running:
+            self._cancel_reason[job_id] = "shutdown"
+            task.cancel()
+        await asyncio.gather(*(t for _, t in running), return_exceptions=True)
+        logger.info("dispatcher %s stopped; released %d running job(s)", self.owner, len(running))
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def failed(self) -> BaseException | None:
+        """The exception that ended the dispatcher loop, if it died (it should never)."""
+        t = self._loop_task
+        if t is not None and t.done() and not t.cancelled():
+            return t.exception()
+        return None
+
+    @property
+    def running_ids(self) -> list[str]:
+        return list(self._running)
+
+    def cancel_local(self, job_id: str, reason: str = "cancelled") -> bool:
+        """Stop a job running on this replica now (cancel / delete). False if it is not here."""
+        task = self._running.get(job_id)
+        if task is None:
+            return False
+        self._cancel_reason[job_id] = reason
+        task.cancel()
+        return True
+
+    # ---- main loop ----
+    async def _loop(self) -> None:
+        last_recovery = 0.0
+        while not self._stopping:
+            try:
+                now = time.monotonic()
+                if now - last_recovery >= self.config.poll_interval_s:
+                    last_recovery = now
+                    recovered = await self.store.recover_expired(self.config.max_attempts)
+                    for status, ids in recovered.items():
+                        for job_id in ids:
+                            logger.warning("job %s: lease expired; now %s", job_id, status)
+                            if status == FAILED:
+                                self.metrics.jobs_finished.labels("failed", "max_attempts_exceeded").inc()
+                while len(self._running) < self.config.max_concurrent_jobs and not self._stopping:
+                    job = await self.store.claim(self.owner, self.config.lease_seconds)
+                    if job is None:
+                        break
+                    self._launch(job)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the DB may be down; keep trying
+                logger.exception("dispatcher %s: loop error", self.owner)
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.config.poll_interval_s)
+            except asyncio.TimeoutError:
+                pass
+
+    def _launch(self, job: dict) -> None:
+        job_id = job["id"]
+        self.broker.start(job_id)
+        self.metrics.running_jobs.inc()
+        self.metrics.queue_wait.observe(max(0.0, time.time() - job["created_at"]))
+        task = asyncio.create_task(self._run(job), name=f"job-{job_id}")
+        self._running[job_id] = task
+
+        def _done(_t, job_id=job_id):
+            self._running.pop(job_id, None)
+            self._cancel_reason.pop(job_id, None)
+            self.broker.finish(job_id)
+            self.metrics.running_jobs.dec()
+            self._wake.set()  # a slot is free
+        task.add_done_callback(_done)
+
+    # ---- one job ----
+    async def _run(self, job: dict) -> None:
+        job_id = job["id"]
+        log = logging.LoggerAdapter(logger, {"job_id": job_id})
+        started = time.time()
+        log.info("job %s: claimed (attempt %d) by %s", job_id, job["attempts"], self.owner)
+        self._publish(job_id, type="status", status="in_progress", progress=0)
+        stream = None
+        state = {"progress": 0, "stage": None, "last_write": 0.0, "dirty": False}
+        heartbeat = asyncio.create_task(self._heartbeat(job_id, state))
+        try:
+            # the spec was validated once, at submission; it travels as the typed ResolvedSpec
+            stream = self.generator.stream(ResolvedSpec.model_validate_json(job["spec"]), job_id)
+            result = None
+            async for event in stream:
+                if event.type == "result":
+                    result = event.result
+                    break
+                await self._on_event(job_id, event, state)
+            if result is None:
+                raise CineVividError("the generator ended without a result", code="stage_failed")
+            video_path, thumb_path = await self.artifacts.save(job_id, result.mp4, result.thumbnail_jpeg)
+            heartbeat.cancel()
+            ok = await self.store.complete(job_id, self.owner, video_path=video_path, thumbnail_path=thumb_path,
+                                           has_audio=result.has_audio, duration_s=result.duration_s)
+            if not ok:  # deleted (or taken from us) meanwhile: don't leave orphan files
+                await self.artifacts.delete(video_path, thumb_path)
+                raise JobLost()
+            elapsed = time.time() - started
+            self.metrics.job_duration.observe(elapsed)
+            self.metrics.jobs_finished.labels("completed", "").inc()
+            for t in result.timings:
+                self.metrics.stage_duration.labels(t.stage).observe(max(0.0, t.end - t.start))
+            self._publish(job_id, type="status", status="completed", progress=100)
+            log.info("job %s: completed in %.2fs (%d bytes)", job_id, elapsed, len(result.mp4))
+        except asyncio.CancelledError:
+            reason = self._cancel_reason.get(job_id, "shutdown")
+            self._cancel_stream(stream)
+            await self._after_cancel(job_id, reason, log)
+            # a task cancelled by us ends here; do not propagate (nothing awaits it)
+        except JobLost:
+            self._cancel_stream(stream)
+            log.info("job %s: no longer owned here (deleted or re-queued); stopped", job_id)
+            self._publish(job_id, type="status", status="deleted", progress=state["progress"])
+        except Exception as exc:  # noqa: BLE001 - every failure ends as a failed record
+            self._cancel_stream(stream)
+            err = unwrap_error(exc)
+            if isinstance(err, GenerationCancelled):
+                await self._after_cancel(job_id, "cancelled", log)
+            else:
+                code = getattr(err, "code", "internal_error")
+                message = getattr(err, "message", None) or str(err) or type(err).__name__
+                param = getattr(err, "param", None)
+                log.error("job %s: failed: %s: %s", job_id, code, message)
+                await self._safe(self.store.fail(job_id, self.owner, code=code, message=message, param=param))
+                self.metrics.jobs_finished.labels("failed", code).inc()
+                self._publish(job_id, type="status", status="failed", progress=state["progress"],
+                              error=ErrorInfo(code=code, message=message, param=param))
+        finally:
+            heartbeat.cancel()
+            await asyncio.gather(heartbeat, return_exceptions=True)
+
+    async def _after_cancel(self, job_id: str, reason: str, log) -> None:
+        if reason == "shutdown":
+            status = await self._safe(self.store.release(
+                job_id, self.owner, max_attempts=self.config.max_attempts, reason="the ingress shut down"))
+            log.info("job %s: released at shutdown; now %s", job_id, status)
+            return
+        if reason == "deleted":
+            log.info("job %s: deleted while running; stopped", job_id)
+            self._publish(job_id, type="status", status="deleted")
+            return
+        await self._safe(self.store.fail(job_id, self.owner, code="cancelled", message="the job was cancelled"))
+        self.metrics.jobs_finished.labels("failed", "cancelled").inc()
+        log.info("job %s: cancelled", job_id)
+        self._publish(job_id, type="status", status="failed",
+                      error=ErrorInfo(code="cancelled", message="the job was cancelled"))
+
+    @staticmethod
+    def _cancel_stream(stream) -> None:
+        if stream is not None:
+            try:
+                stream.cancel()
+            except Exception:  # noqa: BLE001
+                logger.debug("cancelling the generator stream failed", exc_info=True)
+
+    @staticmethod
+    async def _safe(coro):
+        try:
+            return await asyncio.shield(coro)
+        except asyncio.CancelledError:
+            return None
+        except Exception:  # noqa: BLE001
+            logger.exception("job store write failed")
+            return None
+
+    def _publish(self, job_id: str, **fields) -> None:
+        self.broker.publish(job_id, ProgressEvent(id=job_id, **fields))
+
+    async def _on_event(self, job_id: str, event: ProgressEvent, state: dict) -> None:
+        progress = int(max(state["progress"], min(99, int(event.progress or 0))))
+        stage_changed = event.type == "stage" and event.stage and event.stage != state["stage"]
+        state["progress"] = progress
+        if event.stage:
+            state["stage"] = event.stage
+        # the Generator's event as is, with the job id and the job's whole-number progress
+        self.broker.publish(job_id, event.model_copy(update={"id": job_id, "progress": progress}))
+        state["dirty"] = True
+        now = time.monotonic()
+        if stage_changed or now - state["last_write"] >= self.config.progress_write_interval_s:
+            try:
+                await self._write_progress(job_id, state)
+            except (JobLost, GenerationCancelled):
+                raise
+            except Exception:  # noqa: BLE001 - a missed progress write is not worth the job
+                logger.warning("job %s: progress write failed", job_id, exc_info=True)
+
+    async def _write_progress(self, job_id: str, state: dict) -> None:
+        state["last_write"] = time.monotonic()
+        state["dirty"] = False
+        res = await self.store.heartbeat(job_id, self.owner, self.config.lease_seconds,
+                                         progress=state["progress"], stage=state["stage"])
+        if res is None:
+            raise JobLost()
+        if res["cancel_requested"]:
+            self._cancel_reason[job_id] = "cancelled"
+            raise GenerationCancelled("the job was cancelled")
+
+    async def _heartbeat(self, job_id: str, state: dict) -> None:
+        """Renew the lease while the job runs, even when no progress arrives (a long stage)."""
+        interval = max(0.05, self.config.lease_seconds / 3)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self._write_progress(job_id, state)
+            except JobLost:
+                self.cancel_local(job_id, "deleted")
+                return
+            except GenerationCancelled:
+                self.cancel_local(job_id, "cancelled")
+                return
+            except Exception:  # noqa: BLE001 - the DB may be briefly unavailable; retry
+                logger.warning("job %s: lease renewal failed", job_id, exc_info=True)

@@ -1,0 +1,46 @@
+"""How the job service reaches the generation graph: through the `Generator` deployment's Serve
+handle (`stream=True` for progress). Cancelling the stream stops the generation within a step."""
+
+from __future__ import annotations
+
+from typing import Any, AsyncIterator, Protocol
+
+from serve.contracts import ProgressEvent, ResolvedSpec
+
+
+class GeneratorClient(Protocol):
+    def stream(self, spec: ResolvedSpec, job_id: str = "-") -> "GenerationStream": ...
+    async def health(self) -> dict[str, dict[str, str]]: ...
+    async def voices(self) -> list[dict]: ...
+    async def model_info(self) -> dict[str, Any]: ...
+
+
+class GenerationStream(Protocol):
+    def __aiter__(self) -> AsyncIterator[ProgressEvent]: ...
+    def cancel(self) -> None: ...
+
+
+class HandleGeneratorClient:
+    """A `GeneratorClient` over a Serve `DeploymentHandle` to the Generator deployment."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    def stream(self, spec: ResolvedSpec, job_id: str = "-"):
+        return self.handle.options(stream=True).stream.remote(spec, job_id)
+
+    async def health(self) -> dict[str, dict[str, str]]:
+        return await self.handle.health.remote()
+
+    async def voices(self) -> list[dict]:
+        return await self.handle.voices.remote()
+
+    async def model_info(self) -> dict[str, Any]:
+        return await self.handle.model_info.remote()
+
+    @classmethod
+    def for_app(cls, app_name: str, deployment: str = "Generator") -> "HandleGeneratorClient":
+        """Reach a running app's Generator from outside it (e.g. the ingress app under bare uvicorn)."""
+        from ray import serve
+
+        return cls(serve.get_deployment_handle(deployment, app_name=app_name))

@@ -1,0 +1,258 @@
+"""The job service behind the HTTP routes: validation against the model's bounds and the configured
+limits (once, at submission), job records, artifacts, progress, health and stats. It knows users
+only by id: authentication and rate limits are the HTTP layer's (`serve.api`). The Ingress
+deployment and bare uvicorn both build one and serve it with `serve.api.routes.create_app`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import Any
+
+from serve.config import AppArgs, IngressConfig, ModelConfig, TTSConfig
+from serve.contracts import IN_PROGRESS, QUEUED, SIZE_MULTIPLE, VAE_TEMPORAL_FACTOR, GenerationSpec, ResolvedSpec
+from serve.errors import NotFound
+from serve.jobs.artifacts import ArtifactStore
+from serve.jobs.db import Database
+from serve.jobs.dispatcher import Dispatcher
+from serve.jobs.events import ProgressBroker
+from serve.jobs.generator_client import GeneratorClient
+from serve.jobs.metrics import JobMetrics
+from serve.jobs.store import JobStore
+from serve.pipeline.spec import resolve_spec
+
+logger = logging.getLogger(__name__)
+
+VERSION = "0.1.0"
+
+
+class JobService:
+    def __init__(self, app_args: AppArgs | dict, generator: GeneratorClient):
+        self.app_args = app_args if isinstance(app_args, AppArgs) else AppArgs.model_validate(app_args)
+        self.config: IngressConfig = self.app_args.ingress
+        self.generator = generator
+        self.model_cfg = self._limited_model(self.app_args.model, self.config)
+        self.tts_cfg: TTSConfig = self.app_args.tts
+        self.db = Database(self.config.resolved_database_url(), busy_timeout_ms=self.config.sqlite_busy_timeout_ms)
+        self.store = JobStore(self.db)
+        self.artifacts = ArtifactStore(self.config.resolved_data_dir())
+        self.metrics = JobMetrics()
+        self.broker = ProgressBroker(self.config.dispatcher.subscriber_history)
+        self.dispatcher = Dispatcher(self.store, generator, self.artifacts, self.broker, self.metrics,
+                                     self.config.dispatcher)
+        self._started = False
+        self._migrate_task: asyncio.Task | None = None
+
+    @staticmethod
+    def _limited_model(model: ModelConfig, config: IngressConfig) -> ModelConfig:
+        """The model's bounds, narrowed by the ingress limits where those are set."""
+        lim = config.limits
+        upd: dict[str, Any] = {}
+        for field, limit in (("max_prompt_chars", lim.max_prompt_chars), ("max_frames", lim.max_frames),
+                             ("max_width", lim.max_width), ("max_height", lim.max_height),
+                             ("max_steps", lim.max_steps)):
+            if limit is not None:
+                upd[field] = min(getattr(model, field), limit)
+        limited = model.model_copy(update=upd)
+        # defaults above a narrowed bound come down to it, so a request without them still fits
+        defaults = {
+            "width": min(limited.width, max(SIZE_MULTIPLE, limited.max_width // SIZE_MULTIPLE * SIZE_MULTIPLE)),
+            "height": min(limited.height, max(SIZE_MULTIPLE, limited.max_height // SIZE_MULTIPLE * SIZE_MULTIPLE)),
+            "num_frames": min(limited.num_frames, (limited.max_frames - 1) // VAE_TEMPORAL_FACTOR
+                              * VAE_TEMPORAL_FACTOR + 1),
+            "num_inference_steps": min(limited.num_inference_steps, limited.max_steps),
+        }
+        return limited.model_copy(update=defaults)
+
+    # ---- lifecycle ----
+    async def start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        self.artifacts.ensure()
+        try:
+            await self.db.migrate()
+        except Exception:  # the database may be down; /health says so, the dispatcher retries
+            logger.exception("database migration failed at startup (%s); will retry", self._safe_db_url())
+            self._migrate_task = asyncio.create_task(self._retry_migrate())
+            return
+        await self.dispatcher.start()
+
+    async def _retry_migrate(self) -> None:
+        delay = 1.0
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                await self.db.migrate()
+            except Exception as exc:  # noqa: BLE001
+                logger.warning("database still unavailable: %s", type(exc).__name__)
+                delay = min(delay * 2, 30.0)
+                continue
+            logger.info("database available; starting the dispatcher")
+            await self.dispatcher.start()
+            return
+
+    async def stop(self) -> None:
+        if not self._started:
+            return
+        self._started = False
+        if self._migrate_task:
+            self._migrate_task.cancel()
+        await self.dispatcher.stop()
+        await self.db.dispose()
+
+    def _safe_db_url(self) -> str:
+        from sqlalchemy.engine import make_url
+
+        return make_url(self.db.url).render_as_string(hide_password=True)
+
+    # ---- specs ----
+    def resolve(self, spec: GenerationSpec) -> ResolvedSpec:
+        return resolve_spec(spec, self.model_cfg, self.tts_cfg)
+
+    # ---- jobs ----
+    async def submit(self, user_id: str, spec: GenerationSpec, *, remixed_from: str | None = None) -> dict:
+        """Validate `spec` (the one validation of a job's spec) and queue it as a ResolvedSpec."""
+        resolved = self.resolve(spec)
+        job = await self.store.create(
+            user_id=user_id, model=resolved.model, prompt=resolved.prompt,
+            spec_json=resolved.model_dump_json(), remixed_from=remixed_from,
+            max_active_per_user=self.config.limits.max_concurrent_jobs_per_user)
+        self.metrics.jobs_submitted.inc()
+        logger.info("job %s: queued for user %s (%dx%d, %d frames, %d steps)", job["id"], user_id,
+                    resolved.width, resolved.height, resolved.num_frames, resolved.num_inference_steps)
+        self.dispatcher.wake()
+        return job
+
+    async def get_job(self, user_id: str, job_id: str) -> dict:
+        job = await self.store.get(job_id, user_id)
+        if job is None:
+            raise NotFound(f"no video with id {job_id!r}", param="video_id")
+        return job
+
+    async def remix(self, user_id: str, job_id: str, prompt: str) -> dict:
+        src = await self.get_job(user_id, job_id)
+        spec = json.loads(src["spec"])
+        spec["prompt"] = prompt
+        return await self.submit(user_id, GenerationSpec.model_validate(spec), remixed_from=src["id"])
+
+    async def cancel(self, user_id: str, job_id: str) -> dict:
+        job = await self.store.request_cancel(job_id, user_id)
+        if job is None:
+            raise NotFound(f"no video with id {job_id!r}", param="video_id")
+        if job["status"] == IN_PROGRESS:
+            if self.dispatcher.cancel_local(job_id, "cancelled"):
+                await self._wait_not_running(job_id)
+                job = await self.store.get(job_id) or job
+        logger.info("job %s: cancel requested by user %s; now %s", job_id, user_id, job["status"])
+        return job
+
+    async def delete(self, user_id: str, job_id: str) -> dict:
+        job = await self.store.delete(job_id, user_id)
+        if job is None:
+            raise NotFound(f"no video with id {job_id!r}", param="video_id")
+        if self.dispatcher.cancel_local(job_id, "deleted"):
+            await self._wait_not_running(job_id)
+        await self.artifacts.delete(job["video_path"], job["thumbnail_path"], *self.artifacts.paths(job_id))
+        logger.info("job %s: deleted by user %s (was %s)", job_id, user_id, job["status"])
+        return job
+
+    async def _wait_not_running(self, job_id: str, timeout_s: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while job_id in self.dispatcher.running_ids and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+
+    # ---- views ----
+    def video_view(self, job: dict) -> dict:
+        spec = json.loads(job["spec"])
+        duration = job["duration_s"] if job["duration_s"] is not None else spec["num_frames"] / spec["fps"]
+        error = None
+        if job["error_code"]:
+            error = {"code": job["error_code"], "message": job["error_message"] or "", "param": job["error_param"]}
+        return {
+            "id": job["id"], "object": "video", "created_at": int(job["created_at"]), "status": job["status"],
+            "model": job["model"], "progress": int(job["progress"]), "seconds": f"{duration:g}",
+            "size": f"{spec['width']}x{spec['height']}", "prompt": job["prompt"],
+            "completed_at": int(job["completed_at"]) if job["completed_at"] else None, "expires_at": None,
+            "error": error, "remixed_from_video_id": job["remixed_from"], "stage": job["stage"],
+            "has_audio": bool(job["has_audio"]), "seed": spec["seed"], "num_frames": spec["num_frames"],
+            "fps": spec["fps"], "num_inference_steps": spec["num_inference_steps"],
+        }
+
+    def task_view(self, job: dict) -> dict:
+        v = self.video_view(job)
+        done = job["status"] == "completed"
+        return {"task_id": job["id"], "status": job["status"], "progress": v["progress"], "stage": v["stage"],
+                "prompt": job["prompt"], "created_at": v["created_at"], "completed_at": v["completed_at"],
+                "error": v["error"], "has_audio": v["has_audio"],
+                "video_url": f"/v1/videos/{job['id']}/content" if done else None,
+                "thumbnail_url": f"/v1/videos/{job['id']}/content?variant=thumbnail" if done else None}
+
+    # ---- health & stats ----
+    async def health(self) -> dict:
+        timeout = self.config.health_timeout_s
+        services: dict[str, dict] = {}
+        try:
+            await self.db.ping(timeout)
+            services["database"] = {"status": "healthy", "detail": self.db.read_engine.dialect.name}
+        except Exception as exc:  # noqa: BLE001
+            services["database"] = {"status": "unhealthy", "detail": f"unreachable: {type(exc).__name__}: {exc}"[:300]}
+        try:
+            disk = await asyncio.to_thread(self.artifacts.check_writable)
+            self.metrics.disk_free.set(disk["free_bytes"])
+            services["storage"] = {"status": "healthy", "detail": f"{disk['free_bytes'] // 2**20} MiB free"}
+        except Exception as exc:  # noqa: BLE001
+            services["storage"] = {"status": "unhealthy", "detail": f"{type(exc).__name__}: {exc}"[:300]}
+        generator_ok = True
+        try:
+            stages = await asyncio.wait_for(self.generator.health(), timeout)
+            for name, h in stages.items():
+                services[name] = {"status": "healthy" if h.get("status") == "healthy" else "unhealthy",
+                                  "detail": str(h.get("detail", ""))[:300]}
+        except Exception as exc:  # noqa: BLE001
+            generator_ok = False
+            services["generator"] = {"status": "unhealthy", "detail": f"unreachable: {type(exc).__name__}"}
+        services["gpu"] = self._gpu_health()
+        bad = [k for k, v in services.items() if v["status"] == "unhealthy"]
+        if not bad:
+            overall = "healthy"
+        elif not generator_ok and services["database"]["status"] == "unhealthy":
+            overall = "unhealthy"
+        else:
+            overall = "degraded"
+        return {"status": overall, "services": services}
+
+    def _gpu_health(self) -> dict:
+        try:
+            import torch
+
+            if not torch.cuda.is_available():
+                return {"status": "unavailable", "detail": "no GPU visible to the ingress (stages report their own)"}
+            parts = []
+            for i in range(torch.cuda.device_count()):
+                free, total = torch.cuda.mem_get_info(i)
+                self.metrics.gpu_memory.labels(str(i)).set(total - free)
+                parts.append(f"cuda:{i} {(total - free) // 2**20}/{total // 2**20} MiB")
+            return {"status": "healthy", "detail": "; ".join(parts)}
+        except Exception as exc:  # noqa: BLE001
+            return {"status": "unhealthy", "detail": f"{type(exc).__name__}: {exc}"[:300]}
+
+    async def refresh_gauges(self) -> None:
+        counts = await self.store.counts_by_status()
+        for status, n in counts.items():
+            self.metrics.jobs_by_status.labels(status).set(n)
+        self.metrics.queue_depth.set(counts.get(QUEUED, 0))
+        try:
+            disk = await asyncio.to_thread(self.artifacts.check_writable)
+            self.metrics.disk_free.set(disk["free_bytes"])
+        except Exception:  # noqa: BLE001
+            pass
+        self._gpu_health()
+
+    async def admin_stats(self) -> dict:
+        counts = await self.store.counts_by_status()
+        return {"total_videos": counts.get("completed", 0), "active_users": await self.store.active_users(),
+                "jobs_by_status": counts, "queue_depth": counts.get(QUEUED, 0),
+                "running_here": len(self.dispatcher.running_ids)}

@@ -1,0 +1,160 @@
+"""The `cinevivid` command line: the whole argparse tree, composed here. The commands' handlers
+live with what they drive: `serve.ops.launcher` (up, down), `serve.ops.admin` (users, keys),
+`serve.ops.models` (models), `client.cli` (generate, videos).
+
+    python -m serve.ops.cli --help          # or the `cinevivid` entry point
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Callable
+
+from client import cli as client_cmds
+from client.http import DEFAULT_URL
+from serve.ops import admin, launcher, models
+
+
+def _command(sub: argparse._SubParsersAction, name: str, summary: str,
+             func: Callable[[argparse.Namespace], int] | None = None, **kw) -> argparse.ArgumentParser:
+    """A (sub)command whose one-line `summary` is both its line in the parent's --help and the
+    description of its own."""
+    p = sub.add_parser(name, help=summary, description=summary, **kw)
+    if func is not None:
+        p.set_defaults(func=func)
+    return p
+
+
+def _group(sub: argparse._SubParsersAction, name: str, summary: str) -> argparse._SubParsersAction:
+    """A command with sub-commands of its own (`users add`, ...)."""
+    return _command(sub, name, summary).add_subparsers(dest=f"{name}_command", required=True,
+                                                       metavar="COMMAND")
+
+
+def _server_args(p: argparse.ArgumentParser) -> None:
+    """For the commands that talk to the HTTP API."""
+    p.add_argument("--server", default=os.environ.get("CINEVIVID_URL") or DEFAULT_URL, metavar="URL",
+                   help=f"the service's URL (default: $CINEVIVID_URL, else {DEFAULT_URL})")
+    p.add_argument("--api-key", default=os.environ.get("CINEVIVID_API_KEY"), metavar="KEY",
+                   help="an API key, cv-... (default: $CINEVIVID_API_KEY)")
+
+
+def _database_args(p: argparse.ArgumentParser) -> None:
+    """For the commands that work straight on the database."""
+    p.add_argument("--database-url", default=None,
+                   help="default: $CINEVIVID_DATABASE_URL, else the SQLite file in the data dir")
+    p.add_argument("--data-dir", default=None, help="default: $CINEVIVID_DATA_DIR")
+
+
+def _add_launcher(sub: argparse._SubParsersAction) -> None:
+    up = _command(sub, "up", "start Ray if needed, deploy the Serve config, wait for /health", launcher.cmd_up)
+    up.add_argument("--config", default=os.environ.get("CINEVIVID_SERVE_CONFIG", launcher.DEFAULT_CONFIG),
+                    help=f"the Serve config file (default: $CINEVIVID_SERVE_CONFIG, else {launcher.DEFAULT_CONFIG})")
+    up.add_argument("--detach", action="store_true", help="return once healthy, leaving it running")
+    up.add_argument("--num-cpus", type=int, default=None, help="CPUs for a Ray cluster started here")
+    up.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for healthy (default: 600)")
+    up.add_argument("--address", default=None, help="use this running Ray cluster instead of starting one")
+    up.add_argument("--replace", action="store_true", help="allow removing other Serve apps of that cluster")
+
+    down = _command(sub, "down", "stop Serve (and the Ray cluster `up` started)", launcher.cmd_down)
+    down.add_argument("--address", default=None,
+                      help="the cluster to stop Serve on (default: the one `up` started)")
+
+
+def _add_admin(sub: argparse._SubParsersAction) -> None:
+    users = _group(sub, "users", "manage users (against the database)")
+    add = _command(users, "add", "add a user; the password is read from stdin or generated", admin.cmd_users_add,
+                   epilog="The password: generated with --generate, else read from stdin (a pipe, or "
+                          "--password-stdin), else asked for; an empty one means: generate one (printed once).")
+    add.add_argument("name", metavar="NAME", help="the user name")
+    add.add_argument("--admin", action="store_true", help="give the admin role")
+    add.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+    add.add_argument("--generate", action="store_true", help="generate a password and print it")
+    _database_args(add)
+    ls = _command(users, "list", "list users", admin.cmd_users_list)
+    _database_args(ls)
+
+    keys = _group(sub, "keys", "manage API keys (against the database)")
+    create = _command(keys, "create", "create an API key for user NAME and print it (once)", admin.cmd_keys_create)
+    create.add_argument("name", metavar="NAME", help="the user")
+    create.add_argument("--key-name", default="", help="a label for the key")
+    _database_args(create)
+    revoke = _command(keys, "revoke", "revoke an API key by id", admin.cmd_keys_revoke)
+    revoke.add_argument("key_id", metavar="KEY_ID", help="the key's id (`keys create` prints it on stderr)")
+    _database_args(revoke)
+    kl = _command(keys, "list", "list a user's API keys", admin.cmd_keys_list)
+    kl.add_argument("name", metavar="NAME", help="the user")
+    _database_args(kl)
+
+
+def _add_models(sub: argparse._SubParsersAction) -> None:
+    ms = _group(sub, "models", "model utilities")
+    tiny = _command(ms, "make-tiny", "write the tiny random-weight SkyReels-V2 pipeline to PATH", models.cmd_make_tiny)
+    tiny.add_argument("path", metavar="PATH", help="the diffusers folder to write")
+    tiny.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: 0)")
+    tiny.add_argument("--overwrite", action="store_true", help="replace an existing folder")
+    _command(ms, "cache", "models on disk (tiny model, Hugging Face cache)", models.cmd_cache)
+
+
+def _add_client(sub: argparse._SubParsersAction) -> None:
+    g = _command(sub, "generate", "generate a video over HTTP with a live progress bar", client_cmds.cmd_generate)
+    g.add_argument("prompt", help="what the video shows")
+    g.add_argument("-o", "--output", default="out.mp4", help="where to save the MP4 (default: out.mp4)")
+    g.add_argument("--seconds", type=float, default=None, help="length in seconds")
+    g.add_argument("--frames", type=int, default=None, help="num_frames (4k+1)")
+    g.add_argument("--size", default=None, help="WIDTHxHEIGHT")
+    g.add_argument("--seed", type=int, default=None, help="random seed")
+    g.add_argument("--steps", type=int, default=None, help="num_inference_steps")
+    g.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance scale")
+    g.add_argument("--fps", type=int, default=None, help="frames per second")
+    g.add_argument("--negative-prompt", default=None, help="what the video should not show")
+    g.add_argument("--model", default=None, help="the model to use (default: the service's)")
+    g.add_argument("--voiceover", default=None, help="text to speak over the video")
+    g.add_argument("--voice", default=None, help="the voice-over's voice")
+    g.add_argument("--voice-provider", default=None, choices=["elevenlabs", "piper", "none"],
+                   help="the voice-over's TTS backend")
+    g.add_argument("--timeout", type=float, default=None, help="give up waiting after this many seconds")
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _server_args(g)
+
+    vs = _group(sub, "videos", "list, show or delete your videos")
+    ls = _command(vs, "list", "list your videos, newest first", client_cmds.cmd_videos_list)
+    ls.add_argument("--limit", type=int, default=20, help="at most this many (default: 20)")
+    ls.add_argument("--json", action="store_true", help="print them as JSON")
+    _server_args(ls)
+    get = _command(vs, "get", "show a video as JSON, and optionally download it", client_cmds.cmd_videos_get)
+    get.add_argument("video_id", metavar="VIDEO_ID", help="the video's id")
+    get.add_argument("-o", "--output", default=None, help="also download the content here")
+    get.add_argument("--variant", default="video", choices=["video", "thumbnail"],
+                     help="what to download (default: video)")
+    _server_args(get)
+    rm = _command(vs, "rm", "delete videos", client_cmds.cmd_videos_rm)
+    rm.add_argument("video_ids", nargs="+", metavar="VIDEO_ID", help="the videos' ids")
+    _server_args(rm)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cinevivid", description="CineVivid text-to-video serving stack")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_models(sub)
+    _add_launcher(sub)
+    _add_admin(sub)
+    _add_client(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # no per-request log lines on the terminal
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""Apply the model-level speed levers of `LeversConfig` to loaded models: the DiT's and VAE's dtypes,
+`torch.compile` of the DiT (regional: each repeated transformer block), and VAE tiling.
+
+The request-level levers (CFG as one batched forward, the prompt-embedding LRU, request batching)
+live in the deployments; the step cache is `serve.pipeline.step_cache.StepCache`.
+
+Quality cost of each lever (measured in tests/test_levers.py and loadtests/bench_gpu.py):
+- dtype bfloat16/float16 for the DiT: approximate (PSNR against fp32 reported); the modules diffusers
+  keeps in fp32 when loading (`_keep_in_fp32_modules`: rope, time embedder, norms, modulation
+  tables) stay fp32, exactly as `from_pretrained(torch_dtype=...)` leaves them.
+- VAE dtype: keep float32 (the default) unless memory is short; the decode is where bf16 shows.
+- compile_transformer: exact up to floating-point reassociation by the compiler (~1e-6 on CPU fp32).
+- vae_tiling: lowers peak memory of decode for large frames; tiles are blended at the seams, so it
+  is approximate once the frames are larger than one tile (PSNR reported), exact below that.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Any
+
+import torch
+
+from serve.pipeline.loading import torch_dtype
+
+logger = logging.getLogger(__name__)
+
+
+def main_dtype(module: torch.nn.Module) -> torch.dtype:
+    """The dtype most of a module's parameters (by element count) have."""
+    counts: Counter = Counter()
+    for p in module.parameters():
+        counts[p.dtype] += p.numel()
+    return counts.most_common(1)[0][0] if counts else torch.float32
+
+
+def cast_model(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Cast like `from_pretrained(torch_dtype=dtype)` does: everything to `dtype` except the
+    parameters under a module named in the class' `_keep_in_fp32_modules`, which stay float32."""
+    keep = list(getattr(model, "_keep_in_fp32_modules", None) or [])
+    torch.nn.Module.to(model, dtype)  # bypass ModelMixin.to's warning: the fp32 modules are restored below
+    if dtype != torch.float32 and keep:
+        for name, param in model.named_parameters():
+            if any(k in name.split(".") for k in keep):
+                param.data = param.data.float()
+        for name, buf in model.named_buffers():
+            if buf.is_floating_point() and any(k in name.split(".") for k in keep):
+                buf.data = buf.data.float()
+    return model
+
+
+def compile_transformer(transformer: torch.nn.Module, **compile_kwargs: Any) -> str:
+    """Regional compilation: `torch.compile` each repeated block (diffusers' `compile_repeated_blocks`),
+    which compiles once for all blocks and keeps the model's own forward (and the step cache, which
+    calls the blocks directly) working. Falls back to compiling the blocks one by one."""
+    compile_kwargs.setdefault("dynamic", False)
+    if hasattr(transformer, "compile_repeated_blocks") and getattr(transformer, "_repeated_blocks", None):
+        transformer.compile_repeated_blocks(**compile_kwargs)
+        return "compile_repeated_blocks"
+    for block in getattr(transformer, "blocks", []):
+        block.compile(**compile_kwargs)
+    return "blocks"
+
+
+def apply_levers(transformer, vae, levers, model_cfg=None) -> dict:
+    """Apply dtype, compile and VAE-tiling levers in place; returns what was done (for logs/health).
+
+    `levers` is a `serve.config.LeversConfig`; `model_cfg` a `serve.config.ModelConfig` (its `dtype`
+    and `vae_dtype`) or None to leave dtypes alone. Call it after loading the models and before
+    building the `DenoiseLoop` (which reads the DiT's dtype). Idempotent for dtypes and tiling."""
+    applied: dict[str, Any] = {}
+    if transformer is not None and model_cfg is not None:
+        want = torch_dtype(model_cfg.dtype)
+        if main_dtype(transformer) != want:
+            cast_model(transformer, want)
+        applied["transformer_dtype"] = str(want).removeprefix("torch.")
+    if vae is not None and model_cfg is not None:
+        want = torch_dtype(model_cfg.vae_dtype)
+        if main_dtype(vae) != want:
+            vae.to(want)
+        applied["vae_dtype"] = str(want).removeprefix("torch.")
+    if vae is not None and getattr(levers, "vae_tiling", False):
+        vae.enable_tiling(tile_sample_min_height=levers.vae_tile_px, tile_sample_min_width=levers.vae_tile_px,
+                          tile_sample_stride_height=levers.vae_tile_stride_px,
+                          tile_sample_stride_width=levers.vae_tile_stride_px)
+        applied["vae_tiling"] = True
+    if transformer is not None and getattr(levers, "compile_transformer", False):
+        if getattr(transformer, "_cinevivid_compiled", False):
+            applied["compile"] = "already"
+        else:
+            applied["compile"] = compile_transformer(transformer)
+            transformer._cinevivid_compiled = True
+    if applied:
+        logger.info("levers applied: %s", applied)
+    return applied
+
+
+def lever_state(transformer=None, vae=None) -> dict:
+    """What is in effect in these loaded models, read from the models themselves (not from the
+    config): the dtypes, how many DiT blocks are compiled, whether the VAE tiles and its tile size."""
+    state: dict[str, Any] = {}
+    if transformer is not None:
+        blocks = list(getattr(transformer, "blocks", []))
+        state["transformer_dtype"] = str(main_dtype(transformer)).removeprefix("torch.")
+        state["compiled_blocks"] = sum(getattr(b, "_compiled_call_impl", None) is not None for b in blocks)
+        state["blocks"] = len(blocks)
+    if vae is not None:
+        state["vae_dtype"] = str(main_dtype(vae)).removeprefix("torch.")
+        state["vae_tiling"] = bool(getattr(vae, "use_tiling", False))
+        state["vae_tile_px"] = getattr(vae, "tile_sample_min_width", None)
+    return state
