@@ -59,7 +59,7 @@ def app_args(data_dir: Path, name: str = APP, levers: dict | None = None, ingres
     for k, v in (ingress or {}).items():
         ingress_cfg[k] = {**ingress_cfg.get(k, {}), **v} if isinstance(v, dict) else v
     return {
-        "name": name, "with_ingress": with_ingress, "route_prefix": "/",
+        "name": name, "with_ingress": with_ingress,
         # small CPU shares; the ingress and generator keep their production concurrency (a dict here
         # replaces DeploymentsConfig's defaults, which would drop the ingress to 4 ongoing requests)
         "deployments": {**{k: dict(SMALL) for k in ("text_encoder", "transformer", "vae", "tts")},
