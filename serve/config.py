@@ -261,7 +261,8 @@ class AuthConfig(_Strict):
 class IngressConfig(_Strict):
     database_url: str | None = None  # default: $CINEVIVID_DATABASE_URL, else SQLite in data_dir
     data_dir: str | None = None  # default: $CINEVIVID_DATA_DIR, else ~/.cache/cinevivid/data
-    sqlite_busy_timeout_ms: int = Field(default=5000, ge=0)
+    # how long a write waits for SQLite's lock before the request fails with 503 database_busy
+    sqlite_busy_timeout_ms: int = Field(default=20000, ge=0)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     dispatcher: DispatcherConfig = Field(default_factory=DispatcherConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import logging
 
 from pydantic import ValidationError
+from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -17,7 +19,7 @@ logger = logging.getLogger(__name__)
 
 _HTTP_CODES = {400: "invalid_request", 401: "unauthorized", 403: "permission_denied", 404: "not_found",
                405: "method_not_allowed", 409: "conflict", 413: "payload_too_large", 415: "unsupported_media_type",
-               416: "range_not_satisfiable", 422: "validation_error", 429: "rate_limit_exceeded",
+               416: "range_not_satisfiable", 422: "validation_error", 429: "rate_limit_exceeded", 507: "insufficient_storage",
                503: "service_unavailable"}
 
 
@@ -65,6 +67,35 @@ async def handle_validation_error(request: Request, exc: Exception) -> JSONRespo
     return validation_error_response(exc)
 
 
+def is_disk_full(exc: BaseException) -> bool:
+    """ENOSPC anywhere in the chain (a file write), or SQLite's own way of saying it."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, OSError) and cur.errno == errno.ENOSPC:
+            return True
+        if "database or disk is full" in str(cur):
+            return True
+        cur = cur.__cause__ or cur.__context__ or getattr(cur, "orig", None)
+    return False
+
+
+async def handle_storage_error(request: Request, exc: Exception) -> JSONResponse:
+    """A file or database error: a full disk is a 507 and a database too busy to take the write a
+    503, each saying so; anything else a 500."""
+    if "database is locked" in str(exc):
+        logger.warning("database busy on %s %s: %s", request.method, request.url.path, exc)
+        return error_response(503, "database_busy", "the job database is busy; nothing was saved. Try again.",
+                              headers={"Retry-After": "2"})
+    if is_disk_full(exc):
+        logger.error("disk full on %s %s: %s", request.method, request.url.path, exc)
+        return error_response(507, "insufficient_storage",
+                              "the server's storage is full; nothing was saved. Try again later.",
+                              headers={"Retry-After": "60"})
+    return await handle_unexpected(request, exc)
+
+
 async def handle_unexpected(request: Request, exc: Exception) -> JSONResponse:
     err = unwrap_error(exc)
     if isinstance(err, CineVividError):  # a typed error from a deployment, wrapped by Ray
@@ -77,5 +108,7 @@ EXCEPTION_HANDLERS = {
     CineVividError: handle_cinevivid_error,
     HTTPException: handle_http_exception,
     ValidationError: handle_validation_error,
+    OSError: handle_storage_error,
+    DBAPIError: handle_storage_error,
     Exception: handle_unexpected,
 }

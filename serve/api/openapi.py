@@ -12,7 +12,21 @@ from serve.api.schemas import ErrorEnvelope
 
 _ERRORS = {"400": "Invalid request", "401": "Missing or invalid credentials", "403": "Needs the admin role",
            "404": "Not found (including another user's video)", "413": "Request body too large",
-           "422": "Validation error naming the field", "429": "Rate or concurrency limit (see Retry-After)"}
+           "422": "Validation error naming the field", "429": "Rate or concurrency limit (see Retry-After)",
+           "503": "A service the request needs is unavailable", "507": "The server's storage is full"}
+
+
+def _form_schema(schema: dict) -> dict:
+    """A model's schema as a multipart form carries it: a form field has no `null` (leave it out)."""
+    props = {}
+    for name, prop in schema.get("properties", {}).items():
+        options = prop.get("anyOf")
+        if options:
+            kept = [o for o in options if o.get("type") != "null"]
+            prop = {k: v for k, v in prop.items() if k not in ("anyOf", "default")}
+            prop.update(kept[0] if len(kept) == 1 else {"anyOf": kept})
+        props[name] = prop
+    return {**schema, "properties": props}
 
 
 def build_openapi(routes, version: str) -> dict[str, Any]:
@@ -34,21 +48,23 @@ def build_openapi(routes, version: str) -> dict[str, Any]:
             op: dict[str, Any] = {"summary": r.summary, "operationId": f"{method.lower()}_{r.endpoint.__name__}"}
             params = [{"name": n, "in": "path", "required": True, "schema": {"type": "string"}}
                       for n in re.findall(r"{(\w+)}", r.path)]
-            params += [{"name": n, "in": "query", "required": False, "schema": {"type": "string"}} for n in r.query]
+            params += [{"name": n, "in": "query", "required": False, "schema": s} for n, s in r.query.items()]
             if params:
                 op["parameters"] = params
             if r.req is not None:
                 content = {"application/json": {"schema": ref(r.req)}}
                 if r.form:
-                    content["multipart/form-data"] = {"schema": ref(r.req)}
-                op["requestBody"] = {"required": True, "content": content}
+                    form = _form_schema(r.req.model_json_schema(ref_template="#/components/schemas/{model}"))
+                    form.pop("$defs", None)
+                    content["multipart/form-data"] = {"schema": form}
+                op["requestBody"] = {"required": not r.body_optional, "content": content}
             ok: dict[str, Any] = {"description": "OK"}
             if r.resp is not None:
                 ok["content"] = {"application/json": {"schema": ref(r.resp)}}
-            elif r.content:
-                ok["content"] = {r.content: {}}
+            elif r.content:  # one or more media types, space-separated
+                ok["content"] = {media: {} for media in r.content.split()}
             op["responses"] = {str(r.status): ok, **{code: {"description": d, "content": {
-                "application/json": {"schema": error_ref}}} for code, d in _ERRORS.items()}}
+                "application/json": {"schema": error_ref}}} for code, d in {**_ERRORS, **r.errors}.items()}}
             if r.auth:
                 op["security"] = [{"bearer": []}]
             paths.setdefault(r.path, {})[method.lower()] = op

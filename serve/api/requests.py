@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from pydantic import BaseModel
@@ -13,6 +14,41 @@ from starlette.requests import Request
 from serve.config import ModelConfig
 from serve.contracts import SIZE_MULTIPLE, VAE_TEMPORAL_FACTOR, GenerationSpec
 from serve.errors import CineVividError, InvalidSpecError, PayloadTooLarge
+
+# A request body nests objects and lists at most this deep (the deepest real one, a voice-over
+# inside a video request, is 2); deeper is a 400, whatever the parser could take.
+MAX_JSON_DEPTH = 16
+
+
+def _bad_json(message: str) -> CineVividError:
+    return CineVividError(message, code="invalid_json", status=400)
+
+
+def check_structure(data: Any) -> None:
+    """400 for a body nested deeper than MAX_JSON_DEPTH, and for a string (or key) that is not
+    valid Unicode text (a lone surrogate such as "\\ud800", which JSON allows but no text field
+    can store), naming the field."""
+    stack: list[tuple[Any, str, int]] = [(data, "", 0)]
+    while stack:
+        node, where, depth = stack.pop()
+        if isinstance(node, (dict, list)):
+            if depth >= MAX_JSON_DEPTH:
+                raise _bad_json(f"the request body nests deeper than {MAX_JSON_DEPTH} levels")
+            items = node.items() if isinstance(node, dict) else enumerate(node)
+            for key, value in items:
+                if isinstance(key, str):
+                    _check_text(key, where or "body")
+                stack.append((value, f"{where}.{key}" if where else str(key), depth + 1))
+        elif isinstance(node, str):
+            _check_text(node, where or "body")
+
+
+def _check_text(value: str, where: str) -> None:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidSpecError(f"{where} is not valid Unicode text (it contains a lone surrogate)",
+                               param=where) from None
 
 
 async def read_body(request: Request, model: type[BaseModel], *, allow_empty: bool = False,
@@ -38,11 +74,13 @@ async def read_body(request: Request, model: type[BaseModel], *, allow_empty: bo
         else:
             try:
                 data = json.loads(raw)
+            except RecursionError:
+                raise _bad_json(f"the request body nests deeper than {MAX_JSON_DEPTH} levels") from None
             except ValueError as exc:
-                raise CineVividError(f"the request body is not valid JSON: {exc}", code="invalid_json",
-                                     status=400) from None
+                raise _bad_json(f"the request body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
-        raise CineVividError("the request body must be a JSON object", code="invalid_json", status=400)
+        raise _bad_json("the request body must be a JSON object")
+    check_structure(data)
     return model.model_validate(data)
 
 
@@ -92,6 +130,12 @@ def spec_from_openai(req, m: ModelConfig) -> GenerationSpec:
         fps = req.fps or m.fps
         if not seconds > 0:
             raise InvalidSpecError("seconds must be positive", param="seconds")
+        if not 1 <= fps <= m.max_fps:
+            raise InvalidSpecError(f"fps must be between 1 and {m.max_fps}, got {fps}", param="fps")
+        if not math.isfinite(seconds) or seconds * fps > m.max_frames:
+            raise InvalidSpecError(
+                f"seconds={req.seconds} is more than this model allows: at most {m.max_frames} frames "
+                f"({(m.max_frames - 1) / fps:g} s at {fps} fps)", param="seconds")
         frames = VAE_TEMPORAL_FACTOR * max(0, round(seconds * fps / VAE_TEMPORAL_FACTOR)) + 1
         if frames > m.max_frames:
             raise InvalidSpecError(

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from pathlib import Path
 from typing import AsyncIterator, Callable
 
 from dataclasses import dataclass
@@ -16,11 +15,12 @@ from dataclasses import dataclass
 from pydantic import BaseModel
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from serve.api import schemas as m
 from serve.api.auth import Authenticator, Principal, load_jwt_secret
+from serve.api.content import file_response
 from serve.api.errors import EXCEPTION_HANDLERS
 from serve.api.metrics import HttpMetrics, MetricsMiddleware
 from serve.api.middleware import BodyLimitMiddleware
@@ -167,7 +167,10 @@ async def list_videos(request: Request) -> Response:
         raise InvalidSpecError("limit must be an integer", param="limit") from None
     if not 1 <= limit <= api.config.limits.max_list_limit:
         raise InvalidSpecError(f"limit must be between 1 and {api.config.limits.max_list_limit}", param="limit")
-    rows, has_more = await api.service.store.list(user_id=p.user_id, after=q.get("after") or None,
+    after = q.get("after")
+    if after is not None and not after:
+        raise InvalidSpecError("after must be a video id (or left out)", param="after")
+    rows, has_more = await api.service.store.list(user_id=p.user_id, after=after,
                                               limit=limit, order=order)
     data = [api.service.video_view(r) for r in rows]
     return _json(m.VideoList, {"data": data, "has_more": has_more,
@@ -210,12 +213,11 @@ async def video_content(request: Request) -> Response:
         raise CineVividError(f"video {job['id']} is {job['status']}; content exists once it is completed",
                              code="video_not_ready", status=409)
     path = job["video_path"] if variant == "video" else job["thumbnail_path"]
-    if not path or not Path(path).exists():
+    if not path:
         raise NotFound(f"the {variant} of video {job['id']} is missing from storage", param="variant")
     media = "video/mp4" if variant == "video" else "image/jpeg"
     ext = "mp4" if variant == "video" else "jpg"
-    return FileResponse(path, media_type=media, filename=f"{job['id']}.{ext}",
-                        content_disposition_type="inline")
+    return file_response(request, path, media, f"{job['id']}.{ext}", f"{variant} of video {job['id']}")
 
 
 async def video_events(request: Request) -> Response:
@@ -261,13 +263,19 @@ async def cache_stats(request: Request) -> Response:
 
 
 class ApiRoute:
+    """One operation: its route, and what the OpenAPI document says of it. `query` maps each query
+    parameter to its JSON schema; `errors` adds statuses beyond the common ones (with their
+    description); `body_optional` documents a request body that may be left out."""
+
     def __init__(self, path: str, endpoint: Callable, methods: list[str], summary: str, *,
                  req: type[BaseModel] | None = None, resp: type[BaseModel] | None = None, status: int = 200,
-                 auth: str | None = "user", form: bool = False, query: list[str] | None = None,
-                 content: str | None = None, in_schema: bool = True):
+                 auth: str | None = "user", form: bool = False, query: dict[str, dict] | None = None,
+                 content: str | None = None, in_schema: bool = True, errors: dict[str, str] | None = None,
+                 body_optional: bool = False):
         self.path, self.endpoint, self.methods, self.summary = path, endpoint, methods, summary
         self.req, self.resp, self.status, self.auth, self.form = req, resp, status, auth, form
-        self.query, self.content, self.in_schema = query or [], content, in_schema
+        self.query, self.content, self.in_schema = query or {}, content, in_schema
+        self.errors, self.body_optional = errors or {}, body_optional
 
 
 R = ApiRoute
@@ -281,13 +289,15 @@ API_ROUTES = [
     R("/auth/login", login, ["POST"], "Exchange username and password for a bearer JWT", req=m.LoginRequest,
       resp=m.TokenResponse, auth=None),
     R("/v1/api-keys", create_key, ["POST"], "Create an API key (the secret is shown once)",
-      req=m.ApiKeyCreateRequest, resp=m.ApiKeyCreated, status=201),
+      req=m.ApiKeyCreateRequest, resp=m.ApiKeyCreated, status=201, body_optional=True),
     R("/v1/api-keys", list_keys, ["GET"], "List your API keys", resp=m.ApiKeyList),
     R("/v1/api-keys/{key_id}", revoke_key, ["DELETE"], "Revoke an API key"),
     R("/v1/videos", create_video, ["POST"], "Create a video job (JSON or multipart form)",
       req=m.VideoCreateRequest, resp=m.Video, form=True),
     R("/v1/videos", list_videos, ["GET"], "List your videos (after, limit, order)", resp=m.VideoList,
-      query=["after", "limit", "order"]),
+      query={"after": {"type": "string", "minLength": 1},
+             "limit": {"type": "integer", "minimum": 1, "maximum": 100, "default": 20},
+             "order": {"type": "string", "enum": ["asc", "desc"], "default": "desc"}}),
     R("/v1/videos/{video_id}", get_video, ["GET"], "Retrieve a video job", resp=m.Video),
     R("/v1/videos/{video_id}", delete_video, ["DELETE"], "Delete a video (aborts it if running)",
       resp=m.VideoDeleted),
@@ -296,7 +306,9 @@ API_ROUTES = [
     R("/v1/videos/{video_id}/remix", remix_video, ["POST"], "Same settings and seed, new prompt",
       req=m.VideoRemixRequest, resp=m.Video),
     R("/v1/videos/{video_id}/content", video_content, ["GET"], "Download the MP4 (Range supported) or thumbnail",
-      query=["variant"], content="video/mp4"),
+      query={"variant": {"type": "string", "enum": ["video", "thumbnail"], "default": "video"}},
+      content="video/mp4 image/jpeg", errors={"409": "The video is not completed yet (code video_not_ready)",
+                                   "416": "The Range cannot be satisfied"}),
     R("/v1/videos/{video_id}/events", video_events, ["GET"], "Progress as Server-Sent Events",
       content="text/event-stream"),
     R("/v1/voices", voices, ["GET"], "Voices of the enabled voice-over providers", resp=m.VoiceList),
@@ -307,6 +319,26 @@ API_ROUTES = [
       auth="admin"),
     R("/models/cache/stats", cache_stats, ["GET"], "Models cached and loaded (admin)", auth="admin"),
 ]
+
+
+def starlette_routes(api_routes: list[ApiRoute]) -> list[Route]:
+    """One Starlette route per path, whatever its methods, so that a 405 answers with an `Allow`
+    header listing every method of the path."""
+    by_path: dict[str, dict[str, Callable]] = {}
+    for r in api_routes:
+        for method in r.methods:
+            by_path.setdefault(r.path, {})[method] = r.endpoint
+    routes = []
+    for path, table in by_path.items():
+        if len(set(table.values())) == 1:
+            routes.append(Route(path, next(iter(table.values())), methods=list(table)))
+            continue
+
+        async def by_method(request: Request, table=table) -> Response:
+            return await table["GET" if request.method == "HEAD" else request.method](request)
+
+        routes.append(Route(path, by_method, methods=list(table)))
+    return routes
 
 
 def create_app(service: JobService, *, manage_lifecycle: bool = True) -> Starlette:
@@ -330,7 +362,7 @@ def create_app(service: JobService, *, manage_lifecycle: bool = True) -> Starlet
             if manage_lifecycle:
                 await service.stop()
 
-    app = Starlette(routes=[Route(r.path, r.endpoint, methods=r.methods) for r in API_ROUTES],
+    app = Starlette(routes=starlette_routes(API_ROUTES),
                     exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.limits.max_upload_bytes)
     app.add_middleware(MetricsMiddleware, metrics=api.http_metrics)

@@ -73,6 +73,13 @@ class _GenerationExtensions(_Request):
     fps: int | None = None
     voiceover: VoiceoverSpec | None = None
 
+    @field_validator("seed", "num_inference_steps", "guidance_scale", "num_frames", "fps", mode="before")
+    @classmethod
+    def _not_a_boolean(cls, v: Any) -> Any:
+        if isinstance(v, bool):  # JSON true/false is not a number (pydantic would take it as 1/0)
+            raise ValueError("must be a number, not true/false")
+        return v
+
     @field_validator("voiceover", mode="before")
     @classmethod
     def _voiceover_from_form(cls, v: Any) -> Any:
@@ -87,8 +94,14 @@ class _GenerationExtensions(_Request):
         return v
 
 
+# A prompt must say something; the length limit is the model's (`max_prompt_chars`), checked with
+# the other bounds so the error names the field with a 400.
+def _prompt():
+    return Field(description="What the video shows", json_schema_extra={"minLength": 1, "pattern": r"\S"})
+
+
 class VideoCreateRequest(_GenerationExtensions):
-    prompt: str
+    prompt: str = _prompt()
     model: str | None = None
     seconds: str | float | None = Field(default=None, description="Clip length in seconds; maps onto frames")
     size: str | None = Field(default=None, description="WIDTHxHEIGHT within the model's bounds")
@@ -96,7 +109,7 @@ class VideoCreateRequest(_GenerationExtensions):
 
 
 class VideoRemixRequest(_Request):
-    prompt: str
+    prompt: str = _prompt()
 
 
 class VideoError(_Response):
@@ -155,11 +168,18 @@ class VoiceList(_Response):
 
 # ---- original CineVivid routes ----
 class TextToVideoRequest(_GenerationExtensions):
-    prompt: str
+    prompt: str = _prompt()
     model: str | None = None
     width: int | None = None
     height: int | None = None
     flow_shift: float | None = None
+
+    @field_validator("width", "height", "flow_shift", mode="before")
+    @classmethod
+    def _size_not_a_boolean(cls, v: Any) -> Any:
+        if isinstance(v, bool):
+            raise ValueError("must be a number, not true/false")
+        return v
 
 
 class TaskCreated(_Response):
