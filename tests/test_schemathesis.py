@@ -39,8 +39,10 @@ def test_schemathesis_finds_no_server_error_or_schema_violation(http_env, tmp_pa
         "[checks.positive_data_acceptance]\n"
         f"expected-statuses = {ACCEPTABLE_FOR_VALID_DATA.split(',')!r}\n".replace("'", '"'))
     cmd = [schemathesis_bin(), "--config-file", str(config), "run", f"{http_env.url}/openapi.json",
-           "--checks", "all", "--seed", str(SEED), "--max-examples", "8", "--generation-deterministic",
-           "--workers", "1", "--request-timeout", "30", "--max-time", "240",
+           # every check but response time (a timing, not a contract; never asserted in tests)
+           "--checks", "all", "--exclude-checks", "max_response_time",
+           "--seed", str(SEED), "--max-examples", "5", "--generation-deterministic",
+           "--workers", "1", "--request-timeout", "60", "--max-time", "180",
            "-H", f"Authorization: Bearer {token}",
            "--report", "junit", "--report-dir", str(tmp_path / "report")]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=420)
