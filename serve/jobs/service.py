@@ -21,6 +21,7 @@ from serve.jobs.events import ProgressBroker
 from serve.jobs.generator_client import GeneratorClient
 from serve.jobs.metrics import JobMetrics
 from serve.jobs.store import JobStore
+from serve.jobs.views import video_view
 from serve.pipeline.spec import resolve_spec
 
 logger = logging.getLogger(__name__)
@@ -166,20 +167,7 @@ class JobService:
 
     # ---- views ----
     def video_view(self, job: dict) -> dict:
-        spec = json.loads(job["spec"])
-        duration = job["duration_s"] if job["duration_s"] is not None else spec["num_frames"] / spec["fps"]
-        error = None
-        if job["error_code"]:
-            error = {"code": job["error_code"], "message": job["error_message"] or "", "param": job["error_param"]}
-        return {
-            "id": job["id"], "object": "video", "created_at": int(job["created_at"]), "status": job["status"],
-            "model": job["model"], "progress": int(job["progress"]), "seconds": f"{duration:g}",
-            "size": f"{spec['width']}x{spec['height']}", "prompt": job["prompt"],
-            "completed_at": int(job["completed_at"]) if job["completed_at"] else None, "expires_at": None,
-            "error": error, "remixed_from_video_id": job["remixed_from"], "stage": job["stage"],
-            "has_audio": bool(job["has_audio"]), "seed": spec["seed"], "num_frames": spec["num_frames"],
-            "fps": spec["fps"], "num_inference_steps": spec["num_inference_steps"],
-        }
+        return video_view(job)
 
     def task_view(self, job: dict) -> dict:
         v = self.video_view(job)
