@@ -22,6 +22,8 @@ from serve.jobs.generator_client import GeneratorClient
 from serve.jobs.metrics import JobMetrics
 from serve.jobs.store import JobStore
 from serve.jobs.views import video_view
+from serve.jobs.webhook_store import WebhookStore
+from serve.jobs.webhooks import WebhookWorker
 from serve.pipeline.spec import resolve_spec
 
 logger = logging.getLogger(__name__)
@@ -43,6 +45,9 @@ class JobService:
         self.broker = ProgressBroker(self.config.dispatcher.subscriber_history)
         self.dispatcher = Dispatcher(self.store, generator, self.artifacts, self.broker, self.metrics,
                                      self.config.dispatcher)
+        self.webhook_store = WebhookStore(self.db, self.config.webhooks)
+        self.webhooks = WebhookWorker(self.webhook_store, self.config.webhooks, self.metrics)
+        self.store.on_webhooks = self.webhooks.wake  # a job that finishes here is announced at once
         self._started = False
         self._migrate_task: asyncio.Task | None = None
 
@@ -80,6 +85,7 @@ class JobService:
             self._migrate_task = asyncio.create_task(self._retry_migrate())
             return
         await self.dispatcher.start()
+        await self.webhooks.start()
 
     async def _retry_migrate(self) -> None:
         delay = 1.0
@@ -93,6 +99,7 @@ class JobService:
                 continue
             logger.info("database available; starting the dispatcher")
             await self.dispatcher.start()
+            await self.webhooks.start()
             return
 
     async def stop(self) -> None:
@@ -101,7 +108,8 @@ class JobService:
         self._started = False
         if self._migrate_task:
             self._migrate_task.cancel()
-        await self.dispatcher.stop()
+        await self.dispatcher.stop()  # first: a job released or failed now still queues its webhooks
+        await self.webhooks.stop()
         await self.db.dispose()
 
     def _safe_db_url(self) -> str:
