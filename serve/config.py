@@ -224,6 +224,14 @@ class TTSConfig(_Strict):
 #           max_attempts: 3              # an interrupted job is re-queued until then, then failed
 #           poll_interval_s: 0.5         # look for queued / expired jobs this often
 #         auth: {token_ttl_s: 3600}
+#         webhooks:
+#           max_endpoints_per_user: 10   # 409 too_many_webhooks, param url (POST /v1/webhooks)
+#           max_url_length: 2048         # 400 invalid_request, param url (also: http/https only, a host)
+#           max_attempts: 8              # a delivery is tried this often, then `failed`
+#           backoff_initial_s: 5         # wait after the 1st failed attempt; doubles each time ...
+#           backoff_max_s: 3600          # ... up to this
+#           timeout_s: 10                # one POST to an endpoint (connect + send + answer)
+#           poll_interval_s: 1.0         # look for due deliveries this often (finishing jobs here wake it)
 #         poll_after_ms: 1000            # openai-poll-after-ms header: the SDK's poll() interval
 #
 # The model's own bounds (`ModelConfig.max_*`) always apply; these can only narrow them.
@@ -253,6 +261,28 @@ class DispatcherConfig(_Strict):
     subscriber_history: int = Field(default=2000, ge=0)  # live events kept per running job for late SSE clients
 
 
+class WebhooksConfig(_Strict):
+    """Webhook endpoints and their deliveries (`POST /v1/webhooks`; `serve.jobs.webhooks`)."""
+
+    enabled: bool = True  # False: no delivery worker on this replica (deliveries wait, still recorded)
+    max_endpoints_per_user: int = Field(default=10, ge=1)
+    max_url_length: int = Field(default=2048, ge=16)
+    max_attempts: int = Field(default=8, ge=1)  # tries of one delivery before it is `failed`
+    backoff_initial_s: float = Field(default=5.0, ge=0)  # after the 1st failure; doubles each time
+    backoff_max_s: float = Field(default=3600.0, ge=0)
+    timeout_s: float = Field(default=10.0, gt=0)  # one POST
+    poll_interval_s: float = Field(default=1.0, gt=0)  # look for due deliveries this often
+    max_concurrent_deliveries: int = Field(default=8, ge=1)  # POSTs in flight on one replica
+    # A claimed delivery is this replica's until then; a replica that died mid-send loses it after.
+    lease_seconds: float = Field(default=60.0, gt=0)
+
+    @model_validator(mode="after")
+    def _lease_outlives_a_send(self):
+        if self.lease_seconds <= self.timeout_s:
+            raise ValueError("webhooks.lease_seconds must be longer than webhooks.timeout_s")
+        return self
+
+
 class AuthConfig(_Strict):
     token_ttl_s: int = Field(default=3600, ge=1)
     issuer: str = "cinevivid"
@@ -266,6 +296,7 @@ class IngressConfig(_Strict):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     dispatcher: DispatcherConfig = Field(default_factory=DispatcherConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
+    webhooks: WebhooksConfig = Field(default_factory=WebhooksConfig)
     health_timeout_s: float = Field(default=5.0, gt=0)
     # `openai-poll-after-ms` on video responses: how often the openai SDK's poll() asks again
     poll_after_ms: int = Field(default=1000, ge=10)

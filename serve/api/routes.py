@@ -234,6 +234,47 @@ async def voices(request: Request) -> Response:
     return _json(m.VoiceList, {"data": await api.service.generator.voices()})
 
 
+# ---- webhooks ----
+async def create_webhook(request: Request) -> Response:
+    api: Api = request.app.state.api
+    p = await _principal(request)
+    req = await read_body(request, m.WebhookEndpointCreateRequest, form_ok=False)
+    endpoint = await api.service.webhook_store.create_endpoint(
+        user_id=p.user_id, url=req.url, events=list(req.events), description=req.description)
+    logger.info("webhook endpoint %s created by user %s", endpoint["id"], p.user_id)
+    return _json(m.WebhookEndpointCreated, endpoint, status=201)
+
+
+async def list_webhooks(request: Request) -> Response:
+    api: Api = request.app.state.api
+    p = await _principal(request)
+    endpoints = await api.service.webhook_store.list_endpoints(None if p.is_admin else p.user_id)
+    return _json(m.WebhookEndpointList, {"data": endpoints})
+
+
+async def delete_webhook(request: Request) -> Response:
+    api: Api = request.app.state.api
+    p = await _principal(request)
+    endpoint_id = request.path_params["webhook_id"]
+    if not await api.service.webhook_store.delete_endpoint(endpoint_id, None if p.is_admin else p.user_id):
+        raise NotFound(f"no webhook endpoint with id {endpoint_id!r}", param="webhook_id")
+    logger.info("webhook endpoint %s deleted by user %s", endpoint_id, p.user_id)
+    return _json(m.WebhookEndpointDeleted, {"id": endpoint_id})
+
+
+async def webhook_deliveries(request: Request) -> Response:
+    api: Api = request.app.state.api
+    p = await _principal(request)
+    endpoint_id = request.path_params["webhook_id"]
+    store = api.service.webhook_store
+    if await store.get_endpoint(endpoint_id, None if p.is_admin else p.user_id) is None:
+        raise NotFound(f"no webhook endpoint with id {endpoint_id!r}", param="webhook_id")
+    rows = await store.list_deliveries(endpoint_id)
+    data = [{**r, "video_id": r["job_id"], "next_attempt_at": r["next_attempt_at"] if r["status"] == "pending"
+             else None} for r in rows]
+    return _json(m.WebhookDeliveryList, {"data": data})
+
+
 # ---- original CineVivid routes ----
 async def text_to_video(request: Request) -> Response:
     api: Api = request.app.state.api
@@ -312,6 +353,14 @@ API_ROUTES = [
     R("/v1/videos/{video_id}/events", video_events, ["GET"], "Progress as Server-Sent Events",
       content="text/event-stream"),
     R("/v1/voices", voices, ["GET"], "Voices of the enabled voice-over providers", resp=m.VoiceList),
+    R("/v1/webhooks", create_webhook, ["POST"], "Register a webhook endpoint (its signing secret is shown once)",
+      req=m.WebhookEndpointCreateRequest, resp=m.WebhookEndpointCreated, status=201),
+    R("/v1/webhooks", list_webhooks, ["GET"], "List your webhook endpoints (an admin: everyone's)",
+      resp=m.WebhookEndpointList),
+    R("/v1/webhooks/{webhook_id}", delete_webhook, ["DELETE"], "Delete a webhook endpoint and its pending deliveries",
+      resp=m.WebhookEndpointDeleted),
+    R("/v1/webhooks/{webhook_id}/deliveries", webhook_deliveries, ["GET"],
+      "A webhook endpoint's newest deliveries, each with its attempts", resp=m.WebhookDeliveryList),
     R("/generate/text-to-video", text_to_video, ["POST"], "Queue a generation (original CineVivid route)",
       req=m.TextToVideoRequest, resp=m.TaskCreated, status=202),
     R("/tasks/{task_id}", get_task, ["GET"], "A generation task's state", resp=m.Task),

@@ -166,6 +166,76 @@ class VoiceList(_Response):
     data: list[Voice]
 
 
+# ---- webhooks ----
+WebhookEventType = Literal["video.completed", "video.failed"]
+
+
+class WebhookEndpointCreateRequest(_Request):
+    url: str = Field(description="Where to POST events: an http:// or https:// URL (length limit in "
+                                 "args.ingress.webhooks.max_url_length)")
+    events: list[WebhookEventType] = Field(default_factory=lambda: ["video.completed", "video.failed"],
+                                           min_length=1, description="The event types to send")
+    description: str = Field(default="", max_length=512)
+
+    @field_validator("events")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        return list(dict.fromkeys(v))
+
+
+class WebhookEndpoint(_Response):
+    id: str
+    object: Literal["webhook_endpoint"] = "webhook_endpoint"
+    url: str
+    events: list[str]
+    description: str = ""
+    created_at: int
+    owner: str = Field(description="The username the endpoint belongs to")
+
+
+class WebhookEndpointCreated(WebhookEndpoint):
+    secret: str = Field(description="The signing secret (whsec_...); shown only once")
+
+
+class WebhookEndpointList(_Response):
+    object: Literal["list"] = "list"
+    data: list[WebhookEndpoint]
+
+
+class WebhookEndpointDeleted(_Response):
+    id: str
+    object: Literal["webhook_endpoint.deleted"] = "webhook_endpoint.deleted"
+    deleted: bool = True
+
+
+class WebhookAttempt(_Response):
+    attempt: int
+    status_code: int | None = Field(description="The endpoint's HTTP status; null when it did not answer")
+    error: str | None = None
+    started_at: float
+    duration_ms: float
+
+
+class WebhookDelivery(_Response):
+    id: str = Field(description="The webhook-id header, the same on every retry")
+    object: Literal["webhook_delivery"] = "webhook_delivery"
+    event_type: str
+    video_id: str
+    status: Literal["pending", "delivered", "failed"]
+    attempts: int
+    next_attempt_at: float | None = Field(description="When a pending delivery is tried next")
+    last_status_code: int | None = None
+    last_error: str | None = None
+    created_at: float
+    delivered_at: float | None = None
+    attempt_log: list[WebhookAttempt]
+
+
+class WebhookDeliveryList(_Response):
+    object: Literal["list"] = "list"
+    data: list[WebhookDelivery]
+
+
 # ---- original CineVivid routes ----
 class TextToVideoRequest(_GenerationExtensions):
     prompt: str = _prompt()

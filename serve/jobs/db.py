@@ -76,6 +76,56 @@ jobs = Table(
     Index("ix_jobs_status_seq", "status", "seq"),
 )
 
+# Webhooks: a user's endpoints, one delivery per (event, endpoint) written with the job's final
+# status, and one row per attempt to send it. Deleting an endpoint deletes its pending deliveries.
+webhook_endpoints = Table(
+    "webhook_endpoints", metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("id", String(64), nullable=False, unique=True),
+    Column("user_id", String(64), ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    Column("url", Text, nullable=False),
+    Column("events", Text, nullable=False),  # JSON list of event types
+    Column("description", String(512), nullable=False, server_default=""),
+    Column("secret", String(128), nullable=False),  # whsec_...; needed to sign, so not hashed
+    Column("created_at", Float, nullable=False),
+    Index("ix_webhook_endpoints_user_seq", "user_id", "seq"),
+)
+
+webhook_deliveries = Table(
+    "webhook_deliveries", metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("id", String(64), nullable=False, unique=True),  # the `webhook-id` header, same on every retry
+    Column("endpoint_id", String(64), ForeignKey("webhook_endpoints.id", ondelete="CASCADE"), nullable=False),
+    Column("user_id", String(64), nullable=False),
+    Column("job_id", String(64), nullable=False),  # no foreign key: the payload outlives a deleted video
+    Column("event_type", String(64), nullable=False),
+    Column("payload", Text, nullable=False),  # the exact JSON body that is signed and sent
+    Column("status", String(16), nullable=False),  # pending | delivered | failed
+    Column("attempts", Integer, nullable=False, server_default=text("0")),
+    Column("next_attempt_at", Float, nullable=False),
+    Column("lease_owner", String(128), nullable=True),
+    Column("lease_expires_at", Float, nullable=True),
+    Column("last_status_code", Integer, nullable=True),
+    Column("last_error", Text, nullable=True),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Column("delivered_at", Float, nullable=True),
+    Index("ix_webhook_deliveries_status_next", "status", "next_attempt_at"),
+    Index("ix_webhook_deliveries_endpoint_seq", "endpoint_id", "seq"),
+)
+
+webhook_attempts = Table(
+    "webhook_attempts", metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("delivery_id", String(64), ForeignKey("webhook_deliveries.id", ondelete="CASCADE"), nullable=False,
+           index=True),
+    Column("attempt", Integer, nullable=False),
+    Column("status_code", Integer, nullable=True),  # None: no HTTP answer (see error)
+    Column("error", Text, nullable=True),
+    Column("started_at", Float, nullable=False),
+    Column("duration_ms", Float, nullable=False),
+)
+
 
 def is_sqlite(url: str) -> bool:
     return make_url(url).get_backend_name() == "sqlite"

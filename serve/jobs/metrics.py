@@ -27,3 +27,6 @@ class JobMetrics:
                                         ["stage"], buckets=JOB_BUCKETS, registry=r)
         self.gpu_memory = Gauge("cinevivid_gpu_memory_used_bytes", "GPU memory in use", ["device"], registry=r)
         self.disk_free = Gauge("cinevivid_disk_free_bytes", "Free bytes on the artifact volume", registry=r)
+        self.webhook_attempts = Counter(
+            "cinevivid_webhook_attempts", "Webhook delivery attempts by this replica, by the delivery's status "
+            "after it (delivered; pending: will retry; failed: out of attempts)", ["status"], registry=r)

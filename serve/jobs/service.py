@@ -21,6 +21,9 @@ from serve.jobs.events import ProgressBroker
 from serve.jobs.generator_client import GeneratorClient
 from serve.jobs.metrics import JobMetrics
 from serve.jobs.store import JobStore
+from serve.jobs.views import video_view
+from serve.jobs.webhook_store import WebhookStore
+from serve.jobs.webhooks import WebhookWorker
 from serve.pipeline.spec import resolve_spec
 
 logger = logging.getLogger(__name__)
@@ -42,6 +45,9 @@ class JobService:
         self.broker = ProgressBroker(self.config.dispatcher.subscriber_history)
         self.dispatcher = Dispatcher(self.store, generator, self.artifacts, self.broker, self.metrics,
                                      self.config.dispatcher)
+        self.webhook_store = WebhookStore(self.db, self.config.webhooks)
+        self.webhooks = WebhookWorker(self.webhook_store, self.config.webhooks, self.metrics)
+        self.store.on_webhooks = self.webhooks.wake  # a job that finishes here is announced at once
         self._started = False
         self._migrate_task: asyncio.Task | None = None
 
@@ -79,6 +85,7 @@ class JobService:
             self._migrate_task = asyncio.create_task(self._retry_migrate())
             return
         await self.dispatcher.start()
+        await self.webhooks.start()
 
     async def _retry_migrate(self) -> None:
         delay = 1.0
@@ -92,6 +99,7 @@ class JobService:
                 continue
             logger.info("database available; starting the dispatcher")
             await self.dispatcher.start()
+            await self.webhooks.start()
             return
 
     async def stop(self) -> None:
@@ -100,7 +108,8 @@ class JobService:
         self._started = False
         if self._migrate_task:
             self._migrate_task.cancel()
-        await self.dispatcher.stop()
+        await self.dispatcher.stop()  # first: a job released or failed now still queues its webhooks
+        await self.webhooks.stop()
         await self.db.dispose()
 
     def _safe_db_url(self) -> str:
@@ -166,20 +175,7 @@ class JobService:
 
     # ---- views ----
     def video_view(self, job: dict) -> dict:
-        spec = json.loads(job["spec"])
-        duration = job["duration_s"] if job["duration_s"] is not None else spec["num_frames"] / spec["fps"]
-        error = None
-        if job["error_code"]:
-            error = {"code": job["error_code"], "message": job["error_message"] or "", "param": job["error_param"]}
-        return {
-            "id": job["id"], "object": "video", "created_at": int(job["created_at"]), "status": job["status"],
-            "model": job["model"], "progress": int(job["progress"]), "seconds": f"{duration:g}",
-            "size": f"{spec['width']}x{spec['height']}", "prompt": job["prompt"],
-            "completed_at": int(job["completed_at"]) if job["completed_at"] else None, "expires_at": None,
-            "error": error, "remixed_from_video_id": job["remixed_from"], "stage": job["stage"],
-            "has_audio": bool(job["has_audio"]), "seed": spec["seed"], "num_frames": spec["num_frames"],
-            "fps": spec["fps"], "num_inference_steps": spec["num_inference_steps"],
-        }
+        return video_view(job)
 
     def task_view(self, job: dict) -> dict:
         v = self.video_view(job)

@@ -1,18 +1,23 @@
 """Job records: create, read, list, claim (one conditional UPDATE with a lease), progress,
 finish, cancel, delete, and recovery of interrupted jobs. Every write is one short transaction.
+
+Every write that gives a job its final status (completed or failed) also writes, in the same
+transaction, the `video.completed` / `video.failed` webhook deliveries the job's owner subscribed
+to (`serve.jobs.webhook_store.enqueue_job_event`); `on_webhooks` is then called to wake the sender.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Any
+from typing import Any, Callable
 
 from sqlalchemy import and_, delete, func, insert, or_, select, update
 
 from serve.contracts import ACTIVE_STATUSES, COMPLETED, FAILED, IN_PROGRESS, JOB_STATUSES, QUEUED
 from serve.errors import CineVividError, TooManyJobsError
 from serve.jobs.db import Database, jobs
+from serve.jobs.webhook_store import VIDEO_COMPLETED, VIDEO_FAILED, enqueue_job_event
 
 
 def new_job_id() -> str:
@@ -20,8 +25,13 @@ def new_job_id() -> str:
 
 
 class JobStore:
-    def __init__(self, db: Database):
+    def __init__(self, db: Database, on_webhooks: Callable[[], None] | None = None):
         self.db = db
+        self.on_webhooks = on_webhooks  # called after a commit that queued webhook deliveries
+
+    def _queued_webhooks(self, n: int) -> None:
+        if n and self.on_webhooks is not None:
+            self.on_webhooks()
 
     # ---- create / read ----
     async def create(self, *, user_id: str, model: str, prompt: str, spec_json: str,
@@ -110,6 +120,8 @@ class JobStore:
                 status=COMPLETED, progress=100, stage="done", video_path=video_path,
                 thumbnail_path=thumbnail_path, has_audio=has_audio, duration_s=duration_s,
                 completed_at=now, updated_at=now, lease_owner=None, lease_expires_at=None))
+            hooks = await enqueue_job_event(conn, job_id, VIDEO_COMPLETED) if res.rowcount == 1 else 0
+        self._queued_webhooks(hooks)
         return res.rowcount == 1
 
     async def fail(self, job_id: str, owner: str | None, *, code: str, message: str,
@@ -122,6 +134,8 @@ class JobStore:
             res = await conn.execute(update(jobs).where(*cond).values(
                 status=FAILED, error_code=code, error_message=message[:2000], error_param=param,
                 completed_at=now, updated_at=now, lease_owner=None, lease_expires_at=None))
+            hooks = await enqueue_job_event(conn, job_id, VIDEO_FAILED) if res.rowcount == 1 else 0
+        self._queued_webhooks(hooks)
         return res.rowcount == 1
 
     async def release(self, job_id: str, owner: str, *, max_attempts: int, reason: str) -> str | None:
@@ -163,6 +177,8 @@ class JobStore:
                 values = dict(status=QUEUED, progress=0, stage=None)
             await conn.execute(update(jobs).where(jobs.c.id == row["id"]).values(
                 lease_owner=None, lease_expires_at=None, updated_at=now, **values))
+            hooks = await enqueue_job_event(conn, row["id"], VIDEO_FAILED) if values["status"] == FAILED else 0
+        self._queued_webhooks(hooks)
         return values["status"]
 
     # ---- user actions ----
@@ -170,6 +186,7 @@ class JobStore:
         """A queued job fails `cancelled` at once; a running one is flagged for its dispatcher.
         Finished jobs are left as they are. Returns the record, or None if not found."""
         now = time.time()
+        hooks = 0
         async with self.db.write() as conn:
             row = (await conn.execute(select(jobs.c.status).where(
                 jobs.c.id == job_id, jobs.c.user_id == user_id))).first()
@@ -179,10 +196,12 @@ class JobStore:
                 await conn.execute(update(jobs).where(jobs.c.id == job_id).values(
                     status=FAILED, error_code="cancelled", error_message="the job was cancelled",
                     completed_at=now, updated_at=now, cancel_requested=True))
+                hooks = await enqueue_job_event(conn, job_id, VIDEO_FAILED)
             elif row.status == IN_PROGRESS:
                 await conn.execute(update(jobs).where(jobs.c.id == job_id).values(
                     cancel_requested=True, updated_at=now))
             out = (await conn.execute(select(jobs).where(jobs.c.id == job_id))).mappings().one()
+        self._queued_webhooks(hooks)
         return dict(out)
 
     async def delete(self, job_id: str, user_id: str) -> dict | None:

@@ -1,0 +1,23 @@
+"""What a user sees of a job record: the OpenAI Video object (`GET /v1/videos/{id}`), shared by the
+HTTP routes and the webhook payloads so both carry the same shape."""
+
+from __future__ import annotations
+
+import json
+
+
+def video_view(job: dict) -> dict:
+    spec = json.loads(job["spec"])
+    duration = job["duration_s"] if job["duration_s"] is not None else spec["num_frames"] / spec["fps"]
+    error = None
+    if job["error_code"]:
+        error = {"code": job["error_code"], "message": job["error_message"] or "", "param": job["error_param"]}
+    return {
+        "id": job["id"], "object": "video", "created_at": int(job["created_at"]), "status": job["status"],
+        "model": job["model"], "progress": int(job["progress"]), "seconds": f"{duration:g}",
+        "size": f"{spec['width']}x{spec['height']}", "prompt": job["prompt"],
+        "completed_at": int(job["completed_at"]) if job["completed_at"] else None, "expires_at": None,
+        "error": error, "remixed_from_video_id": job["remixed_from"], "stage": job["stage"],
+        "has_audio": bool(job["has_audio"]), "seed": spec["seed"], "num_frames": spec["num_frames"],
+        "fps": spec["fps"], "num_inference_steps": spec["num_inference_steps"],
+    }
