@@ -200,7 +200,7 @@ def test_sign_in_generate_watch_play_download_delete(http_env, ui, artifacts_dir
     assert httpx.get(f"{http_env.url}/v1/videos/{video_id}", headers=user.headers, timeout=10).status_code == 404
 
 
-def test_wrong_password_says_so(http_env, ui):
+def test_wrong_password_and_refused_request_say_so(http_env, ui):
     from playwright.sync_api import expect
 
     user = http_env.user()
@@ -215,6 +215,14 @@ def test_wrong_password_says_so(http_env, ui):
     w.page.click("#signin")
     expect(w.page.locator("#whoami")).to_have_text(f"Signed in as {user.username}")
     expect(w.page.locator("#message")).to_be_hidden()
+    # any other refusal shows the error envelope's message (here a 400 naming `seconds`)
+    w.page.fill("#prompt", "too long for the tiny model")
+    w.page.fill("#seconds", "60")
+    w.page.click("#generate")
+    expect(w.page.locator("#message")).to_have_text(
+        "Seconds=60 needs 481 frames at 8 fps; this model allows at most 65 frames (8 s)")
+    expect(w.page.locator("#progress-panel")).to_be_hidden()
+    assert httpx.get(f"{http_env.url}/v1/videos", headers=user.headers, timeout=10).json()["data"] == []
 
 
 class ThreadedApp:
