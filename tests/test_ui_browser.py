@@ -219,8 +219,11 @@ def test_wrong_password_and_refused_request_say_so(http_env, ui):
     w.page.fill("#prompt", "too long for the tiny model")
     w.page.fill("#seconds", "60")
     w.page.click("#generate")
-    expect(w.page.locator("#message")).to_have_text(
-        "Seconds=60 needs 481 frames at 8 fps; this model allows at most 65 frames (8 s)")
+    refused = httpx.post(f"{http_env.url}/v1/videos", headers=user.headers, timeout=10,
+                         json={"prompt": "too long for the tiny model", "size": "64x64", "seconds": "60"})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "seconds", refused.text
+    said = refused.json()["error"]["message"]
+    expect(w.page.locator("#message")).to_have_text(said[0].upper() + said[1:])
     expect(w.page.locator("#progress-panel")).to_be_hidden()
     assert httpx.get(f"{http_env.url}/v1/videos", headers=user.headers, timeout=10).json()["data"] == []
 
