@@ -1,6 +1,7 @@
 """The HTTP API as a Starlette app over a `JobService`: OpenAI Videos API, the original CineVivid
-routes, auth, health, metrics, OpenAPI and an offline docs page. `create_app` builds it; the
-`Ingress` deployment serves it through Ray Serve, and it runs as well under bare uvicorn.
+routes, auth, health, metrics, OpenAPI, an offline docs page and the web UI (`/ui`). `create_app`
+builds it; the `Ingress` deployment serves it through Ray Serve, and it runs as well under bare
+uvicorn.
 
 Authentication and the per-user rate limit live here; the job service knows users only by id."""
 
@@ -27,6 +28,7 @@ from serve.api.middleware import BodyLimitMiddleware
 from serve.api.ratelimit import RateLimiter
 from serve.api.requests import read_body, spec_from_openai
 from serve.api.sse import job_events
+from serve.api.ui import ui_asset, ui_index
 from serve.contracts import GenerationSpec
 from serve.errors import CineVividError, InvalidSpecError, NotFound, PermissionDenied, RateLimited
 from serve.config import IngressConfig
@@ -327,6 +329,8 @@ API_ROUTES = [
     R("/metrics", metrics, ["GET"], "Prometheus metrics (text format)", auth=None, content="text/plain"),
     R("/openapi.json", openapi, ["GET"], "This OpenAPI document", auth=None, in_schema=False),
     R("/docs", docs, ["GET"], "API docs page (works offline)", auth=None, in_schema=False),
+    R("/ui", ui_index, ["GET"], "The web UI (works offline)", auth=None, in_schema=False),
+    R("/ui/{asset:path}", ui_asset, ["GET"], "The web UI's files", auth=None, in_schema=False),
     R("/auth/login", login, ["POST"], "Exchange username and password for a bearer JWT", req=m.LoginRequest,
       resp=m.TokenResponse, auth=None),
     R("/v1/api-keys", create_key, ["POST"], "Create an API key (the secret is shown once)",
