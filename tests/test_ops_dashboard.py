@@ -61,12 +61,10 @@ def cinevivid(env: dict, *args: str, timeout: float = 120) -> subprocess.Complet
 
 
 def small_config(path: Path, data_dir: Path, http_port: int) -> Path:
-    """serve_config.yaml with a free HTTP port, its own data dir and no TTS model to load."""
+    """serve_config.yaml (all six deployments) with a free HTTP port and its own data dir."""
     config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     config["http_options"]["port"] = http_port
-    args = config["applications"][0]["args"]
-    args["tts"] = {"default_provider": "none", "providers": ["none"]}
-    args["ingress"] = {"data_dir": str(data_dir)}
+    config["applications"][0]["args"]["ingress"] = {"data_dir": str(data_dir)}
     path.write_text(yaml.safe_dump(config))
     return path
 
@@ -106,6 +104,8 @@ def stack(tmp_path_factory):
             while cluster_processes(session_dir) and time.monotonic() < deadline:
                 time.sleep(0.5)
             assert not cluster_processes(session_dir), "left running after down"
+        with pytest.raises(httpx.ConnectError):  # the dashboard went with it
+            httpx.get(f"http://127.0.0.1:{dashboard_port}/api/version", timeout=5)
         assert not state_path.exists()
 
 
