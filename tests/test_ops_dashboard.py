@@ -11,9 +11,9 @@ the Ray dashboard on. One stack for the module:
 
 from __future__ import annotations
 
-import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import textwrap
@@ -69,15 +69,24 @@ def small_config(path: Path, data_dir: Path, http_port: int) -> Path:
     return path
 
 
-def cluster_processes(session_dir: str) -> list[str]:
+def started_processes(cache_dir: Path) -> list[str]:
+    """The processes started from a `cinevivid` command run with this cache dir (Ray's processes
+    and replicas inherit its environment), whatever they renamed themselves to."""
     found = []
     for proc in psutil.process_iter(["pid", "cmdline"]):
         try:
-            if any(session_dir in part for part in proc.info["cmdline"] or ()):
-                found.append(f"{proc.pid}: {' '.join(proc.info['cmdline'])[:200]}")
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            if proc.environ().get("CINEVIVID_CACHE_DIR") == str(cache_dir):
+                found.append(f"{proc.pid}: {' '.join(proc.info['cmdline'] or ())[:200]}")
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
     return found
+
+
+def assert_none_left(cache_dir: Path, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while started_processes(cache_dir) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not started_processes(cache_dir), "left running"
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +99,6 @@ def stack(tmp_path_factory):
     up = cinevivid(env, "up", "--detach", "--config", str(config), "--num-cpus", "8",
                    "--dashboard-port", str(dashboard_port), "--timeout", "400", timeout=600)
     state_path = cache_dir / "launcher.json"
-    session_dir = json.loads(state_path.read_text()).get("session_dir") if state_path.exists() else None
     try:
         assert up.returncode == 0, up.stderr[-3000:]
         yield {"env": env, "cache_dir": cache_dir, "base": base, "stdout": up.stdout, "stderr": up.stderr,
@@ -99,11 +107,7 @@ def stack(tmp_path_factory):
     finally:
         down = cinevivid(env, "down", timeout=300)
         assert down.returncode == 0, down.stderr[-3000:]
-        if session_dir:
-            deadline = time.monotonic() + 30
-            while cluster_processes(session_dir) and time.monotonic() < deadline:
-                time.sleep(0.5)
-            assert not cluster_processes(session_dir), "left running after down"
+        assert_none_left(cache_dir)
         with pytest.raises(httpx.ConnectError):  # the dashboard went with it
             httpx.get(f"http://127.0.0.1:{dashboard_port}/api/version", timeout=5)
         assert not state_path.exists()
@@ -174,6 +178,18 @@ def test_cinevivid_env_points_plain_ray_init_at_the_stack(stack):
                        cwd=stack["base"], env=stack["env"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.strip().splitlines()[-1] == str(sorted(DEPLOYMENTS))
+
+
+def test_a_failed_ray_start_leaves_nothing_running(tmp_path):
+    # `ray start` starts the GCS, then fails on the dashboard's port: `up` stops what it left
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        r = cinevivid(clean_env(tmp_path), "up", "--detach", "--config", str(ROOT / "serve_config.yaml"),
+                      "--dashboard-port", str(taken.getsockname()[1]), timeout=300)
+    assert r.returncode == 1 and "`ray start` failed" in r.stderr, r.stderr[-3000:]
+    assert_none_left(tmp_path)
+    assert not (tmp_path / "launcher.json").exists()
 
 
 def test_no_stack_is_a_clear_error(tmp_path):

@@ -135,7 +135,13 @@ def _connect(address: str | None, *, start_if_missing: bool, num_cpus: int | Non
            # the stack's replicas ask for fractional CPUs; give small machines enough logical ones
            f"--num-cpus={num_cpus or max(os.cpu_count() or 1, 8)}"]
     print(f"starting a local Ray cluster: {' '.join(cmd[1:])}", file=sys.stderr)
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    # Ray gives its dashboard 60 s to come up; its ten subprocess modules take longer than that on
+    # a small, busy machine, and `ray start` then fails. A value already in the environment wins.
+    env = {"RAY_DASHBOARD_STARTUP_TIMEOUT_S": "300", **os.environ}
+    if subprocess.run(cmd, stdout=subprocess.DEVNULL, env=env).returncode != 0:
+        stopped = _stop_failed_start(port)
+        raise RuntimeError(f"`ray start` failed (its error is above); stopped the {stopped} processes it had "
+                           "started")
     state["dashboard_url"] = _init(state["address"])
     import ray._private.worker as worker
 
@@ -144,15 +150,40 @@ def _connect(address: str | None, *, start_if_missing: bool, num_cpus: int | Non
     return state
 
 
-def _stop_cluster(session_dir: str) -> int:
-    """Stop only the processes of our own cluster (their command lines name its session dir);
-    `ray stop` would stop every Ray cluster on the machine."""
+def _stop_failed_start(gcs_port: int) -> int:
+    """Stop what a failed `ray start` left running (it does not clean up after itself: a GCS, a
+    monitor, a dashboard...): the cluster whose GCS listens on our port."""
+    import psutil
+
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            cmdline = proc.info["cmdline"] or ()
+            if f"--gcs_server_port={gcs_port}" in cmdline:
+                for part in cmdline:
+                    if part.startswith("--session-dir="):
+                        return _stop_cluster(part.partition("=")[2], gcs_port)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return 0
+
+
+def _names_our_gcs(part: str, gcs_port: int | None) -> bool:
+    flag, _, value = part.partition("=")
+    return gcs_port is not None and flag in ("--address", "--gcs-address", "--gcs_address") \
+        and value.endswith(f":{gcs_port}")
+
+
+def _stop_cluster(session_dir: str, gcs_port: int | None = None) -> int:
+    """Stop only the processes of our own cluster (their command lines name its session dir, or
+    its GCS address, like the Ray Client server's); `ray stop` would stop every Ray cluster on the
+    machine."""
     import psutil
 
     found: dict[int, psutil.Process] = {}
     for proc in psutil.process_iter(["pid", "cmdline"]):
         try:
-            if any(session_dir in part for part in proc.info["cmdline"] or ()) and proc.pid != os.getpid():
+            ours = any(session_dir in part or _names_our_gcs(part, gcs_port) for part in proc.info["cmdline"] or ())
+            if ours and proc.pid != os.getpid():
                 found[proc.pid] = proc
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
@@ -267,7 +298,7 @@ def down(address: str | None = None) -> None:
     serve.shutdown()
     ray.shutdown()
     if state.get("started_ray") and state.get("session_dir"):
-        n = _stop_cluster(state["session_dir"])
+        n = _stop_cluster(state["session_dir"], int(state["address"].rpartition(":")[2]))
         print(f"stopped Serve and the Ray cluster cinevivid started ({n} processes)", file=sys.stderr)
     else:
         print("stopped Serve (the Ray cluster was not started by cinevivid; left running)", file=sys.stderr)
