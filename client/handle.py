@@ -9,9 +9,10 @@
         print(event.type, event.stage, event.stage_status, event.step, event.progress)
 
 `connect()` reads what `cinevivid up` recorded in CINEVIVID_CACHE_DIR (the cluster's address, its
-auth token, the app's name) and calls `ray.init` with it. Inside a driver that is already
-connected (a Ray job on that cluster, or after `eval "$(cinevivid env)"` and `ray.init()`),
-`GeneratorClient(app_name)` alone works too.
+auth token, the app's name) and calls `ray.init` with it; without a running stack it raises
+serve.errors.StackNotRunning saying what to do. In a driver Ray already points at that cluster (a
+job sent with `ray job submit` after `eval "$(cinevivid env)"`, or a script run after that eval),
+`GeneratorClient("cinevivid")` alone works too.
 
 Errors arrive as the typed exceptions of `serve.errors` (InvalidSpecError naming the field,
 StageError naming the stage, GenerationCancelled, ...), not as raw Ray errors.

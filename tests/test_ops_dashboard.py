@@ -171,13 +171,15 @@ def test_cinevivid_env_points_plain_ray_init_at_the_stack(stack):
     assert env.returncode == 0, env.stderr
     exports = dict(re.findall(r"^export (\w+)=(\S+)$", env.stdout, re.M))
     assert exports["RAY_AUTH_MODE"] == "token" and exports["RAY_AUTH_TOKEN_PATH"] == str(stack["token_path"])
-    driver = ("import ray; from ray import serve; ray.init(logging_level='WARNING'); "
-              "print(sorted(serve.status().applications['cinevivid'].deployments))")
+    driver = ("import ray; from ray import serve; from client.handle import GeneratorClient; "
+              "ray.init(logging_level='WARNING'); "
+              "print(sorted(serve.status().applications['cinevivid'].deployments)); "
+              "print(GeneratorClient('cinevivid').check({'prompt': 'a fox', 'seed': 3})['seed'])")
     r = subprocess.run(["bash", "-c", f'eval "$({sys.executable} -m serve.ops.cli env)" && '
                                       f'{sys.executable} -c "{driver}"'],
                        cwd=stack["base"], env=stack["env"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.strip().splitlines()[-1] == str(sorted(DEPLOYMENTS))
+    assert r.stdout.strip().splitlines()[-2:] == [str(sorted(DEPLOYMENTS)), "3"]
 
 
 def test_a_failed_ray_start_leaves_nothing_running(tmp_path):
