@@ -11,6 +11,8 @@ USERS ?= 20
 SPAWN_RATE ?= 5
 RUN_TIME ?= 60s
 LOCUST_ARGS ?=
+# e.g. RUN_ARGS="--dashboard-host 0.0.0.0 --dashboard-port 8266" or RUN_ARGS=--no-dashboard
+RUN_ARGS ?=
 
 .PHONY: setup run stop test loadtest bench clean
 
@@ -25,7 +27,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 run: setup
-	$(BIN)/python -m serve.ops.demo --out $(OUT)
+	$(BIN)/python -m serve.ops.demo --out $(OUT) $(RUN_ARGS)
 
 stop: setup
 	$(BIN)/cinevivid down

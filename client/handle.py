@@ -1,13 +1,18 @@
 """Python client for other Ray drivers and jobs: calls the Generator through a Serve handle.
 
-    import ray
     from client.handle import GeneratorClient
-    ray.init(address="auto")
-    client = GeneratorClient()                     # app "cinevivid"
-    result = client.generate({"prompt": "a red fox in the snow", "seed": 1})
+
+    client = GeneratorClient.connect()   # the stack `cinevivid up` runs: its cluster, token and app
+    result = client.generate({"prompt": "a red fox in the snow", "seed": 7, "num_frames": 9})
     open("fox.mp4", "wb").write(result.mp4)
-    for event in client.stream({"prompt": "..."}):  # ProgressEvents, then the result
-        print(event.type, event.progress)
+    for event in client.stream({"prompt": "a red fox"}):      # stage/step events, then the result
+        print(event.type, event.stage, event.stage_status, event.step, event.progress)
+
+`connect()` reads what `cinevivid up` recorded in CINEVIVID_CACHE_DIR (the cluster's address, its
+auth token, the app's name) and calls `ray.init` with it; without a running stack it raises
+serve.errors.StackNotRunning saying what to do. In a driver Ray already points at that cluster (a
+job sent with `ray job submit` after `eval "$(cinevivid env)"`, or a script run after that eval),
+`GeneratorClient("cinevivid")` alone works too.
 
 Errors arrive as the typed exceptions of `serve.errors` (InvalidSpecError naming the field,
 StageError naming the stage, GenerationCancelled, ...), not as raw Ray errors.
@@ -15,6 +20,7 @@ StageError naming the stage, GenerationCancelled, ...), not as raw Ray errors.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import AsyncIterator, Iterator
 
 from ray import serve
@@ -84,6 +90,16 @@ class GeneratorClient:
 
     def __init__(self, app_name: str = "cinevivid", handle=None):
         self.handle = handle or serve.get_deployment_handle(GENERATOR_DEPLOYMENT, app_name=app_name)
+
+    @classmethod
+    def connect(cls, app_name: str | None = None, cache_dir: str | Path | None = None) -> "GeneratorClient":
+        """Join the Ray cluster of the stack `cinevivid up` started (recorded in `cache_dir`,
+        default CINEVIVID_CACHE_DIR) with its token, and call its app (default: the recorded one).
+        Raises serve.errors.StackNotRunning, saying what to do, when there is no such stack."""
+        from serve.ops.cluster_record import connect
+
+        state = connect(cache_dir)
+        return cls(app_name or state.get("app_name") or "cinevivid")
 
     # sync ---------------------------------------------------------------------------------------
     def generate(self, spec: GenerationSpec | dict, timeout_s: float | None = None) -> GenerationResult:

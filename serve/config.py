@@ -338,3 +338,18 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CINEVIVID_", extra="ignore")
 
     cache_dir: Path = Field(default_factory=default_cache_dir)
+
+
+DEFAULT_DASHBOARD_PORT = 8265  # Ray's
+
+
+class DashboardOptions(_Strict):
+    """The Ray dashboard of a cluster `cinevivid up` / `make run` start (`--dashboard-host`,
+    `--dashboard-port`, `--no-dashboard`). Bound to 127.0.0.1 by default: the dashboard can run
+    jobs on the cluster, so only bind it to another interface behind a firewall or a proxy; token
+    auth guards it either way."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    # None: Ray's 8265 when free, else a free port (several clusters can run on one machine)
+    port: int | None = Field(default=None, ge=1, le=65535)

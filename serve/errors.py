@@ -135,6 +135,11 @@ class ConfigurationError(RuntimeError):
     """A startup error the operator must fix (e.g. a missing JWT secret in production)."""
 
 
+class StackNotRunning(ConnectionError):
+    """No CineVivid stack to connect to: `cinevivid up` recorded none in CINEVIVID_CACHE_DIR, or
+    the Ray cluster it recorded no longer answers."""
+
+
 def unwrap_error(exc: BaseException) -> BaseException:
     """Return the CineVividError inside a RayTaskError chain, or `exc` itself."""
     seen = set()

@@ -49,6 +49,15 @@ def _database_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=None, help="default: $CINEVIVID_DATA_DIR")
 
 
+def dashboard_args(p: argparse.ArgumentParser) -> None:
+    """The Ray dashboard of a cluster `up` (or `make run`) starts."""
+    p.add_argument("--dashboard-host", default="127.0.0.1", metavar="HOST",
+                   help="bind the Ray dashboard to this address (default: 127.0.0.1, this machine only)")
+    p.add_argument("--dashboard-port", type=int, default=None, metavar="PORT",
+                   help="the Ray dashboard's port (default: 8265 if free, else a free one)")
+    p.add_argument("--no-dashboard", action="store_true", help="start the Ray cluster without its dashboard")
+
+
 def _add_launcher(sub: argparse._SubParsersAction) -> None:
     up = _command(sub, "up", "start Ray if needed, deploy the Serve config, wait for /health", launcher.cmd_up)
     up.add_argument("--config", default=os.environ.get("CINEVIVID_SERVE_CONFIG", launcher.DEFAULT_CONFIG),
@@ -58,10 +67,14 @@ def _add_launcher(sub: argparse._SubParsersAction) -> None:
     up.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for healthy (default: 600)")
     up.add_argument("--address", default=None, help="use this running Ray cluster instead of starting one")
     up.add_argument("--replace", action="store_true", help="allow removing other Serve apps of that cluster")
+    dashboard_args(up)
 
     down = _command(sub, "down", "stop Serve (and the Ray cluster `up` started)", launcher.cmd_down)
     down.add_argument("--address", default=None,
                       help="the cluster to stop Serve on (default: the one `up` started)")
+
+    _command(sub, "env", "print shell exports that point ray.init() and the ray CLI at the stack `up` started",
+             launcher.cmd_env, epilog='eval "$(cinevivid env)" sets RAY_ADDRESS, RAY_AUTH_MODE and RAY_AUTH_TOKEN_PATH.')
 
 
 def _add_admin(sub: argparse._SubParsersAction) -> None:

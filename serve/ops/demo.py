@@ -1,7 +1,8 @@
 """`make run`: bring the stack up (detached), create a demo user and API key (printed), and
 generate a sample video over HTTP with the CLI client.
 
-    python -m serve.ops.demo --out out [--config serve_config.yaml]
+    python -m serve.ops.demo --out out [--config serve_config.yaml] [--dashboard-host HOST]
+                             [--dashboard-port PORT] [--no-dashboard]
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ import sys
 from pathlib import Path
 
 from serve.ops.admin import add_user, create_key
-from serve.ops.cli import build_parser
+from serve.ops.cli import build_parser, dashboard_args
 from serve.errors import ConflictError
-from serve.ops.launcher import DEFAULT_CONFIG, up
+from serve.ops.cluster_record import read_state
+from serve.ops.launcher import DEFAULT_CONFIG, dashboard_lines, dashboard_options, up
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,9 +26,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default=DEFAULT_CONFIG)
     p.add_argument("--user", default="demo")
     p.add_argument("--prompt", default="a paper boat drifting down a rainy street, cinematic")
+    dashboard_args(p)
     args = p.parse_args(argv)
 
-    url = up(args.config)
+    url = up(args.config, dashboard=dashboard_options(args))
     password = secrets.token_urlsafe(12)
     try:
         asyncio.run(add_user(args.user, password))
@@ -45,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     if code == 0:
         print(f"sample video:  {target}")
         print(f"try:           CINEVIVID_URL={url} CINEVIVID_API_KEY={key} .venv/bin/cinevivid videos list")
+        for line in dashboard_lines(read_state()):
+            print(line)
+        print("Ray jobs:      GeneratorClient.connect() (client/handle.py), or eval \"$(.venv/bin/cinevivid env)\"")
         print("stop with:     make stop   (or .venv/bin/cinevivid down)")
     return code
 

@@ -1,0 +1,220 @@
+"""Operators and other Ray jobs against a stack started the way a user starts it: `cinevivid up
+--detach` in its own process (own CINEVIVID_CACHE_DIR, free ports, the embedded tiny model), with
+the Ray dashboard on. One stack for the module:
+
+- the dashboard's Serve REST API lists the app's six deployments with RUNNING replicas, with the
+  cluster's token (header, or the sign-in cookie), and refuses requests without it;
+- the README's "Using it from a Ray job" snippet runs as printed in a separate driver process;
+- `eval "$(cinevivid env)"` then a plain `ray.init()` joins the same cluster;
+- `cinevivid down` leaves no process of that cluster.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+import av
+import httpx
+import psutil
+import pytest
+import yaml
+
+from serve.config import DashboardOptions
+from serve.errors import StackNotRunning
+from serve.ops.serve_env import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOYMENTS = {"TextEncoder", "Transformer", "VAEDecoder", "TTS", "Generator", "Ingress"}
+
+# The README's "Using it from a Ray job" snippet, exactly as printed there (and in client/handle.py).
+README_SNIPPET = """\
+from client.handle import GeneratorClient
+
+client = GeneratorClient.connect()   # the stack `cinevivid up` runs: its cluster, token and app
+result = client.generate({"prompt": "a red fox in the snow", "seed": 7, "num_frames": 9})
+open("fox.mp4", "wb").write(result.mp4)
+for event in client.stream({"prompt": "a red fox"}):      # stage/step events, then the result
+    print(event.type, event.stage, event.stage_status, event.step, event.progress)
+"""
+
+
+def clean_env(cache_dir: Path) -> dict[str, str]:
+    """A user's shell: this checkout on PYTHONPATH, the stack's cache dir, and none of the Ray
+    settings of the test session (its HAProxy files/ports, any cluster address or token)."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("RAY_SERVE_HAPROXY_", "RAY_ADDRESS", "RAY_AUTH_"))}
+    env.update(PYTHONPATH=str(ROOT), CINEVIVID_CACHE_DIR=str(cache_dir))
+    return env
+
+
+def cinevivid(env: dict, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "serve.ops.cli", *args], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=timeout)
+
+
+def small_config(path: Path, data_dir: Path, http_port: int) -> Path:
+    """serve_config.yaml (all six deployments) with a free HTTP port and its own data dir."""
+    config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    config["http_options"]["port"] = http_port
+    config["applications"][0]["args"]["ingress"] = {"data_dir": str(data_dir)}
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def started_processes(cache_dir: Path) -> list[str]:
+    """The processes started from a `cinevivid` command run with this cache dir (Ray's processes
+    and replicas inherit its environment), whatever they renamed themselves to."""
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if proc.environ().get("CINEVIVID_CACHE_DIR") == str(cache_dir):
+                found.append(f"{proc.pid}: {' '.join(proc.info['cmdline'] or ())[:200]}")
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def assert_none_left(cache_dir: Path, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while started_processes(cache_dir) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not started_processes(cache_dir), "left running"
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    base = tmp_path_factory.mktemp("dash")
+    cache_dir = base / "cache"
+    env = clean_env(cache_dir)
+    config = small_config(base / "serve_config.yaml", base / "data", free_port())
+    dashboard_port = free_port()
+    up = cinevivid(env, "up", "--detach", "--config", str(config), "--num-cpus", "8",
+                   "--dashboard-port", str(dashboard_port), "--timeout", "400", timeout=600)
+    state_path = cache_dir / "launcher.json"
+    try:
+        assert up.returncode == 0, up.stderr[-3000:]
+        yield {"env": env, "cache_dir": cache_dir, "base": base, "stdout": up.stdout, "stderr": up.stderr,
+               "dashboard_port": dashboard_port, "token": (cache_dir / "ray_auth_token").read_text().strip(),
+               "token_path": cache_dir / "ray_auth_token"}
+    finally:
+        down = cinevivid(env, "down", timeout=300)
+        assert down.returncode == 0, down.stderr[-3000:]
+        assert_none_left(cache_dir)
+        with pytest.raises(httpx.ConnectError):  # the dashboard went with it
+            httpx.get(f"http://127.0.0.1:{dashboard_port}/api/version", timeout=5)
+        assert not state_path.exists()
+
+
+def dashboard_url(stack) -> str:
+    m = re.search(r"Ray dashboard: (http://\S+)", stack["stderr"])
+    assert m, f"`up` printed no dashboard URL:\n{stack['stderr'][-2000:]}"
+    return m.group(1)
+
+
+def test_up_prints_the_dashboard_and_how_to_sign_in(stack):
+    url = dashboard_url(stack)
+    assert urlparse(url).hostname == "127.0.0.1" and urlparse(url).port == stack["dashboard_port"]
+    assert f"cat {stack['token_path']}" in stack["stderr"]  # where the token is, never the token itself
+    assert stack["token"] not in stack["stderr"] + stack["stdout"]
+    assert "Authorization: Bearer" in stack["stderr"]
+
+
+def test_dashboard_shows_the_app_its_deployments_and_replicas_to_the_token_holder(stack):
+    url = f"{dashboard_url(stack)}/api/serve/applications/"
+    r = httpx.get(url, headers={"Authorization": f"Bearer {stack['token']}"}, timeout=30)
+    assert r.status_code == 200, r.text
+    app = r.json()["applications"]["cinevivid"]
+    assert app["status"] == "RUNNING"
+    deployments = app["deployments"]
+    assert set(deployments) == DEPLOYMENTS
+    for name, d in deployments.items():
+        assert d["status"] == "HEALTHY", (name, d["status"], d.get("message"))
+        assert d["replicas"] and all(rep["state"] == "RUNNING" for rep in d["replicas"]), name
+
+    # without the token, or with a wrong one: refused
+    assert httpx.get(url, timeout=30).status_code == 401
+    assert httpx.get(url, headers={"Authorization": "Bearer not-the-token"}, timeout=30).status_code == 403
+    # the browser's sign-in box posts the token and gets a session cookie
+    with httpx.Client(base_url=dashboard_url(stack), timeout=30) as browser:
+        assert browser.get("/api/serve/applications/").status_code == 401
+        signin = browser.post("/api/authenticate", headers={"Authorization": f"Bearer {stack['token']}"})
+        assert signin.status_code == 200, signin.text
+        assert set(browser.get("/api/serve/applications/").json()["applications"]["cinevivid"]["deployments"]) \
+            == DEPLOYMENTS
+
+
+def test_readme_snippet_runs_as_printed_in_another_driver(stack):
+    handle_doc = (ROOT / "client" / "handle.py").read_text()
+    assert textwrap.indent(README_SNIPPET, "    ").replace("    \n", "\n") in handle_doc
+    work = stack["base"] / "driver"
+    work.mkdir()
+    (work / "snippet.py").write_text(README_SNIPPET)
+    r = subprocess.run([sys.executable, "snippet.py"], cwd=work, env=stack["env"], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    with av.open(str(work / "fox.mp4")) as c:
+        assert sum(1 for _ in c.decode(video=0)) == 9
+    lines = r.stdout.strip().splitlines()
+    assert any(line.startswith("step ") for line in lines) and lines[-1].startswith("result ")
+
+
+def test_cinevivid_env_points_plain_ray_init_at_the_stack(stack):
+    env = cinevivid(stack["env"], "env")
+    assert env.returncode == 0, env.stderr
+    exports = dict(re.findall(r"^export (\w+)=(\S+)$", env.stdout, re.M))
+    assert exports["RAY_AUTH_MODE"] == "token" and exports["RAY_AUTH_TOKEN_PATH"] == str(stack["token_path"])
+    driver = ("import ray; from ray import serve; from client.handle import GeneratorClient; "
+              "ray.init(logging_level='WARNING'); "
+              "print(sorted(serve.status().applications['cinevivid'].deployments)); "
+              "print(GeneratorClient('cinevivid').check({'prompt': 'a fox', 'seed': 3})['seed'])")
+    r = subprocess.run(["bash", "-c", f'eval "$({sys.executable} -m serve.ops.cli env)" && '
+                                      f'{sys.executable} -c "{driver}"'],
+                       cwd=stack["base"], env=stack["env"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().splitlines()[-2:] == [str(sorted(DEPLOYMENTS)), "3"]
+
+
+def test_a_failed_ray_start_leaves_nothing_running(tmp_path):
+    # `ray start` starts the GCS, then fails on the dashboard's port: `up` stops what it left
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        r = cinevivid(clean_env(tmp_path), "up", "--detach", "--config", str(ROOT / "serve_config.yaml"),
+                      "--dashboard-port", str(taken.getsockname()[1]), timeout=300)
+    assert r.returncode == 1 and "`ray start` failed" in r.stderr, r.stderr[-3000:]
+    assert_none_left(tmp_path)
+    assert not (tmp_path / "launcher.json").exists()
+
+
+def test_no_stack_is_a_clear_error(tmp_path):
+    from client.handle import GeneratorClient
+
+    with pytest.raises(StackNotRunning, match="cinevivid up"):
+        GeneratorClient.connect(cache_dir=tmp_path)
+    r = cinevivid(clean_env(tmp_path), "env")
+    assert r.returncode == 1 and "cinevivid up" in r.stderr and not r.stdout
+
+
+def test_dashboard_flags():
+    from serve.ops.cli import build_parser
+    from serve.ops.launcher import _dashboard_flags, dashboard_options
+
+    args = build_parser().parse_args(["up"])
+    assert dashboard_options(args) == DashboardOptions()  # on, 127.0.0.1
+    off = dashboard_options(build_parser().parse_args(["up", "--no-dashboard"]))
+    assert _dashboard_flags(off) == ["--include-dashboard=false"]
+    there = dashboard_options(build_parser().parse_args(["up", "--dashboard-host", "0.0.0.0",
+                                                         "--dashboard-port", "9265"]))
+    assert _dashboard_flags(there) == ["--include-dashboard=true", "--dashboard-host=0.0.0.0",
+                                       "--dashboard-port=9265"]
+    default = _dashboard_flags(DashboardOptions())
+    assert default[:2] == ["--include-dashboard=true", "--dashboard-host=127.0.0.1"]
+    assert int(default[2].split("=")[1]) > 0
