@@ -35,15 +35,14 @@ ROOT = Path(__file__).resolve().parents[1]
 DEPLOYMENTS = {"TextEncoder", "Transformer", "VAEDecoder", "TTS", "Generator", "Ingress"}
 
 # The README's "Using it from a Ray job" snippet, exactly as printed there (and in client/handle.py).
-README_SNIPPET = """\
-from client.handle import GeneratorClient
+def readme_snippet() -> str:
+    """The first Python block of README.md's "Using it from a Ray job", exactly as printed."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Using it from a Ray job"):]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
 
-client = GeneratorClient.connect()   # the stack `cinevivid up` runs: its cluster, token and app
-result = client.generate({"prompt": "a red fox in the snow", "seed": 7, "num_frames": 9})
-open("fox.mp4", "wb").write(result.mp4)
-for event in client.stream({"prompt": "a red fox"}):      # stage/step events, then the result
-    print(event.type, event.stage, event.stage_status, event.step, event.progress)
-"""
+
+README_SNIPPET = readme_snippet()
 
 
 def clean_env(cache_dir: Path) -> dict[str, str]:
