@@ -72,10 +72,53 @@ def _node_ports() -> list[str]:
             f"--dashboard-agent-grpc-port={free_port()}", f"--runtime-env-agent-port={free_port()}"]
 
 
-def _run(cmd: list[str], env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
+def _run(cmd: list[str], env: dict, timeout: float = 300, diagnose: dict | None = None) -> subprocess.CompletedProcess:
     r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    assert r.returncode == 0, f"{' '.join(cmd[:3])} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
+    if r.returncode != 0:
+        state = _cluster_state(diagnose) if diagnose else ""
+        pytest.fail(f"{' '.join(cmd[:5])} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}\n{state}")
     return r
+
+
+DIAGNOSE = """
+import sys
+import ray
+from ray import serve
+from ray.util.state import list_actors
+
+ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
+for n in ray.nodes():
+    print("node", n["NodeID"][:8], "alive" if n["Alive"] else "dead", n["Resources"])
+for a in list_actors(address=sys.argv[2], detail=True, limit=10000):
+    print("actor", a.class_name, a.state, (a.node_id or "")[:8], (a.death_cause or "") and str(a.death_cause)[:300])
+for name, app in serve.status().applications.items():
+    print("app", name, app.status, app.message[:500])
+    for dname, d in app.deployments.items():
+        print("  deployment", dname, d.status, d.replica_states, d.message[:500])
+"""
+
+
+def _cluster_state(two_nodes: dict) -> str:
+    """What the cluster looks like (nodes, actors, Serve deployments), for a failure message."""
+    try:
+        r = subprocess.run([sys.executable, "-c", DIAGNOSE, two_nodes["address"], two_nodes["dashboard"]],
+                           env=two_nodes["env"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        return f"cluster state:\n{r.stdout[-6000:]}{r.stderr[-2000:] if r.returncode else ''}"
+    except subprocess.TimeoutExpired:
+        return "cluster state: no answer within 120 s"
+
+
+def _start_node(cmd: list[str], env: dict, temp_dir: Path, attempts: int = 3) -> None:
+    """`ray start`, again if it fails: Ray gives a new raylet a fixed 30 s to register with the GCS,
+    which a CI host busy with other Ray clusters can miss. A failed attempt's processes (they name
+    the node's own temp dir) are stopped first."""
+    for attempt in range(1, attempts + 1):
+        r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        if r.returncode == 0:
+            return
+        _stop_cluster(str(temp_dir))
+        if attempt == attempts or "timed out during startup" not in r.stderr:
+            pytest.fail(f"{' '.join(cmd[:4])} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}")
 
 
 @pytest.fixture(scope="module")
@@ -92,19 +135,20 @@ def two_nodes(tiny_model_dir):
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), CINEVIVID_DATA_DIR=str(base / "data"),
                PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
     apply_serve_env(env, haproxy_dir=base / "hap")
+    env.setdefault("RAY_DASHBOARD_STARTUP_TIMEOUT_S", "300")  # (the state API's server) a busy 2-core CI host
     gcs = free_port()
     address = f"127.0.0.1:{gcs}"
     dashboard = free_port()
-    common = ["--node-ip-address=127.0.0.1", f"--temp-dir={base}", "--disable-usage-stats",
-              "--object-store-memory=100000000"]
-    head = [_ray(), "start", "--head", f"--port={gcs}", *common, f"--num-cpus={HEAD_NODE_CPUS}",
+    common = ["--node-ip-address=127.0.0.1", "--disable-usage-stats", "--object-store-memory=100000000"]
+    head = [_ray(), "start", "--head", f"--temp-dir={base / 'head'}", f"--port={gcs}", *common,
+            f"--num-cpus={HEAD_NODE_CPUS}",
             "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
             f"--ray-client-server-port={free_port()}", *_node_ports()]
-    worker = [_ray(), "start", f"--address={address}", *common, f"--num-cpus={WORKER_NODE_CPUS}",
-              '--resources={"worker_node": 1}', *_node_ports()]
+    worker = [_ray(), "start", f"--address={address}", f"--temp-dir={base / 'worker'}", *common,
+              f"--num-cpus={WORKER_NODE_CPUS}", '--resources={"worker_node": 1}', *_node_ports()]
     try:
-        _run(head, env)
-        _run(worker, env)
+        _start_node(head, env, base / "head")
+        _start_node(worker, env, base / "worker")
         yield {"address": address, "env": env, "base": base, "dashboard": f"http://127.0.0.1:{dashboard}"}
     finally:
         _stop_cluster(str(base))  # every process of both nodes (and HAProxy) names this folder
@@ -118,7 +162,8 @@ def deployed(two_nodes):
     config = two_nodes["base"] / "serve_config.yaml"
     config.write_text(yaml.safe_dump(serve_config(port), sort_keys=False))
     r = _run([sys.executable, "-m", "serve.ops.cli", "up", "--address", two_nodes["address"],
-              "--config", str(config), "--detach", "--timeout", "600"], two_nodes["env"], timeout=900)
+              "--config", str(config), "--detach", "--timeout", "600"], two_nodes["env"], timeout=900,
+             diagnose=two_nodes)
     url = r.stdout.strip().splitlines()[-1]
     assert url == f"http://127.0.0.1:{port}"
     return url
@@ -138,7 +183,7 @@ from ray.util.state import list_actors
 
 ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
 nodes = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
-actors = list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=10000)
+actors = list_actors(address=sys.argv[2], filters=[("state", "=", "ALIVE")], detail=True, limit=10000)
 print(json.dumps({"nodes": nodes, "actors": [{"class_name": a.class_name, "node_id": a.node_id} for a in actors]}))
 """
 
@@ -158,7 +203,7 @@ def test_a_job_runs_end_to_end_across_the_two_nodes(deployed, api_key):
 
 
 def test_transformer_replica_is_on_the_second_node_and_the_rest_on_the_head(two_nodes, deployed):
-    r = _run([sys.executable, "-c", PLACEMENT, two_nodes["address"]], two_nodes["env"])
+    r = _run([sys.executable, "-c", PLACEMENT, two_nodes["address"], two_nodes["dashboard"]], two_nodes["env"])
     state = json.loads(r.stdout.strip().splitlines()[-1])
     (worker_node,) = [nid for nid, res in state["nodes"].items() if res.get("worker_node") == 1]
     (head_node,) = [nid for nid in state["nodes"] if nid != worker_node]
