@@ -1,6 +1,6 @@
 """The `cinevivid` command line: the whole argparse tree, composed here. The commands' handlers
-live with what they drive: `serve.ops.launcher` (up, down), `serve.ops.admin` (users, keys),
-`serve.ops.models` (models), `client.cli` (generate, videos).
+live with what they drive: `serve.ops.launcher` (up, down), `serve.ops.kuberay` (kuberay),
+`serve.ops.admin` (users, keys), `serve.ops.models` (models), `client.cli` (generate, videos).
 
     python -m serve.ops.cli --help          # or the `cinevivid` entry point
 """
@@ -15,7 +15,7 @@ from typing import Callable
 
 from client import cli as client_cmds
 from client.http import DEFAULT_URL
-from serve.ops import admin, launcher, models
+from serve.ops import admin, kuberay, launcher, models
 
 
 def _command(sub: argparse._SubParsersAction, name: str, summary: str,
@@ -75,6 +75,24 @@ def _add_launcher(sub: argparse._SubParsersAction) -> None:
 
     _command(sub, "env", "print shell exports that point ray.init() and the ray CLI at the stack `up` started",
              launcher.cmd_env, epilog='eval "$(cinevivid env)" sets RAY_ADDRESS, RAY_AUTH_MODE and RAY_AUTH_TOKEN_PATH.')
+
+
+def _add_kuberay(sub: argparse._SubParsersAction) -> None:
+    k = _command(sub, "kuberay", "write a KubeRay RayService manifest for a Serve config", kuberay.cmd_kuberay,
+                 epilog="The worker group is sized from the deployments' GPU fractions at their largest "
+                        "replica counts, packed into --gpus-per-worker GPU pods. The manifests for the "
+                        "presets are in configs/kuberay/.")
+    k.add_argument("--config", required=True, help="the Serve config file, e.g. configs/<preset>.yaml")
+    k.add_argument("-o", "--output", default=None, help="write the manifest here (default: stdout)")
+    k.add_argument("--name", default=None, help="the RayService's name (default: cinevivid-<config file name>)")
+    k.add_argument("--image", default=None,
+                   help="the container image with CineVivid installed (default: cinevivid:<version>)")
+    k.add_argument("--gpus-per-worker", type=int, default=kuberay.GPUS_PER_WORKER,
+                   help=f"GPUs per worker pod (default: {kuberay.GPUS_PER_WORKER})")
+    k.add_argument("--secret", default="cinevivid",
+                   help="the Secret with jwt-secret, database-url, elevenlabs-api-key (default: cinevivid)")
+    k.add_argument("--data-pvc", default="cinevivid-data",
+                   help="the ReadWriteMany PersistentVolumeClaim for the data dir (default: cinevivid-data)")
 
 
 def _add_admin(sub: argparse._SubParsersAction) -> None:
@@ -155,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_models(sub)
     _add_launcher(sub)
+    _add_kuberay(sub)
     _add_admin(sub)
     _add_client(sub)
     return parser
