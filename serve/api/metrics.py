@@ -1,5 +1,7 @@
-"""Prometheus metrics of the HTTP layer (requests by route template, method and status, with
-latencies), registered beside the job metrics (`serve.jobs.metrics`) so `/metrics` renders both."""
+"""Prometheus metrics of the HTTP layer, registered beside the job metrics (`serve.jobs.metrics`)
+so `/metrics` renders both: `http_requests_total{route,method,status}` and
+`http_request_duration_seconds{route,method}`. `route` is the matched route's path template
+(`/v1/videos/{video_id}`), never a raw id; a path no route matches is counted as `unmatched`."""
 
 from __future__ import annotations
 
@@ -9,6 +11,10 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+UNMATCHED_ROUTE = "unmatched"
+# any other method a client sends is counted as "other" (a label value per made-up method would
+# let clients grow the series without bound)
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
@@ -17,9 +23,9 @@ class HttpMetrics:
 
     def __init__(self, registry: CollectorRegistry):
         self.registry = registry
-        self.requests = Counter("cinevivid_http_requests", "HTTP requests by route, method and status",
+        self.requests = Counter("http_requests", "HTTP requests by route template, method and status",
                                 ["route", "method", "status"], registry=registry)
-        self.latency = Histogram("cinevivid_http_request_duration_seconds", "HTTP request latency",
+        self.latency = Histogram("http_request_duration_seconds", "HTTP request latency by route template",
                                  ["route", "method"], buckets=LATENCY_BUCKETS, registry=registry)
 
     def render(self) -> bytes:
@@ -48,7 +54,8 @@ class MetricsMiddleware:
             await self.app(scope, receive, send_wrapper)
         finally:
             route = scope.get("route")
-            label = getattr(route, "path", None) or "unmatched"
+            label = getattr(route, "path", None) or UNMATCHED_ROUTE
             method = scope.get("method", "")
+            method = method if method in KNOWN_METHODS else "other"
             self.metrics.requests.labels(label, method, str(status)).inc()
             self.metrics.latency.labels(label, method).observe(time.perf_counter() - start)
