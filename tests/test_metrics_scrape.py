@@ -1,22 +1,34 @@
 """GET /metrics after real jobs: the same HTTP app as the Ingress (in this process, its own SQLite
 database) driving the deployed Generator of the tiny model. What Prometheus would scrape: requests
 by route template (never a raw id) and status, the job, stage and denoising-step histograms, failures
-by error code, the health of each service, free disk; no GPU family on a machine without NVML."""
+by error code, the health of each service, free disk; no GPU family on a machine without NVML.
+And a real Prometheus server (Debian `prometheus`) with configs/prometheus/ scraping the deployed app."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import shutil
+import subprocess
 import time
+from pathlib import Path
 
+import httpx
+import pytest
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import GRAPH_APP
 from promql import cinevivid_exportable, sample_names
-from tests.http_fixtures import local_service, make_local_user
+from serve.ops.serve_env import free_port
+from tests.http_fixtures import *  # noqa: F401,F403
+from tests.http_fixtures import local_service, make_local_user, wait_for_status
+
+PROM = Path(__file__).resolve().parents[1] / "configs" / "prometheus"
 
 DONE = {"prompt": "a lighthouse", "size": "32x32", "num_frames": 5, "num_inference_steps": 3, "seed": 1}
-LONG = {"prompt": "a long one", "size": "256x256", "num_frames": 65, "num_inference_steps": 100}  # cancelled
+LONG = {"prompt": "a long one", "size": "128x128", "num_frames": 33, "num_inference_steps": 100}  # cancelled
 
 
 async def _wait(c, h, vid: str, statuses: set[str], timeout_s: float = 180.0) -> dict:
@@ -131,3 +143,86 @@ async def test_a_queued_cancel_is_counted_too(graph_app, tmp_path):
         assert _value(samples, "cinevivid_jobs_finished_total", status="failed", reason="cancelled") == 1
         assert _value(samples, "cinevivid_queue_depth") == 0
         await c.delete(f"/v1/videos/{first}", headers=h)
+
+
+def _prometheus_binary() -> str:
+    path = shutil.which("prometheus")
+    if path is None:
+        msg = "the prometheus server is not installed: apt-get install prometheus"
+        if os.environ.get("CI"):
+            pytest.fail(msg + " -- CI is set, so this is an error, not a skip")
+        pytest.skip(msg)
+    return path
+
+
+def test_a_real_prometheus_scrapes_it_with_the_shipped_config(http_env, alice, tmp_path):
+    """configs/prometheus/prometheus.yml, pointed at this test's HTTP port (and scraping every
+    second), loaded by a real Prometheus: the `cinevivid` target is up, its series are queryable
+    with route templates as labels, and all the alerting rules load and evaluate."""
+    binary = _prometheus_binary()
+    vid = httpx.post(f"{http_env.url}/v1/videos", json={"prompt": "scraped", "num_inference_steps": 1},
+                     headers=alice.headers).json()["id"]
+    wait_for_status(http_env.url, alice.headers, vid, {"completed"})
+
+    cfg = yaml.safe_load((PROM / "prometheus.yml").read_text())
+    cfg["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
+    cfg["rule_files"] = [str(PROM / "alerting_rules.yml")]
+    jobs = {job["job_name"]: job for job in cfg["scrape_configs"]}
+    assert set(jobs) == {"cinevivid", "ray"}
+    jobs["cinevivid"]["static_configs"] = [{"targets": [http_env.url.split("://", 1)[1]]}]
+    jobs["ray"]["file_sd_configs"] = [{"files": [str(tmp_path / "no-ray-here.json")]}]  # hermetic
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(cfg))
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api/v1"
+    log = open(tmp_path / "prometheus.log", "wb")
+    proc = subprocess.Popen([binary, f"--config.file={tmp_path / 'prometheus.yml'}",
+                             f"--web.listen-address=127.0.0.1:{port}", f"--storage.tsdb.path={tmp_path / 'data'}"],
+                            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        def query(q: str) -> list:
+            with contextlib.suppress(httpx.HTTPError):
+                r = httpx.get(f"{api}/query", params={"query": q}, timeout=10)
+                if r.status_code == 200:
+                    return r.json()["data"]["result"]
+            return []
+
+        def eventually(fn, what: str, timeout_s: float = 90.0):
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline:
+                assert proc.poll() is None, (tmp_path / "prometheus.log").read_text()[-3000:]
+                out = fn()
+                if out:
+                    return out
+                time.sleep(0.5)
+            raise AssertionError(f"{what}; prometheus log:\n{(tmp_path / 'prometheus.log').read_text()[-3000:]}")
+
+        up = eventually(lambda: [r for r in query('up{job="cinevivid"}') if r["value"][1] == "1"],
+                        "the cinevivid target never came up")
+        assert len(up) == 1
+        series = eventually(lambda: query('http_requests_total{job="cinevivid", route="/v1/videos/{video_id}"}'),
+                            "no http_requests_total series for /v1/videos/{video_id}")
+        assert all(vid not in str(r["metric"]) for r in query('{job="cinevivid"}'))
+        assert {r["metric"]["method"] for r in series} == {"GET"}
+        assert eventually(lambda: query('disk_free_gb{job="cinevivid"}'), "no disk_free_gb")
+        assert query('gpu_memory_usage_percent') == []  # no GPU on this machine
+        assert eventually(lambda: query('cinevivid_job_duration_seconds_count{job="cinevivid"} > 0'),
+                          "no completed job in cinevivid_job_duration_seconds")
+
+        def rules_evaluated() -> list:
+            r = httpx.get(f"{api}/rules", params={"type": "alert"}, timeout=10).json()["data"]["groups"]
+            rules = [rule for g in r for rule in g["rules"]]
+            return rules if rules and all(rule["health"] == "ok" for rule in rules) else []
+
+        rules = eventually(rules_evaluated, "the alerting rules never all evaluated")
+        names = {rule["name"] for rule in rules}
+        assert {"HighErrorRate", "GPUMemoryHigh", "DiskSpaceLow", "JobQueueGrowing", "JobFailureRatioHigh",
+                "StageUnhealthy", "JobLatencyP95High"} <= names
+        # a healthy test stack: none of them fires
+        assert [rule["name"] for rule in rules if rule["state"] == "firing"] == []
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
