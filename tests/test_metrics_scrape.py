@@ -126,6 +126,13 @@ async def test_metrics_after_real_jobs(graph_app, tmp_path):
     assert "gpu_memory_usage_percent" not in text
     assert "cinevivid_http_requests_total" not in text
 
+    # cumulative series carry the replica's id (scrapes through the HTTP port reach any replica);
+    # gauges, the same whichever replica answers, do not
+    replica = service.dispatcher.owner
+    for s in samples:
+        cumulative = s.name.endswith(("_total", "_bucket", "_sum", "_count", "_created"))
+        assert (s.labels.get("replica") == replica) if cumulative else ("replica" not in s.labels), s
+
     # every series in the scrape is one the rules and dashboard checks know (tests/test_prometheus.py)
     assert sample_names(text_string_to_metric_families(text)) <= cinevivid_exportable(tmp_path / "x")
 
