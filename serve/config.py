@@ -298,6 +298,9 @@ class IngressConfig(_Strict):
     auth: AuthConfig = Field(default_factory=AuthConfig)
     webhooks: WebhooksConfig = Field(default_factory=WebhooksConfig)
     health_timeout_s: float = Field(default=5.0, gt=0)
+    # How often the ingress runs its /health checks by itself, for the `cinevivid_service_healthy`
+    # gauge that the StageUnhealthy alert reads; 0 = only when /health is called.
+    health_check_interval_s: float = Field(default=15.0, ge=0)
     # `openai-poll-after-ms` on video responses: how often the openai SDK's poll() asks again
     poll_after_ms: int = Field(default=1000, ge=10)
     mode: Literal["embedded", "production"] | None = None  # default: $CINEVIVID_MODE, else embedded

@@ -136,8 +136,18 @@ def test_bad_voiceover_is_refused_before_any_work(env, h, fake, voiceover, statu
     assert fake.tts_requests() == []
 
 
+def _tts_failures(url: str, provider: str, code: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == "cinevivid_tts_failures_total" and s.labels.get("provider") == provider
+               and s.labels.get("code") == code)
+
+
 def test_a_tts_failure_fails_the_job_with_its_code(env, h, fake):
     fake.reset()
+    failures_before = _tts_failures(env.url, "elevenlabs", "tts_quota_exceeded")
     fake.fail_next(401, QUOTA_EXCEEDED)
     r = httpx.post(f"{env.url}/v1/videos", headers=h, timeout=30,
                    json={"prompt": "a storm", **SPEC, "voiceover": {"text": "Thunder.", "provider": "elevenlabs"}})
@@ -149,6 +159,8 @@ def test_a_tts_failure_fails_the_job_with_its_code(env, h, fake):
     assert KEY not in json.dumps(video)
     content = httpx.get(f"{env.url}/v1/videos/{video['id']}/content", headers=h, timeout=30)
     assert content.status_code >= 400  # no silent video was stored
+    # and /metrics counts it as a voice-over failure of that provider, with that code
+    assert _tts_failures(env.url, "elevenlabs", "tts_quota_exceeded") == failures_before + 1
 
 
 def test_voices_endpoint(env, h):

@@ -13,9 +13,9 @@ import socket
 import time
 import uuid
 
-from serve.config import DispatcherConfig
+from serve.config import DispatcherConfig, TTSConfig
 from serve.contracts import FAILED, ErrorInfo, ProgressEvent, ResolvedSpec
-from serve.errors import CineVividError, GenerationCancelled, JobLost, unwrap_error
+from serve.errors import CineVividError, GenerationCancelled, JobLost, TTSError, unwrap_error
 from serve.jobs.artifacts import ArtifactStore
 from serve.jobs.events import ProgressBroker
 from serve.jobs.generator_client import GeneratorClient
@@ -27,13 +27,15 @@ logger = logging.getLogger(__name__)
 
 class Dispatcher:
     def __init__(self, store: JobStore, generator: GeneratorClient, artifacts: ArtifactStore,
-                 broker: ProgressBroker, metrics: JobMetrics, config: DispatcherConfig):
+                 broker: ProgressBroker, metrics: JobMetrics, config: DispatcherConfig,
+                 tts_config: TTSConfig | None = None):
         self.store = store
         self.generator = generator
         self.artifacts = artifacts
         self.broker = broker
         self.metrics = metrics
         self.config = config
+        self.tts_config = tts_config or TTSConfig()
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._running: dict[str, asyncio.Task] = {}
         self._cancel_reason: dict[str, str] = {}
@@ -97,7 +99,7 @@ class Dispatcher:
                         for job_id in ids:
                             logger.warning("job %s: lease expired; now %s", job_id, status)
                             if status == FAILED:
-                                self.metrics.jobs_finished.labels("failed", "max_attempts_exceeded").inc()
+                                self.metrics.observe_failure("max_attempts_exceeded")
                 while len(self._running) < self.config.max_concurrent_jobs and not self._stopping:
                     job = await self.store.claim(self.owner, self.config.lease_seconds)
                     if job is None:
@@ -158,10 +160,7 @@ class Dispatcher:
                 await self.artifacts.delete(video_path, thumb_path)
                 raise JobLost()
             elapsed = time.time() - started
-            self.metrics.job_duration.observe(elapsed)
-            self.metrics.jobs_finished.labels("completed", "").inc()
-            for t in result.timings:
-                self.metrics.stage_duration.labels(t.stage).observe(max(0.0, t.end - t.start))
+            self.metrics.observe_result(result, elapsed)
             self._publish(job_id, type="status", status="completed", progress=100)
             log.info("job %s: completed in %.2fs (%d bytes)", job_id, elapsed, len(result.mp4))
         except asyncio.CancelledError:
@@ -184,7 +183,7 @@ class Dispatcher:
                 param = getattr(err, "param", None)
                 log.error("job %s: failed: %s: %s", job_id, code, message)
                 await self._safe(self.store.fail(job_id, self.owner, code=code, message=message, param=param))
-                self.metrics.jobs_finished.labels("failed", code).inc()
+                self.metrics.observe_failure(code, tts_provider=self._tts_provider(job, err))
                 self._publish(job_id, type="status", status="failed", progress=state["progress"],
                               error=ErrorInfo(code=code, message=message, param=param))
         finally:
@@ -202,10 +201,25 @@ class Dispatcher:
             self._publish(job_id, type="status", status="deleted")
             return
         await self._safe(self.store.fail(job_id, self.owner, code="cancelled", message="the job was cancelled"))
-        self.metrics.jobs_finished.labels("failed", "cancelled").inc()
+        self.metrics.observe_failure("cancelled")
         log.info("job %s: cancelled", job_id)
         self._publish(job_id, type="status", status="failed",
                       error=ErrorInfo(code="cancelled", message="the job was cancelled"))
+
+    def _tts_provider(self, job: dict, err: BaseException) -> str | None:
+        """The voice-over provider of a job that failed in its TTS stage (else None): the one the
+        spec names, or the one the configured default resolves to (as the TTS stage resolves it)."""
+        if not (isinstance(err, TTSError) or getattr(err, "stage", None) == "tts"):
+            return None
+        try:
+            voiceover = ResolvedSpec.model_validate_json(job["spec"]).voiceover
+        except Exception:  # noqa: BLE001
+            voiceover = None
+        if voiceover is None:
+            return "unknown"
+        from serve.pipeline.voiceover import resolve_provider
+
+        return voiceover.provider or resolve_provider(voiceover, self.tts_config)
 
     @staticmethod
     def _cancel_stream(stream) -> None:

@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 from serve.config import AppArgs, IngressConfig, ModelConfig, TTSConfig
-from serve.contracts import IN_PROGRESS, QUEUED, SIZE_MULTIPLE, VAE_TEMPORAL_FACTOR, GenerationSpec, ResolvedSpec
+from serve.contracts import FAILED, IN_PROGRESS, QUEUED, SIZE_MULTIPLE, VAE_TEMPORAL_FACTOR, GenerationSpec, ResolvedSpec
 from serve.errors import NotFound
 from serve.jobs.artifacts import ArtifactStore
 from serve.jobs.db import Database
@@ -41,15 +41,16 @@ class JobService:
         self.db = Database(self.config.resolved_database_url(), busy_timeout_ms=self.config.sqlite_busy_timeout_ms)
         self.store = JobStore(self.db)
         self.artifacts = ArtifactStore(self.config.resolved_data_dir())
-        self.metrics = JobMetrics()
+        self.metrics = JobMetrics(data_dir=self.artifacts.root)
         self.broker = ProgressBroker(self.config.dispatcher.subscriber_history)
         self.dispatcher = Dispatcher(self.store, generator, self.artifacts, self.broker, self.metrics,
-                                     self.config.dispatcher)
+                                     self.config.dispatcher, self.tts_cfg)
         self.webhook_store = WebhookStore(self.db, self.config.webhooks)
         self.webhooks = WebhookWorker(self.webhook_store, self.config.webhooks, self.metrics)
         self.store.on_webhooks = self.webhooks.wake  # a job that finishes here is announced at once
         self._started = False
         self._migrate_task: asyncio.Task | None = None
+        self._health_task: asyncio.Task | None = None
 
     @staticmethod
     def _limited_model(model: ModelConfig, config: IngressConfig) -> ModelConfig:
@@ -78,6 +79,8 @@ class JobService:
             return
         self._started = True
         self.artifacts.ensure()
+        if self.config.health_check_interval_s > 0:
+            self._health_task = asyncio.create_task(self._check_health_periodically(), name="cinevivid-health")
         try:
             await self.db.migrate()
         except Exception:  # the database may be down; /health says so, the dispatcher retries
@@ -106,8 +109,9 @@ class JobService:
         if not self._started:
             return
         self._started = False
-        if self._migrate_task:
-            self._migrate_task.cancel()
+        for task in (self._migrate_task, self._health_task):
+            if task:
+                task.cancel()
         await self.dispatcher.stop()  # first: a job released or failed now still queues its webhooks
         await self.webhooks.stop()
         await self.db.dispose()
@@ -148,9 +152,12 @@ class JobService:
         return await self.submit(user_id, GenerationSpec.model_validate(spec), remixed_from=src["id"])
 
     async def cancel(self, user_id: str, job_id: str) -> dict:
+        before = await self.store.get(job_id, user_id)
         job = await self.store.request_cancel(job_id, user_id)
         if job is None:
             raise NotFound(f"no video with id {job_id!r}", param="video_id")
+        if before is not None and before["status"] == QUEUED and job["status"] == FAILED:
+            self.metrics.observe_failure("cancelled")  # failed here, in the queue (a running job: by its dispatcher)
         if job["status"] == IN_PROGRESS:
             if self.dispatcher.cancel_local(job_id, "cancelled"):
                 await self._wait_not_running(job_id)
@@ -197,7 +204,6 @@ class JobService:
             services["database"] = {"status": "unhealthy", "detail": f"unreachable: {type(exc).__name__}: {exc}"[:300]}
         try:
             disk = await asyncio.to_thread(self.artifacts.check_writable)
-            self.metrics.disk_free.set(disk["free_bytes"])
             services["storage"] = {"status": "healthy", "detail": f"{disk['free_bytes'] // 2**20} MiB free"}
         except Exception as exc:  # noqa: BLE001
             services["storage"] = {"status": "unhealthy", "detail": f"{type(exc).__name__}: {exc}"[:300]}
@@ -218,7 +224,17 @@ class JobService:
             overall = "unhealthy"
         else:
             overall = "degraded"
+        self.metrics.set_health(services)
         return {"status": overall, "services": services}
+
+    async def _check_health_periodically(self) -> None:
+        """Keep the per-service health gauge current when nobody calls /health."""
+        while True:
+            try:
+                await self.health()
+            except Exception:  # noqa: BLE001 - health() reports failures; this is a safety net
+                logger.warning("periodic health check failed", exc_info=True)
+            await asyncio.sleep(self.config.health_check_interval_s)
 
     def _gpu_health(self) -> dict:
         try:
@@ -229,7 +245,6 @@ class JobService:
             parts = []
             for i in range(torch.cuda.device_count()):
                 free, total = torch.cuda.mem_get_info(i)
-                self.metrics.gpu_memory.labels(str(i)).set(total - free)
                 parts.append(f"cuda:{i} {(total - free) // 2**20}/{total // 2**20} MiB")
             return {"status": "healthy", "detail": "; ".join(parts)}
         except Exception as exc:  # noqa: BLE001
@@ -240,12 +255,6 @@ class JobService:
         for status, n in counts.items():
             self.metrics.jobs_by_status.labels(status).set(n)
         self.metrics.queue_depth.set(counts.get(QUEUED, 0))
-        try:
-            disk = await asyncio.to_thread(self.artifacts.check_writable)
-            self.metrics.disk_free.set(disk["free_bytes"])
-        except Exception:  # noqa: BLE001
-            pass
-        self._gpu_health()
 
     async def admin_stats(self) -> dict:
         counts = await self.store.counts_by_status()
