@@ -159,3 +159,14 @@ async def make_local_user(service, admin: bool = False) -> dict:
     user = await auth.create_user(name, "pw-" + name, "admin" if admin else "user")
     key = await auth.create_api_key(user["id"], "t")
     return {"Authorization": f"Bearer {key['key']}"}
+
+
+async def wait_local(c, h, vid, statuses, timeout_s=120.0) -> dict:
+    """Poll GET /v1/videos/{vid} on an in-process client until its status is one of `statuses`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        v = (await c.get(f"/v1/videos/{vid}", headers=h)).json()
+        if v["status"] in statuses:
+            return v
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{vid} never reached {statuses}: {v}")

@@ -10,7 +10,7 @@ import json
 import pytest
 
 from tests.http_fixtures import *  # noqa: F401,F403
-from tests.http_fixtures import local_service, make_local_user
+from tests.http_fixtures import local_service, make_local_user, wait_local
 
 
 def _err(r, status, code=None, param=None) -> dict:
@@ -52,20 +52,13 @@ async def test_hostile_bodies_are_4xx(http_env, tmp_path):
              400, "invalid_request", "prompt")
 
 
-async def wait_done(c, h, vid) -> dict:
-    for _ in range(1200):
-        v = (await c.get(f"/v1/videos/{vid}", headers=h)).json()
-        if v["status"] in ("completed", "failed"):
-            return v
-        await asyncio.sleep(0.05)
-    raise AssertionError(v)
 
 
 async def test_ranges_and_a_download_racing_a_delete(http_env, tmp_path):
     async with local_service(tmp_path) as (service, c):
         h = await make_local_user(service)
         vid = (await c.post("/v1/videos", json={"prompt": "ranges", "num_inference_steps": 1}, headers=h)).json()["id"]
-        assert (await wait_done(c, h, vid))["status"] == "completed"
+        assert (await wait_local(c, h, vid, {"completed", "failed"}))["status"] == "completed"
         whole = await c.get(f"/v1/videos/{vid}/content", headers=h)
         assert whole.status_code == 200 and whole.headers["accept-ranges"] == "bytes"
         data, size = whole.content, len(whole.content)

@@ -14,20 +14,13 @@ from client.http import aiter_events, iter_events
 from serve.jobs.db import Database
 from serve.jobs.store import JobStore
 from tests.http_fixtures import *  # noqa: F401,F403
+from tests.http_fixtures import wait_local
 from tests.http_fixtures import HTTP_APP, local_service, make_local_user, wait_for_status, wait_healthy
 
 HEAVY = {"prompt": "a long one", "size": "256x256", "num_frames": 65, "num_inference_steps": 100}
 MEDIUM = {"prompt": "medium", "size": "128x128", "num_frames": 17, "num_inference_steps": 12}
 
 
-async def wait_local(c, h, vid, statuses, timeout_s=120.0) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        v = (await c.get(f"/v1/videos/{vid}", headers=h)).json()
-        if v["status"] in statuses:
-            return v
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"{vid} never reached {statuses}: {v}")
 
 
 def test_sse_progress_goes_up_one_event_per_step_and_ends_completed(http_env, alice):

@@ -6,7 +6,6 @@ And a real Prometheus server (Debian `prometheus`) with configs/prometheus/ scra
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import shutil
@@ -23,6 +22,7 @@ from conftest import GRAPH_APP
 from promql import cinevivid_exportable, sample_names
 from serve.ops.serve_env import free_port
 from tests.http_fixtures import *  # noqa: F401,F403
+from tests.http_fixtures import wait_local
 from tests.http_fixtures import local_service, make_local_user, wait_for_status
 
 PROM = Path(__file__).resolve().parents[1] / "configs" / "prometheus"
@@ -31,14 +31,6 @@ DONE = {"prompt": "a lighthouse", "size": "32x32", "num_frames": 5, "num_inferen
 LONG = {"prompt": "a long one", "size": "128x128", "num_frames": 33, "num_inference_steps": 100}  # cancelled
 
 
-async def _wait(c, h, vid: str, statuses: set[str], timeout_s: float = 180.0) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        v = (await c.get(f"/v1/videos/{vid}", headers=h)).json()
-        if v["status"] in statuses:
-            return v
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"{vid} never reached {statuses}: {v}")
 
 
 def _samples(text: str) -> list:
@@ -54,15 +46,15 @@ async def test_metrics_after_real_jobs(graph_app, tmp_path):
         h = await make_local_user(service)
         # a job that completes, and what a client does with it
         done = (await c.post("/v1/videos", json=DONE, headers=h)).json()["id"]
-        assert (await _wait(c, h, done, {"completed", "failed"}))["status"] == "completed"
+        assert (await wait_local(c, h, done, {"completed", "failed"}))["status"] == "completed"
         assert (await c.get(f"/v1/videos/{done}/content", headers=h)).status_code == 200
         assert (await c.get(f"/v1/videos/{done}/content?variant=thumbnail", headers=h)).status_code == 200
         assert (await c.get("/v1/videos?limit=5", headers=h)).status_code == 200
         # a job cancelled while it runs fails with the code "cancelled"
         long = (await c.post("/v1/videos", json=LONG, headers=h)).json()["id"]
-        await _wait(c, h, long, {"in_progress"})
+        await wait_local(c, h, long, {"in_progress"})
         assert (await c.post(f"/v1/videos/{long}/cancel", headers=h)).status_code == 200
-        failed = await _wait(c, h, long, {"failed"})
+        failed = await wait_local(c, h, long, {"failed"})
         assert failed["error"]["code"] == "cancelled"
         # client errors: an unknown video (route matched), a path no route matches, no credentials
         assert (await c.get("/v1/videos/video_does_not_exist", headers=h)).status_code == 404
@@ -143,7 +135,7 @@ async def test_a_queued_cancel_is_counted_too(graph_app, tmp_path):
         h = await make_local_user(service)
         first = (await c.post("/v1/videos", json=LONG, headers=h)).json()["id"]
         queued = (await c.post("/v1/videos", json=DONE, headers=h)).json()["id"]
-        await _wait(c, h, first, {"in_progress"})
+        await wait_local(c, h, first, {"in_progress"})
         assert (await c.get(f"/v1/videos/{queued}", headers=h)).json()["status"] == "queued"
         assert (await c.post(f"/v1/videos/{queued}/cancel", headers=h)).json()["status"] == "failed"
         samples = _samples((await c.get("/metrics")).text)

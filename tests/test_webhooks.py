@@ -21,6 +21,7 @@ from serve.jobs.db import Database
 from serve.jobs.store import JobStore
 from serve.jobs.webhook_store import WebhookStore
 from tests.http_fixtures import *  # noqa: F401,F403
+from tests.http_fixtures import wait_local
 from tests.http_fixtures import local_service, make_local_user
 from tests.webhook_receiver import WebhookReceiver
 
@@ -48,14 +49,6 @@ async def _register(c, h, receiver: WebhookReceiver, path: str, **body) -> dict:
     return endpoint
 
 
-async def _wait_status(c, h, vid, statuses, timeout_s=120.0) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        v = (await c.get(f"/v1/videos/{vid}", headers=h)).json()
-        if v["status"] in statuses:
-            return v
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"{vid} never reached {statuses}: {v}")
 
 
 async def _deliveries(c, h, endpoint_id) -> list[dict]:
@@ -190,7 +183,7 @@ async def test_cancelled_videos_send_video_failed(http_env, tmp_path):
             ep = await _register(c, h, receiver, "/failed", events=["video.failed"])
             running = (await c.post("/v1/videos", json=HEAVY, headers=h)).json()["id"]
             queued = (await c.post("/v1/videos", json=FAST, headers=h)).json()["id"]
-            await _wait_status(c, h, running, {"in_progress"})
+            await wait_local(c, h, running, {"in_progress"})
             for vid in (queued, running):  # cancelled while queued, then while running
                 r = await c.post(f"/v1/videos/{vid}/cancel", headers=h)
                 assert r.status_code == 200 and r.json()["status"] == "failed", r.text
@@ -213,7 +206,7 @@ async def test_endpoint_deleted_before_delivery_gets_nothing(http_env, tmp_path)
             keep = await _register(c, h, receiver, "/keep")
             gone = await _register(c, h, receiver, "/gone")
             vid = (await c.post("/v1/videos", json=FAST, headers=h)).json()["id"]
-            await _wait_status(c, h, vid, {"completed"})
+            await wait_local(c, h, vid, {"completed"})
             for ep in (keep, gone):
                 [d] = await _deliveries(c, h, ep["id"])
                 assert d["status"] == "pending" and d["attempts"] == 0 and d["video_id"] == vid
