@@ -4,10 +4,7 @@ own database) against the deployed Generator."""
 
 from __future__ import annotations
 
-import asyncio
-import json
 
-import pytest
 
 from tests.http_fixtures import *  # noqa: F401,F403
 from tests.http_fixtures import local_service, make_local_user, wait_local
