@@ -32,8 +32,9 @@ ROOT = Path(__file__).resolve().parents[1]
 APP = "cinevivid"
 STEPS = 3
 
-# The Transformer needs `worker_node`, which only the second node has; that node offers exactly
-# the one CPU the Transformer takes, so nothing else can be placed there and the rest stays on the head.
+# The Transformer needs `worker_node`, which only the second node has; every other stage asks for a
+# sliver of `head_node`, which only the head has. (Leaving them free to go anywhere raced: a small
+# replica could land on the worker first and take the CPU the Transformer needs.)
 TRANSFORMER = {"ray_actor_options": {"num_cpus": 1, "resources": {"worker_node": 1}},
                "max_ongoing_requests": 4, "max_queued_requests": 16}
 WORKER_NODE_CPUS = 1
@@ -41,7 +42,7 @@ HEAD_NODE_CPUS = 4
 
 
 def serve_config(http_port: int) -> dict:
-    small = {"ray_actor_options": {"num_cpus": 0.2}}
+    small = {"ray_actor_options": {"num_cpus": 0.2, "resources": {"head_node": 0.01}}}
     return {
         "proxy_location": "HeadOnly",
         "http_options": {"host": "127.0.0.1", "port": http_port, "request_timeout_s": 300},
@@ -53,7 +54,7 @@ def serve_config(http_port: int) -> dict:
                           "num_frames": 5, "fps": 8, "num_inference_steps": STEPS},
                 "tts": {"providers": ["none"], "default_provider": "none"},
                 "deployments": {"transformer": TRANSFORMER, "text_encoder": small, "vae": small,
-                                "generator": {"ray_actor_options": {"num_cpus": 0.1}},
+                                "generator": {"ray_actor_options": {"num_cpus": 0.1, "resources": {"head_node": 0.01}}},
                                 "ingress": small},
             },
         }],
@@ -141,7 +142,7 @@ def two_nodes(tiny_model_dir):
     dashboard = free_port()
     common = ["--node-ip-address=127.0.0.1", "--disable-usage-stats", "--object-store-memory=100000000"]
     head = [_ray(), "start", "--head", f"--temp-dir={base / 'head'}", f"--port={gcs}", *common,
-            f"--num-cpus={HEAD_NODE_CPUS}",
+            f"--num-cpus={HEAD_NODE_CPUS}", '--resources={"head_node": 1}',
             "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
             f"--ray-client-server-port={free_port()}", *_node_ports()]
     worker = [_ray(), "start", f"--address={address}", f"--temp-dir={base / 'worker'}", *common,
