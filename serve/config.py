@@ -231,7 +231,7 @@ class TTSConfig(_Strict):
 #           backoff_initial_s: 5         # wait after the 1st failed attempt; doubles each time ...
 #           backoff_max_s: 3600          # ... up to this
 #           timeout_s: 10                # one POST to an endpoint (connect + send + answer)
-#           poll_interval_s: 1.0         # look for due deliveries this often (finishing jobs here wake it)
+#           poll_interval_s: 5.0         # look for due deliveries this often (finishing jobs here wake it)
 #         poll_after_ms: 1000            # openai-poll-after-ms header: the SDK's poll() interval
 #
 # The model's own bounds (`ModelConfig.max_*`) always apply; these can only narrow them.
@@ -271,7 +271,7 @@ class WebhooksConfig(_Strict):
     backoff_initial_s: float = Field(default=5.0, ge=0)  # after the 1st failure; doubles each time
     backoff_max_s: float = Field(default=3600.0, ge=0)
     timeout_s: float = Field(default=10.0, gt=0)  # one POST
-    poll_interval_s: float = Field(default=1.0, gt=0)  # look for due deliveries this often
+    poll_interval_s: float = Field(default=5.0, gt=0)  # look for due deliveries this often (a finish here wakes it)
     max_concurrent_deliveries: int = Field(default=8, ge=1)  # POSTs in flight on one replica
     # A claimed delivery is this replica's until then; a replica that died mid-send loses it after.
     lease_seconds: float = Field(default=60.0, gt=0)

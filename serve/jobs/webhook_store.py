@@ -193,6 +193,9 @@ class WebhookStore:
         free = or_(webhook_deliveries.c.lease_expires_at.is_(None), webhook_deliveries.c.lease_expires_at < now)
         due = and_(webhook_deliveries.c.status == PENDING, webhook_deliveries.c.next_attempt_at <= now, free)
         claimed: list[str] = []
+        async with self.db.read() as conn:  # nothing due (the usual case): no write lock taken
+            if (await conn.execute(select(webhook_deliveries.c.id).where(due).limit(1))).first() is None:
+                return []
         async with self.db.write() as conn:
             cands = (await conn.execute(select(webhook_deliveries.c.id).where(due)
                                         .order_by(webhook_deliveries.c.next_attempt_at, webhook_deliveries.c.seq)
