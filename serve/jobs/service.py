@@ -79,16 +79,18 @@ class JobService:
             return
         self._started = True
         self.artifacts.ensure()
-        if self.config.health_check_interval_s > 0:
-            self._health_task = asyncio.create_task(self._check_health_periodically(), name="cinevivid-health")
         try:
             await self.db.migrate()
         except Exception:  # the database may be down; /health says so, the dispatcher retries
             logger.exception("database migration failed at startup (%s); will retry", self._safe_db_url())
             self._migrate_task = asyncio.create_task(self._retry_migrate())
-            return
-        await self.dispatcher.start()
-        await self.webhooks.start()
+        else:
+            await self.dispatcher.start()
+            await self.webhooks.start()
+        # after the first migration attempt: a health check's connection must not race the one that
+        # switches a new SQLite file to WAL
+        if self.config.health_check_interval_s > 0:
+            self._health_task = asyncio.create_task(self._check_health_periodically(), name="cinevivid-health")
 
     async def _retry_migrate(self) -> None:
         delay = 1.0
