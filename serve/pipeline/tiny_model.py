@@ -68,11 +68,19 @@ def _train_tokenizer():
     )
 
 
-def build_tiny_pipeline(seed: int = 0):
-    """Build the tiny SkyReelsV2Pipeline in memory (random weights from `seed`)."""
+def build_tiny_pipeline(seed: int = 0, variant: str = "t2v"):
+    """Build the tiny pipeline in memory (random weights from `seed`).
+
+    `variant` "t2v": a `SkyReelsV2Pipeline` whose transformer has the config of the T2V and
+    DF-14B checkpoints (no fps conditioning); the embedded default, which runs T2V and, by
+    diffusion forcing, long video. "df": a `SkyReelsV2DiffusionForcingPipeline` whose transformer
+    has the DF-1.3B config (`inject_sample_info`: an fps embedding that only the DF pipeline
+    feeds; `SkyReelsV2Pipeline` cannot run it). Same seed -> the same weights in both, apart from
+    the fps layers of "df"."""
     import torch
     from diffusers import (
         AutoencoderKLWan,
+        SkyReelsV2DiffusionForcingPipeline,
         SkyReelsV2Pipeline,
         SkyReelsV2Transformer3DModel,
         UniPCMultistepScheduler,
@@ -112,6 +120,7 @@ def build_tiny_pipeline(seed: int = 0):
         cross_attn_norm=True,
         qk_norm="rms_norm_across_heads",
         rope_max_seq_len=32,
+        inject_sample_info=variant == "df",
     ).eval()
     torch.manual_seed(seed + 2)
     vae = AutoencoderKLWan(
@@ -127,12 +136,15 @@ def build_tiny_pipeline(seed: int = 0):
         num_train_timesteps=1000,
         flow_shift=8.0,
     )
-    return SkyReelsV2Pipeline(
+    if variant not in ("t2v", "df"):
+        raise ValueError(f"unknown tiny model variant {variant!r}")
+    pipeline_class = SkyReelsV2DiffusionForcingPipeline if variant == "df" else SkyReelsV2Pipeline
+    return pipeline_class(
         tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae, scheduler=scheduler
     )
 
 
-def make_tiny_model(path: str | os.PathLike, seed: int = 0, overwrite: bool = False) -> Path:
+def make_tiny_model(path: str | os.PathLike, seed: int = 0, overwrite: bool = False, variant: str = "t2v") -> Path:
     """Write the tiny pipeline to `path` atomically (temp folder, then rename). Idempotent."""
     target = Path(path).expanduser().resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -141,7 +153,7 @@ def make_tiny_model(path: str | os.PathLike, seed: int = 0, overwrite: bool = Fa
             return target
         tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
         try:
-            build_tiny_pipeline(seed).save_pretrained(tmp, safe_serialization=True)
+            build_tiny_pipeline(seed, variant).save_pretrained(tmp, safe_serialization=True)
             if target.exists():
                 shutil.rmtree(target)
             os.replace(tmp, target)
