@@ -8,6 +8,10 @@ caller hands them straight to the VAE without copying them through itself.
 Requests of the same shape (size, frames, steps, guidance, shift) that arrive together run as one
 batch, bounded by `levers.batch_max_size` and a token budget. A caller that cancels its stream is
 dropped from its batch at the next step boundary; nothing is decoded for it.
+
+A diffusion-forcing job (long video, `spec.is_diffusion_forcing`) runs alone, window by window
+(`serve.pipeline.diffusion_forcing`), with one "step" event per transformer iteration counted over
+all its windows, and ends with the latents of the whole video like a T2V job.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from ray import serve
 
 from serve.config import LeversConfig, ModelConfig
 from serve.pipeline.denoising import DenoiseJob, DenoiseLoop, LoopSettings
+from serve.pipeline.diffusion_forcing import DFJob, DFSettings, DiffusionForcingLoop
 from serve.errors import GenerationCancelled, StageError
 from serve.contracts import DenoisedLatents, ProgressEvent, PromptEmbeds, ResolvedSpec, dit_tokens
 from serve.pipeline.levers import apply_levers, lever_state
@@ -75,6 +80,8 @@ class Transformer:
             step_cache = StepCache(threshold=self.levers.step_cache_threshold)
         apply_levers(transformer, None, self.levers)  # torch.compile when switched on
         self.loop = DenoiseLoop(transformer, scheduler.config, self.device, step_cache=step_cache, fault=fault)
+        # long video: the same transformer, window by window (no step cache, no batching)
+        self.df_loop = DiffusionForcingLoop(transformer, scheduler.config, self.device, fault=fault)
         self._pending: list[_Ticket] = []
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
@@ -115,6 +122,9 @@ class Transformer:
         if not self._pending:
             return []
         first = self._pending[0]
+        if first.spec.is_diffusion_forcing:  # a DF job runs alone
+            self._pending = self._pending[1:]
+            return [first]
         key = first.spec.shape_key()
         batch, budget = [first], self.levers.batch_token_budget - job_tokens(first.spec)
         for ticket in self._pending[1:]:
@@ -141,6 +151,8 @@ class Transformer:
     async def _run_batch(self, batch: list[_Ticket]) -> None:
         loop = asyncio.get_running_loop()
         spec = batch[0].spec
+        if spec.is_diffusion_forcing:
+            return await self._run_df(batch[0])
 
         def step_callback(ticket: _Ticket):
             def on_step(step: int, total: int) -> None:
@@ -189,6 +201,56 @@ class Transformer:
                 ticket.events.put_nowait(DenoisedLatents(ref=[self._hold(ray.put(job.result))]))
                 ticket.events.put_nowait(_DONE)
 
+    async def _run_df(self, ticket: _Ticket) -> None:
+        """One diffusion-forcing job, window by window; the same events and result as a T2V job."""
+        loop = asyncio.get_running_loop()
+        spec = ticket.spec
+
+        def on_step(step: int, total: int) -> None:
+            loop.call_soon_threadsafe(ticket.events.put_nowait, ProgressEvent(
+                type="step", stage=STAGE, step=step, total_steps=total))
+
+        def on_window(index: int, num_windows: int, latents) -> None:
+            logger.info("[job %s] window %d/%d done (%d latent frames)", ticket.job_id, index + 1, num_windows,
+                        latents.shape[2])
+
+        job = DFJob(seed=spec.seed, prompt_embeds=ticket.embeds.prompt_embeds,
+                    negative_prompt_embeds=ticket.embeds.negative_prompt_embeds,
+                    is_cancelled=ticket.cancelled.is_set, on_step=on_step, on_window=on_window)
+        settings = DFSettings(width=spec.width, height=spec.height, num_frames=spec.num_frames,
+                              num_inference_steps=spec.num_inference_steps, guidance_scale=spec.guidance_scale,
+                              flow_shift=spec.flow_shift, fps=spec.fps, base_num_frames=spec.base_num_frames,
+                              overlap_history=spec.overlap_history, ar_step=spec.ar_step,
+                              causal_block_size=spec.causal_block_size,
+                              addnoise_condition=spec.addnoise_condition)
+        ticket.events.put_nowait(ProgressEvent(type="stage", stage=STAGE, stage_status="started"))
+        self.batches_run.append(1)
+        logger.info("[job %s] diffusion forcing: %d frames in windows of %d", ticket.job_id, spec.num_frames,
+                    spec.base_num_frames)
+        error: BaseException | None = None
+        self.running += 1
+        try:
+            await asyncio.to_thread(self.df_loop.run, job, settings)
+        except GenerationCancelled as exc:
+            error = exc
+            self.cancellations.append({"job_id": ticket.job_id, "steps_after_cancel": 0})
+        except self._torch.OutOfMemoryError as exc:
+            error = StageError(f"out of memory in diffusion forcing at {spec.width}x{spec.height}, windows of "
+                               f"{spec.base_num_frames} frames", stage=STAGE, code="out_of_memory")
+            logger.error("transformer OOM: %s", exc)
+        except Exception as exc:  # noqa: BLE001 - any model failure becomes a typed stage error
+            logger.exception("transformer failed (diffusion forcing)")
+            error = StageError(f"diffusion forcing failed: {type(exc).__name__}: {exc}", stage=STAGE)
+            if "CUDA error" in str(exc):
+                self._fatal = str(exc)
+        finally:
+            self.running -= 1
+        if error is not None:
+            ticket.events.put_nowait(error)
+        else:
+            ticket.events.put_nowait(DenoisedLatents(ref=[self._hold(ray.put(job.result))]))
+            ticket.events.put_nowait(_DONE)
+
     def _hold(self, ref: ray.ObjectRef) -> ray.ObjectRef:
         now = time.monotonic()
         self._held_outputs.append((now, ref))
@@ -201,7 +263,7 @@ class Transformer:
     def stats(self) -> dict:
         cache = self.loop.step_cache
         return {"batches_run": list(self.batches_run), "pending": len(self._pending), "running": self.running,
-                "steps_run": self.loop.steps_run, "cancellations": list(self.cancellations), "levers": lever_state(transformer=self.loop.transformer),
+                "steps_run": self.loop.steps_run + self.df_loop.steps_run, "cancellations": list(self.cancellations), "levers": lever_state(transformer=self.loop.transformer),
                 "step_cache": cache.stats() if cache is not None and hasattr(cache, "stats") else None}
 
     def check_health(self) -> None:

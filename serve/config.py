@@ -25,6 +25,37 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
+class DiffusionForcingConfig(_Strict):
+    """Long video by diffusion forcing (`SkyReelsV2DiffusionForcingPipeline`): the model's
+    defaults for a DF job's fields, and its window bound. A request may set each field; see
+    `serve.pipeline.spec` for the rules."""
+
+    # "auto": a job runs by DF when its num_frames exceed base_num_frames or it sets a DF field,
+    # else as plain T2V; "always": every job (DF weights; DF-1.3B's fps conditioning needs it).
+    mode: Literal["auto", "always"] = "auto"
+    base_num_frames: int = Field(default=97, ge=5)  # frames per window (4k+1): 97 for 540P, 121 for 720P
+    max_base_num_frames: int = Field(default=121, ge=5)  # the largest window a request may ask for
+    overlap_history: int = Field(default=17, ge=1)  # frames carried into the next window (17 or 37)
+    ar_step: int = Field(default=0, ge=0)  # 0: synchronous; 5: asynchronous (with causal_block_size 5)
+    causal_block_size: int = Field(default=1, ge=1)  # latent frames per causal block
+    addnoise_condition: float = Field(default=20.0, ge=0)  # noise on the carried frames (20 recommended)
+
+    @model_validator(mode="after")
+    def _window(self):
+        if self.base_num_frames > self.max_base_num_frames:
+            raise ValueError("diffusion_forcing.base_num_frames must be <= max_base_num_frames")
+        for name in ("base_num_frames", "max_base_num_frames", "overlap_history"):
+            if (getattr(self, name) - 1) % 4:
+                raise ValueError(f"diffusion_forcing.{name} must be 4k+1")
+        base, overlap = (self.base_num_frames - 1) // 4 + 1, (self.overlap_history - 1) // 4 + 1
+        if overlap >= base:
+            raise ValueError("diffusion_forcing.overlap_history must be shorter than base_num_frames")
+        if base % self.causal_block_size or overlap % self.causal_block_size:
+            raise ValueError("diffusion_forcing.causal_block_size must divide the latent frames of "
+                             "base_num_frames and overlap_history ((frames - 1) / 4 + 1)")
+        return self
+
+
 class ModelConfig(_Strict):
     """One model the graph serves, with its defaults and the bounds a request must stay within."""
 
@@ -51,10 +82,16 @@ class ModelConfig(_Strict):
     min_size: int = 16
     max_width: int = 256
     max_height: int = 256
-    max_frames: int = 65
+    # the longest video: up to base_num_frames one window; beyond it diffusion forcing (the
+    # embedded default: 8 windows of 65 frames carrying 17 = 401 frames)
+    max_frames: int = 401
     max_steps: int = 100
     max_prompt_chars: int = 2000
     max_fps: int = 60
+    # Long video by diffusion forcing; None: T2V only (T2V weights). The embedded default: windows of
+    # 65 frames (its T2V limit, so every request that fits one runs as plain T2V, as before).
+    diffusion_forcing: DiffusionForcingConfig | None = Field(default_factory=lambda: DiffusionForcingConfig(
+        base_num_frames=65, max_base_num_frames=65))
 
     def all_names(self) -> set[str]:
         return {self.name, *self.aliases}

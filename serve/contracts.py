@@ -62,8 +62,22 @@ class GenerationSpec(BaseModel):
     flow_shift: float | None = None
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     voiceover: VoiceoverSpec | None = None
+    # Long video by diffusion forcing (models with a `diffusion_forcing` config); setting any of
+    # these makes the job a DF job. Defaults: the model's.
+    base_num_frames: int | None = None  # frames per window, 4k+1
+    overlap_history: int | None = None  # frames each window carries over from the one before, 4k+1
+    ar_step: int | None = None  # 0: synchronous; > 0: each causal block this many steps behind the last
+    causal_block_size: int | None = None  # latent frames per causal block
+    addnoise_condition: float | None = None  # noise mixed into the carried frames (0: none)
     # Debug/fidelity aid: also return the float32 frames in [0, 1] (what diffusers returns).
     return_frames: bool = False
+
+    def sets_diffusion_forcing(self) -> bool:
+        return any(getattr(self, name) is not None for name in DF_FIELDS)
+
+
+# the request fields of diffusion forcing
+DF_FIELDS = ("base_num_frames", "overlap_history", "ar_step", "causal_block_size", "addnoise_condition")
 
 
 class ResolvedSpec(BaseModel):
@@ -83,16 +97,26 @@ class ResolvedSpec(BaseModel):
     flow_shift: float
     seed: int
     voiceover: VoiceoverSpec | None = None
+    # Diffusion forcing: all set for a DF job, all None for a T2V job.
+    base_num_frames: int | None = None
+    overlap_history: int | None = None
+    ar_step: int | None = None
+    causal_block_size: int | None = None
+    addnoise_condition: float | None = None
     return_frames: bool = False
 
     @property
     def do_cfg(self) -> bool:
         return self.guidance_scale > 1.0
 
+    @property
+    def is_diffusion_forcing(self) -> bool:
+        return self.base_num_frames is not None
+
     def shape_key(self) -> tuple:
-        """Jobs with the same key can be denoised as one batch."""
+        """Jobs with the same key can be denoised as one batch (DF jobs run alone)."""
         return (self.model, self.width, self.height, self.num_frames, self.num_inference_steps,
-                self.guidance_scale, self.flow_shift)
+                self.guidance_scale, self.flow_shift, *(getattr(self, name) for name in DF_FIELDS))
 
 
 class PromptEmbeds(BaseModel):

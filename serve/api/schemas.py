@@ -72,8 +72,18 @@ class _GenerationExtensions(_Request):
     num_frames: int | None = None
     fps: int | None = None
     voiceover: VoiceoverSpec | None = None
+    # long video by diffusion forcing (on models that do it); any of these makes the job a DF job
+    base_num_frames: int | None = Field(default=None, description="Frames per window, 4k+1 (e.g. 97)")
+    overlap_history: int | None = Field(
+        default=None, description="Frames each window carries over from the one before, 4k+1 (e.g. 17)")
+    ar_step: int | None = Field(default=None, description="0: synchronous; > 0: asynchronous (e.g. 5)")
+    causal_block_size: int | None = Field(
+        default=None, description="Latent frames per causal block; divides a window's latent frames")
+    addnoise_condition: float | None = Field(
+        default=None, description="Noise mixed into the carried frames, 0..60 (20 recommended)")
 
-    @field_validator("seed", "num_inference_steps", "guidance_scale", "num_frames", "fps", mode="before")
+    @field_validator("seed", "num_inference_steps", "guidance_scale", "num_frames", "fps", "base_num_frames",
+                     "overlap_history", "ar_step", "causal_block_size", "addnoise_condition", mode="before")
     @classmethod
     def _not_a_boolean(cls, v: Any) -> Any:
         if isinstance(v, bool):  # JSON true/false is not a number (pydantic would take it as 1/0)

@@ -7,7 +7,12 @@ import secrets
 
 from serve.config import ModelConfig, TTSConfig
 from serve.errors import InvalidSpecError, UnknownModelError
-from serve.contracts import SIZE_MULTIPLE, VAE_TEMPORAL_FACTOR, GenerationSpec, ResolvedSpec
+from serve.contracts import (
+    DF_FIELDS, SIZE_MULTIPLE, VAE_TEMPORAL_FACTOR, GenerationSpec, ResolvedSpec, latent_frames,
+)
+
+# diffusers warns above this much added noise ("may cause inconsistencies"); SkyReels-V2 advises <= 50
+MAX_ADDNOISE_CONDITION = 60.0
 
 
 def resolve_spec(spec: GenerationSpec, model: ModelConfig, tts: TTSConfig | None = None) -> ResolvedSpec:
@@ -70,9 +75,74 @@ def resolve_spec(spec: GenerationSpec, model: ModelConfig, tts: TTSConfig | None
 
         voiceover = validate_voiceover(voiceover, tts or TTSConfig())
 
+    df = resolve_diffusion_forcing(spec, model, frames)
+
     seed = spec.seed if spec.seed is not None else secrets.randbelow(2**31)
     return ResolvedSpec(
         prompt=spec.prompt, negative_prompt=negative, model=model.name, width=width, height=height,
         num_frames=frames, fps=fps, num_inference_steps=steps, guidance_scale=float(guidance),
-        flow_shift=float(shift), seed=seed, voiceover=voiceover, return_frames=spec.return_frames,
+        flow_shift=float(shift), seed=seed, voiceover=voiceover, return_frames=spec.return_frames, **df,
     )
+
+
+def _frame_count(name: str, value: int, minimum: int = 1) -> None:
+    if value < minimum or (value - 1) % VAE_TEMPORAL_FACTOR != 0:
+        raise InvalidSpecError(f"{name} must be 4k+1 and at least {minimum} (e.g. 17, 37, 97), got {value}",
+                               param=name)
+
+
+def resolve_diffusion_forcing(spec: GenerationSpec, model: ModelConfig, frames: int) -> dict:
+    """The DF fields of the ResolvedSpec: all None for a T2V job; all filled and checked for a DF
+    job (the model does DF, and it always does, or the video is longer than a window, or the
+    request sets a DF field). Each failure names its field."""
+    cfg = model.diffusion_forcing
+    if cfg is None:
+        for name in DF_FIELDS:
+            if getattr(spec, name) is not None:
+                raise InvalidSpecError(f"{name}: model {model.name} does not do diffusion forcing (long video)",
+                                       param=name)
+        return {}
+    base = cfg.base_num_frames if spec.base_num_frames is None else spec.base_num_frames
+    if not (cfg.mode == "always" or frames > base or spec.sets_diffusion_forcing()):
+        return {}
+
+    _frame_count("base_num_frames", base, minimum=5)
+    if base > cfg.max_base_num_frames:
+        raise InvalidSpecError(f"base_num_frames must be at most {cfg.max_base_num_frames} for model "
+                               f"{model.name}, got {base}", param="base_num_frames")
+    overlap = cfg.overlap_history if spec.overlap_history is None else spec.overlap_history
+    _frame_count("overlap_history", overlap)
+    base_latent, overlap_latent = latent_frames(base), latent_frames(overlap)
+    if overlap_latent >= base_latent:
+        raise InvalidSpecError(f"overlap_history ({overlap}) must be shorter than base_num_frames ({base}) by "
+                               f"at least {VAE_TEMPORAL_FACTOR} frames", param="overlap_history")
+
+    ar_step = cfg.ar_step if spec.ar_step is None else spec.ar_step
+    if not 0 <= ar_step <= model.max_steps:
+        raise InvalidSpecError(f"ar_step must be between 0 (synchronous) and {model.max_steps}, got {ar_step}",
+                               param="ar_step")
+    block = cfg.causal_block_size if spec.causal_block_size is None else spec.causal_block_size
+    if block < 1:
+        raise InvalidSpecError(f"causal_block_size must be at least 1, got {block}", param="causal_block_size")
+    for name, value, latent in (("base_num_frames", base, base_latent), ("overlap_history", overlap, overlap_latent)):
+        if latent % block:
+            raise InvalidSpecError(
+                f"causal_block_size ({block}) must divide the latent frames of {name} ({value} frames = "
+                f"{latent} latent frames, (frames - 1) / 4 + 1)", param="causal_block_size")
+    noise = cfg.addnoise_condition if spec.addnoise_condition is None else spec.addnoise_condition
+    if not 0 <= noise <= MAX_ADDNOISE_CONDITION:
+        raise InvalidSpecError(f"addnoise_condition must be between 0 and {MAX_ADDNOISE_CONDITION:g} "
+                               f"(20 is recommended), got {noise}", param="addnoise_condition")
+
+    from serve.pipeline.diffusion_forcing import plan_windows
+
+    windows = plan_windows(frames, base, overlap, block).window_latent_frames
+    if windows[-1] % block:
+        fits = [n for n in range(frames - 4 * 2 * block, frames + 4 * 2 * block + 1, VAE_TEMPORAL_FACTOR)
+                if 1 <= n <= model.max_frames and plan_windows(n, base, overlap, block).window_latent_frames[-1]
+                % block == 0]
+        raise InvalidSpecError(
+            f"num_frames={frames} leaves a last window of {windows[-1]} latent frames, not a multiple of "
+            f"causal_block_size ({block}); nearby num_frames that fit: {fits}", param="num_frames")
+    return {"base_num_frames": base, "overlap_history": overlap, "ar_step": ar_step, "causal_block_size": block,
+            "addnoise_condition": float(noise)}
