@@ -4,6 +4,7 @@ through Ray Serve and runs the job dispatcher that drives the `Generator` deploy
 from __future__ import annotations
 
 import logging
+import os
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -19,6 +20,11 @@ logger = logging.getLogger(__name__)
 @serve.ingress()
 class Ingress:
     def __init__(self, generator: DeploymentHandle, app_args: dict):
+        # Serve starts this replica's own uvicorn after __init__; by default uvicorn takes
+        # X-Forwarded-For from any 127.0.0.1 peer as the client, and Ray's HAProxy (that peer)
+        # passes a client's header through untouched, so anyone could pick their address. The
+        # app sees the real TCP peer and believes X-Forwarded-For only from `trusted_proxies`.
+        os.environ["FORWARDED_ALLOW_IPS"] = ""
         # Configuration errors (e.g. no JWT secret in production mode) fail the deployment here.
         self.service = JobService(app_args, HandleGeneratorClient(generator))
         self.http_app = create_app(self.service)  # (not `app`: Serve's ASGI wrapper owns that name)

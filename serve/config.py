@@ -254,7 +254,17 @@ class TTSConfig(_Strict):
 #           max_concurrent_jobs_per_user: 4   # 429 too_many_active_jobs + Retry-After (queued + in_progress)
 #           rate_limit_per_minute: 600   # 429 rate_limit_exceeded + Retry-After (token bucket per user)
 #           rate_limit_burst: 120
+#           rate_limit_scope: cluster    # one bucket per user across ingress replicas (shared actor) | replica
 #           max_list_limit: 100          # 400 invalid_request, param limit (GET /v1/videos)
+#           max_api_keys_per_user: 20    # 409 api_key_limit_reached (POST /v1/api-keys; revoke one first)
+#           failed_auth:                 # 429 too_many_failed_attempts + Retry-After (serve.api.throttle)
+#             login_failures_per_username: 5
+#             login_failures_per_address: 20
+#             credential_failures_per_address: 20   # bad API keys / bearer tokens
+#             window_s: 900              # counts are forgotten after this long without a failure
+#             lockout_s: 60              # first lockout; doubles with each further attempt ...
+#             max_lockout_s: 900         # ... up to this
+#         trusted_proxies: []            # IPs/CIDRs whose X-Forwarded-For is believed (see IngressConfig)
 #         dispatcher:
 #           max_concurrent_jobs: 2       # jobs one ingress replica runs at once; the rest wait queued
 #           lease_seconds: 30            # claimed job's lease, renewed every lease/3 while it runs
@@ -273,6 +283,28 @@ class TTSConfig(_Strict):
 #
 # The model's own bounds (`ModelConfig.max_*`) always apply; these can only narrow them.
 
+class FailedAuthConfig(_Strict):
+    """Brute-force throttles (`serve.api.throttle`, kept in the database): failed logins per
+    username and per client address, failed API keys / tokens per client address. Past a
+    threshold the next attempt is a 429 too_many_failed_attempts with Retry-After; every attempt
+    while locked (right or wrong) locks again for twice as long, up to `max_lockout_s`. Counts are
+    forgotten after `window_s` without a failure; a successful login clears its username's."""
+
+    enabled: bool = True
+    login_failures_per_username: int = Field(default=5, ge=1)
+    login_failures_per_address: int = Field(default=20, ge=1)
+    credential_failures_per_address: int = Field(default=20, ge=1)  # bad API keys / bearer tokens
+    window_s: float = Field(default=900.0, gt=0)
+    lockout_s: float = Field(default=60.0, gt=0)  # the first lockout; doubles with each further one
+    max_lockout_s: float = Field(default=900.0, gt=0)
+
+    @model_validator(mode="after")
+    def _cap_above_first(self):
+        if self.max_lockout_s < self.lockout_s:
+            raise ValueError("failed_auth.max_lockout_s must be >= lockout_s")
+        return self
+
+
 class LimitsConfig(_Strict):
     """Per-request and per-user limits. Model bounds (resolution, frames, steps, prompt length)
     come from the model's `ModelConfig`; these narrow them further where set."""
@@ -286,7 +318,13 @@ class LimitsConfig(_Strict):
     max_concurrent_jobs_per_user: int = Field(default=4, ge=1)  # queued + in_progress; more -> 429
     rate_limit_per_minute: float = Field(default=600.0, gt=0)  # authenticated requests per user
     rate_limit_burst: int = Field(default=120, ge=1)
+    # "cluster": one bucket per user for all ingress replicas (a shared Ray actor, see
+    # serve.api.ratelimit); "replica": a bucket per user in each replica (no hop, N replicas allow N x)
+    rate_limit_scope: Literal["cluster", "replica"] = "cluster"
     max_list_limit: int = Field(default=100, ge=1)
+    # active (unrevoked) API keys one user may hold; POST /v1/api-keys past it -> 409 api_key_limit_reached
+    max_api_keys_per_user: int = Field(default=20, ge=1)
+    failed_auth: FailedAuthConfig = Field(default_factory=FailedAuthConfig)
 
 
 class DispatcherConfig(_Strict):
@@ -334,6 +372,11 @@ class IngressConfig(_Strict):
     dispatcher: DispatcherConfig = Field(default_factory=DispatcherConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
     webhooks: WebhooksConfig = Field(default_factory=WebhooksConfig)
+    # Proxies (IP or CIDR) whose X-Forwarded-For is believed, for the client address the failed-auth
+    # throttles count by. Empty: the address is the TCP peer. Ray's HAProxy adds no X-Forwarded-For,
+    # so behind it alone the peer is that HAProxy and every client shares one address; list a load
+    # balancer that appends X-Forwarded-For *and* the HAProxy nodes to count per real client.
+    trusted_proxies: list[str] = Field(default_factory=list)
     health_timeout_s: float = Field(default=5.0, gt=0)
     # How often the ingress runs its /health checks by itself, for the `cinevivid_service_healthy`
     # gauge that the StageUnhealthy alert reads; 0 = only when /health is called.
@@ -341,6 +384,17 @@ class IngressConfig(_Strict):
     # `openai-poll-after-ms` on video responses: how often the openai SDK's poll() asks again
     poll_after_ms: int = Field(default=1000, ge=10)
     mode: Literal["embedded", "production"] | None = None  # default: $CINEVIVID_MODE, else embedded
+
+    @model_validator(mode="after")
+    def _proxies_are_networks(self):
+        import ipaddress
+
+        for p in self.trusted_proxies:
+            try:
+                ipaddress.ip_network(p, strict=False)
+            except ValueError:
+                raise ValueError(f"trusted_proxies: {p!r} is not an IP address or network") from None
+        return self
 
     def resolved_mode(self) -> str:
         return self.mode or os.environ.get("CINEVIVID_MODE", "embedded")

@@ -97,6 +97,12 @@ class TooManyJobsError(RateLimited):
     code = "too_many_active_jobs"
 
 
+class TooManyFailedAttempts(RateLimited):
+    """Sign-ins from this client or for this username are locked after repeated failures."""
+
+    code = "too_many_failed_attempts"
+
+
 # -- generation -------------------------------------------------------------------------------
 class StageError(CineVividError):
     """A model stage failed (out of memory, a bad checkpoint, ...). `stage` names it."""

@@ -61,19 +61,26 @@ def http_ingress_args(data_dir: Path, **overrides) -> dict:
                "dispatcher": {"max_concurrent_jobs": 2, "lease_seconds": 3.0, "poll_interval_s": 0.2,
                               "progress_write_interval_s": 0.1},
                "limits": {"rate_limit_per_minute": 100000, "rate_limit_burst": 100000,
-                          "max_concurrent_jobs_per_user": 100}}
+                          "max_concurrent_jobs_per_user": 100,
+                          # every test client is 127.0.0.1: one address for the whole session
+                          "failed_auth": {"login_failures_per_username": 1000,
+                                          "login_failures_per_address": 100000,
+                                          "credential_failures_per_address": 100000}}}
     for k, v in overrides.items():
         ingress[k] = {**ingress.get(k, {}), **v} if isinstance(v, dict) else v
     return ingress
 
 
-def deploy_http_app(name: str, data_dir: Path, http_url: str, **ingress_overrides) -> None:
+def deploy_http_app(name: str, data_dir: Path, http_url: str, ingress_deployment: dict | None = None,
+                    **ingress_overrides) -> None:
+    """Deploy the HTTP app as `name` (route prefix /name). `ingress_deployment` is laid over the
+    Ingress's Serve options (e.g. {"num_replicas": 2})."""
     from ray import serve
 
     from serve.app import build_app
 
     args = tiny_app_args(name=name, with_ingress=True, ingress=http_ingress_args(data_dir, **ingress_overrides),
-                         deployments={"ingress": SMALL})
+                         deployments={"ingress": {**SMALL, **(ingress_deployment or {})}})
     serve.run(build_app(args), name=name, route_prefix=f"/{name}" if name != HTTP_APP else "/")
 
 

@@ -38,7 +38,7 @@ async def _new(store, user="u1", **kw):
 
 async def test_schema_is_managed_by_alembic_with_wal(store):
     async with store.db.read() as conn:
-        assert (await conn.execute(text("SELECT version_num FROM alembic_version"))).scalar_one() == "0003_webhooks"
+        assert (await conn.execute(text("SELECT version_num FROM alembic_version"))).scalar_one() == "0004_auth_failures"
         if not store.db.url.startswith("sqlite"):
             return
         assert (await conn.execute(text("PRAGMA journal_mode"))).scalar_one() == "wal"

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import jwt
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
-from sqlalchemy import insert, select, update
+from sqlalchemy import func, insert, select, update
 
 from serve.config import IngressConfig
 from serve.errors import AuthError, CineVividError, ConfigurationError, ConflictError
@@ -118,11 +118,21 @@ class Authenticator:
             raise AuthError("the access token is invalid", code="invalid_token") from None
 
     # ---- API keys ----
-    async def create_api_key(self, user_id: str, name: str = "") -> dict:
+    async def create_api_key(self, user_id: str, name: str = "", *, max_active: int | None = None) -> dict:
+        """A new key (the only time its secret is returned). With `max_active`, a user who
+        already holds that many unrevoked keys gets a 409 api_key_limit_reached instead."""
         key = new_api_key()
         row = {"id": f"key_{uuid.uuid4().hex[:24]}", "user_id": user_id, "name": name[:128],
                "prefix": key[:10], "key_hash": hash_api_key(key), "created_at": time.time()}
         async with self.db.write() as conn:
+            if max_active is not None:
+                # the user's row serialises concurrent creates (SQLite's BEGIN IMMEDIATE already does)
+                await conn.execute(select(users.c.id).where(users.c.id == user_id).with_for_update())
+                have = (await conn.execute(select(func.count()).select_from(api_keys).where(
+                    api_keys.c.user_id == user_id, api_keys.c.revoked_at.is_(None)))).scalar_one()
+                if have >= max_active:
+                    raise ConflictError(f"you have {have} active API keys; the limit is {max_active}. Revoke one "
+                                        "(DELETE /v1/api-keys/{id}) first", code="api_key_limit_reached")
             await conn.execute(insert(api_keys).values(**row))
         return {**_key_view(row), "key": key}
 

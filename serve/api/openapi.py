@@ -12,7 +12,7 @@ from serve.api.schemas import ErrorEnvelope
 
 _ERRORS = {"400": "Invalid request", "401": "Missing or invalid credentials", "403": "Needs the admin role",
            "404": "Not found (including another user's video)", "413": "Request body too large",
-           "422": "Validation error naming the field", "429": "Rate or concurrency limit (see Retry-After)",
+           "422": "Validation error naming the field", "429": "Rate or concurrency limit, or too many failed sign-ins (see Retry-After)",
            "503": "A service the request needs is unavailable", "507": "The server's storage is full"}
 
 

@@ -3,10 +3,12 @@ routes, auth, health, metrics, OpenAPI, an offline docs page and the web UI (`/u
 builds it; the `Ingress` deployment serves it through Ray Serve, and it runs as well under bare
 uvicorn.
 
-Authentication and the per-user rate limit live here; the job service knows users only by id."""
+Authentication, the brute-force throttles and the per-user rate limit live here; the job service
+knows users only by id."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from typing import AsyncIterator, Callable
@@ -25,12 +27,13 @@ from serve.api.content import file_response
 from serve.api.errors import EXCEPTION_HANDLERS
 from serve.api.metrics import HttpMetrics, MetricsMiddleware
 from serve.api.middleware import BodyLimitMiddleware
-from serve.api.ratelimit import RateLimiter
+from serve.api.ratelimit import SharedRateLimiter
 from serve.api.requests import read_body, spec_from_openai
 from serve.api.sse import job_events
+from serve.api.throttle import FailedAuthThrottle, client_address, parse_networks
 from serve.api.ui import ui_asset, ui_index
 from serve.contracts import GenerationSpec
-from serve.errors import CineVividError, InvalidSpecError, NotFound, PermissionDenied, RateLimited
+from serve.errors import AuthError, CineVividError, InvalidSpecError, NotFound, PermissionDenied, RateLimited
 from serve.config import IngressConfig
 from serve.jobs.service import VERSION, JobService
 
@@ -44,12 +47,14 @@ def _json(model: type[BaseModel], data, status: int = 200, headers: dict | None 
 @dataclass
 class Api:
     """What the endpoints share, kept in `app.state.api`: the job service, authentication, the
-    per-user rate limit and the HTTP metrics."""
+    failed-auth throttles, the per-user rate limit and the HTTP metrics."""
 
     service: JobService
     auth: Authenticator
-    rate_limiter: RateLimiter
+    throttle: FailedAuthThrottle
+    rate_limiter: SharedRateLimiter
     http_metrics: HttpMetrics
+    trusted_proxies: list
 
     @property
     def config(self) -> IngressConfig:
@@ -59,12 +64,26 @@ class Api:
     def poll_after_ms(self) -> str:
         return str(self.service.config.poll_after_ms)
 
+    def client_address(self, request: Request) -> str:
+        return client_address(request, self.trusted_proxies)
+
+
+# Refused credentials that count towards the address's failed-auth throttle (a missing header
+# or an expired token is no guess).
+_COUNTED_AUTH_FAILURES = {"invalid_api_key", "api_key_revoked", "invalid_token"}
+
 
 async def _principal(request: Request) -> Principal:
-    """The caller (401 without valid credentials), within its request rate (else 429)."""
+    """The caller (401 without valid credentials; 429 once its address has failed too often),
+    within its request rate (else 429)."""
     api: Api = request.app.state.api
-    p = await api.auth.authenticate(request.headers.get("authorization"))
-    wait = api.rate_limiter.check(p.user_id)
+    try:
+        p = await api.auth.authenticate(request.headers.get("authorization"))
+    except AuthError as exc:
+        if exc.code in _COUNTED_AUTH_FAILURES:
+            await api.throttle.credential_failed(api.client_address(request))
+        raise
+    wait = await api.rate_limiter.check(p.user_id)
     if wait > 0:
         raise RateLimited(f"rate limit of {api.config.limits.rate_limit_per_minute:g} requests per minute "
                           "exceeded", retry_after_s=wait)
@@ -115,14 +134,23 @@ async def docs(request: Request) -> Response:
 async def login(request: Request) -> Response:
     api: Api = request.app.state.api
     req = await read_body(request, m.LoginRequest)
-    return _json(m.TokenResponse, await api.auth.login(req.username, req.password))
+    address = api.client_address(request)
+    await api.throttle.check_login(req.username, address)  # 429 while locked, before any password check
+    try:
+        token = await api.auth.login(req.username, req.password)
+    except AuthError:
+        await api.throttle.login_failed(req.username, address)
+        raise
+    await api.throttle.login_succeeded(req.username)
+    return _json(m.TokenResponse, token)
 
 
 async def create_key(request: Request) -> Response:
     api: Api = request.app.state.api
     p = await _principal(request)
     req = await read_body(request, m.ApiKeyCreateRequest, allow_empty=True)
-    return _json(m.ApiKeyCreated, await api.auth.create_api_key(p.user_id, req.name), status=201)
+    key = await api.auth.create_api_key(p.user_id, req.name, max_active=api.config.limits.max_api_keys_per_user)
+    return _json(m.ApiKeyCreated, key, status=201)
 
 
 async def list_keys(request: Request) -> Response:
@@ -334,7 +362,8 @@ API_ROUTES = [
     R("/auth/login", login, ["POST"], "Exchange username and password for a bearer JWT", req=m.LoginRequest,
       resp=m.TokenResponse, auth=None),
     R("/v1/api-keys", create_key, ["POST"], "Create an API key (the secret is shown once)",
-      req=m.ApiKeyCreateRequest, resp=m.ApiKeyCreated, status=201, body_optional=True),
+      req=m.ApiKeyCreateRequest, resp=m.ApiKeyCreated, status=201, body_optional=True,
+      errors={"409": "You hold the most active API keys allowed; revoke one first (code api_key_limit_reached)"}),
     R("/v1/api-keys", list_keys, ["GET"], "List your API keys", resp=m.ApiKeyList),
     R("/v1/api-keys/{key_id}", revoke_key, ["DELETE"], "Revoke an API key"),
     R("/v1/videos", create_video, ["POST"], "Create a video job (JSON or multipart form)",
@@ -401,17 +430,23 @@ def create_app(service: JobService, *, manage_lifecycle: bool = True) -> Starlet
     # A configuration error (e.g. no JWT secret in production) fails here, at replica start.
     auth = Authenticator(service.db, load_jwt_secret(config), token_ttl_s=config.auth.token_ttl_s,
                          issuer=config.auth.issuer)
-    api = Api(service=service, auth=auth,
-              rate_limiter=RateLimiter(config.limits.rate_limit_per_minute, config.limits.rate_limit_burst),
-              http_metrics=HttpMetrics(service.metrics.registry, replica=service.dispatcher.owner))
+    limits = config.limits
+    api = Api(service=service, auth=auth, throttle=FailedAuthThrottle(service.db, limits.failed_auth),
+              rate_limiter=SharedRateLimiter(limits.rate_limit_per_minute, limits.rate_limit_burst,
+                                             app_name=service.app_args.name,
+                                             shared=limits.rate_limit_scope == "cluster"),
+              http_metrics=HttpMetrics(service.metrics.registry, replica=service.dispatcher.owner),
+              trusted_proxies=parse_networks(config.trusted_proxies))
 
     @contextlib.asynccontextmanager
     async def lifespan(app) -> AsyncIterator[None]:
         if manage_lifecycle:
             await service.start()
+        warming = asyncio.create_task(api.rate_limiter.warm())
         try:
             yield
         finally:
+            warming.cancel()
             if manage_lifecycle:
                 await service.stop()
 

@@ -127,6 +127,19 @@ webhook_attempts = Table(
 )
 
 
+# Failed sign-ins (serve.api.throttle), one row per throttled subject: "user:<name>" or
+# "addr:<ip>" for logins, "cred:<ip>" for bad API keys / tokens. Written only on failures.
+auth_failures = Table(
+    "auth_failures", metadata,
+    Column("key", String(200), primary_key=True),
+    Column("failures", Integer, nullable=False, server_default=text("0")),
+    Column("lockouts", Integer, nullable=False, server_default=text("0")),
+    Column("last_failure_at", Float, nullable=False),
+    Column("locked_until", Float, nullable=False, server_default=text("0")),
+    Index("ix_auth_failures_last_failure_at", "last_failure_at"),
+)
+
+
 def is_sqlite(url: str) -> bool:
     return make_url(url).get_backend_name() == "sqlite"
 

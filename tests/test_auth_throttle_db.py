@@ -1,0 +1,61 @@
+"""The failed-auth counts and the API-key cap on their own (no Ray), on SQLite and PostgreSQL:
+two "replicas" (two engines on one database) failing at once count every failure once, and
+concurrent key creations never pass the cap."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from serve.api.auth import Authenticator
+from serve.api.throttle import FailedAuthThrottle
+from serve.config import FailedAuthConfig
+from serve.errors import ConflictError, TooManyFailedAttempts
+from serve.jobs.db import Database
+
+from pg_server import new_database
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def url(request, tmp_path):
+    if request.param == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path / 'auth.db'}"
+    return await new_database(request.getfixturevalue("postgres_server"))
+
+
+async def test_two_replicas_share_one_count(url):
+    cfg = FailedAuthConfig(login_failures_per_username=6, login_failures_per_address=1000, lockout_s=30,
+                           max_lockout_s=120)
+    a, b = Database(url), Database(url)
+    await a.migrate()
+    try:
+        ta, tb = FailedAuthThrottle(a, cfg), FailedAuthThrottle(b, cfg)
+        # six failures, three through each replica, all at once: the sixth locks
+        await asyncio.gather(*[t.login_failed("carol", "192.0.2.1") for t in (ta, tb) * 3])
+        with pytest.raises(TooManyFailedAttempts) as locked:
+            await tb.check_login("carol", "192.0.2.99")
+        assert 55 <= locked.value.retry_after_s <= 60  # refused while locked: the lock doubled
+        await ta.check_login("dave", "192.0.2.1")  # other names are not affected
+        await ta.login_succeeded("carol")
+        await tb.check_login("carol", "192.0.2.1")
+    finally:
+        await a.dispose()
+        await b.dispose()
+
+
+async def test_concurrent_key_creations_stay_under_the_cap(url):
+    a, b = Database(url), Database(url)
+    await a.migrate()
+    try:
+        auth_a, auth_b = Authenticator(a, secret="-"), Authenticator(b, secret="-")
+        user = await auth_a.create_user("erin", "pw")
+        results = await asyncio.gather(*[auth.create_api_key(user["id"], "k", max_active=3)
+                                         for auth in (auth_a, auth_b) * 4], return_exceptions=True)
+        assert sum(isinstance(r, dict) for r in results) == 3, results
+        assert all(isinstance(r, ConflictError) and r.code == "api_key_limit_reached"
+                   for r in results if not isinstance(r, dict)), results
+        assert len(await auth_a.list_api_keys(user["id"])) == 3
+    finally:
+        await a.dispose()
+        await b.dispose()
