@@ -42,12 +42,12 @@ def df_pipeline():
     return build_tiny_pipeline(seed=0, variant="df")
 
 
-def reference_frames(pipe, case: dict) -> np.ndarray:
+def reference_frames(pipe, case: dict, output_type: str = "np") -> np.ndarray:
     torch.manual_seed(addnoise_seed(SEED))  # diffusers draws addnoise_condition's noise from the global RNG
-    frames = pipe(PROMPT, negative_prompt=NEGATIVE, generator=torch.Generator().manual_seed(SEED),
-                  max_sequence_length=512, **SIZE, **case).frames[0]
+    out = pipe(PROMPT, negative_prompt=NEGATIVE, generator=torch.Generator().manual_seed(SEED),
+               max_sequence_length=512, output_type=output_type, **SIZE, **case).frames
     pipe.transformer._set_ar_attention(1)  # diffusers leaves causal_block_size on the model
-    return frames
+    return out.numpy() if output_type == "latent" else out[0]
 
 
 def run_loop(pipe, case: dict, **job_kw) -> tuple[DFJob, np.ndarray]:
@@ -69,9 +69,12 @@ def test_frames_equal_diffusers_df_pipeline(df_pipeline, name):
                         case["causal_block_size"])
     assert plan.num_windows == (1 if name == "one-window" else 3)
     expected = reference_frames(df_pipeline, case)
-    _, frames = run_loop(df_pipeline, case)
+    job, frames = run_loop(df_pipeline, case)
     assert frames.shape == expected.shape == (case["num_frames"], 32, 32, 3)
     assert np.abs(frames - expected).max() <= 1e-5
+    # the latents too: the tiny VAE damps differences (another addnoise_condition noise moves the
+    # latents by ~3e-3 but the frames by only ~3e-6)
+    assert np.abs(job.result - reference_frames(df_pipeline, case, "latent")).max() <= 1e-5
     # causal_block_size is put back on the shared transformer: a T2V job after this one sees none
     assert df_pipeline.transformer.config.num_frame_per_block == 1
 
