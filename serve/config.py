@@ -410,6 +410,23 @@ class IngressConfig(_Strict):
         return f"sqlite+aiosqlite:///{self.resolved_data_dir() / 'cinevivid.db'}"
 
 
+class HTTPFrontConfig(_Strict):
+    """HAProxy on the HTTP port (serve/ops/haproxy_front.py). Ray reads it from the environment
+    when the cluster starts, so it applies to the Ray cluster `cinevivid up` starts (a running
+    cluster keeps what it started with; `cinevivid down` then `up` to change it)."""
+
+    # `timeout http-request`: a request's head, and its body up to HAProxy's 16 KiB buffer, must
+    # arrive within this; a client that trickles them is answered 408 (in the error envelope) and
+    # its connection closed
+    request_timeout_s: int = Field(default=10, ge=1, le=3600)
+    # `timeout client`: a client silent this long while it should be sending (the rest of a larger
+    # upload) or reading is cut (Ray's default is 3600 s; SSE streams send a keepalive every 15 s)
+    client_idle_timeout_s: int = Field(default=60, ge=1, le=86400)
+    # HAProxy's stats page (no auth, shows the backends' addresses): off; true puts it on
+    # 127.0.0.1 at the port in RAY_SERVE_HAPROXY_STATS_PORT (a free one per cluster by default)
+    stats: bool = False
+
+
 class AppArgs(_Strict):
     """Everything the app builder needs. serve_config.yaml's `args:` validates into this."""
 
@@ -421,6 +438,7 @@ class AppArgs(_Strict):
     tts: TTSConfig = Field(default_factory=TTSConfig)
     with_ingress: bool = True
     ingress: IngressConfig = Field(default_factory=IngressConfig)
+    http_front: HTTPFrontConfig = Field(default_factory=HTTPFrontConfig)
     # Chaos testing only: make a stage fail at run time the way it would in production
     # ("oom": torch.OutOfMemoryError inside the model call; "error": a RuntimeError).
     fault_injection: dict[Literal["transformer", "vae"], Literal["oom", "error"]] = Field(default_factory=dict)

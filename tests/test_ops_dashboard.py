@@ -6,13 +6,20 @@ the Ray dashboard on. One stack for the module:
   cluster's token (header, or the sign-in cookie), and refuses requests without it;
 - the README's "Using it from a Ray job" snippet runs as printed in a separate driver process;
 - `eval "$(cinevivid env)"` then a plain `ray.init()` joins the same cluster;
+- every socket the stack listens on is on the loopback address (the default config);
+- a client that trickles its request head or body is answered 408 and cut after the configured
+  `http_front.request_timeout_s`; HAProxy's own answers to malformed requests;
+- a taken HTTP port is one clear line naming it and `--port`, with nothing left running; a second
+  stack (its own cache dir, `--port`) runs beside the first and stops without touching it;
 - `cinevivid down` leaves no process of that cluster.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import select
 import socket
 import subprocess
 import sys
@@ -49,7 +56,8 @@ def clean_env(cache_dir: Path) -> dict[str, str]:
     """A user's shell: this checkout on PYTHONPATH, the stack's cache dir, and none of the Ray
     settings of the test session (its HAProxy files/ports, any cluster address or token)."""
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("RAY_SERVE_HAPROXY_", "RAY_ADDRESS", "RAY_AUTH_"))}
+           if not k.startswith(("RAY_SERVE_HAPROXY_", "RAY_SERVE_FALLBACK_PROXY_", "RAY_ADDRESS", "RAY_AUTH_",
+                                "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "CINEVIVID_HTTP_", "CINEVIVID_HAPROXY_"))}
     env.update(PYTHONPATH=str(ROOT), CINEVIVID_CACHE_DIR=str(cache_dir))
     return env
 
@@ -59,11 +67,16 @@ def cinevivid(env: dict, *args: str, timeout: float = 120) -> subprocess.Complet
                           env=env, cwd=ROOT, timeout=timeout)
 
 
+REQUEST_TIMEOUT_S = 2  # the stack's http_front.request_timeout_s: short, for the slow-client tests
+
+
 def small_config(path: Path, data_dir: Path, http_port: int) -> Path:
-    """serve_config.yaml (all six deployments) with a free HTTP port and its own data dir."""
+    """serve_config.yaml (all six deployments) with a free HTTP port, its own data dir and a short
+    request timeout; its network settings are the defaults."""
     config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     config["http_options"]["port"] = http_port
     config["applications"][0]["args"]["ingress"] = {"data_dir": str(data_dir)}
+    config["applications"][0]["args"]["http_front"] = {"request_timeout_s": REQUEST_TIMEOUT_S}
     path.write_text(yaml.safe_dump(config))
     return path
 
@@ -93,7 +106,8 @@ def stack(tmp_path_factory):
     base = tmp_path_factory.mktemp("dash")
     cache_dir = base / "cache"
     env = clean_env(cache_dir)
-    config = small_config(base / "serve_config.yaml", base / "data", free_port())
+    http_port = free_port()
+    config = small_config(base / "serve_config.yaml", base / "data", http_port)
     dashboard_port = free_port()
     up = cinevivid(env, "up", "--detach", "--config", str(config), "--num-cpus", "8",
                    "--dashboard-port", str(dashboard_port), "--timeout", "400", timeout=600)
@@ -101,6 +115,7 @@ def stack(tmp_path_factory):
     try:
         assert up.returncode == 0, up.stderr[-3000:]
         yield {"env": env, "cache_dir": cache_dir, "base": base, "stdout": up.stdout, "stderr": up.stderr,
+               "http_port": http_port, "config": config,
                "dashboard_port": dashboard_port, "token": (cache_dir / "ray_auth_token").read_text().strip(),
                "token_path": cache_dir / "ray_auth_token"}
     finally:
@@ -179,6 +194,149 @@ def test_cinevivid_env_points_plain_ray_init_at_the_stack(stack):
                        cwd=stack["base"], env=stack["env"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.strip().splitlines()[-2:] == [str(sorted(DEPLOYMENTS)), "3"]
+
+
+LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
+
+
+def listening_sockets(cache_dir: Path) -> list[tuple[str, int, str, str]]:
+    """(address, port, kind, process) of every socket the stack's processes listen on: TCP in
+    LISTEN, and UDP sockets not connected to a peer (they take datagrams from anyone)."""
+    names = {}
+    for proc in psutil.process_iter(["pid", "name"]):
+        try:
+            if proc.environ().get("CINEVIVID_CACHE_DIR") == str(cache_dir):
+                names[proc.pid] = proc.info["name"]
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    found = []
+    for conn in psutil.net_connections("inet"):
+        if conn.pid not in names:
+            continue
+        udp = conn.type == socket.SOCK_DGRAM
+        if (udp and not conn.raddr) or conn.status == psutil.CONN_LISTEN:
+            found.append((conn.laddr.ip, conn.laddr.port, "udp" if udp else "tcp", names[conn.pid]))
+    return found
+
+
+def beyond_loopback(found: list[tuple[str, int, str, str]]) -> list[tuple[str, int, str, str]]:
+    """The sockets not on loopback, less the one known exception: each Serve replica's
+    inter-deployment gRPC server, which Ray 2.60 binds to [::]:0 with no option to change it
+    (ray/serve/_private/replica.py, `_on_initialized`); it takes only calls with the cluster's token.
+    At most one per replica."""
+    exposed = [s for s in found if s[0] not in LOOPBACK]
+    per_replica: dict[str, int] = {}
+    for ip, _, kind, name in exposed:
+        if ip == "::" and kind == "tcp" and name.startswith("ray::ServeReplica:"):
+            per_replica[name] = per_replica.get(name, 0) + 1
+    known = {name for name, n in per_replica.items() if n == 1}
+    return [s for s in exposed if not (s[0] == "::" and s[3] in known)]
+
+
+def test_every_socket_of_the_default_stack_is_on_loopback(stack):
+    found = listening_sockets(stack["cache_dir"])
+    kinds = {name for *_, name in found}
+    # the sockets are those of a whole stack: GCS, raylet, HAProxy, the replicas' gRPC servers...
+    assert {"gcs_server", "raylet", "haproxy"} <= kinds and len(found) >= 15, found
+    assert stack["http_port"] in {port for _, port, *_ in found}
+    assert not beyond_loopback(found), f"listening beyond loopback: {beyond_loopback(found)}"
+
+
+def http_exchange(port: int, head: bytes, trickle: bytes = b"", deadline_s: float = 120) -> tuple[bytes, float]:
+    """Send `head`, then `trickle` one byte at a time (one every 0.5 s, while the server says
+    nothing), like a slow client; returns what the server answered before closing, and the
+    seconds from the end of `head` to the close."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(head)
+        start = time.monotonic()
+        answer, pending = b"", trickle
+        while time.monotonic() - start < deadline_s:
+            readable, _, _ = select.select([sock], [], [], 0.5)
+            if readable:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    return answer, time.monotonic() - start
+                answer += chunk
+            elif pending:
+                sock.sendall(pending[:1])
+                pending = pending[1:]
+        raise AssertionError(f"connection still open after {deadline_s} s; got {answer[:300]!r}")
+
+
+def status_of(answer: bytes) -> int:
+    return int(answer.split(b" ", 2)[1])
+
+
+def envelope(answer: bytes) -> dict:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert b"content-type: application/json" in head.lower(), head
+    return json.loads(body)["error"]
+
+
+def test_a_client_trickling_its_headers_is_cut(stack):
+    # one header byte every 0.5 s, for longer than the request timeout: HAProxy answers 408, closes
+    head = b"GET /health HTTP/1.1\r\nHost: cinevivid\r\n"
+    answer, took = http_exchange(stack["http_port"], head, trickle=b"X-Slow: " + b"a" * 200)
+    assert status_of(answer) == 408, answer[:300]
+    assert took >= REQUEST_TIMEOUT_S - 0.5  # cut by the timeout, not refused at once
+
+
+def test_a_client_trickling_its_body_is_cut_with_the_error_envelope(stack):
+    head = (b"POST /v1/videos HTTP/1.1\r\nHost: cinevivid\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 400\r\n\r\n{\"prompt\": \"a")
+    answer, took = http_exchange(stack["http_port"], head, trickle=b"b" * 300)
+    assert status_of(answer) == 408, answer[:300]
+    assert envelope(answer)["code"] == "request_timeout"
+    assert took >= REQUEST_TIMEOUT_S - 0.5
+
+
+@pytest.mark.parametrize("request_bytes", [
+    b"GET /" + b"a" * 20_000 + b" HTTP/1.1\r\nHost: cinevivid\r\n\r\n",                     # huge URL
+    b"GET /health HTTP/1.1\r\nHost: cinevivid\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n",     # huge header
+    b"POST /v1/videos HTTP/1.1\r\nHost: cinevivid\r\nContent-Length: abc\r\n\r\n",          # bad length
+    b"POST /v1/videos HTTP/1.1\r\nHost: cinevivid\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nab",
+], ids=["huge-url", "huge-header", "bad-content-length", "two-content-lengths"])
+def test_haproxy_refuses_malformed_requests_with_400_and_closes(stack, request_bytes):
+    # HAProxy 2.8 answers these itself, before a request exists, with its built-in page (its H1
+    # layer ignores errorfiles there; see serve/ops/haproxy_front.py): a 400, and the connection closed
+    answer, _ = http_exchange(stack["http_port"], request_bytes, deadline_s=30)
+    assert status_of(answer) == 400, answer[:300]
+    assert b"connection: close" in answer.lower()
+    # the service is unaffected
+    assert httpx.get(f"http://127.0.0.1:{stack['http_port']}/health", timeout=30).json()["status"] == "healthy"
+
+
+def test_a_taken_port_is_one_clear_line_and_nothing_is_left(stack, tmp_path):
+    r = cinevivid(clean_env(tmp_path / "cache"), "up", "--detach", "--config", str(stack["config"]), timeout=120)
+    assert r.returncode == 1
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert lines == [f"error: port {stack['http_port']} is in use on 127.0.0.1 (http_options.port of "
+                     f"{stack['config']}); choose another with `cinevivid up --port PORT`"], r.stderr[-3000:]
+    assert not started_processes(tmp_path / "cache")
+    assert not (tmp_path / "cache" / "launcher.json").exists()
+
+
+def test_a_second_stack_runs_beside_the_first(stack, tmp_path):
+    from serve.ops.launcher import ray_temp_dir
+
+    cache_dir, port = tmp_path / "cache", free_port()
+    config = small_config(tmp_path / "serve_config.yaml", tmp_path / "data", stack["http_port"])
+    env = clean_env(cache_dir)
+    up = cinevivid(env, "up", "--detach", "--config", str(config), "--port", str(port), "--num-cpus", "8",
+                   "--no-dashboard", "--timeout", "400", timeout=600)
+    try:
+        assert up.returncode == 0, up.stderr[-3000:]
+        assert up.stdout.strip() == f"http://127.0.0.1:{port}"  # --port over the config's (taken) port
+        assert ray_temp_dir(cache_dir) != ray_temp_dir(stack["cache_dir"])
+        for p in (port, stack["http_port"]):
+            assert httpx.get(f"http://127.0.0.1:{p}/health", timeout=30).json()["status"] == "healthy"
+        assert not beyond_loopback(listening_sockets(cache_dir))
+    finally:
+        down = cinevivid(env, "down", timeout=300)
+    assert down.returncode == 0, down.stderr[-3000:]
+    assert_none_left(cache_dir)
+    assert httpx.get(f"http://127.0.0.1:{stack['http_port']}/health", timeout=30).json()["status"] == "healthy"
+    assert started_processes(stack["cache_dir"])  # the first stack still runs
 
 
 def test_a_failed_ray_start_leaves_nothing_running(tmp_path):

@@ -67,6 +67,15 @@ def _add_launcher(sub: argparse._SubParsersAction) -> None:
     up.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for healthy (default: 600)")
     up.add_argument("--address", default=None, help="use this running Ray cluster instead of starting one")
     up.add_argument("--replace", action="store_true", help="allow removing other Serve apps of that cluster")
+    up.add_argument("--port", type=int, default=None, metavar="PORT",
+                    help="the HTTP port (default: http_options.port of the config, 8000)")
+    up.add_argument("--host", default=None, metavar="HOST",
+                    help="bind the HTTP port to this address (default: http_options.host of the config, "
+                         "127.0.0.1; 0.0.0.0 opens it to the network)")
+    up.add_argument("--node-ip-address", default=None, metavar="IP",
+                    help="make the Ray cluster started here reachable at IP so other nodes can join (its "
+                         "ports then listen on every interface, guarded by the cluster token); default: "
+                         "127.0.0.1 only")
     dashboard_args(up)
 
     down = _command(sub, "down", "stop Serve (and the Ray cluster `up` started)", launcher.cmd_down)

@@ -21,6 +21,11 @@ from serve.errors import StackNotRunning
 
 RECORD_NAME = "launcher.json"
 TOKEN_NAME = "ray_auth_token"
+# Ray's single-machine mode (the one it uses on macOS and Windows): its processes bind to 127.0.0.1
+# and a driver connects to 127.0.0.1 as is (in the default mode Ray swaps 127.0.0.1 for the
+# machine's address, where a loopback-only cluster does not listen). `cinevivid up` starts its
+# cluster so unless told otherwise (--node-ip-address); every driver of that cluster needs it too.
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
 def state_file(cache_dir: str | Path | None = None) -> Path:
@@ -63,6 +68,15 @@ def use_token(token_path: str) -> None:
         AuthenticationTokenLoader.instance().reset_cache()
 
 
+def use_loopback_cluster() -> None:
+    """Make this process (and the processes it starts) a driver of a loopback-only Ray cluster.
+    Ray reads the setting when it is imported; when it already is, set what it read."""
+    os.environ.update(LOOPBACK_ENV)
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None:
+        constants.ENABLE_RAY_CLUSTER = False
+
+
 def recorded_stack(cache_dir: str | Path | None = None) -> dict:
     """The record of the running stack; StackNotRunning (saying what to do) when there is none or
     its cluster is gone."""
@@ -80,6 +94,8 @@ def recorded_stack(cache_dir: str | Path | None = None) -> dict:
 def ray_env(state: dict) -> dict[str, str]:
     """The environment that makes `ray.init()` (and Ray's CLI) join the recorded cluster."""
     env = {"RAY_ADDRESS": state["address"]}
+    if state.get("loopback"):
+        env.update(LOOPBACK_ENV)
     if state.get("token_path"):
         env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=state["token_path"])
     return env
@@ -94,5 +110,7 @@ def connect(cache_dir: str | Path | None = None) -> dict:
     if not ray.is_initialized():
         if state.get("token_path"):
             use_token(state["token_path"])
+        if state.get("loopback"):
+            use_loopback_cluster()
         ray.init(address=state["address"], logging_level="WARNING")
     return state

