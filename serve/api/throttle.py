@@ -112,9 +112,15 @@ class FailedAuthThrottle:
             await self._record(self._login_keys(username, address))
 
     async def login_succeeded(self, username: str) -> None:
-        if self.config.enabled:
+        """Clear the username's count; a write only when there is one (most logins find none)."""
+        if not self.config.enabled:
+            return
+        key = _user_key(username)
+        async with self.db.read() as conn:
+            counted = (await conn.execute(select(auth_failures.c.key).where(auth_failures.c.key == key))).first()
+        if counted:
             async with self.db.write() as conn:
-                await conn.execute(delete(auth_failures).where(auth_failures.c.key == _user_key(username)))
+                await conn.execute(delete(auth_failures).where(auth_failures.c.key == key))
 
     # ---- API keys and bearer tokens ----
     async def credential_failed(self, address: str) -> None:
@@ -133,8 +139,8 @@ class FailedAuthThrottle:
 
     def _refusal(self, until: float) -> TooManyFailedAttempts:
         wait = max(1.0, until - time.time())
-        return TooManyFailedAttempts(f"too many failed sign-in attempts; try again in {math.ceil(wait)} s "
-                                     "(each attempt before then doubles the wait)", retry_after_s=wait)
+        return TooManyFailedAttempts(f"too many failed sign-in attempts; try again in {math.ceil(wait)} s. "
+                                     "Each attempt before then doubles the wait", retry_after_s=wait)
 
     async def _record(self, thresholds: dict[str, int]) -> dict[str, tuple[bool, float]]:
         """One failure for each key (key -> its threshold), in one transaction. Returns, per key,

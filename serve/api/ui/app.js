@@ -43,6 +43,9 @@ function describe(err, context) {
   if (err.status === 429) {
     const s = parseInt(err.retryAfter, 10);
     const wait = Number.isFinite(s) ? `Try again in ${s} second${s === 1 ? "" : "s"}.` : "Try again later.";
+    if (err.code === "too_many_failed_attempts") {
+      return `Too many failed sign-in attempts. ${wait} Trying earlier makes the wait longer.`;
+    }
     return `Too many requests (${err.message}). ${wait}`;
   }
   return err.message.charAt(0).toUpperCase() + err.message.slice(1);
