@@ -264,7 +264,7 @@ class TTSConfig(_Strict):
 #             window_s: 900              # counts are forgotten after this long without a failure
 #             lockout_s: 60              # first lockout; doubles with each further attempt ...
 #             max_lockout_s: 900         # ... up to this
-#         trusted_proxies: []            # IPs/CIDRs whose X-Forwarded-For is believed (see IngressConfig)
+#         trusted_proxies: [127.0.0.1, ::1]   # IPs/CIDRs whose X-Forwarded-For is believed (see IngressConfig)
 #         dispatcher:
 #           max_concurrent_jobs: 2       # jobs one ingress replica runs at once; the rest wait queued
 #           lease_seconds: 30            # claimed job's lease, renewed every lease/3 while it runs
@@ -373,10 +373,11 @@ class IngressConfig(_Strict):
     auth: AuthConfig = Field(default_factory=AuthConfig)
     webhooks: WebhooksConfig = Field(default_factory=WebhooksConfig)
     # Proxies (IP or CIDR) whose X-Forwarded-For is believed, for the client address the failed-auth
-    # throttles count by. Empty: the address is the TCP peer. Ray's HAProxy adds no X-Forwarded-For,
-    # so behind it alone the peer is that HAProxy and every client shares one address; list a load
-    # balancer that appends X-Forwarded-For *and* the HAProxy nodes to count per real client.
-    trusted_proxies: list[str] = Field(default_factory=list)
+    # throttles count by. The HAProxy that Serve runs on the HTTP port sets X-Forwarded-For to the
+    # client's address, replacing any the client sent (serve.ops.haproxy_front); it reaches the
+    # ingress from loopback on one machine. Ingress replicas on other nodes see the head's address:
+    # add it. Empty: the address is the TCP peer (every client behind a proxy shares one).
+    trusted_proxies: list[str] = Field(default_factory=lambda: ["127.0.0.1", "::1"])
     health_timeout_s: float = Field(default=5.0, gt=0)
     # How often the ingress runs its /health checks by itself, for the `cinevivid_service_healthy`
     # gauge that the StageUnhealthy alert reads; 0 = only when /health is called.

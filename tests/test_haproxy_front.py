@@ -38,6 +38,9 @@ def test_rewrite_of_rays_config_is_valid_and_binds_nothing_beyond_loopback(tmp_p
     assert binds and all(b.startswith("127.0.0.1:") for b in binds), binds
     assert ("listen stats" in text) == (stats == "1")
     assert "timeout http-request 7s" in text and "option http-buffer-request" in text
+    # the ingress's failed-auth throttles count by the address HAProxy saw, not one the client wrote
+    frontend = text[text.index("frontend http_frontend"):]
+    assert "http-request set-header X-Forwarded-For %[src]" in frontend.split("\nfrontend ")[0].split("\nbackend ")[0]
     for status in (400, 408, 502, 503, 504):
         assert f"errorfile {status} " in text
     haproxy_front.apply(str(path), env)  # idempotent

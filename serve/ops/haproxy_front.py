@@ -13,6 +13,8 @@ pid, same command line, so Ray's process checks still work):
 - `timeout http-request` (CINEVIVID_HTTP_REQUEST_TIMEOUT_S) with `option http-buffer-request`:
   a request's head and a body up to HAProxy's buffer must arrive within that time, else 408 and
   the connection is closed; a client that trickles cannot hold a connection;
+- X-Forwarded-For is set to the client's address as HAProxy sees it (a client's own header is
+  replaced, so it cannot choose the address the ingress's failed-auth throttles count by);
 - the answers HAProxy gives itself are in the API's error envelope (JSON): 400 (a malformed
   request, a bad Content-Length, a request line or headers larger than HAProxy's buffer: HAProxy
   2.8 answers all of these 400, it has no 414/431), 408, and Ray's 500 for 502/503/504.
@@ -107,6 +109,10 @@ def rewrite(text: str, folder: str, env: dict[str, str]) -> str:
             elif head == "defaults" and stripped.startswith("timeout http-request") and timeout:
                 continue  # ours below
             body.append(line)
+            if head == "frontend http_frontend" and stripped.startswith("bind "):
+                # the client's address for the ingress (its failed-auth throttles count by it):
+                # replace whatever X-Forwarded-For the client sent with the address HAProxy sees
+                body.append(f"    http-request set-header X-Forwarded-For %[src]  {MARK}")
         if head == "defaults":
             body.append(f"    {MARK}")
             body.append(f"    errorfile 400 {pages[400]}")
