@@ -11,6 +11,7 @@ from ray.serve.handle import DeploymentHandle
 from serve.api.routes import create_app
 from serve.jobs.generator_client import HandleGeneratorClient
 from serve.jobs.service import JobService
+from serve.pipeline.replica import setup_replica_logging
 
 logger = logging.getLogger(__name__)
 
@@ -19,6 +20,7 @@ logger = logging.getLogger(__name__)
 @serve.ingress()
 class Ingress:
     def __init__(self, generator: DeploymentHandle, app_args: dict):
+        setup_replica_logging()  # the dispatcher's and the API's lines go to this replica's log file
         # Configuration errors (e.g. no JWT secret in production mode) fail the deployment here.
         self.service = JobService(app_args, HandleGeneratorClient(generator))
         self.http_app = create_app(self.service)  # (not `app`: Serve's ASGI wrapper owns that name)
