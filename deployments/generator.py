@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import logging
 import time
 from dataclasses import dataclass, field
@@ -37,6 +38,12 @@ from serve.pipeline.replica import CallerWatch, caller_id, setup_replica_logging
 from serve.pipeline.spec import resolve_spec
 
 logger = logging.getLogger(__name__)
+# Ray Serve's router leaves each stage call's response (an ObjectRef: e.g. the prompt embeddings)
+# in a reference cycle after the call; Python collects such cycles only when enough new objects are
+# allocated, which an idle replica never does, so an idle Generator kept the embeddings of its last
+# ~10 jobs alive (`ray memory`: "actor call | send_request_python", gone after gc.collect()). A full
+# collection this long after the last generation ends frees them.
+IDLE_GC_DELAY_S = 1.0
 
 # progress (0-100) at the end of each part of the graph
 ENCODE_DONE, DENOISE_DONE, DECODE_DONE = 5.0, 90.0, 96.0
@@ -97,6 +104,8 @@ class Generator:
         self.model_cfg = ModelConfig.model_validate(model)
         self.tts_cfg = TTSConfig.model_validate(tts_config or {})
         self.app_name = app_name
+        self.active = 0  # generations in flight
+        self.idle_collections = 0
 
     # -- validation ----------------------------------------------------------------------------
     def _resolve(self, spec: ResolvedSpec | GenerationSpec | dict) -> ResolvedSpec:
@@ -127,6 +136,7 @@ class Generator:
         # 1. Resolve the spec (once; a ResolvedSpec from the job service is used as is)
         run = _Run(spec=self._resolve(spec), job_id=job_id)
         unwatch = self._callers.watch(caller, functools.partial(self._caller_gone, asyncio.current_task(), log))
+        self.active += 1
         try:
             # 2. Start the voice-over: it runs in parallel with the video stages
             run.tts_call = self._start_tts(run)
@@ -150,12 +160,20 @@ class Generator:
             _raise_typed(exc, "generator")
         finally:
             unwatch()
+            self.active -= 1
+            if self.active == 0:
+                asyncio.get_running_loop().call_later(IDLE_GC_DELAY_S, self._collect_if_idle)
             for call in run.open_calls:
                 call.cancel()
             if run.writer is not None:
                 run.writer.close()  # no-op once finished
             if run.tts_call is not None:
                 run.tts_call.cancel()
+
+    def _collect_if_idle(self) -> None:
+        if self.active == 0:
+            gc.collect()
+            self.idle_collections += 1
 
     @staticmethod
     def _caller_gone(task: asyncio.Task | None, log, died_at: float) -> None:

@@ -173,6 +173,17 @@ def _object_store_bytes(gcs: str) -> int:
     return get_memory_info_reply(get_state_from_address(gcs)).store_stats.object_store_bytes_used
 
 
+def _generator_data_refs(gcs: str) -> list[str]:
+    """`ray memory` rows of objects with data (a size in KB) that the Generator replica references."""
+    from ray._private.internal_api import memory_summary
+
+    pid, = [info["Pid"] for info in ray._private.state.actors().values()
+            if info["Name"].startswith(f"SERVE_REPLICA::{APP}#Generator#") and info["State"] == "ALIVE"]
+    rows = [[c.strip() for c in line.split("|")] for line in
+            memory_summary(gcs, units="KB", line_wrap=False).splitlines() if line.count("|") >= 8]
+    return [" | ".join(r) for r in rows if r[1] == str(pid) and r[6].endswith("KB") and float(r[6].split()[0]) > 1]
+
+
 def test_the_object_store_returns_to_its_idle_size_after_a_burst(orphans):
     # latents of (1, 16, 9, 16, 16) fp32: 147 KB each, in the object store (over Ray's 100 KB inline limit)
     spec = {"prompt": "burst", "width": 128, "height": 128, "num_frames": 33, "num_inference_steps": 1}
@@ -194,3 +205,7 @@ def test_the_object_store_returns_to_its_idle_size_after_a_burst(orphans):
     while (used := _object_store_bytes(orphans["gcs"])) - idle >= 100_000:  # less than one output's latents
         assert time.monotonic() < deadline, f"object store still holds {used - idle} bytes more than idle ({idle})"
         time.sleep(0.1)
+    # nor does the idle Generator keep the jobs' prompt embeddings (131 KB each) alive
+    while refs := _generator_data_refs(orphans["gcs"]):
+        assert time.monotonic() < deadline, refs
+        time.sleep(0.2)
