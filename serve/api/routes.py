@@ -403,7 +403,7 @@ def create_app(service: JobService, *, manage_lifecycle: bool = True) -> Starlet
                          issuer=config.auth.issuer)
     api = Api(service=service, auth=auth,
               rate_limiter=RateLimiter(config.limits.rate_limit_per_minute, config.limits.rate_limit_burst),
-              http_metrics=HttpMetrics(service.metrics.registry, replica=service.dispatcher.owner))
+              http_metrics=HttpMetrics(service.metrics.registry, replica=service.dispatcher.replica))
 
     @contextlib.asynccontextmanager
     async def lifespan(app) -> AsyncIterator[None]:

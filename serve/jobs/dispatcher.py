@@ -113,6 +113,11 @@ class Dispatcher:
         return None
 
     @property
+    def replica(self) -> str:
+        """The readable part of the lease owner (`<replica>@<host>:<pid>`): the metrics' `replica` label."""
+        return self.owner.split(" actor=")[0]
+
+    @property
     def running_ids(self) -> list[str]:
         return list(self._running)
 
