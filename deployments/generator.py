@@ -6,11 +6,19 @@ with the result (`stream`, called with `handle.options(stream=True)`). No users,
   TextEncoder.encode ──(DeploymentResponse, chained)──> Transformer.denoise (stream: steps)
       ──(ObjectRef of latents)──> VAEDecoder.decode_stream (chunks of frames)
       ──> H.264 encoded as the chunks arrive, + AAC from TTS (started first), mux
+
+Every stage call carries `caller=` (this replica's Ray actor id), so a stage drops the work of a
+Generator that died; `stream(..., caller=)` does the same for the Generator's own caller (the
+Ingress's dispatcher): a dead caller's generation is cancelled, its stage calls with it. The
+Transformer keeps the latents until this replica closes the denoise stream, once the VAE has
+started decoding them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import gc
 import logging
 import time
 from dataclasses import dataclass, field
@@ -20,15 +28,22 @@ import numpy as np
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from serve.config import ModelConfig, TTSConfig
+from serve.config import LivenessConfig, ModelConfig, TTSConfig
 from serve.contracts import (
     DecodedFrames, DenoisedLatents, GenerationResult, GenerationSpec, ProgressEvent, ResolvedSpec, StageTiming,
 )
 from serve.errors import CineVividError, GenerationCancelled, StageError, unwrap_error
 from serve.media.mp4 import Mp4Writer, thumbnail_jpeg
+from serve.pipeline.replica import CallerWatch, caller_id, setup_replica_logging
 from serve.pipeline.spec import resolve_spec
 
 logger = logging.getLogger(__name__)
+# Ray Serve's router leaves each stage call's response (an ObjectRef: e.g. the prompt embeddings)
+# in a reference cycle after the call; Python collects such cycles only when enough new objects are
+# allocated, which an idle replica never does, so an idle Generator kept the embeddings of its last
+# ~10 jobs alive (`ray memory`: "actor call | send_request_python", gone after gc.collect()). A full
+# collection this long after the last generation ends frees them.
+IDLE_GC_DELAY_S = 1.0
 
 # progress (0-100) at the end of each part of the graph
 ENCODE_DONE, DENOISE_DONE, DECODE_DONE = 5.0, 90.0, 96.0
@@ -61,6 +76,7 @@ class _Run:
     open_calls: list = field(default_factory=list)  # stage streams to cancel if the run ends early
     writer: Mp4Writer | None = None
     latents: DenoisedLatents | None = None
+    denoise_call: object | None = None  # the open denoise stream: the Transformer holds the latents until it closes
     frames: np.ndarray | None = None
     float_frames: np.ndarray | None = None
     audio: object | None = None  # the TTS stage's fitted speech
@@ -77,7 +93,10 @@ class _Run:
 class Generator:
     def __init__(self, text_encoder: DeploymentHandle, transformer: DeploymentHandle, vae: DeploymentHandle,
                  tts: DeploymentHandle | None, model: dict, tts_config: dict | None = None,
-                 app_name: str = "cinevivid"):
+                 app_name: str = "cinevivid", liveness: dict | None = None):
+        setup_replica_logging()
+        self.me = caller_id()  # passed to the stages with each call
+        self._callers = CallerWatch(LivenessConfig.model_validate(liveness or {}).caller_check_interval_s)
         self.text_encoder = text_encoder
         self.transformer = transformer
         self.vae = vae
@@ -85,6 +104,8 @@ class Generator:
         self.model_cfg = ModelConfig.model_validate(model)
         self.tts_cfg = TTSConfig.model_validate(tts_config or {})
         self.app_name = app_name
+        self.active = 0  # generations in flight
+        self.idle_collections = 0
 
     # -- validation ----------------------------------------------------------------------------
     def _resolve(self, spec: ResolvedSpec | GenerationSpec | dict) -> ResolvedSpec:
@@ -101,17 +122,21 @@ class Generator:
         return self._resolve(spec).model_dump(mode="json")
 
     # -- generation ----------------------------------------------------------------------------
-    async def generate(self, spec, job_id: str = "-") -> GenerationResult:
+    async def generate(self, spec, job_id: str = "-", caller: str | None = None) -> GenerationResult:
         result = None
-        async for event in self.stream(spec, job_id):
+        async for event in self.stream(spec, job_id, caller):
             if event.type == "result":
                 result = event.result
         return result
 
-    async def stream(self, spec, job_id: str = "-") -> AsyncIterator[ProgressEvent]:
+    async def stream(self, spec, job_id: str = "-", caller: str | None = None) -> AsyncIterator[ProgressEvent]:
+        """The generation's progress events, then the result. `caller`: the caller's Ray actor id;
+        if that actor dies, the generation is cancelled (within `liveness.caller_check_interval_s`)."""
         log = _JobLog(logger, {"job_id": job_id})
         # 1. Resolve the spec (once; a ResolvedSpec from the job service is used as is)
         run = _Run(spec=self._resolve(spec), job_id=job_id)
+        unwatch = self._callers.watch(caller, functools.partial(self._caller_gone, asyncio.current_task(), log))
+        self.active += 1
         try:
             # 2. Start the voice-over: it runs in parallel with the video stages
             run.tts_call = self._start_tts(run)
@@ -134,6 +159,10 @@ class Generator:
         except Exception as exc:  # noqa: BLE001
             _raise_typed(exc, "generator")
         finally:
+            unwatch()
+            self.active -= 1
+            if self.active == 0:
+                asyncio.get_running_loop().call_later(IDLE_GC_DELAY_S, self._collect_if_idle)
             for call in run.open_calls:
                 call.cancel()
             if run.writer is not None:
@@ -141,18 +170,33 @@ class Generator:
             if run.tts_call is not None:
                 run.tts_call.cancel()
 
+    def _collect_if_idle(self) -> None:
+        if self.active == 0:
+            gc.collect()
+            self.idle_collections += 1
+
+    @staticmethod
+    def _caller_gone(task: asyncio.Task | None, log, died_at: float) -> None:
+        """The caller of this generation died: cancel it (its `finally` cancels the stage calls)."""
+        log.warning("the caller is gone; cancelling the generation")
+        if task is not None:
+            task.cancel()
+
     async def _encode_and_denoise(self, run: _Run) -> AsyncIterator[ProgressEvent]:
         spec = run.spec
         yield ProgressEvent(type="stage", stage="text_encoder", stage_status="started", progress=0.0)
         embeds = self.text_encoder.encode.remote(spec.prompt, spec.negative_prompt if spec.do_cfg else None)
-        denoise = self.transformer.options(stream=True).denoise.remote(embeds, spec, run.job_id)
+        denoise = self.transformer.options(stream=True).denoise.remote(embeds, spec, run.job_id, caller=self.me)
+        del embeds  # (the denoise call holds the embeddings' ref while it needs it)
         run.open_calls.append(denoise)
         denoise_started = run.started
         try:
             async for item in denoise:
                 self._raise_if_tts_failed(run.tts_call)
                 if isinstance(item, DenoisedLatents):
-                    run.latents = item
+                    # the last item; the stream stays open, holding the latents, until the VAE has them
+                    run.latents, run.denoise_call = item, denoise
+                    break
                 elif item.type == "stage":  # the Transformer started this job's batch
                     # text encoding (and any wait for a batch slot) ends where denoising starts
                     denoise_started = run.mark("text_encoder", run.started)
@@ -166,7 +210,6 @@ class Generator:
             raise
         except Exception as exc:  # noqa: BLE001
             _raise_typed(exc, "transformer")
-        run.open_calls.remove(denoise)
         if run.latents is None:
             raise GenerationCancelled("generation cancelled", stage="transformer")
         run.mark("transformer", denoise_started)
@@ -180,11 +223,13 @@ class Generator:
         # MP4 only needs flushing.
         chunks: list[np.ndarray] = []
         float_chunks: list[np.ndarray] = []
-        decoding = self.vae.options(stream=True).decode_stream.remote(run.latents.ref, spec.return_frames)
+        decoding = self.vae.options(stream=True).decode_stream.remote(run.latents.ref, spec.return_frames,
+                                                                        caller=self.me)
         run.open_calls.append(decoding)
         try:
             async for item in decoding:
                 if isinstance(item, ProgressEvent):  # the VAE started decoding this job
+                    self._release_latents(run)  # it has fetched them: the Transformer may drop them
                     yield item.model_copy(update={"progress": DENOISE_DONE})
                     continue
                 await self._encode_chunk(run, item, chunks)
@@ -216,6 +261,14 @@ class Generator:
         run.thumbnail = await asyncio.to_thread(thumbnail_jpeg, run.frames)
         run.mark("mux", t_decoded)
         yield ProgressEvent(type="stage", stage="mux", stage_status="finished", progress=100.0)
+
+    @staticmethod
+    def _release_latents(run: _Run) -> None:
+        """Close the denoise stream: the Transformer drops its hold on the latents."""
+        if run.denoise_call is not None:
+            run.denoise_call.cancel()
+            run.open_calls.remove(run.denoise_call)
+            run.denoise_call = None
 
     async def _encode_chunk(self, run: _Run, chunk: DecodedFrames, chunks: list[np.ndarray]) -> None:
         """H.264-encode a chunk of frames now if the writer can exist (the voice-over's sample rate

@@ -12,6 +12,7 @@ from ray.serve.handle import DeploymentHandle
 from serve.api.routes import create_app
 from serve.jobs.generator_client import HandleGeneratorClient
 from serve.jobs.service import JobService
+from serve.pipeline.replica import setup_replica_logging
 
 logger = logging.getLogger(__name__)
 
@@ -20,10 +21,10 @@ logger = logging.getLogger(__name__)
 @serve.ingress()
 class Ingress:
     def __init__(self, generator: DeploymentHandle, app_args: dict):
+        setup_replica_logging()  # the dispatcher's and the API's lines go to this replica's log file
         # Serve starts this replica's own uvicorn after __init__; by default uvicorn takes
-        # X-Forwarded-For from any 127.0.0.1 peer as the client, and Ray's HAProxy (that peer)
-        # passes a client's header through untouched, so anyone could pick their address. The
-        # app sees the real TCP peer and believes X-Forwarded-For only from `trusted_proxies`.
+        # X-Forwarded-For from any 127.0.0.1 peer as the client. The app sees the real TCP peer and
+        # believes X-Forwarded-For only from `trusted_proxies` (serve.api.throttle.client_address).
         os.environ["FORWARDED_ALLOW_IPS"] = ""
         # Configuration errors (e.g. no JWT secret in production mode) fail the deployment here.
         self.service = JobService(app_args, HandleGeneratorClient(generator))

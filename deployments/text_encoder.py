@@ -16,6 +16,7 @@ from serve.errors import StageError
 from serve.contracts import PromptEmbeds
 from serve.pipeline.loading import resolve_subfolder, torch_device, torch_dtype
 from serve.pipeline.text_encoding import clean_prompt, encode_prompts
+from serve.pipeline.replica import setup_replica_logging
 
 logger = logging.getLogger(__name__)
 STAGE = "text_encoder"
@@ -59,6 +60,7 @@ class TextEncoder:
         import torch
         from transformers import AutoTokenizer, UMT5EncoderModel
 
+        setup_replica_logging()
         self.model_cfg = ModelConfig.model_validate(model)
         batching_cfg = TextEncoderBatching.model_validate(batching or {})
         self.device = torch_device(self.model_cfg)

@@ -5,6 +5,15 @@ batch starts (its embeddings have arrived), one "step" `ProgressEvent` per denoi
 `DenoisedLatents` holding the ObjectRef of the normalised fp32 latents in the object store, so the
 caller hands them straight to the VAE without copying them through itself.
 
+The stream stays open after `DenoisedLatents`, holding the latents, until the caller closes it
+(the Generator does once the VAE has started decoding them), the caller is gone, or
+`liveness.output_hold_s` passes: Ray counts no borrower for a ref nested in a streamed item, so
+without a live ref here the object could be freed before the VAE fetches it. An idle replica holds
+no output (`stats()["held_outputs"]`).
+
+`caller=` (the caller's Ray actor id) lets the replica notice a caller that died: its job is
+dropped at the next step boundary (or before it starts), as if it had cancelled.
+
 Requests of the same shape (size, frames, steps, guidance, shift) that arrive together run as one
 batch, bounded by `levers.batch_max_size` and a token budget. A caller that cancels its stream is
 dropped from its batch at the next step boundary; nothing is decoded for it.
@@ -17,6 +26,8 @@ all its windows, and ends with the latents of the whole video like a T2V job.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 import threading
 import time
@@ -26,22 +37,24 @@ from dataclasses import dataclass, field
 import ray
 from ray import serve
 
-from serve.config import LeversConfig, ModelConfig
+from serve.config import LeversConfig, LivenessConfig, ModelConfig
 from serve.pipeline.denoising import DenoiseJob, DenoiseLoop, LoopSettings
 from serve.pipeline.diffusion_forcing import DFJob, DFSettings, DiffusionForcingLoop
 from serve.errors import GenerationCancelled, StageError
 from serve.contracts import DenoisedLatents, ProgressEvent, PromptEmbeds, ResolvedSpec, dit_tokens
 from serve.pipeline.levers import apply_levers, lever_state
 from serve.pipeline.loading import resolve_subfolder, torch_device, torch_dtype
+from serve.pipeline.replica import CallerWatch, setup_replica_logging
 
 logger = logging.getLogger(__name__)
 STAGE = "transformer"
-_DONE = object()
-# The latents' ObjectRef travels inside a streamed event, and Ray does not count a borrower for a
-# ref nested in a generator item: without a live ref here the object can be freed before the VAE
-# fetches it. Each output is held this long (or until this many newer ones exist).
-OUTPUT_HOLD_S = 600.0
-OUTPUT_HOLD_MAX = 64
+
+
+@dataclass
+class _Output:
+    """A finished job's latents in the object store (handed from the batch to its stream)."""
+
+    ref: ray.ObjectRef
 
 
 def job_tokens(spec: ResolvedSpec) -> int:
@@ -57,16 +70,24 @@ class _Ticket:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     steps_after_cancel: int = 0  # steps that finished after the caller cancelled (at most the one in flight)
+    released: asyncio.Event = field(default_factory=asyncio.Event)  # the caller is done with the output
+    caller_died_at: float | None = None  # when the caller was found dead (its death time, epoch s)
+    step_ends: list[float] = field(default_factory=list)  # wall time at the end of each step
 
 
 @serve.deployment(name="Transformer")
 class Transformer:
-    def __init__(self, model: dict, levers: dict | None = None, fault: str | None = None):
+    def __init__(self, model: dict, levers: dict | None = None, fault: str | None = None,
+                 liveness: dict | None = None):
         import torch
+
+        setup_replica_logging()
         from diffusers import SkyReelsV2Transformer3DModel, UniPCMultistepScheduler
 
         self.model_cfg = ModelConfig.model_validate(model)
         self.levers = LeversConfig.model_validate(levers or {})
+        self.liveness = LivenessConfig.model_validate(liveness or {})
+        self._callers = CallerWatch(self.liveness.caller_check_interval_s)
         self.device = torch_device(self.model_cfg)
         self._torch = torch
         transformer = SkyReelsV2Transformer3DModel.from_pretrained(
@@ -86,30 +107,51 @@ class Transformer:
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
         self._fatal: str | None = None
-        self._held_outputs: deque[tuple[float, ray.ObjectRef]] = deque()
+        self.held_outputs = 0  # finished outputs whose stream is still open (latents kept for the VAE)
         self.batches_run: list[int] = []  # sizes of the batches actually run
         self.cancellations: deque[dict] = deque(maxlen=100)  # jobs cancelled mid-batch, for stats()
+        self.denoised: deque[str] = deque(maxlen=100)  # job ids whose denoising finished, for stats()
         self.running = 0
         logger.info("transformer ready on %s (%s)", self.device, self.model_cfg.dtype)
 
     # -- request side --------------------------------------------------------------------------
-    async def denoise(self, embeds: PromptEmbeds, spec: ResolvedSpec, job_id: str = "-"):
+    async def denoise(self, embeds: PromptEmbeds, spec: ResolvedSpec, job_id: str = "-",
+                      caller: str | None = None):
         ticket = _Ticket(spec=spec, embeds=embeds, job_id=job_id)
+        unwatch = self._callers.watch(caller, functools.partial(self._caller_gone, ticket))
         self._ensure_worker()
         self._pending.append(ticket)
         self._wakeup.set()
         try:
             while True:
                 event = await ticket.events.get()
-                if event is _DONE:
-                    return
+                if isinstance(event, _Output):
+                    break
                 if isinstance(event, BaseException):
                     raise event
                 yield event
+            # Hold the latents (`event.ref`) until the caller closes this stream, is gone, or the
+            # hold times out; then the ref is dropped and the object freed.
+            self.held_outputs += 1
+            try:
+                yield DenoisedLatents(ref=[event.ref])
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(ticket.released.wait(), self.liveness.output_hold_s)
+            finally:
+                self.held_outputs -= 1
         finally:
             # Cancelled by the caller (or finished): a job still in a batch leaves it at the
             # next step boundary; one still pending is never started.
+            unwatch()
             ticket.cancelled.set()
+
+    def _caller_gone(self, ticket: _Ticket, died_at: float) -> None:
+        """The caller of this job died: stop its denoising as a cancel does, end its stream."""
+        logger.warning("job %s: its caller is gone; dropping it", ticket.job_id)
+        ticket.caller_died_at = died_at
+        ticket.cancelled.set()
+        ticket.released.set()
+        ticket.events.put_nowait(GenerationCancelled("the caller is gone", stage=STAGE))
 
     def _ensure_worker(self) -> None:
         if self._worker is None or self._worker.done():
@@ -156,6 +198,7 @@ class Transformer:
 
         def step_callback(ticket: _Ticket):
             def on_step(step: int, total: int) -> None:
+                ticket.step_ends.append(time.time())
                 if ticket.cancelled.is_set():
                     ticket.steps_after_cancel += 1
                 loop.call_soon_threadsafe(ticket.events.put_nowait, ProgressEvent(
@@ -192,14 +235,14 @@ class Transformer:
             self.running -= 1
         for ticket, job in zip(batch, jobs):
             if job.cancelled:  # dropped from the loop at a step boundary after its caller cancelled
-                self.cancellations.append({"job_id": ticket.job_id, "steps_after_cancel": ticket.steps_after_cancel})
+                self.cancellations.append(self._cancellation(ticket))
             if error is not None:
                 ticket.events.put_nowait(error)
             elif job.cancelled or job.result is None:
                 ticket.events.put_nowait(GenerationCancelled("generation cancelled", stage=STAGE))
             else:
-                ticket.events.put_nowait(DenoisedLatents(ref=[self._hold(ray.put(job.result))]))
-                ticket.events.put_nowait(_DONE)
+                self.denoised.append(ticket.job_id)
+                ticket.events.put_nowait(_Output(ray.put(job.result)))
 
     async def _run_df(self, ticket: _Ticket) -> None:
         """One diffusion-forcing job, window by window; the same events and result as a T2V job."""
@@ -207,6 +250,9 @@ class Transformer:
         spec = ticket.spec
 
         def on_step(step: int, total: int) -> None:
+            ticket.step_ends.append(time.time())
+            if ticket.cancelled.is_set():
+                ticket.steps_after_cancel += 1
             loop.call_soon_threadsafe(ticket.events.put_nowait, ProgressEvent(
                 type="step", stage=STAGE, step=step, total_steps=total))
 
@@ -233,7 +279,7 @@ class Transformer:
             await asyncio.to_thread(self.df_loop.run, job, settings)
         except GenerationCancelled as exc:
             error = exc
-            self.cancellations.append({"job_id": ticket.job_id, "steps_after_cancel": 0})
+            self.cancellations.append(self._cancellation(ticket))
         except self._torch.OutOfMemoryError as exc:
             error = StageError(f"out of memory in diffusion forcing at {spec.width}x{spec.height}, windows of "
                                f"{spec.base_num_frames} frames", stage=STAGE, code="out_of_memory")
@@ -248,22 +294,26 @@ class Transformer:
         if error is not None:
             ticket.events.put_nowait(error)
         else:
-            ticket.events.put_nowait(DenoisedLatents(ref=[self._hold(ray.put(job.result))]))
-            ticket.events.put_nowait(_DONE)
+            self.denoised.append(ticket.job_id)
+            ticket.events.put_nowait(_Output(ray.put(job.result)))
 
-    def _hold(self, ref: ray.ObjectRef) -> ray.ObjectRef:
-        now = time.monotonic()
-        self._held_outputs.append((now, ref))
-        while self._held_outputs and (len(self._held_outputs) > OUTPUT_HOLD_MAX
-                                      or now - self._held_outputs[0][0] > OUTPUT_HOLD_S):
-            self._held_outputs.popleft()
-        return ref
+    @staticmethod
+    def _cancellation(ticket: _Ticket) -> dict:
+        entry = {"job_id": ticket.job_id, "steps_after_cancel": ticket.steps_after_cancel,
+                 "reason": "cancelled" if ticket.caller_died_at is None else "caller_gone"}
+        if ticket.caller_died_at is not None:
+            # steps that ended after the caller died: the one in flight, plus any run before the
+            # death was noticed (at most one check interval)
+            entry["steps_after_caller_died"] = sum(t > ticket.caller_died_at for t in ticket.step_ends)
+        return entry
 
     # -- observability -------------------------------------------------------------------------
     def stats(self) -> dict:
         cache = self.loop.step_cache
         return {"batches_run": list(self.batches_run), "pending": len(self._pending), "running": self.running,
-                "steps_run": self.loop.steps_run + self.df_loop.steps_run, "cancellations": list(self.cancellations), "levers": lever_state(transformer=self.loop.transformer),
+                "steps_run": self.loop.steps_run + self.df_loop.steps_run, "cancellations": list(self.cancellations),
+                "denoised": list(self.denoised), "held_outputs": self.held_outputs,
+                "watched_callers": self._callers.watched, "levers": lever_state(transformer=self.loop.transformer),
                 "step_cache": cache.stats() if cache is not None and hasattr(cache, "stats") else None}
 
     def check_health(self) -> None:

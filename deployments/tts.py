@@ -13,6 +13,7 @@ from ray import serve
 from serve.contracts import VoiceoverSpec
 from serve.media.audio import SpeechAudio
 from serve.media.tts.service import TTSService
+from serve.pipeline.replica import setup_replica_logging
 
 logger = logging.getLogger(__name__)
 
@@ -22,6 +23,7 @@ __all__ = ["TTS", "SpeechAudio"]
 @serve.deployment(name="TTS")
 class TTS:
     def __init__(self, tts_config: dict | None = None):
+        setup_replica_logging()
         self.service = TTSService(tts_config or {})
 
     async def synthesize(self, voiceover: VoiceoverSpec, duration_s: float, job_id: str = "-") -> SpeechAudio:

@@ -3,11 +3,14 @@ post-process to frames: uint8 (F, H, W, 3), plus the float32 [0, 1] frames when 
 
 `decode_stream` yields a "stage started" `ProgressEvent`, then the frames chunk by chunk as the Wan
 VAE decodes them (1 frame, then 4 per latent frame), so the Generator encodes the MP4 while the
-rest is still decoding; `decode` returns them all at once. Both give exactly `vae.decode`'s frames."""
+rest is still decoding; `decode` returns them all at once. Both give exactly `vae.decode`'s frames.
+A `decode_stream` whose caller (`caller=`, its Ray actor id) is gone stops after the chunk being
+decoded, or before it starts."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 
@@ -15,13 +18,14 @@ import numpy as np
 import ray
 from ray import serve
 
-from serve.config import LeversConfig, ModelConfig
+from serve.config import LeversConfig, LivenessConfig, ModelConfig
 from serve.contracts import DecodedFrames, ProgressEvent
 from serve.pipeline.faults import inject_fault
 from serve.pipeline.vae_decode import is_tiled, iter_decode, to_float_frames, video_to_uint8
 from serve.errors import StageError
 from serve.pipeline.levers import apply_levers, lever_state
 from serve.pipeline.loading import resolve_subfolder, torch_device, torch_dtype
+from serve.pipeline.replica import CallerWatch, setup_replica_logging
 
 logger = logging.getLogger(__name__)
 STAGE = "vae"
@@ -29,10 +33,13 @@ STAGE = "vae"
 
 @serve.deployment(name="VAEDecoder")
 class VAEDecoder:
-    def __init__(self, model: dict, levers: dict | None = None, fault: str | None = None):
+    def __init__(self, model: dict, levers: dict | None = None, fault: str | None = None,
+                 liveness: dict | None = None):
         import torch
         from diffusers import AutoencoderKLWan
 
+        setup_replica_logging()
+        self._callers = CallerWatch(LivenessConfig.model_validate(liveness or {}).caller_check_interval_s)
         self.model_cfg = ModelConfig.model_validate(model)
         levers_cfg = LeversConfig.model_validate(levers or {})
         self.device = torch_device(self.model_cfg)
@@ -88,17 +95,18 @@ class VAEDecoder:
             except Exception as exc:
                 raise self._stage_error(exc, latents) from exc
 
-    async def decode_stream(self, latents, return_float: bool = False):
+    async def decode_stream(self, latents, return_float: bool = False, caller: str | None = None):
         """Streaming `decode` (call with `handle.options(stream=True)`): a "stage started"
         ProgressEvent, then DecodedFrames chunks in order; their concatenation is what `decode`
         returns."""
-        latents = await self._resolve(latents)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         stop = threading.Event()
         done = object()
 
         def work() -> None:
+            if stop.is_set():  # the caller went away while this decode waited for the lock
+                return
             try:
                 for chunk in self._chunks(latents, return_float, stop):
                     loop.call_soon_threadsafe(queue.put_nowait, chunk)
@@ -107,17 +115,28 @@ class VAEDecoder:
             finally:
                 loop.call_soon_threadsafe(queue.put_nowait, done)
 
-        async with self._lock:
-            yield ProgressEvent(type="stage", stage=STAGE, stage_status="started")
-            worker = loop.run_in_executor(None, work)
-            try:
-                while (item := await queue.get()) is not done:
-                    if isinstance(item, BaseException):
-                        raise item
-                    yield item
-            finally:
-                stop.set()  # the caller went away: stop after the chunk being decoded
-                await asyncio.shield(worker)
+        unwatch = self._callers.watch(caller, functools.partial(self._caller_gone, stop, queue, done))
+        try:
+            latents = await self._resolve(latents)
+            async with self._lock:
+                yield ProgressEvent(type="stage", stage=STAGE, stage_status="started")
+                worker = loop.run_in_executor(None, work)
+                try:
+                    while (item := await queue.get()) is not done:
+                        if isinstance(item, BaseException):
+                            raise item
+                        yield item
+                finally:
+                    stop.set()  # the caller went away: stop after the chunk being decoded
+                    await asyncio.shield(worker)
+        finally:
+            unwatch()
+
+    @staticmethod
+    def _caller_gone(stop: threading.Event, queue: asyncio.Queue, done, died_at: float) -> None:
+        logger.warning("a decode's caller is gone; stopping it")
+        stop.set()
+        queue.put_nowait(done)
 
     def stats(self) -> dict:
         """What is in effect in this replica (read from the loaded VAE) and what it has done."""

@@ -47,19 +47,21 @@ def build_generator(args: AppArgs, serve_overrides: dict[str, dict] | None = Non
     d = args.deployments
     model = args.model.model_dump(mode="json")
     levers = args.levers.model_dump(mode="json")
+    liveness = args.liveness.model_dump(mode="json")
     o = serve_overrides
     text_encoder = TextEncoder.options(**_options(d.text_encoder, "TextEncoder", o)).bind(
         model, args.text_encoder_batching.model_dump(mode="json"), args.levers.embedding_cache_size)
     transformer = Transformer.options(**_options(d.transformer, "Transformer", o)).bind(
-        model, levers, args.fault_injection.get("transformer"))
-    vae = VAEDecoder.options(**_options(d.vae, "VAEDecoder", o)).bind(model, levers, args.fault_injection.get("vae"))
+        model, levers, args.fault_injection.get("transformer"), liveness)
+    vae = VAEDecoder.options(**_options(d.vae, "VAEDecoder", o)).bind(
+        model, levers, args.fault_injection.get("vae"), liveness)
     tts = None
     if uses_tts(args):
         from deployments.tts import TTS
 
         tts = TTS.options(**_options(d.tts, "TTS", o)).bind(args.tts.model_dump(mode="json"))
     return Generator.options(**_options(d.generator, "Generator", o)).bind(
-        text_encoder, transformer, vae, tts, model, args.tts.model_dump(mode="json"), args.name)
+        text_encoder, transformer, vae, tts, model, args.tts.model_dump(mode="json"), args.name, liveness)
 
 
 def build_app(args: AppArgs | dict[str, Any] | None = None,

@@ -207,6 +207,18 @@ class LeversConfig(_Strict):
     batch_token_budget: int = Field(default=2_000_000, ge=1)
 
 
+class LivenessConfig(_Strict):
+    """Work whose caller is gone, and outputs nobody fetches (`serve.pipeline.replica`)."""
+
+    # How often a stage with work in flight asks the GCS whether the callers of that work (the
+    # Generator, for the stages; the Ingress, for the Generator) are still alive; a dead caller's
+    # work stops at the next denoising step / decoded chunk. One ~1 ms GCS lookup per caller.
+    caller_check_interval_s: float = Field(default=0.5, gt=0)
+    # How long the Transformer keeps a finished job's latents for a Generator that never comes to
+    # release them (it releases them as soon as the VAE has started decoding); covers a VAE queue.
+    output_hold_s: float = Field(default=600.0, gt=0)
+
+
 class TextEncoderBatching(_Strict):
     max_batch_size: int = Field(default=8, ge=1)
     # A job's prompt and negative prompt arrive together and share a batch well within this.
@@ -435,6 +447,7 @@ class AppArgs(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     deployments: DeploymentsConfig = Field(default_factory=DeploymentsConfig)
     levers: LeversConfig = Field(default_factory=LeversConfig)
+    liveness: LivenessConfig = Field(default_factory=LivenessConfig)
     text_encoder_batching: TextEncoderBatching = Field(default_factory=TextEncoderBatching)
     tts: TTSConfig = Field(default_factory=TTSConfig)
     with_ingress: bool = True

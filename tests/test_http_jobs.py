@@ -113,7 +113,8 @@ async def test_restart_after_max_attempts_fails_with_reason(http_env, tmp_path):
 
 def test_hard_crash_of_the_ingress_replica_recovers_the_job(http_env, alice):
     """Kill the Ingress replica process mid-job (no shutdown hook runs). Serve starts a new
-    replica; the job's lease expires and the new dispatcher re-runs it to completion."""
+    replica; its dispatcher finds the job's lease held by a replica that no longer exists and
+    re-runs it to completion."""
     import ray
 
     job = {**MEDIUM, "num_inference_steps": 40}

@@ -120,7 +120,7 @@ async def test_metrics_after_real_jobs(graph_app, tmp_path):
 
     # cumulative series carry the replica's id (scrapes through the HTTP port reach any replica);
     # gauges, the same whichever replica answers, do not
-    replica = service.dispatcher.owner
+    replica = service.dispatcher.replica
     for s in samples:
         cumulative = s.name.endswith(("_total", "_bucket", "_sum", "_count", "_created"))
         assert (s.labels.get("replica") == replica) if cumulative else ("replica" not in s.labels), s

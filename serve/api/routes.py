@@ -435,7 +435,7 @@ def create_app(service: JobService, *, manage_lifecycle: bool = True) -> Starlet
               rate_limiter=SharedRateLimiter(limits.rate_limit_per_minute, limits.rate_limit_burst,
                                              app_name=service.app_args.name,
                                              shared=limits.rate_limit_scope == "cluster"),
-              http_metrics=HttpMetrics(service.metrics.registry, replica=service.dispatcher.owner),
+              http_metrics=HttpMetrics(service.metrics.registry, replica=service.dispatcher.replica),
               trusted_proxies=parse_networks(config.trusted_proxies))
 
     @contextlib.asynccontextmanager

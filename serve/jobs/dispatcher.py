@@ -2,6 +2,12 @@
 the Generator's progress stream, publishes progress (live to subscribers, throttled to the DB),
 stores the artifacts and finishes the record. Interrupted jobs (lease expired, shutdown) are
 re-queued or, after `max_attempts`, failed with a reason. At most `max_concurrent_jobs` run here.
+
+The lease owner names the replica: `<replica>@<host>:<pid> actor=<Ray actor id> ray=<cluster tag>`
+(`<host>:<pid>:<random>` outside a Ray actor). On start and at each recovery poll the dispatcher
+asks the GCS about the owners of the in-progress jobs: the jobs of an ingress replica that no
+longer exists (actor dead, or unknown to this cluster) are taken over at once, the same way as an
+expired lease (the crash spends an attempt), instead of after `lease_seconds`.
 """
 
 from __future__ import annotations
@@ -9,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import socket
 import time
 import uuid
@@ -21,8 +28,39 @@ from serve.jobs.events import ProgressBroker
 from serve.jobs.generator_client import GeneratorClient
 from serve.jobs.metrics import JobMetrics
 from serve.jobs.store import JobStore
+from serve.pipeline.replica import GONE_STATES, actor_state, caller_id, cluster_tag
 
 logger = logging.getLogger(__name__)
+_OWNER_ACTOR = re.compile(r" actor=([0-9a-f]+) ray=([0-9a-f]+)$")
+
+
+def lease_owner_name() -> str:
+    """This process's lease owner name (at most 128 characters, the column's size)."""
+    actor, cluster = caller_id(), cluster_tag()
+    host = socket.gethostname()[:40]
+    if actor is None or cluster is None:
+        return f"{host}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    try:
+        from ray import serve
+
+        replica = serve.get_replica_context().replica_id.unique_id[:16]
+    except Exception:  # noqa: BLE001 - an actor that is not a Serve replica
+        replica = uuid.uuid4().hex[:8]
+    return f"{replica}@{host}:{os.getpid()} actor={actor} ray={cluster}"
+
+
+async def owner_is_gone(owner: str, cluster: str | None) -> bool:
+    """True when `owner` was a Ray actor of this cluster that no longer exists. Owners of another
+    cluster (or of no actor) are left to their leases; a failed lookup counts as alive."""
+    match = _OWNER_ACTOR.search(owner)
+    if match is None or cluster is None or match.group(2) != cluster:
+        return False
+    try:
+        state, _ = await actor_state(match.group(1))
+    except Exception:  # noqa: BLE001
+        logger.debug("lease owner %s: state lookup failed", owner, exc_info=True)
+        return False
+    return state in GONE_STATES
 
 
 class Dispatcher:
@@ -36,7 +74,8 @@ class Dispatcher:
         self.metrics = metrics
         self.config = config
         self.tts_config = tts_config or TTSConfig()
-        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.owner = lease_owner_name()
+        self._cluster = cluster_tag()
         self._running: dict[str, asyncio.Task] = {}
         self._cancel_reason: dict[str, str] = {}
         self._wake = asyncio.Event()
@@ -74,6 +113,11 @@ class Dispatcher:
         return None
 
     @property
+    def replica(self) -> str:
+        """The readable part of the lease owner (`<replica>@<host>:<pid>`): the metrics' `replica` label."""
+        return self.owner.split(" actor=")[0]
+
+    @property
     def running_ids(self) -> list[str]:
         return list(self._running)
 
@@ -100,6 +144,7 @@ class Dispatcher:
                             logger.warning("job %s: lease expired; now %s", job_id, status)
                             if status == FAILED:
                                 self.metrics.observe_failure("max_attempts_exceeded")
+                    await self._recover_gone_owners()
                 while len(self._running) < self.config.max_concurrent_jobs and not self._stopping:
                     job = await self.store.claim(self.owner, self.config.lease_seconds)
                     if job is None:
@@ -114,6 +159,19 @@ class Dispatcher:
                 await asyncio.wait_for(self._wake.wait(), self.config.poll_interval_s)
             except asyncio.TimeoutError:
                 pass
+
+    async def _recover_gone_owners(self) -> None:
+        """Take over at once the jobs of ingress replicas that no longer exist."""
+        for owner in await self.store.lease_owners():
+            if owner == self.owner or not await owner_is_gone(owner, self._cluster):
+                continue
+            recovered = await self.store.recover_owner(owner, self.config.max_attempts,
+                                                       "its ingress replica stopped")
+            for status, ids in recovered.items():
+                for job_id in ids:
+                    logger.warning("job %s: its ingress replica (%s) is gone; now %s", job_id, owner, status)
+                    if status == FAILED:
+                        self.metrics.observe_failure("max_attempts_exceeded")
 
     def _launch(self, job: dict) -> None:
         job_id = job["id"]

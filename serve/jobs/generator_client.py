@@ -1,11 +1,14 @@
 """How the job service reaches the generation graph: through the `Generator` deployment's Serve
-handle (`stream=True` for progress). Cancelling the stream stops the generation within a step."""
+handle (`stream=True` for progress). Cancelling the stream stops the generation within a step, and
+so does this process dying: each call carries its Ray actor id (`caller=`), which the Generator
+watches."""
 
 from __future__ import annotations
 
 from typing import Any, AsyncIterator, Protocol
 
 from serve.contracts import ProgressEvent, ResolvedSpec
+from serve.pipeline.replica import caller_id
 
 
 class GeneratorClient(Protocol):
@@ -25,9 +28,10 @@ class HandleGeneratorClient:
 
     def __init__(self, handle):
         self.handle = handle
+        self.caller = caller_id()  # this replica's actor id (None in a driver)
 
     def stream(self, spec: ResolvedSpec, job_id: str = "-"):
-        return self.handle.options(stream=True).stream.remote(spec, job_id)
+        return self.handle.options(stream=True).stream.remote(spec, job_id, caller=self.caller)
 
     async def health(self) -> dict[str, dict[str, str]]:
         return await self.handle.health.remote()

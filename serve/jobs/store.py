@@ -159,6 +159,25 @@ class JobStore:
                 out[status].append(job_id)
         return out
 
+    async def lease_owners(self) -> list[str]:
+        """The distinct lease owners of the in-progress jobs."""
+        async with self.db.read() as conn:
+            return list((await conn.execute(select(jobs.c.lease_owner).where(
+                jobs.c.status == IN_PROGRESS, jobs.c.lease_owner.is_not(None)).distinct())).scalars().all())
+
+    async def recover_owner(self, owner: str, max_attempts: int, reason: str) -> dict[str, list[str]]:
+        """Re-queue (or fail, after `max_attempts`) every in-progress job leased by `owner`, a
+        worker known to be gone, without waiting for its leases to expire (as `recover_expired`)."""
+        cond = and_(jobs.c.status == IN_PROGRESS, jobs.c.lease_owner == owner)
+        async with self.db.read() as conn:
+            ids = (await conn.execute(select(jobs.c.id).where(cond))).scalars().all()
+        out: dict[str, list[str]] = {QUEUED: [], FAILED: []}
+        for job_id in ids:
+            status = await self._requeue_or_fail(and_(cond, jobs.c.id == job_id), max_attempts, reason)
+            if status:
+                out[status].append(job_id)
+        return out
+
     async def _requeue_or_fail(self, cond, max_attempts: int, reason: str) -> str | None:
         now = time.time()
         async with self.db.write() as conn:
