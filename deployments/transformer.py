@@ -24,6 +24,7 @@ from ray import serve
 
 from serve.config import LeversConfig, ModelConfig
 from serve.pipeline.denoising import DenoiseJob, DenoiseLoop, LoopSettings
+from serve.pipeline.faults import chaos_pause
 from serve.errors import GenerationCancelled, StageError
 from serve.contracts import DenoisedLatents, ProgressEvent, PromptEmbeds, ResolvedSpec, dit_tokens
 from serve.pipeline.levers import apply_levers, lever_state
@@ -56,7 +57,8 @@ class _Ticket:
 
 @serve.deployment(name="Transformer")
 class Transformer:
-    def __init__(self, model: dict, levers: dict | None = None, fault: str | None = None):
+    def __init__(self, model: dict, levers: dict | None = None, fault: str | None = None,
+                 chaos_delay_s: float = 0.0):
         import torch
         from diffusers import SkyReelsV2Transformer3DModel, UniPCMultistepScheduler
 
@@ -75,6 +77,7 @@ class Transformer:
             step_cache = StepCache(threshold=self.levers.step_cache_threshold)
         apply_levers(transformer, None, self.levers)  # torch.compile when switched on
         self.loop = DenoiseLoop(transformer, scheduler.config, self.device, step_cache=step_cache, fault=fault)
+        self.chaos_delay_s = chaos_delay_s  # chaos testing only: a pause after each step
         self._pending: list[_Ticket] = []
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
@@ -144,6 +147,7 @@ class Transformer:
 
         def step_callback(ticket: _Ticket):
             def on_step(step: int, total: int) -> None:
+                chaos_pause(self.chaos_delay_s)
                 if ticket.cancelled.is_set():
                     ticket.steps_after_cancel += 1
                 loop.call_soon_threadsafe(ticket.events.put_nowait, ProgressEvent(

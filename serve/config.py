@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator, NonNegativeFloat
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 TINY_MODEL_SOURCE = "embedded:tiny"
@@ -259,6 +259,11 @@ class DispatcherConfig(_Strict):
     poll_interval_s: float = Field(default=0.5, gt=0)  # look for queued / expired jobs this often
     progress_write_interval_s: float = Field(default=0.5, ge=0)  # DB progress writes, at most this often
     subscriber_history: int = Field(default=2000, ge=0)  # live events kept per running job for late SSE clients
+    # A job whose stage replica (or Generator replica) died mid-call is re-run from the start this
+    # many more times (same seed: same output) before it fails with `stage_unavailable`.
+    stage_retries: int = Field(default=2, ge=0)
+    # Wait before such a re-run (doubling each time): Serve needs a moment to replace the replica.
+    stage_retry_backoff_s: float = Field(default=1.0, ge=0)
 
 
 class WebhooksConfig(_Strict):
@@ -333,6 +338,9 @@ class AppArgs(_Strict):
     # Chaos testing only: make a stage fail at run time the way it would in production
     # ("oom": torch.OutOfMemoryError inside the model call; "error": a RuntimeError).
     fault_injection: dict[Literal["transformer", "vae"], Literal["oom", "error"]] = Field(default_factory=dict)
+    # Chaos testing only: slow a stage down without changing its output, so a test can kill its
+    # replica mid-call (seconds: transformer per denoising step; vae and tts once per call).
+    chaos_delay_s: dict[Literal["transformer", "vae", "tts"], NonNegativeFloat] = Field(default_factory=dict)
 
 
 class Settings(BaseSettings):
