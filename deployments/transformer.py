@@ -45,7 +45,7 @@ def job_tokens(spec: ResolvedSpec) -> int:
     return dit_tokens(spec.num_frames, spec.height, spec.width) * (2 if spec.do_cfg else 1)
 
 
-@dataclass
+@dataclass(eq=False)  # tickets are told apart by identity: comparing fields would compare numpy arrays
 class _Ticket:
     spec: ResolvedSpec
     embeds: PromptEmbeds

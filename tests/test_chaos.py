@@ -119,6 +119,11 @@ KILL_WHEN = {
 }
 
 
+def _decoded_video(mp4: bytes) -> np.ndarray:
+    with av.open(io.BytesIO(mp4)) as c:
+        return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+
+
 def _decoded(mp4: bytes) -> tuple[np.ndarray, np.ndarray]:
     with av.open(io.BytesIO(mp4)) as c:
         frames = np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
@@ -231,6 +236,21 @@ async def test_when_the_retries_run_out_the_job_fails_with_stage_unavailable(env
         assert {k: events[-1][1]["error"][k] for k in ("code", "message")} == {
             k: v["error"][k] for k in ("code", "message")}
     _wait_running()  # leave the app whole
+
+
+# ---- a re-run meets its earlier run ------------------------------------------------------------
+def test_jobs_with_the_same_spec_at_once_all_finish(graph_app):
+    """A re-run job often finds its earlier run (the orphan of a dead Generator) still queued in
+    the Transformer: same spec, same seed. Queued tickets with equal specs used to crash the
+    Transformer's batching worker (its tickets were compared field by field, numpy arrays included),
+    leaving every queued job waiting for ever."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    spec = {"prompt": "twins", "width": 32, "height": 32, "num_frames": 5, "num_inference_steps": 3, "seed": 5}
+    with ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(lambda _: graph_app.generate(spec), range(3)))
+    frames = [_decoded_video(r.mp4) for r in results]
+    assert all(np.array_equal(f, frames[0]) for f in frames[1:])
 
 
 # ---- a full disk -------------------------------------------------------------------------------
