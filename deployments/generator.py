@@ -20,19 +20,23 @@ import asyncio
 import functools
 import gc
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 import numpy as np
 from ray import serve
+from ray.exceptions import RayError
 from ray.serve.handle import DeploymentHandle
 
 from serve.config import LivenessConfig, ModelConfig, TTSConfig
 from serve.contracts import (
     DecodedFrames, DenoisedLatents, GenerationResult, GenerationSpec, ProgressEvent, ResolvedSpec, StageTiming,
 )
-from serve.errors import CineVividError, GenerationCancelled, StageError, unwrap_error
+from serve.errors import (
+    CineVividError, GenerationCancelled, StageError, StageUnavailable, replica_stopped, unwrap_error,
+)
 from serve.media.mp4 import Mp4Writer, thumbnail_jpeg
 from serve.pipeline.replica import CallerWatch, caller_id, setup_replica_logging
 from serve.pipeline.spec import resolve_spec
@@ -52,10 +56,23 @@ STAGE_OF_DEPLOYMENT = {"TextEncoder": "text_encoder", "Transformer": "transforme
                        "TTS": "tts", "Generator": "generator"}
 
 
-def _raise_typed(exc: BaseException, stage: str) -> None:
+def _raise_typed(exc: BaseException, stage: str, job_id: str = "-") -> None:
+    """Re-raise a stage call's failure as a typed error. A replica that stopped mid-call becomes a
+    short StageUnavailable naming the stage (the job service retries those); Ray's own text
+    (process ids, addresses, actor ids) goes to the log with the job id, never to the user."""
     err = unwrap_error(exc)
     if isinstance(err, CineVividError):
         raise err from None
+    if (stop := replica_stopped(exc)) is not None:
+        # Ray's text names the replica that died (a chained call's upstream stage, e.g. the
+        # TextEncoder whose embeddings the Transformer was waiting for)
+        died = re.search(r"ServeReplica:[^:\s]+:(\w+)", str(stop))
+        stage = STAGE_OF_DEPLOYMENT.get(died.group(1), stage) if died else stage
+        logger.warning("[job %s] the %s replica stopped during its call: %r", job_id, stage, exc)
+        raise StageUnavailable(f"the {stage} replica stopped while running this job", stage=stage) from None
+    if isinstance(exc, RayError):
+        logger.error("[job %s] the %s call failed: %r", job_id, stage, exc)
+        raise StageError(f"the {stage} stage failed ({type(exc).__name__})", stage=stage) from None
     raise StageError(f"{type(exc).__name__}: {exc}", stage=stage) from exc
 
 
@@ -157,7 +174,7 @@ class Generator:
         except CineVividError:
             raise
         except Exception as exc:  # noqa: BLE001
-            _raise_typed(exc, "generator")
+            _raise_typed(exc, "generator", job_id)
         finally:
             unwatch()
             self.active -= 1
@@ -192,7 +209,7 @@ class Generator:
         denoise_started = run.started
         try:
             async for item in denoise:
-                self._raise_if_tts_failed(run.tts_call)
+                self._raise_if_tts_failed(run.tts_call, run.job_id)
                 if isinstance(item, DenoisedLatents):
                     # the last item; the stream stays open, holding the latents, until the VAE has them
                     run.latents, run.denoise_call = item, denoise
@@ -209,7 +226,7 @@ class Generator:
         except CineVividError:
             raise
         except Exception as exc:  # noqa: BLE001
-            _raise_typed(exc, "transformer")
+            _raise_typed(exc, "transformer", run.job_id)
         if run.latents is None:
             raise GenerationCancelled("generation cancelled", stage="transformer")
         run.mark("transformer", denoise_started)
@@ -238,7 +255,7 @@ class Generator:
         except CineVividError:
             raise
         except Exception as exc:  # noqa: BLE001
-            _raise_typed(exc, "vae")
+            _raise_typed(exc, "vae", run.job_id)
         run.open_calls.remove(decoding)
         run.frames = np.concatenate(chunks)
         run.float_frames = np.concatenate(float_chunks) if float_chunks else None
@@ -249,7 +266,7 @@ class Generator:
             try:
                 run.audio = await run.tts_call
             except Exception as exc:  # noqa: BLE001
-                _raise_typed(exc, "tts")
+                _raise_typed(exc, "tts", run.job_id)
             run.tts_call = None
             run.timings.append(StageTiming(stage="tts", start=run.audio.started_at, end=run.audio.finished_at))
 
@@ -277,7 +294,7 @@ class Generator:
         if run.writer is not None:
             await asyncio.to_thread(run.writer.add, chunk.frames)
         elif run.tts_call is None or run.tts_call.done():
-            self._raise_if_tts_failed(run.tts_call)
+            self._raise_if_tts_failed(run.tts_call, run.job_id)
             audio = run.tts_call.result() if run.tts_call is not None else None
             run.writer = self._new_writer(chunk.frames, run.spec.fps, audio)
             await asyncio.to_thread(run.writer.add, np.concatenate(chunks))
@@ -309,10 +326,10 @@ class Generator:
         return asyncio.ensure_future(wait())
 
     @staticmethod
-    def _raise_if_tts_failed(tts_call) -> None:
+    def _raise_if_tts_failed(tts_call, job_id: str = "-") -> None:
         """A failed voice-over fails the job now: the video work is not left running."""
         if tts_call is not None and tts_call.done() and tts_call.exception() is not None:
-            _raise_typed(tts_call.exception(), "tts")
+            _raise_typed(tts_call.exception(), "tts", job_id)
 
     @staticmethod
     def _new_writer(frames, fps: int, audio) -> Mp4Writer:

@@ -40,6 +40,7 @@ from ray import serve
 from serve.config import LeversConfig, LivenessConfig, ModelConfig
 from serve.pipeline.denoising import DenoiseJob, DenoiseLoop, LoopSettings
 from serve.pipeline.diffusion_forcing import DFJob, DFSettings, DiffusionForcingLoop
+from serve.pipeline.faults import chaos_pause
 from serve.errors import GenerationCancelled, StageError
 from serve.contracts import DenoisedLatents, ProgressEvent, PromptEmbeds, ResolvedSpec, dit_tokens
 from serve.pipeline.levers import apply_levers, lever_state
@@ -62,7 +63,7 @@ def job_tokens(spec: ResolvedSpec) -> int:
     return dit_tokens(spec.num_frames, spec.height, spec.width) * (2 if spec.do_cfg else 1)
 
 
-@dataclass
+@dataclass(eq=False)  # tickets are told apart by identity: comparing fields would compare numpy arrays
 class _Ticket:
     spec: ResolvedSpec
     embeds: PromptEmbeds
@@ -78,7 +79,7 @@ class _Ticket:
 @serve.deployment(name="Transformer")
 class Transformer:
     def __init__(self, model: dict, levers: dict | None = None, fault: str | None = None,
-                 liveness: dict | None = None):
+                 liveness: dict | None = None, chaos_delay_s: float = 0.0):
         import torch
 
         setup_replica_logging()
@@ -103,6 +104,7 @@ class Transformer:
         self.loop = DenoiseLoop(transformer, scheduler.config, self.device, step_cache=step_cache, fault=fault)
         # long video: the same transformer, window by window (no step cache, no batching)
         self.df_loop = DiffusionForcingLoop(transformer, scheduler.config, self.device, fault=fault)
+        self.chaos_delay_s = chaos_delay_s  # chaos testing only: a pause after each step
         self._pending: list[_Ticket] = []
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
@@ -199,6 +201,7 @@ class Transformer:
         def step_callback(ticket: _Ticket):
             def on_step(step: int, total: int) -> None:
                 ticket.step_ends.append(time.time())
+                chaos_pause(self.chaos_delay_s)
                 if ticket.cancelled.is_set():
                     ticket.steps_after_cancel += 1
                 loop.call_soon_threadsafe(ticket.events.put_nowait, ProgressEvent(
@@ -251,6 +254,7 @@ class Transformer:
 
         def on_step(step: int, total: int) -> None:
             ticket.step_ends.append(time.time())
+            chaos_pause(self.chaos_delay_s)
             if ticket.cancelled.is_set():
                 ticket.steps_after_cancel += 1
             loop.call_soon_threadsafe(ticket.events.put_nowait, ProgressEvent(

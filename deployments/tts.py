@@ -6,6 +6,7 @@ The ElevenLabs key is read from this replica's environment (ELEVENLABS_API_KEY) 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from ray import serve
@@ -22,13 +23,16 @@ __all__ = ["TTS", "SpeechAudio"]
 
 @serve.deployment(name="TTS")
 class TTS:
-    def __init__(self, tts_config: dict | None = None):
+    def __init__(self, tts_config: dict | None = None, chaos_delay_s: float = 0.0):
         setup_replica_logging()
         self.service = TTSService(tts_config or {})
+        self.chaos_delay_s = chaos_delay_s  # chaos testing only: a pause before each synthesis
 
     async def synthesize(self, voiceover: VoiceoverSpec, duration_s: float, job_id: str = "-") -> SpeechAudio:
         """Speech for `voiceover` ({text, voice, provider, fit}) fitted to `duration_s` seconds.
         Raises TTSError (code says how) on failure. `job_id` only labels the log lines."""
+        if self.chaos_delay_s:
+            await asyncio.sleep(self.chaos_delay_s)
         return await self.service.synthesize(voiceover, duration_s, job_id)
 
     async def voices(self) -> list[dict]:

@@ -20,7 +20,7 @@ from ray import serve
 
 from serve.config import LeversConfig, LivenessConfig, ModelConfig
 from serve.contracts import DecodedFrames, ProgressEvent
-from serve.pipeline.faults import inject_fault
+from serve.pipeline.faults import chaos_pause, inject_fault
 from serve.pipeline.vae_decode import is_tiled, iter_decode, to_float_frames, video_to_uint8
 from serve.errors import StageError
 from serve.pipeline.levers import apply_levers, lever_state
@@ -34,7 +34,7 @@ STAGE = "vae"
 @serve.deployment(name="VAEDecoder")
 class VAEDecoder:
     def __init__(self, model: dict, levers: dict | None = None, fault: str | None = None,
-                 liveness: dict | None = None):
+                 liveness: dict | None = None, chaos_delay_s: float = 0.0):
         import torch
         from diffusers import AutoencoderKLWan
 
@@ -49,6 +49,7 @@ class VAEDecoder:
         ).to(self.device).eval()
         apply_levers(None, self.vae, levers_cfg)  # VAE tiling when switched on
         self.fault = fault  # chaos testing only
+        self.chaos_delay_s = chaos_delay_s  # chaos testing only: a pause before each decode
         self._lock = asyncio.Lock()  # one decode at a time per replica: decoding is memory-bound
         self.decodes = 0
         self.tiled_decodes = 0
@@ -58,6 +59,7 @@ class VAEDecoder:
         """DecodedFrames per decoded chunk (runs in a worker thread)."""
         if self.fault:
             inject_fault(self.fault)
+        chaos_pause(self.chaos_delay_s)
         latents = self._torch.from_numpy(np.array(latents)).to(self.device)
         self.decodes += 1
         self.tiled_decodes += is_tiled(self.vae, latents)

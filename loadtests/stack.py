@@ -47,7 +47,7 @@ def run_sync(coro):
 
 
 def app_args(data_dir: Path, name: str = APP, levers: dict | None = None, ingress: dict | None = None,
-             with_ingress: bool = True) -> dict:
+             with_ingress: bool = True, extra: dict | None = None) -> dict:
     ingress_cfg = {
         "data_dir": str(data_dir), "poll_after_ms": 50,
         # the shipped dispatcher defaults (poll 0.5 s, progress writes at most every 0.5 s), with
@@ -68,6 +68,7 @@ def app_args(data_dir: Path, name: str = APP, levers: dict | None = None, ingres
         "tts": {"providers": ["none"]},
         "levers": levers or {},
         "ingress": ingress_cfg,
+        **(extra or {}),  # any other AppArgs field (e.g. chaos_delay_s for loadtests/chaos.py)
     }
 
 
@@ -110,7 +111,7 @@ class Stack:
 
 @contextlib.contextmanager
 def local_stack(threads: int = 2, levers: dict | None = None, ingress: dict | None = None,
-                num_cpus: int = 16, data_dir: Path | None = None) -> Iterator[Stack]:
+                num_cpus: int = 16, data_dir: Path | None = None, extra_args: dict | None = None) -> Iterator[Stack]:
     set_threads(threads)
     import ray
     from ray import serve
@@ -124,8 +125,8 @@ def local_stack(threads: int = 2, levers: dict | None = None, ingress: dict | No
     if data_dir is None:
         tmp = tempfile.TemporaryDirectory(prefix="cinevivid-bench-")
         data_dir = Path(tmp.name)
-    args = app_args(data_dir, levers=levers, ingress=ingress)
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False,
+    args = app_args(data_dir, levers=levers, ingress=ingress, extra=extra_args)
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False,
              object_store_memory=500_000_000)
     try:
         port = free_port()

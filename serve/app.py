@@ -52,14 +52,15 @@ def build_generator(args: AppArgs, serve_overrides: dict[str, dict] | None = Non
     text_encoder = TextEncoder.options(**_options(d.text_encoder, "TextEncoder", o)).bind(
         model, args.text_encoder_batching.model_dump(mode="json"), args.levers.embedding_cache_size)
     transformer = Transformer.options(**_options(d.transformer, "Transformer", o)).bind(
-        model, levers, args.fault_injection.get("transformer"), liveness)
+        model, levers, args.fault_injection.get("transformer"), liveness, args.chaos_delay_s.get("transformer", 0.0))
     vae = VAEDecoder.options(**_options(d.vae, "VAEDecoder", o)).bind(
-        model, levers, args.fault_injection.get("vae"), liveness)
+        model, levers, args.fault_injection.get("vae"), liveness, args.chaos_delay_s.get("vae", 0.0))
     tts = None
     if uses_tts(args):
         from deployments.tts import TTS
 
-        tts = TTS.options(**_options(d.tts, "TTS", o)).bind(args.tts.model_dump(mode="json"))
+        tts = TTS.options(**_options(d.tts, "TTS", o)).bind(args.tts.model_dump(mode="json"),
+                                                     args.chaos_delay_s.get("tts", 0.0))
     return Generator.options(**_options(d.generator, "Generator", o)).bind(
         text_encoder, transformer, vae, tts, model, args.tts.model_dump(mode="json"), args.name, liveness)
 

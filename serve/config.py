@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator, NonNegativeFloat
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 TINY_MODEL_SOURCE = "embedded:tiny"
@@ -280,8 +280,12 @@ class TTSConfig(_Strict):
 #         dispatcher:
 #           max_concurrent_jobs: 2       # jobs one ingress replica runs at once; the rest wait queued
 #           lease_seconds: 30            # claimed job's lease, renewed every lease/3 while it runs
-#           max_attempts: 3              # an interrupted job is re-queued until then, then failed
+#           max_attempts: 3              # a job whose ingress crashed is re-queued until then, then failed
+#                                        # (a clean shutdown re-queues without spending one)
 #           poll_interval_s: 0.5         # look for queued / expired jobs this often
+#           stage_retries: 2             # re-runs of a job whose stage replica died mid-job, then
+#                                        # the job fails with error code stage_unavailable
+#           stage_retry_backoff_s: 1.0   # before the first re-run; doubles each time
 #         auth: {token_ttl_s: 3600}
 #         webhooks:
 #           max_endpoints_per_user: 10   # 409 too_many_webhooks, param url (POST /v1/webhooks)
@@ -342,10 +346,15 @@ class LimitsConfig(_Strict):
 class DispatcherConfig(_Strict):
     max_concurrent_jobs: int = Field(default=2, ge=1)  # jobs this ingress replica runs at once
     lease_seconds: float = Field(default=30.0, gt=0)  # a claimed job's lease; renewed while it runs
-    max_attempts: int = Field(default=3, ge=1)  # claims before an interrupted job is failed
+    max_attempts: int = Field(default=3, ge=1)  # claims before a job interrupted by crashes is failed
     poll_interval_s: float = Field(default=0.5, gt=0)  # look for queued / expired jobs this often
     progress_write_interval_s: float = Field(default=0.5, ge=0)  # DB progress writes, at most this often
     subscriber_history: int = Field(default=2000, ge=0)  # live events kept per running job for late SSE clients
+    # A job whose stage replica (or Generator replica) died mid-call is re-run from the start this
+    # many more times (same seed: same output) before it fails with `stage_unavailable`.
+    stage_retries: int = Field(default=2, ge=0)
+    # Wait before such a re-run (doubling each time): Serve needs a moment to replace the replica.
+    stage_retry_backoff_s: float = Field(default=1.0, ge=0)
 
 
 class WebhooksConfig(_Strict):
@@ -456,6 +465,9 @@ class AppArgs(_Strict):
     # Chaos testing only: make a stage fail at run time the way it would in production
     # ("oom": torch.OutOfMemoryError inside the model call; "error": a RuntimeError).
     fault_injection: dict[Literal["transformer", "vae"], Literal["oom", "error"]] = Field(default_factory=dict)
+    # Chaos testing only: slow a stage down without changing its output, so a test can kill its
+    # replica mid-call (seconds: transformer per denoising step; vae and tts once per call).
+    chaos_delay_s: dict[Literal["transformer", "vae", "tts"], NonNegativeFloat] = Field(default_factory=dict)
 
 
 class Settings(BaseSettings):

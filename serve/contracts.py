@@ -166,7 +166,9 @@ class ProgressEvent(BaseModel):
     - "stage": a stage started or finished (`stage`, `stage_status`); the Transformer and the VAE
       emit their own "started", the Generator the "finished" ones
     - "step": denoising step `step` of `total_steps` finished (`stage` "transformer")
-    - "status": the job's status changed (`status`; `error` once failed); from the job service
+    - "status": the job's status changed (`status`; `error` once failed); from the job service.
+      `retry` n (with status "in_progress") says the job starts again from the beginning, for the
+      n-th time, because a stage replica stopped; `error` then says which (`stage_unavailable`)
     - "progress": the job's progress read from its record (it runs on another ingress replica)
     - "result": the last event of a Generator stream; `result` holds the GenerationResult and is
       never serialised to JSON
@@ -186,6 +188,7 @@ class ProgressEvent(BaseModel):
     total_steps: int | None = None
     progress: int | float = 0  # 0..100; the job service sends whole numbers
     error: ErrorInfo | None = None
+    retry: int | None = None
     result: "GenerationResult | None" = Field(default=None, exclude=True)
 
     def to_json(self) -> str:

@@ -114,6 +114,22 @@ class StageError(CineVividError):
         return f"{self.code} in stage {self.stage}: {self.message}"
 
 
+class StageUnavailable(StageError):
+    """A stage's replica stopped (killed, crashed, its node lost) while it ran this call. The job
+    service re-runs such a job from the start (`dispatcher.stage_retries`); the message is short
+    and names the stage, the Ray error behind it goes to the log only."""
+
+    code = "stage_unavailable"
+    status = 503
+
+
+class InsufficientStorage(CineVividError):
+    """The server's disk is full: a file (an artifact) or the database could not be written."""
+
+    code = "insufficient_storage"
+    status = 507
+
+
 class GenerationCancelled(CineVividError):
     code = "cancelled"
     status = 409
@@ -161,3 +177,42 @@ def unwrap_error(exc: BaseException) -> BaseException:
             return cur
         cur = cur.__cause__ or cur.__context__
     return exc
+
+
+def replica_stopped(exc: BaseException) -> BaseException | None:
+    """The error in `exc`'s chain that says the process running a call went away, not that the
+    call failed: a Ray actor (a Serve replica) that died or cannot be reached, a crashed worker or
+    node, an object whose owner died with it, or Serve's "replica no longer available"; else None.
+    A typed CineVividError on the way (a stage that answered with an error) is a real answer: None."""
+    from ray import exceptions as rx
+    from ray.serve.exceptions import ReplicaUnavailableError
+
+    stopped = (rx.RayActorError, rx.WorkerCrashedError, rx.NodeDiedError, rx.ObjectLostError,
+               ReplicaUnavailableError)
+    seen = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, CineVividError):
+            return None
+        if isinstance(cur, stopped):
+            return cur
+        cause = getattr(cur, "cause", None)  # RayTaskError(X): X is its .cause
+        cur = cause if isinstance(cause, BaseException) else (cur.__cause__ or cur.__context__)
+    return None
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """ENOSPC / EDQUOT anywhere in the chain (a file write), or SQLite's own way of saying it."""
+    import errno
+
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, OSError) and cur.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "database or disk is full" in str(cur):
+            return True
+        cur = cur.__cause__ or cur.__context__ or getattr(cur, "orig", None)
+    return False

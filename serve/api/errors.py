@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import json
 import math
 import logging
@@ -13,7 +12,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from serve.errors import CineVividError, unwrap_error
+from serve.errors import CineVividError, is_disk_full, unwrap_error
 
 logger = logging.getLogger(__name__)
 
@@ -65,20 +64,6 @@ async def handle_http_exception(request: Request, exc: Exception) -> JSONRespons
 async def handle_validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ValidationError)
     return validation_error_response(exc)
-
-
-def is_disk_full(exc: BaseException) -> bool:
-    """ENOSPC anywhere in the chain (a file write), or SQLite's own way of saying it."""
-    seen: set[int] = set()
-    cur: BaseException | None = exc
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
-        if isinstance(cur, OSError) and cur.errno == errno.ENOSPC:
-            return True
-        if "database or disk is full" in str(cur):
-            return True
-        cur = cur.__cause__ or cur.__context__ or getattr(cur, "orig", None)
-    return False
 
 
 async def handle_storage_error(request: Request, exc: Exception) -> JSONResponse:

@@ -38,8 +38,13 @@ class ArtifactStore:
 
         def _save():
             self.ensure()
-            self._write_atomic(video, mp4)
-            self._write_atomic(thumb, thumbnail)
+            try:
+                self._write_atomic(video, mp4)
+                self._write_atomic(thumb, thumbnail)
+            except BaseException:  # e.g. the disk filled up between the two: keep neither
+                video.unlink(missing_ok=True)
+                thumb.unlink(missing_ok=True)
+                raise
         await asyncio.to_thread(_save)
         return str(video), str(thumb)
 

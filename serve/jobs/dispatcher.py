@@ -22,7 +22,10 @@ import uuid
 
 from serve.config import DispatcherConfig, TTSConfig
 from serve.contracts import FAILED, ErrorInfo, ProgressEvent, ResolvedSpec
-from serve.errors import CineVividError, GenerationCancelled, JobLost, TTSError, unwrap_error
+from serve.errors import (
+    CineVividError, GenerationCancelled, InsufficientStorage, JobLost, StageUnavailable, TTSError, is_disk_full,
+    replica_stopped, unwrap_error,
+)
 from serve.jobs.artifacts import ArtifactStore
 from serve.jobs.events import ProgressBroker
 from serve.jobs.generator_client import GeneratorClient
@@ -199,18 +202,34 @@ class Dispatcher:
         stream = None
         state = {"progress": 0, "stage": None, "last_write": 0.0, "dirty": False}
         heartbeat = asyncio.create_task(self._heartbeat(job_id, state))
+        retries = 0
         try:
             # the spec was validated once, at submission; it travels as the typed ResolvedSpec
-            stream = self.generator.stream(ResolvedSpec.model_validate_json(job["spec"]), job_id)
-            result = None
-            async for event in stream:
-                if event.type == "result":
-                    result = event.result
-                    break
-                await self._on_event(job_id, event, state)
+            spec = ResolvedSpec.model_validate_json(job["spec"])
+            while True:
+                result = None
+                try:
+                    stream = self.generator.stream(spec, job_id)
+                    async for event in stream:
+                        if event.type == "result":
+                            result = event.result
+                            break
+                        await self._on_event(job_id, event, state)
+                except Exception as exc:  # noqa: BLE001 - a replica that stopped is retried
+                    stopped = self._stopped_stage(exc)
+                    if stopped is None:
+                        raise
+                    self._cancel_stream(stream)
+                    stream = None
+                    if retries >= self.config.stage_retries:
+                        raise self._unavailable(job_id, stopped, retries, exc, log) from None
+                    retries += 1
+                    await self._retry_after(job_id, stopped, retries, exc, state, log)
+                    continue
+                break
             if result is None:
                 raise CineVividError("the generator ended without a result", code="stage_failed")
-            video_path, thumb_path = await self.artifacts.save(job_id, result.mp4, result.thumbnail_jpeg)
+            video_path, thumb_path = await self._save_artifacts(job_id, result, log)
             heartbeat.cancel()
             ok = await self.store.complete(job_id, self.owner, video_path=video_path, thumbnail_path=thumb_path,
                                            has_audio=result.has_audio, duration_s=result.duration_s)
@@ -220,7 +239,8 @@ class Dispatcher:
             elapsed = time.time() - started
             self.metrics.observe_result(result, elapsed)
             self._publish(job_id, type="status", status="completed", progress=100)
-            log.info("job %s: completed in %.2fs (%d bytes)", job_id, elapsed, len(result.mp4))
+            log.info("job %s: completed in %.2fs (%d bytes)%s", job_id, elapsed, len(result.mp4),
+                     f" after {retries} retr{'ies' if retries != 1 else 'y'}" if retries else "")
         except asyncio.CancelledError:
             reason = self._cancel_reason.get(job_id, "shutdown")
             self._cancel_stream(stream)
@@ -248,11 +268,57 @@ class Dispatcher:
             heartbeat.cancel()
             await asyncio.gather(heartbeat, return_exceptions=True)
 
+    # ---- a stage replica that stopped; a full disk ----
+    @staticmethod
+    def _stopped_stage(exc: BaseException) -> str | None:
+        """The stage whose replica stopped mid-call (the Generator's own replica when its stream
+        died), or None when `exc` is any other failure."""
+        err = unwrap_error(exc)
+        if isinstance(err, StageUnavailable):
+            return err.stage or "generator"
+        if not isinstance(err, CineVividError) and replica_stopped(exc) is not None:
+            return "generator"
+        return None
+
+    async def _retry_after(self, job_id: str, stage: str, retry: int, exc: BaseException, state: dict,
+                           log) -> None:
+        """Tell watchers, count it, and wait a little (Serve is replacing the replica); the
+        caller then runs the job again from the start: same spec and seed, same output."""
+        if not isinstance(unwrap_error(exc), CineVividError):  # the Generator's own death: Ray's text
+            log.warning("job %s: the generator replica stopped: %r", job_id, exc)
+        log.warning("job %s: the %s replica stopped; retry %d of %d from the start", job_id, stage, retry,
+                    self.config.stage_retries)
+        self.metrics.job_retries.labels(stage).inc()
+        self._publish(job_id, type="status", status="in_progress", progress=state["progress"], retry=retry,
+                      error=ErrorInfo(code="stage_unavailable",
+                                      message=f"the {stage} replica stopped while running this job; "
+                                              f"retrying from the start ({retry} of {self.config.stage_retries})"))
+        await asyncio.sleep(self.config.stage_retry_backoff_s * 2 ** (retry - 1))
+
+    @staticmethod
+    def _unavailable(job_id: str, stage: str, retries: int, exc: BaseException, log) -> StageUnavailable:
+        if not isinstance(unwrap_error(exc), CineVividError):
+            log.warning("job %s: the generator replica stopped: %r", job_id, exc)
+        tried = f"; retried {retries} time{'s' if retries != 1 else ''}" if retries else ""
+        return StageUnavailable(f"the {stage} replica stopped while running this job{tried}", stage=stage)
+
+    async def _save_artifacts(self, job_id: str, result, log) -> tuple[str, str]:
+        """Store the MP4 and thumbnail; a full disk (or any other write error) fails the job with a
+        reason the user can read, and leaves no file behind (ArtifactStore.save cleans up)."""
+        try:
+            return await self.artifacts.save(job_id, result.mp4, result.thumbnail_jpeg)
+        except OSError as exc:
+            if is_disk_full(exc):
+                log.error("job %s: disk full, the video could not be stored: %s", job_id, exc)
+                raise InsufficientStorage("the server's disk is full: the video was generated but could not be "
+                                          "stored. Try again later.") from exc
+            log.error("job %s: the video could not be stored: %s", job_id, exc)
+            raise CineVividError("the server could not store the video", code="storage_error") from exc
+
     async def _after_cancel(self, job_id: str, reason: str, log) -> None:
         if reason == "shutdown":
-            status = await self._safe(self.store.release(
-                job_id, self.owner, max_attempts=self.config.max_attempts, reason="the ingress shut down"))
-            log.info("job %s: released at shutdown; now %s", job_id, status)
+            status = await self._safe(self.store.release(job_id, self.owner))
+            log.info("job %s: released at shutdown (no attempt spent); now %s", job_id, status)
             return
         if reason == "deleted":
             log.info("job %s: deleted while running; stopped", job_id)

@@ -29,6 +29,9 @@ class JobMetrics:
             "cinevivid_jobs_finished", "Jobs finished by this replica, by outcome; `reason` is the error "
             "code of a failed job (e.g. cancelled, out_of_memory, tts_quota_exceeded), empty otherwise",
             ["status", "reason"], registry=r)
+        self.job_retries = Counter(
+            "cinevivid_job_retries", "Jobs re-run from the start because a stage replica stopped while running "
+            "them, by the stage whose replica stopped", ["stage"], registry=r)
         self.jobs_by_status = Gauge("cinevivid_jobs", "Job records by status (whole database)", ["status"],
                                     registry=r)
         self.queue_depth = Gauge("cinevivid_queue_depth", "Jobs waiting in the queue (whole database)", registry=r)

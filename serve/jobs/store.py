@@ -138,11 +138,28 @@ class JobStore:
         self._queued_webhooks(hooks)
         return res.rowcount == 1
 
-    async def release(self, job_id: str, owner: str, *, max_attempts: int, reason: str) -> str | None:
-        """Give back a job this owner was running (shutdown): re-queue it, or fail it when it has
-        used up its attempts. Returns the new status, or None when it was no longer ours."""
-        return await self._requeue_or_fail(and_(jobs.c.id == job_id, jobs.c.lease_owner == owner,
-                                                jobs.c.status == IN_PROGRESS), max_attempts, reason)
+    async def release(self, job_id: str, owner: str) -> str | None:
+        """Give back a job this owner was running, at a clean shutdown (`cinevivid down`, a rolling
+        update): re-queue it and hand back the attempt its claim counted, since nothing went wrong
+        with the job (a cancel requested meanwhile fails it `cancelled`). Returns the new status,
+        or None when it was no longer ours."""
+        now = time.time()
+        cond = and_(jobs.c.id == job_id, jobs.c.lease_owner == owner, jobs.c.status == IN_PROGRESS)
+        async with self.db.write() as conn:
+            row = (await conn.execute(select(jobs.c.id, jobs.c.cancel_requested).where(cond))).mappings().first()
+            if row is None:
+                return None
+            if row["cancel_requested"]:
+                values = dict(status=FAILED, error_code="cancelled", error_message="the job was cancelled",
+                              completed_at=now)
+            else:
+                # a running job's claim counted one attempt (attempts >= 1 here)
+                values = dict(status=QUEUED, progress=0, stage=None, attempts=jobs.c.attempts - 1)
+            await conn.execute(update(jobs).where(cond).values(
+                lease_owner=None, lease_expires_at=None, updated_at=now, **values))
+            hooks = await enqueue_job_event(conn, row["id"], VIDEO_FAILED) if values["status"] == FAILED else 0
+        self._queued_webhooks(hooks)
+        return values["status"]
 
     async def recover_expired(self, max_attempts: int) -> dict[str, list[str]]:
         """Re-queue (or fail, after `max_attempts`) every in-progress job whose lease expired."""

@@ -1,0 +1,279 @@
+"""Chaos: SIGKILL a stage replica (Transformer, VAE, TTS, Generator) or the Ingress in the middle of
+a job, on a real app over HTTP. The job is re-run from the start on a healthy replica and its video
+equals an undisturbed run with the same seed; with its retries used up it fails with
+`stage_unavailable` and a short message naming the stage, with nothing of Ray's in it. A full disk
+fails the job with `insufficient_storage` and leaves no file.
+
+The app here is its own ("chaos", with its own data dir): the kills never touch the shared
+fixtures' replicas. `chaos_delay_s` slows each stage down (without changing its output) so that a
+kill lands mid-call; the test waits for the job's own SSE events to know which stage it is in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import io
+import os
+import re
+import signal
+import time
+
+import av
+import httpx
+import numpy as np
+import pytest
+
+from client.http import iter_events
+from conftest import tiny_app_args
+from fake_elevenlabs import FakeElevenLabs, install_test_key
+from tests.http_fixtures import *  # noqa: F401,F403
+from serve.jobs.db import Database
+from serve.jobs.store import JobStore
+from tests.http_fixtures import (SMALL, HttpEnv, http_ingress_args, local_service, make_local_user, run_sync,
+                                 wait_local)
+
+APP = "chaos"
+KEY = install_test_key()  # before the session's Ray cluster starts: the TTS replica inherits it
+JOB = {"prompt": "a storm over the sea", "size": "64x48", "num_frames": 9, "num_inference_steps": 6, "seed": 11,
+       "voiceover": {"text": "Waves.", "provider": "elevenlabs"}}
+RAY_INTERNALS = re.compile(r"pid|ip[:=]|actor|ray|0x[0-9a-f]|[0-9a-f]{16}|\d+\.\d+\.\d+\.\d+", re.I)
+
+
+@pytest.fixture(scope="module")
+def fake():
+    with FakeElevenLabs(api_key=KEY) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def env(ray_cluster, session_dir, fake) -> HttpEnv:
+    from ray import serve
+
+    from serve.app import build_app
+
+    data_dir = session_dir / "chaos-data"
+    ingress = http_ingress_args(data_dir, dispatcher={"stage_retries": 2, "stage_retry_backoff_s": 0.2})
+    args = tiny_app_args(name=APP, with_ingress=True, ingress=ingress, deployments={"ingress": SMALL},
+                         tts={"providers": ["elevenlabs", "none"], "elevenlabs_base_url": fake.url},
+                         chaos_delay_s={"transformer": 0.3, "vae": 1.0, "tts": 2.5})
+    serve.run(build_app(args), name=APP, route_prefix=f"/{APP}")
+    env = HttpEnv(f"{ray_cluster['http_url']}/{APP}", data_dir, f"sqlite+aiosqlite:///{data_dir / 'cinevivid.db'}")
+    _wait_running()
+    yield env
+    serve.delete(APP)
+
+
+@pytest.fixture(scope="module")
+def h(env) -> dict:
+    return env.user().headers
+
+
+@pytest.fixture(scope="module")
+def reference(env, h) -> bytes:
+    """The video of an undisturbed run of JOB."""
+    vid = httpx.post(f"{env.url}/v1/videos", json=JOB, headers=h, timeout=30).json()["id"]
+    with httpx.Client(base_url=env.url, headers=h, timeout=120) as http:
+        events = list(iter_events(http, vid))
+    assert events[-1][1]["status"] == "completed", events[-1]
+    return httpx.get(f"{env.url}/v1/videos/{vid}/content", headers=h, timeout=30).content
+
+
+# ---- helpers ----------------------------------------------------------------------------------
+def _wait_running(timeout_s: float = 180.0) -> None:
+    """Until every deployment of the app is healthy again (a killed replica has been replaced)."""
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        app = serve.status().applications.get(APP)
+        if app is not None and str(app.status).endswith("RUNNING") and all(
+                str(d.status).endswith("HEALTHY") and not str(d.status).endswith("UNHEALTHY")
+                for d in app.deployments.values()):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"app {APP} never became healthy again: {serve.status().applications.get(APP)}")
+
+
+def _replica_pid(deployment: str) -> int:
+    """The process id of the app's (only) replica of `deployment`."""
+    import ray
+
+    named = [a for a in ray.util.list_named_actors(all_namespaces=True) if f"{APP}#{deployment}#" in a["name"]]
+    assert len(named) == 1, named
+    actor = ray.get_actor(named[0]["name"], namespace=named[0]["namespace"])
+    return ray.get(actor.__ray_call__.remote(lambda _self: os.getpid()), timeout=60)
+
+
+def _kill(deployment: str) -> None:
+    os.kill(_replica_pid(deployment), signal.SIGKILL)
+
+
+# when to kill each deployment: an SSE event that says the job is inside that stage's call
+STEP = lambda kind, e: kind == "step"  # noqa: E731 - denoising (the TTS call is in its 2.5 s pause too)
+KILL_WHEN = {
+    "Transformer": STEP,
+    "VAEDecoder": lambda kind, e: kind == "stage" and e.get("stage") == "vae" and e.get("stage_status") == "started",
+    "TTS": STEP,
+    "Generator": STEP,
+}
+
+
+def _decoded_video(mp4: bytes) -> np.ndarray:
+    with av.open(io.BytesIO(mp4)) as c:
+        return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+
+
+def _decoded(mp4: bytes) -> tuple[np.ndarray, np.ndarray]:
+    with av.open(io.BytesIO(mp4)) as c:
+        frames = np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+    with av.open(io.BytesIO(mp4)) as c:
+        audio = np.concatenate([f.to_ndarray().reshape(-1) for f in c.decode(audio=0)])
+    return frames, audio
+
+
+def _assert_same_video(mp4: bytes, reference: bytes) -> None:
+    got, want = _decoded(mp4), _decoded(reference)
+    assert got[0].shape == want[0].shape and np.array_equal(got[0], want[0]), "the frames differ"
+    assert np.array_equal(got[1], want[1]), "the audio differs"
+
+
+async def _job_events(service, vid: str):
+    """(type, event dict) of a job running in this process's dispatcher, as its SSE would send
+    them, up to the final status (read from the service's broker: an in-process client gets the
+    SSE body only once it ends)."""
+    queue, history = service.broker.subscribe(vid)
+    try:
+        pending = list(history)
+        while True:
+            ev = pending.pop(0) if pending else await asyncio.wait_for(queue.get(), 240)
+            yield ev.type, ev.model_dump(mode="json", exclude_none=True)
+            if ev.type == "status" and ev.status in ("completed", "failed", "deleted"):
+                return
+    finally:
+        service.broker.unsubscribe(vid, queue)
+
+
+def _assert_clean_message(message: str, stage: str) -> None:
+    assert f"the {stage} replica stopped while running this job" in message, message
+    assert len(message) < 120 and not RAY_INTERNALS.search(message), message
+
+
+# ---- a killed replica: the job is retried and its video is the same --------------------------
+@pytest.mark.parametrize("deployment", list(KILL_WHEN))
+def test_a_killed_stage_replica_is_retried_and_the_video_is_the_same(env, h, reference, deployment):
+    _wait_running()
+    vid = httpx.post(f"{env.url}/v1/videos", json=JOB, headers=h, timeout=30).json()["id"]
+    events = []
+    with httpx.Client(base_url=env.url, headers=h, timeout=120) as http:
+        for kind, e in iter_events(http, vid):
+            if not any(k == "kill" for k, _ in events) and KILL_WHEN[deployment](kind, e):
+                _kill(deployment)
+                events.append(("kill", {}))
+            events.append((kind, e))
+    final = events[-1][1]
+    assert final["status"] == "completed", events
+    retries = [e for k, e in events if k == "status" and e.get("retry")]
+    stage = {"VAEDecoder": "vae"}.get(deployment, deployment.lower())
+    assert [r["retry"] for r in retries] == [1], events
+    assert retries[0]["status"] == "in_progress" and retries[0]["error"]["code"] == "stage_unavailable"
+    assert f"the {stage} replica stopped" in retries[0]["error"]["message"]
+    progress = [e["progress"] for k, e in events if k != "kill"]
+    assert progress == sorted(progress), progress  # never goes back for a watcher
+    video = httpx.get(f"{env.url}/v1/videos/{vid}", headers=h, timeout=30).json()
+    assert video["status"] == "completed" and video.get("error") is None
+    _assert_same_video(httpx.get(f"{env.url}/v1/videos/{vid}/content", headers=h, timeout=30).content, reference)
+
+
+def test_a_killed_ingress_replica_the_job_is_rerun_and_the_video_is_the_same(env, h, reference):
+    """Kill the Ingress replica process mid-job (no shutdown hook runs). It held the job's lease:
+    Serve starts a new replica, whose dispatcher re-runs the job once the lease expires."""
+    _wait_running()
+    vid = httpx.post(f"{env.url}/v1/videos", json=JOB, headers=h, timeout=30).json()["id"]
+    with httpx.Client(base_url=env.url, headers=h, timeout=120) as http:
+        for kind, _ in iter_events(http, vid):
+            if kind == "step":
+                break
+    _kill("Ingress")
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        try:
+            v = httpx.get(f"{env.url}/v1/videos/{vid}", headers=h, timeout=10).json()
+            if v.get("status") in ("completed", "failed"):
+                break
+        except (httpx.HTTPError, ValueError):
+            pass  # the HTTP route comes back with the new replica
+        time.sleep(0.2)
+    assert v["status"] == "completed", v
+    _assert_same_video(httpx.get(f"{env.url}/v1/videos/{vid}/content", headers=h, timeout=30).content, reference)
+    row = run_sync(JobStore(Database(env.database_url)).get(vid))
+    assert row["attempts"] == 2 and row["lease_owner"] is None  # the crash spent one attempt
+
+
+# ---- retries used up: a short, clear failure ---------------------------------------------------
+async def test_when_the_retries_run_out_the_job_fails_with_stage_unavailable(env, tmp_path):
+    """An ingress of its own (stage_retries 1) drives the chaos app's Generator: the Transformer
+    dies in the first run (retried), the Generator itself in the retry (no retry left)."""
+    _wait_running()
+    async with local_service(tmp_path, generator_app=APP,
+                             dispatcher={"stage_retries": 1, "stage_retry_backoff_s": 0.1}) as (service, c):
+        hh = await make_local_user(service)
+        vid = (await c.post("/v1/videos", json={**JOB, "voiceover": None}, headers=hh)).json()["id"]
+        victims, events = ["Transformer", "Generator"], []
+        async for kind, e in _job_events(service, vid):
+            events.append((kind, e))
+            if kind == "step" and e["step"] == 1 and victims:
+                await asyncio.to_thread(_kill, victims.pop(0))
+        assert not victims, events
+        retry = [e for k, e in events if k == "status" and e.get("retry")]
+        assert len(retry) == 1 and "the transformer replica stopped" in retry[0]["error"]["message"], events
+        v = (await c.get(f"/v1/videos/{vid}", headers=hh)).json()
+        assert v["status"] == "failed", v
+        assert v["error"]["code"] == "stage_unavailable", v
+        assert v["error"]["message"] == "the generator replica stopped while running this job; retried 1 time"
+        _assert_clean_message(v["error"]["message"], "generator")
+        assert events[-1][1]["status"] == "failed"
+        assert {k: events[-1][1]["error"][k] for k in ("code", "message")} == {
+            k: v["error"][k] for k in ("code", "message")}
+    _wait_running()  # leave the app whole
+
+
+# ---- a re-run meets its earlier run ------------------------------------------------------------
+def test_jobs_with_the_same_spec_at_once_all_finish(graph_app):
+    """A re-run job often finds its earlier run (the orphan of a dead Generator) still queued in
+    the Transformer: same spec, same seed. Queued tickets with equal specs used to crash the
+    Transformer's batching worker (its tickets were compared field by field, numpy arrays included),
+    leaving every queued job waiting for ever."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    spec = {"prompt": "twins", "width": 32, "height": 32, "num_frames": 5, "num_inference_steps": 3, "seed": 5}
+    with ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(lambda _: graph_app.generate(spec), range(3)))
+    frames = [_decoded_video(r.mp4) for r in results]
+    assert all(np.array_equal(f, frames[0]) for f in frames[1:])
+
+
+# ---- a full disk -------------------------------------------------------------------------------
+async def test_a_full_disk_fails_the_job_with_a_reason_and_leaves_no_file(http_env, tmp_path):
+    """The thumbnail write finds the disk full (after the MP4 was written): the job fails with
+    insufficient_storage, saying so, and neither file is left behind."""
+    from serve.jobs.artifacts import ArtifactStore
+
+    async with local_service(tmp_path) as (service, c):
+        hh = await make_local_user(service)
+        real = ArtifactStore._write_atomic
+
+        def full_on_thumbnail(path, data):
+            if path.suffix == ".jpg":
+                raise OSError(errno.ENOSPC, "No space left on device")
+            real(path, data)
+
+        service.artifacts._write_atomic = full_on_thumbnail
+        vid = (await c.post("/v1/videos", json={"prompt": "full", "num_inference_steps": 1}, headers=hh)).json()["id"]
+        v = await wait_local(c, hh, vid, {"completed", "failed"})
+        assert v["status"] == "failed", v
+        assert v["error"]["code"] == "insufficient_storage"
+        assert "disk is full" in v["error"]["message"] and "could not be stored" in v["error"]["message"]
+        assert not list((tmp_path / "videos").iterdir())  # no MP4, no thumbnail, no temp file
+        r = await c.get(f"/v1/videos/{vid}/content", headers=hh)
+        assert r.status_code == 409  # a failed video has no content
