@@ -103,9 +103,14 @@ def test_a_killed_generator_s_denoising_stops_within_a_step(orphans):
                               and s["running"] == 0)
     entry, = [c for c in stats["cancellations"] if c["job_id"] == "orphan-of-generator"]
     print("killed Generator's denoising:", entry)
-    assert entry["reason"] == "caller_gone", entry
-    # once the caller died: the step in flight, plus at most one started before the death was seen
-    assert entry["steps_after_caller_died"] <= 2, entry
+    # Stopped either by the liveness check (the caller is gone) or, when Ray closes the dead caller's
+    # stream first, as a cancel: in both cases within a step of the death.
+    assert entry["reason"] in ("caller_gone", "cancelled"), entry
+    if entry["reason"] == "caller_gone":
+        # once the caller died: the step in flight, plus at most one started before the death was seen
+        assert entry["steps_after_caller_died"] <= 2, entry
+    else:
+        assert entry["steps_after_cancel"] <= 1, entry
     assert stats["steps_run"] - before["steps_run"] < LONG["num_inference_steps"]
     assert "orphan-of-generator" not in stats["denoised"]
     assert stats["held_outputs"] == 0 and stats["watched_callers"] == 0
