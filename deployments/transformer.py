@@ -11,7 +11,12 @@ dropped from its batch at the next step boundary; nothing is decoded for it.
 
 A diffusion-forcing job (long video, `spec.is_diffusion_forcing`) runs alone, window by window
 (`serve.pipeline.diffusion_forcing`), with one "step" event per transformer iteration counted over
-all its windows, and ends with the latents of the whole video like a T2V job.
+all its windows, and ends with the latents of the whole video like a T2V job. It does not hold the
+replica to its end: it runs in slices (`levers.df_yield_every`: a window or a step), and between two
+slices the worker runs what else is waiting - one batch of pending jobs, then the next running DF
+job's slice (round-robin) - so a short job submitted during a long one waits at most about one
+slice. The DF job's state stays in its `DFRun` between slices, so its latents are exactly those of
+an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from ray import serve
 
 from serve.config import LeversConfig, ModelConfig
 from serve.pipeline.denoising import DenoiseJob, DenoiseLoop, LoopSettings
-from serve.pipeline.diffusion_forcing import DFJob, DFSettings, DiffusionForcingLoop
+from serve.pipeline.diffusion_forcing import DFJob, DFRun, DFSettings, DiffusionForcingLoop
 from serve.errors import GenerationCancelled, StageError
 from serve.contracts import DenoisedLatents, ProgressEvent, PromptEmbeds, ResolvedSpec, dit_tokens
 from serve.pipeline.levers import apply_levers, lever_state
@@ -59,6 +64,16 @@ class _Ticket:
     steps_after_cancel: int = 0  # steps that finished after the caller cancelled (at most the one in flight)
 
 
+@dataclass
+class _DFRunning:
+    """A started diffusion-forcing job between its slices."""
+
+    ticket: _Ticket
+    job: DFJob
+    settings: DFSettings
+    run: DFRun | None = None  # made on the worker thread at its first slice
+
+
 @serve.deployment(name="Transformer")
 class Transformer:
     def __init__(self, model: dict, levers: dict | None = None, fault: str | None = None):
@@ -83,13 +98,16 @@ class Transformer:
         # long video: the same transformer, window by window (no step cache, no batching)
         self.df_loop = DiffusionForcingLoop(transformer, scheduler.config, self.device, fault=fault)
         self._pending: list[_Ticket] = []
+        self._df_running: deque[_DFRunning] = deque()  # started DF jobs, in round-robin order
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
         self._fatal: str | None = None
         self._held_outputs: deque[tuple[float, ray.ObjectRef]] = deque()
         self.batches_run: list[int] = []  # sizes of the batches actually run
         self.cancellations: deque[dict] = deque(maxlen=100)  # jobs cancelled mid-batch, for stats()
-        self.running = 0
+        self.running = 0  # batches and DF jobs in progress (a DF job counts between its slices too)
+        self.df_slices_run = 0  # DF slices (windows or steps) run
+        self.df_interleaved = 0  # T2V batches run while a DF job was part-way through (fair sharing)
         logger.info("transformer ready on %s (%s)", self.device, self.model_cfg.dtype)
 
     # -- request side --------------------------------------------------------------------------
@@ -122,7 +140,7 @@ class Transformer:
         if not self._pending:
             return []
         first = self._pending[0]
-        if first.spec.is_diffusion_forcing:  # a DF job runs alone
+        if first.spec.is_diffusion_forcing:  # a DF job runs alone (in slices: `_advance_df`)
             self._pending = self._pending[1:]
             return [first]
         key = first.spec.shape_key()
@@ -138,21 +156,30 @@ class Transformer:
         return batch
 
     async def _run_forever(self) -> None:
+        # Each turn: one batch of the pending jobs (a DF job taken from them only starts), then one
+        # slice of the running DF job whose turn it is. With `df_yield_every` "job" a slice is the
+        # whole job, as if DF jobs were not sliced at all.
         while True:
-            if not self._pending:
+            if not self._pending and not self._df_running:
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            if self.levers.batch_max_size > 1 and self.levers.batch_wait_timeout_s > 0:
+            if self._pending and self.levers.batch_max_size > 1 and self.levers.batch_wait_timeout_s > 0:
                 await asyncio.sleep(self.levers.batch_wait_timeout_s)  # let same-shape jobs gather
             batch = self._take_batch()
-            if batch:
+            if batch and batch[0].spec.is_diffusion_forcing:
+                self._start_df(batch[0])
+            elif batch:
+                if self._df_running:
+                    self.df_interleaved += 1
                 await self._run_batch(batch)
+            if self._df_running:
+                running = self._df_running.popleft()
+                if await self._advance_df(running):
+                    self._df_running.append(running)
 
     async def _run_batch(self, batch: list[_Ticket]) -> None:
         loop = asyncio.get_running_loop()
         spec = batch[0].spec
-        if spec.is_diffusion_forcing:
-            return await self._run_df(batch[0])
 
         def step_callback(ticket: _Ticket):
             def on_step(step: int, total: int) -> None:
@@ -201,12 +228,14 @@ class Transformer:
                 ticket.events.put_nowait(DenoisedLatents(ref=[self._hold(ray.put(job.result))]))
                 ticket.events.put_nowait(_DONE)
 
-    async def _run_df(self, ticket: _Ticket) -> None:
-        """One diffusion-forcing job, window by window; the same events and result as a T2V job."""
+    def _start_df(self, ticket: _Ticket) -> None:
+        """A diffusion-forcing job joins the running ones; the same events and result as a T2V job."""
         loop = asyncio.get_running_loop()
         spec = ticket.spec
 
         def on_step(step: int, total: int) -> None:
+            if ticket.cancelled.is_set():
+                ticket.steps_after_cancel += 1
             loop.call_soon_threadsafe(ticket.events.put_nowait, ProgressEvent(
                 type="step", stage=STAGE, step=step, total_steps=total))
 
@@ -227,13 +256,29 @@ class Transformer:
         self.batches_run.append(1)
         logger.info("[job %s] diffusion forcing: %d frames in windows of %d", ticket.job_id, spec.num_frames,
                     spec.base_num_frames)
-        error: BaseException | None = None
         self.running += 1
+        self._df_running.append(_DFRunning(ticket=ticket, job=job, settings=settings))
+
+    async def _advance_df(self, running: _DFRunning) -> bool:
+        """Runs one slice of a DF job; True when it has more to run, False once it has ended
+        (its result, error or cancellation delivered)."""
+        ticket, spec = running.ticket, running.ticket.spec
+
+        def run_slice() -> bool:
+            if running.run is None:
+                running.run = self.df_loop.start(running.job, running.settings)
+            running.run.advance(self.levers.df_yield_every)
+            return running.run.finished
+
+        error: BaseException | None = None
         try:
-            await asyncio.to_thread(self.df_loop.run, job, settings)
+            finished = await asyncio.to_thread(run_slice)
+            self.df_slices_run += 1
+            if not finished:
+                return True
         except GenerationCancelled as exc:
             error = exc
-            self.cancellations.append({"job_id": ticket.job_id, "steps_after_cancel": 0})
+            self.cancellations.append({"job_id": ticket.job_id, "steps_after_cancel": ticket.steps_after_cancel})
         except self._torch.OutOfMemoryError as exc:
             error = StageError(f"out of memory in diffusion forcing at {spec.width}x{spec.height}, windows of "
                                f"{spec.base_num_frames} frames", stage=STAGE, code="out_of_memory")
@@ -243,13 +288,13 @@ class Transformer:
             error = StageError(f"diffusion forcing failed: {type(exc).__name__}: {exc}", stage=STAGE)
             if "CUDA error" in str(exc):
                 self._fatal = str(exc)
-        finally:
-            self.running -= 1
+        self.running -= 1
         if error is not None:
             ticket.events.put_nowait(error)
         else:
-            ticket.events.put_nowait(DenoisedLatents(ref=[self._hold(ray.put(job.result))]))
+            ticket.events.put_nowait(DenoisedLatents(ref=[self._hold(ray.put(running.job.result))]))
             ticket.events.put_nowait(_DONE)
+        return False
 
     def _hold(self, ref: ray.ObjectRef) -> ray.ObjectRef:
         now = time.monotonic()
@@ -263,7 +308,9 @@ class Transformer:
     def stats(self) -> dict:
         cache = self.loop.step_cache
         return {"batches_run": list(self.batches_run), "pending": len(self._pending), "running": self.running,
-                "steps_run": self.loop.steps_run + self.df_loop.steps_run, "cancellations": list(self.cancellations), "levers": lever_state(transformer=self.loop.transformer),
+                "steps_run": self.loop.steps_run + self.df_loop.steps_run, "cancellations": list(self.cancellations),
+                "df_running": len(self._df_running), "df_slices_run": self.df_slices_run,
+                "df_interleaved": self.df_interleaved, "levers": lever_state(transformer=self.loop.transformer),
                 "step_cache": cache.stats() if cache is not None and hasattr(cache, "stats") else None}
 
     def check_health(self) -> None:
