@@ -9,7 +9,6 @@ import asyncio
 import time
 
 import numpy as np
-import ray
 
 from serve.contracts import DenoisedLatents, ResolvedSpec
 

@@ -12,8 +12,9 @@ can decode and deliver a long video window by window. The text embeddings are co
 job and used by every window. The VAE side is unchanged: decoding all latents at once (or streamed
 through the Wan VAE's causal cache, `serve.pipeline.vae_decode.iter_decode`) is what diffusers does.
 
-No Serve in here; the `Transformer` deployment runs it for DF jobs. Geometry (`plan_windows`) is
-plain Python so that spec validation can use it without torch.
+No Serve in here; the `Transformer` deployment runs it for DF jobs, in slices (`DFRun.advance`: a
+step or a window at a time) so that other jobs can run on the same transformer in between.
+Geometry (`plan_windows`) is plain Python so that spec validation can use it without torch.
 """
 
 from __future__ import annotations
