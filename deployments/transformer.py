@@ -20,7 +20,12 @@ dropped from its batch at the next step boundary; nothing is decoded for it.
 
 A diffusion-forcing job (long video, `spec.is_diffusion_forcing`) runs alone, window by window
 (`serve.pipeline.diffusion_forcing`), with one "step" event per transformer iteration counted over
-all its windows, and ends with the latents of the whole video like a T2V job.
+all its windows, and ends with the latents of the whole video like a T2V job. It does not hold the
+replica to its end: it runs in slices (`levers.df_yield_every`: a window or a step), and between two
+slices the worker runs what else is waiting - one batch of pending jobs, then the next running DF
+job's slice (round-robin) - so a short job submitted during a long one waits at most about one
+slice. The DF job's state stays in its `DFRun` between slices, so its latents are exactly those of
+an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ from ray import serve
 
 from serve.config import LeversConfig, LivenessConfig, ModelConfig
 from serve.pipeline.denoising import DenoiseJob, DenoiseLoop, LoopSettings
-from serve.pipeline.diffusion_forcing import DFJob, DFSettings, DiffusionForcingLoop
+from serve.pipeline.diffusion_forcing import DFJob, DFRun, DFSettings, DiffusionForcingLoop
 from serve.pipeline.faults import chaos_pause
 from serve.errors import GenerationCancelled, StageError
 from serve.contracts import DenoisedLatents, ProgressEvent, PromptEmbeds, ResolvedSpec, dit_tokens
@@ -76,6 +81,16 @@ class _Ticket:
     step_ends: list[float] = field(default_factory=list)  # wall time at the end of each step
 
 
+@dataclass
+class _DFRunning:
+    """A started diffusion-forcing job between its slices."""
+
+    ticket: _Ticket
+    job: DFJob
+    settings: DFSettings
+    run: DFRun | None = None  # made on the worker thread at its first slice
+
+
 @serve.deployment(name="Transformer")
 class Transformer:
     def __init__(self, model: dict, levers: dict | None = None, fault: str | None = None,
@@ -106,6 +121,7 @@ class Transformer:
         self.df_loop = DiffusionForcingLoop(transformer, scheduler.config, self.device, fault=fault)
         self.chaos_delay_s = chaos_delay_s  # chaos testing only: a pause after each step
         self._pending: list[_Ticket] = []
+        self._df_running: deque[_DFRunning] = deque()  # started DF jobs, in round-robin order
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
         self._fatal: str | None = None
@@ -113,7 +129,9 @@ class Transformer:
         self.batches_run: list[int] = []  # sizes of the batches actually run
         self.cancellations: deque[dict] = deque(maxlen=100)  # jobs cancelled mid-batch, for stats()
         self.denoised: deque[str] = deque(maxlen=100)  # job ids whose denoising finished, for stats()
-        self.running = 0
+        self.running = 0  # batches and DF jobs in progress (a DF job counts between its slices too)
+        self.df_slices_run = 0  # DF slices (windows or steps) run
+        self.df_interleaved = 0  # T2V batches run while a DF job was part-way through (fair sharing)
         logger.info("transformer ready on %s (%s)", self.device, self.model_cfg.dtype)
 
     # -- request side --------------------------------------------------------------------------
@@ -166,7 +184,7 @@ class Transformer:
         if not self._pending:
             return []
         first = self._pending[0]
-        if first.spec.is_diffusion_forcing:  # a DF job runs alone
+        if first.spec.is_diffusion_forcing:  # a DF job runs alone (in slices: `_advance_df`)
             self._pending = self._pending[1:]
             return [first]
         key = first.spec.shape_key()
@@ -182,21 +200,30 @@ class Transformer:
         return batch
 
     async def _run_forever(self) -> None:
+        # Each turn: one batch of the pending jobs (a DF job taken from them only starts), then one
+        # slice of the running DF job whose turn it is. With `df_yield_every` "job" a slice is the
+        # whole job, as if DF jobs were not sliced at all.
         while True:
-            if not self._pending:
+            if not self._pending and not self._df_running:
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            if self.levers.batch_max_size > 1 and self.levers.batch_wait_timeout_s > 0:
+            if self._pending and self.levers.batch_max_size > 1 and self.levers.batch_wait_timeout_s > 0:
                 await asyncio.sleep(self.levers.batch_wait_timeout_s)  # let same-shape jobs gather
             batch = self._take_batch()
-            if batch:
+            if batch and batch[0].spec.is_diffusion_forcing:
+                self._start_df(batch[0])
+            elif batch:
+                if self._df_running:
+                    self.df_interleaved += 1
                 await self._run_batch(batch)
+            if self._df_running:
+                running = self._df_running.popleft()
+                if await self._advance_df(running):
+                    self._df_running.append(running)
 
     async def _run_batch(self, batch: list[_Ticket]) -> None:
         loop = asyncio.get_running_loop()
         spec = batch[0].spec
-        if spec.is_diffusion_forcing:
-            return await self._run_df(batch[0])
 
         def step_callback(ticket: _Ticket):
             def on_step(step: int, total: int) -> None:
@@ -247,8 +274,8 @@ class Transformer:
                 self.denoised.append(ticket.job_id)
                 ticket.events.put_nowait(_Output(ray.put(job.result)))
 
-    async def _run_df(self, ticket: _Ticket) -> None:
-        """One diffusion-forcing job, window by window; the same events and result as a T2V job."""
+    def _start_df(self, ticket: _Ticket) -> None:
+        """A diffusion-forcing job joins the running ones; the same events and result as a T2V job."""
         loop = asyncio.get_running_loop()
         spec = ticket.spec
 
@@ -277,10 +304,26 @@ class Transformer:
         self.batches_run.append(1)
         logger.info("[job %s] diffusion forcing: %d frames in windows of %d", ticket.job_id, spec.num_frames,
                     spec.base_num_frames)
-        error: BaseException | None = None
         self.running += 1
+        self._df_running.append(_DFRunning(ticket=ticket, job=job, settings=settings))
+
+    async def _advance_df(self, running: _DFRunning) -> bool:
+        """Runs one slice of a DF job; True when it has more to run, False once it has ended
+        (its result, error or cancellation delivered)."""
+        ticket, spec = running.ticket, running.ticket.spec
+
+        def run_slice() -> bool:
+            if running.run is None:
+                running.run = self.df_loop.start(running.job, running.settings)
+            running.run.advance(self.levers.df_yield_every)
+            return running.run.finished
+
+        error: BaseException | None = None
         try:
-            await asyncio.to_thread(self.df_loop.run, job, settings)
+            finished = await asyncio.to_thread(run_slice)
+            self.df_slices_run += 1
+            if not finished:
+                return True
         except GenerationCancelled as exc:
             error = exc
             self.cancellations.append(self._cancellation(ticket))
@@ -293,13 +336,13 @@ class Transformer:
             error = StageError(f"diffusion forcing failed: {type(exc).__name__}: {exc}", stage=STAGE)
             if "CUDA error" in str(exc):
                 self._fatal = str(exc)
-        finally:
-            self.running -= 1
+        self.running -= 1
         if error is not None:
             ticket.events.put_nowait(error)
         else:
             self.denoised.append(ticket.job_id)
-            ticket.events.put_nowait(_Output(ray.put(job.result)))
+            ticket.events.put_nowait(_Output(ray.put(running.job.result)))
+        return False
 
     @staticmethod
     def _cancellation(ticket: _Ticket) -> dict:
@@ -317,7 +360,9 @@ class Transformer:
         return {"batches_run": list(self.batches_run), "pending": len(self._pending), "running": self.running,
                 "steps_run": self.loop.steps_run + self.df_loop.steps_run, "cancellations": list(self.cancellations),
                 "denoised": list(self.denoised), "held_outputs": self.held_outputs,
-                "watched_callers": self._callers.watched, "levers": lever_state(transformer=self.loop.transformer),
+                "watched_callers": self._callers.watched,
+                "df_running": len(self._df_running), "df_slices_run": self.df_slices_run,
+                "df_interleaved": self.df_interleaved, "levers": lever_state(transformer=self.loop.transformer),
                 "step_cache": cache.stats() if cache is not None and hasattr(cache, "stats") else None}
 
     def check_health(self) -> None:

@@ -205,6 +205,10 @@ class LeversConfig(_Strict):
     batch_max_size: int = Field(default=1, ge=1)
     batch_wait_timeout_s: float = Field(default=0.05, ge=0)
     batch_token_budget: int = Field(default=2_000_000, ge=1)
+    # fair sharing: a running diffusion-forcing (long video) job gives the Transformer back after
+    # each "window" (or each "step") when other jobs wait, which then run one batch (or one DF
+    # slice each, round-robin) before it resumes; "job": it holds the replica to its end
+    df_yield_every: Literal["window", "step", "job"] = "window"
 
 
 class LivenessConfig(_Strict):

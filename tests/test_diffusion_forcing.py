@@ -101,3 +101,33 @@ def test_cancel_between_steps(df_pipeline):
                  is_cancelled=lambda: len(steps) >= 4)
     assert len(steps) == 4
     assert df_pipeline.transformer.config.num_frame_per_block == 1
+
+
+@pytest.mark.parametrize("until", ["step", "window"])
+def test_a_job_run_in_slices_with_another_job_in_between_equals_one_run(df_pipeline, until):
+    """The resumable loop (what the Transformer interleaves with other jobs): sliced by step or by
+    window, with another job (synchronous, one window, its own seed) run on the same transformer
+    between slices, the latents are exactly those of one uninterrupted run, and between slices the
+    transformer carries no causal_block_size."""
+    case = CASES["async-3-windows"]
+    alone, _ = run_loop(df_pipeline, case)
+    with torch.no_grad():
+        embeds, negative = df_pipeline.encode_prompt(PROMPT, NEGATIVE, do_classifier_free_guidance=True,
+                                                     max_sequence_length=512, device=torch.device("cpu"))
+    loop = DiffusionForcingLoop(df_pipeline.transformer, dict(df_pipeline.scheduler.config), torch.device("cpu"))
+    flow_shift = df_pipeline.scheduler.config.flow_shift
+    windows = []
+    job = DFJob(seed=SEED, prompt_embeds=embeds.numpy(), negative_prompt_embeds=negative.numpy(),
+                on_window=lambda k, n, latents: windows.append(k))
+    run = loop.start(job, DFSettings(flow_shift=flow_shift, **SIZE, **case))
+    slices = 0
+    while not run.finished:
+        run.advance(until)
+        slices += 1
+        assert df_pipeline.transformer.config.num_frame_per_block == 1
+        other = DFJob(seed=slices, prompt_embeds=embeds.numpy(), negative_prompt_embeds=None)
+        loop.run(other, DFSettings(flow_shift=flow_shift, **{**SIZE, **CASES["one-window"], "num_frames": 5,
+                                                           "guidance_scale": 1.0}))
+    assert slices == (sum(job.window_steps) if until == "step" else 3)
+    assert windows == [0, 1, 2]
+    assert np.array_equal(job.result, alone.result)

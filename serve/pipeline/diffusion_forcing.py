@@ -12,8 +12,9 @@ can decode and deliver a long video window by window. The text embeddings are co
 job and used by every window. The VAE side is unchanged: decoding all latents at once (or streamed
 through the Wan VAE's causal cache, `serve.pipeline.vae_decode.iter_decode`) is what diffusers does.
 
-No Serve in here; the `Transformer` deployment runs it for DF jobs. Geometry (`plan_windows`) is
-plain Python so that spec validation can use it without torch.
+No Serve in here; the `Transformer` deployment runs it for DF jobs, in slices (`DFRun.advance`: a
+step or a window at a time) so that other jobs can run on the same transformer in between.
+Geometry (`plan_windows`) is plain Python so that spec validation can use it without torch.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Literal
 
 import numpy as np
 
@@ -192,80 +193,140 @@ class DiffusionForcingLoop:
     def run(self, job: DFJob, s: DFSettings) -> None:
         """Fills `job.result` with the whole video's normalised fp32 latents (1, C, T, h, w), or
         raises GenerationCancelled at the first iteration boundary after `job.is_cancelled()`."""
+        self.start(job, s).advance("job")
+
+    def start(self, job: DFJob, s: DFSettings) -> "DFRun":
+        """The job, ready to run in slices (`DFRun.advance`); nothing runs yet."""
+        return DFRun(self, job, s)
+
+
+# What `DFRun.advance` runs before it returns: one transformer iteration, up to the end of the
+# current window, or the whole job.
+YieldEvery = Literal["step", "window", "job"]
+
+
+class DFRun:
+    """One DF job in progress, resumable: it keeps everything the loop carries between iterations
+    (the window's latents and per-frame schedulers, the video so far, both generators, the step
+    count), so running it in slices, with other jobs on the same transformer in between, gives
+    exactly the latents of one uninterrupted run. `causal_block_size` is set on the shared
+    transformer for each slice and put back after it, so a T2V batch run between two slices sees
+    none."""
+
+    def __init__(self, loop: DiffusionForcingLoop, job: DFJob, s: DFSettings):
         import torch
 
-        original_block = self.transformer.config.num_frame_per_block
-        self.transformer._set_ar_attention(s.causal_block_size)
+        self.loop, self.job, self.s = loop, job, s
+        # 1. The windows and each one's timestep matrix
+        self.plan = plan = plan_windows(s.num_frames, s.base_num_frames, s.overlap_history, s.causal_block_size)
+        self.scheduler = loop._scheduler(s.flow_shift, s.num_inference_steps)
+        self.matrices = [loop._matrix(plan, k, self.scheduler.timesteps, s) for k in range(plan.num_windows)]
+        job.window_steps = [len(m[0]) for m in self.matrices]
+        self.total, self.done = sum(job.window_steps), 0
+
+        # 2. The prompt embeddings, once for every window
+        self.do_cfg = s.guidance_scale > 1.0
+        self.cond = torch.from_numpy(np.array(job.prompt_embeds)).to(loop.device, loop.dtype)
+        self.uncond = (torch.from_numpy(np.array(job.negative_prompt_embeds)).to(loop.device, loop.dtype)
+                       if self.do_cfg else None)
+        self.fps_embeds = [0 if s.fps == FPS_16 else 1] * self.cond.shape[0]
+        self.generator = torch.Generator().manual_seed(job.seed)  # the pipeline's generator: every window's noise
+        self.noise_generator = torch.Generator().manual_seed(addnoise_seed(job.seed))
+
+        self.video = None  # the latents so far (diffusers' accumulated_latents)
+        self.window = 0  # the window being denoised
+        self.iteration = 0  # the next iteration of that window
+        self.latents = None  # that window's latents, None before it starts
+        self.schedulers: list = []  # one per latent frame of that window
+
+    @property
+    def finished(self) -> bool:
+        return self.job.result is not None
+
+    def advance(self, until: YieldEvery = "window") -> None:
+        """Runs one iteration, the rest of the current window, or the rest of the job; raises
+        GenerationCancelled at the first iteration boundary after `job.is_cancelled()`."""
+        import torch
+
+        transformer = self.loop.transformer
+        original_block = transformer.config.num_frame_per_block
+        transformer._set_ar_attention(self.s.causal_block_size)
         try:
             with torch.no_grad():
-                self._run(job, s)
+                while not self.finished:
+                    window_ended = self._iterate()
+                    if until == "step" or (until == "window" and window_ended):
+                        break
         finally:
-            self.transformer._set_ar_attention(original_block)
+            transformer._set_ar_attention(original_block)
 
-    def _run(self, job: DFJob, s: DFSettings) -> None:
+    def _begin_window(self) -> None:
         import torch
         from diffusers.utils.torch_utils import randn_tensor
 
-        # 1. The windows and each one's timestep matrix
-        plan = plan_windows(s.num_frames, s.base_num_frames, s.overlap_history, s.causal_block_size)
-        scheduler = self._scheduler(s.flow_shift, s.num_inference_steps)
-        timesteps = scheduler.timesteps
-        matrices = [self._matrix(plan, k, timesteps, s) for k in range(plan.num_windows)]
-        job.window_steps = [len(m[0]) for m in matrices]
-        total, done = sum(job.window_steps), 0
-
-        # 2. The prompt embeddings, once for every window
-        do_cfg = s.guidance_scale > 1.0
-        cond = torch.from_numpy(np.array(job.prompt_embeds)).to(self.device, self.dtype)
-        uncond = (torch.from_numpy(np.array(job.negative_prompt_embeds)).to(self.device, self.dtype)
-                  if do_cfg else None)
-        fps_embeds = [0 if s.fps == FPS_16 else 1] * cond.shape[0]
-        generator = torch.Generator().manual_seed(job.seed)  # the pipeline's generator: every window's noise
-        noise_generator = torch.Generator().manual_seed(addnoise_seed(job.seed))
-        channels = self.transformer.config.in_channels
+        # 3. The window's noise, its first frames replaced by the end of the video so far
+        loop, plan, s, k = self.loop, self.plan, self.s, self.window
+        size, prefix = plan.window_latent_frames[k], plan.prefix_latent_frames[k]
         h, w = s.height // VAE_SPATIAL_FACTOR, s.width // VAE_SPATIAL_FACTOR
+        latents = randn_tensor((1, loop.transformer.config.in_channels, size, h, w), generator=self.generator,
+                               device=loop.device, dtype=torch.float32)
+        if prefix > 0:
+            carried = self.video[:, :, -plan.overlap_latent_frames:]
+            latents[:, :, :prefix] = carried[:, :, :prefix].to(loop.dtype)
+        self.schedulers = [copy.deepcopy(self.scheduler) for _ in range(size)]
+        for frame_scheduler in self.schedulers:
+            frame_scheduler.set_timesteps(s.num_inference_steps, device=loop.device)
+        self.latents, self.iteration = latents, 0
 
-        video = None  # the latents so far (diffusers' accumulated_latents)
-        for k in range(plan.num_windows):
-            # 3. The window's noise, its first frames replaced by the end of the video so far
-            size, prefix = plan.window_latent_frames[k], plan.prefix_latent_frames[k]
-            latents = randn_tensor((1, channels, size, h, w), generator=generator, device=self.device,
-                                   dtype=torch.float32)
-            if prefix > 0:
-                carried = video[:, :, -plan.overlap_latent_frames:]
-                latents[:, :, :prefix] = carried[:, :, :prefix].to(self.dtype)
-            schedulers = [copy.deepcopy(scheduler) for _ in range(size)]
-            for frame_scheduler in schedulers:
-                frame_scheduler.set_timesteps(s.num_inference_steps, device=self.device)
+    def _iterate(self) -> bool:
+        """One transformer iteration; True when it was the window's last."""
+        import torch
 
-            # 4. Denoise the window: each iteration updates the frames its row of the matrix marks
-            step_matrix, update_mask, intervals = matrices[k]
-            for i, t in enumerate(step_matrix):
-                if job.is_cancelled():
-                    raise GenerationCancelled("generation cancelled", stage="transformer")
-                start, end = intervals[i]
-                model_input = latents[:, :, start:end].to(self.dtype).clone()
-                timestep = t.expand(latents.shape[0], -1)[:, start:end].clone()
-                if s.addnoise_condition > 0 and start < prefix:
-                    factor = 0.001 * s.addnoise_condition
-                    carried = model_input[:, :, start:prefix]
-                    noise = torch.randn(carried.shape, generator=noise_generator, dtype=carried.dtype)
-                    model_input[:, :, start:prefix] = carried * (1.0 - factor) + noise.to(self.device) * factor
-                    timestep[:, start:prefix] = s.addnoise_condition
-                noise_pred = self._forward(model_input, timestep, cond, fps_embeds)
-                if do_cfg:
-                    noise_uncond = self._forward(model_input, timestep, uncond, fps_embeds)
-                    noise_pred = noise_uncond + s.guidance_scale * (noise_pred - noise_uncond)
-                for idx in range(start, end):
-                    if update_mask[i][idx].item():
-                        latents[:, :, idx] = schedulers[idx].step(
-                            noise_pred[:, :, idx - start], t[idx], latents[:, :, idx], return_dict=False)[0]
-                self.steps_run += 1
-                done += 1
-                job.on_step(done, total)
+        if self.latents is None:
+            self._begin_window()
+        # 4. Denoise the window: each iteration updates the frames its row of the matrix marks
+        loop, job, s, latents, i = self.loop, self.job, self.s, self.latents, self.iteration
+        prefix = self.plan.prefix_latent_frames[self.window]
+        step_matrix, update_mask, intervals = self.matrices[self.window]
+        if job.is_cancelled():
+            raise GenerationCancelled("generation cancelled", stage="transformer")
+        t = step_matrix[i]
+        start, end = intervals[i]
+        model_input = latents[:, :, start:end].to(loop.dtype).clone()
+        timestep = t.expand(latents.shape[0], -1)[:, start:end].clone()
+        if s.addnoise_condition > 0 and start < prefix:
+            factor = 0.001 * s.addnoise_condition
+            carried = model_input[:, :, start:prefix]
+            noise = torch.randn(carried.shape, generator=self.noise_generator, dtype=carried.dtype)
+            model_input[:, :, start:prefix] = carried * (1.0 - factor) + noise.to(loop.device) * factor
+            timestep[:, start:prefix] = s.addnoise_condition
+        noise_pred = loop._forward(model_input, timestep, self.cond, self.fps_embeds)
+        if self.do_cfg:
+            noise_uncond = loop._forward(model_input, timestep, self.uncond, self.fps_embeds)
+            noise_pred = noise_uncond + s.guidance_scale * (noise_pred - noise_uncond)
+        for idx in range(start, end):
+            if update_mask[i][idx].item():
+                latents[:, :, idx] = self.schedulers[idx].step(
+                    noise_pred[:, :, idx - start], t[idx], latents[:, :, idx], return_dict=False)[0]
+        loop.steps_run += 1
+        self.done += 1
+        self.iteration += 1
+        job.on_step(self.done, self.total)
+        if self.iteration < len(step_matrix):
+            return False
+        self._end_window()
+        return True
 
-            # 5. The window's new frames join the video; they are final
-            new = latents if video is None else latents[:, :, plan.overlap_latent_frames:]
-            video = new if video is None else torch.cat([video, new], dim=2)
-            job.on_window(k, plan.num_windows, new.float().cpu().numpy())
-        job.result = video.float().cpu().numpy()
+    def _end_window(self) -> None:
+        import torch
+
+        # 5. The window's new frames join the video; they are final
+        plan, video, latents = self.plan, self.video, self.latents
+        new = latents if video is None else latents[:, :, plan.overlap_latent_frames:]
+        self.video = new if video is None else torch.cat([video, new], dim=2)
+        self.latents, self.schedulers = None, []
+        self.job.on_window(self.window, plan.num_windows, new.float().cpu().numpy())
+        self.window += 1
+        if self.window == plan.num_windows:
+            self.job.result = self.video.float().cpu().numpy()
+
