@@ -147,6 +147,10 @@ class DFJob:
     is_cancelled: Callable[[], bool] = lambda: False
     on_step: Callable[[int, int], None] = lambda step, total: None
     on_window: Callable[[int, int, np.ndarray], None] = lambda index, num_windows, latents: None
+    # False: the loop keeps only the frames the next window needs (the overlap), not the whole
+    # video, so memory is bounded by the window; `result` then stays None and `on_window` is the
+    # only way out for the latents (the Transformer deployment streams them window by window).
+    keep_result: bool = True
     result: np.ndarray | None = None
     window_steps: list[int] = field(default_factory=list)
 
@@ -190,7 +194,8 @@ class DiffusionForcingLoop:
                                 enable_diffusion_forcing=True, fps=fps_embeds, return_dict=False)[0]
 
     def run(self, job: DFJob, s: DFSettings) -> None:
-        """Fills `job.result` with the whole video's normalised fp32 latents (1, C, T, h, w), or
+        """Fills `job.result` with the whole video's normalised fp32 latents (1, C, T, h, w) (when
+        `job.keep_result`; `on_window` hands each window's new ones over either way), or
         raises GenerationCancelled at the first iteration boundary after `job.is_cancelled()`."""
         import torch
 
@@ -225,14 +230,15 @@ class DiffusionForcingLoop:
         channels = self.transformer.config.in_channels
         h, w = s.height // VAE_SPATIAL_FACTOR, s.width // VAE_SPATIAL_FACTOR
 
-        video = None  # the latents so far (diffusers' accumulated_latents)
+        video = None  # the latents so far (diffusers' accumulated_latents), only when job.keep_result
+        carried_over = None  # the last `overlap_latent_frames` of the video so far: all the next window reads
         for k in range(plan.num_windows):
             # 3. The window's noise, its first frames replaced by the end of the video so far
             size, prefix = plan.window_latent_frames[k], plan.prefix_latent_frames[k]
             latents = randn_tensor((1, channels, size, h, w), generator=generator, device=self.device,
                                    dtype=torch.float32)
             if prefix > 0:
-                carried = video[:, :, -plan.overlap_latent_frames:]
+                carried = carried_over
                 latents[:, :, :prefix] = carried[:, :, :prefix].to(self.dtype)
             schedulers = [copy.deepcopy(scheduler) for _ in range(size)]
             for frame_scheduler in schedulers:
@@ -265,7 +271,13 @@ class DiffusionForcingLoop:
                 job.on_step(done, total)
 
             # 5. The window's new frames join the video; they are final
-            new = latents if video is None else latents[:, :, plan.overlap_latent_frames:]
-            video = new if video is None else torch.cat([video, new], dim=2)
+            new = latents if k == 0 else latents[:, :, plan.overlap_latent_frames:]
+            if plan.overlap_latent_frames:  # the end of the video so far (may reach into the window before)
+                tail = latents if carried_over is None else torch.cat([carried_over, new], dim=2)
+                carried_over = tail[:, :, -plan.overlap_latent_frames:].clone()
+            if job.keep_result:
+                video = new if video is None else torch.cat([video, new], dim=2)
             job.on_window(k, plan.num_windows, new.float().cpu().numpy())
-        job.result = video.float().cpu().numpy()
+            del latents, new, schedulers
+        if job.keep_result:
+            job.result = video.float().cpu().numpy()
