@@ -11,7 +11,8 @@ dropped from its batch at the next step boundary; nothing is decoded for it.
 
 A diffusion-forcing job (long video, `spec.is_diffusion_forcing`) runs alone, window by window
 (`serve.pipeline.diffusion_forcing`), with one "step" event per transformer iteration counted over
-all its windows, and ends with the latents of the whole video like a T2V job.
+all its windows, and one `DenoisedLatents` per window (`window`, `num_windows`) holding the latents
+that window adds, as soon as they are final; the loop keeps only the overlap the next window reads.
 """
 
 from __future__ import annotations
@@ -202,7 +203,7 @@ class Transformer:
                 ticket.events.put_nowait(_DONE)
 
     async def _run_df(self, ticket: _Ticket) -> None:
-        """One diffusion-forcing job, window by window; the same events and result as a T2V job."""
+        """One diffusion-forcing job, window by window: each window's final latents go out as it ends."""
         loop = asyncio.get_running_loop()
         spec = ticket.spec
 
@@ -213,10 +214,12 @@ class Transformer:
         def on_window(index: int, num_windows: int, latents) -> None:
             logger.info("[job %s] window %d/%d done (%d latent frames)", ticket.job_id, index + 1, num_windows,
                         latents.shape[2])
+            out = DenoisedLatents(ref=[self._hold(ray.put(latents))], window=index, num_windows=num_windows)
+            loop.call_soon_threadsafe(ticket.events.put_nowait, out)
 
         job = DFJob(seed=spec.seed, prompt_embeds=ticket.embeds.prompt_embeds,
                     negative_prompt_embeds=ticket.embeds.negative_prompt_embeds,
-                    is_cancelled=ticket.cancelled.is_set, on_step=on_step, on_window=on_window)
+                    is_cancelled=ticket.cancelled.is_set, on_step=on_step, on_window=on_window, keep_result=False)
         settings = DFSettings(width=spec.width, height=spec.height, num_frames=spec.num_frames,
                               num_inference_steps=spec.num_inference_steps, guidance_scale=spec.guidance_scale,
                               flow_shift=spec.flow_shift, fps=spec.fps, base_num_frames=spec.base_num_frames,
@@ -245,11 +248,8 @@ class Transformer:
                 self._fatal = str(exc)
         finally:
             self.running -= 1
-        if error is not None:
-            ticket.events.put_nowait(error)
-        else:
-            ticket.events.put_nowait(DenoisedLatents(ref=[self._hold(ray.put(job.result))]))
-            ticket.events.put_nowait(_DONE)
+        # after the windows' call_soon_threadsafe puts: the loop runs callbacks in order
+        loop.call_soon_threadsafe(ticket.events.put_nowait, error if error is not None else _DONE)
 
     def _hold(self, ref: ray.ObjectRef) -> ray.ObjectRef:
         now = time.monotonic()
