@@ -189,6 +189,8 @@ class Dispatcher:
         finally:
             heartbeat.cancel()
             await asyncio.gather(heartbeat, return_exceptions=True)
+            # the final MP4 (if any) replaces the preview; a failed, cancelled or re-queued job has none
+            await self._safe(self.artifacts.delete_preview(job_id))
 
     async def _after_cancel(self, job_id: str, reason: str, log) -> None:
         if reason == "shutdown":
@@ -243,6 +245,10 @@ class Dispatcher:
         self.broker.publish(job_id, ProgressEvent(id=job_id, **fields))
 
     async def _on_event(self, job_id: str, event: ProgressEvent, state: dict) -> None:
+        if event.type == "window":  # a DF window is final: its fragments join the preview first
+            await self.artifacts.append_preview(job_id, event.fragment or b"", windows_done=event.window + 1,
+                                                windows_total=event.num_windows, playable_s=event.playable_s)
+            event = event.model_copy(update={"fragment": None, "frames": None})
         progress = int(max(state["progress"], min(99, int(event.progress or 0))))
         stage_changed = event.type == "stage" and event.stage and event.stage != state["stage"]
         state["progress"] = progress
