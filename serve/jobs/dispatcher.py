@@ -245,13 +245,15 @@ class Dispatcher:
         self.broker.publish(job_id, ProgressEvent(id=job_id, **fields))
 
     async def _on_event(self, job_id: str, event: ProgressEvent, state: dict) -> None:
-        if event.type == "window":  # a DF window is final: its fragments join the preview first
+        if event.type == "window" and not state.get("preview_broken"):  # its fragments join the preview first
             try:
                 await self.artifacts.append_preview(job_id, event.fragment or b"", windows_done=event.window + 1,
                                                     windows_total=event.num_windows, playable_s=event.playable_s)
             except OSError:  # the preview is a convenience: a full disk here is not worth the job
-                logger.warning("job %s: preview write failed; removing the preview", job_id, exc_info=True)
+                logger.warning("job %s: preview write failed; no preview for this job", job_id, exc_info=True)
+                state["preview_broken"] = True  # later fragments alone would not play
                 await self._safe(self.artifacts.delete_preview(job_id))
+        if event.type == "window":
             event = event.model_copy(update={"fragment": None, "frames": None})
         progress = int(max(state["progress"], min(99, int(event.progress or 0))))
         stage_changed = event.type == "stage" and event.stage and event.stage != state["stage"]
