@@ -97,7 +97,7 @@ def cmd_videos_get(args) -> int:
             v = cv.get_video(args.video_id)
             print(json.dumps(v, indent=2))
             if args.output:
-                if v["status"] != "completed":
+                if v["status"] != "completed" and not (args.variant == "preview" and v["status"] == "in_progress"):
                     print(f"error: {args.video_id} is {v['status']}", file=sys.stderr)
                     return 1
                 cv.download(args.video_id, args.output, variant=args.variant)

@@ -8,6 +8,19 @@
     for event in client.stream({"prompt": "a red fox"}):      # stage/step events, then the result
         print(event.type, event.stage, event.stage_status, event.step, event.progress)
 
+A long (diffusion-forcing) video streams a "window" event as each window's frames are final:
+`event.window` of `event.num_windows`, `event.playable_s`, `event.fragment` (fragmented-MP4 bytes:
+append them to a file and it plays so far) and, with `"return_frames": True`, `event.frames` (uint8
+(F, H, W, 3), that window's new frames):
+
+    with open("long.preview.mp4", "wb") as preview:
+        for event in client.stream({"prompt": "a long walk", "num_frames": 257, "base_num_frames": 97,
+                                    "overlap_history": 17, "return_frames": True}):
+            if event.type == "window":
+                preview.write(event.fragment); preview.flush()
+                print(f"window {event.window + 1}/{event.num_windows}: {event.frames.shape[0]} frames, "
+                      f"{event.playable_s:.1f} s playable")
+
 `connect()` reads what `cinevivid up` recorded in CINEVIVID_CACHE_DIR (the cluster's address, its
 auth token, the app's name) and calls `ray.init` with it; without a running stack it raises
 serve.errors.StackNotRunning saying what to do. In a driver Ray already points at that cluster (a

@@ -12,6 +12,12 @@ Generator that died; `stream(..., caller=)` does the same for the Generator's ow
 Ingress's dispatcher): a dead caller's generation is cancelled, its stage calls with it. The
 Transformer keeps the latents until this replica closes the denoise stream, once the VAE has
 started decoding them.
+
+A diffusion-forcing job is delivered progressively: the Transformer streams each window's final
+latents, the VAE decodes them as they come (one decode session per job: its causal cache carries
+over), the frames go into the final MP4 and into a fragmented-MP4 preview, and after each window a
+"window" event carries the new preview bytes (and the frames, when the spec asks for frames). No
+frames are kept beyond the thumbnail's (and the float frames when `return_frames`).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import gc
 import logging
 import re
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
@@ -37,6 +44,7 @@ from serve.contracts import (
 from serve.errors import (
     CineVividError, GenerationCancelled, StageError, StageUnavailable, replica_stopped, unwrap_error,
 )
+from serve.media.fmp4 import FragmentedPreview
 from serve.media.mp4 import Mp4Writer, thumbnail_jpeg
 from serve.pipeline.replica import CallerWatch, caller_id, setup_replica_logging
 from serve.pipeline.spec import resolve_spec
@@ -99,6 +107,13 @@ class _Run:
     audio: object | None = None  # the TTS stage's fitted speech
     mp4: bytes = b""
     thumbnail: bytes = b""
+    # diffusion forcing, delivered window by window
+    preview: FragmentedPreview | None = None
+    session_key: str = ""
+    frames_done: int = 0
+    progress: float = 0.0  # of the last step event
+    thumbnail_frame: np.ndarray | None = None
+    float_chunks: list = field(default_factory=list)
 
     def mark(self, stage: str, start: float) -> float:
         end = time.time()
@@ -184,6 +199,8 @@ class Generator:
                 call.cancel()
             if run.writer is not None:
                 run.writer.close()  # no-op once finished
+            if run.preview is not None:
+                run.preview.close()
             if run.tts_call is not None:
                 run.tts_call.cancel()
 
@@ -210,7 +227,14 @@ class Generator:
         try:
             async for item in denoise:
                 self._raise_if_tts_failed(run.tts_call, run.job_id)
-                if isinstance(item, DenoisedLatents):
+                if isinstance(item, DenoisedLatents) and item.window is not None:  # diffusion forcing
+                    async for event in self._deliver_window(run, item):
+                        yield event
+                    if item.window == item.num_windows - 1:
+                        # every window is decoded; the stream holds their latents until it is closed
+                        run.denoise_call = denoise
+                        break
+                elif isinstance(item, DenoisedLatents):
                     # the last item; the stream stays open, holding the latents, until the VAE has them
                     run.latents, run.denoise_call = item, denoise
                     break
@@ -222,18 +246,88 @@ class Generator:
                     yield item.model_copy(update={"progress": ENCODE_DONE})
                 elif item.type == "step":
                     share = (DENOISE_DONE - ENCODE_DONE) * item.step / item.total_steps
-                    yield item.model_copy(update={"progress": ENCODE_DONE + share})
+                    run.progress = ENCODE_DONE + share
+                    yield item.model_copy(update={"progress": run.progress})
         except CineVividError:
             raise
         except Exception as exc:  # noqa: BLE001
             _raise_typed(exc, "transformer", run.job_id)
-        if run.latents is None:
+        if run.latents is None and run.preview is None:
             raise GenerationCancelled("generation cancelled", stage="transformer")
         run.mark("transformer", denoise_started)
         yield ProgressEvent(type="stage", stage="transformer", stage_status="finished", progress=DENOISE_DONE)
 
+    async def _deliver_window(self, run: _Run, latents: DenoisedLatents) -> AsyncIterator[ProgressEvent]:
+        """One diffusion-forcing window: decode its latents (the job's VAE session carries the causal
+        cache over), encode the frames into the final MP4 and the preview, then a "window" event."""
+        spec = run.spec
+        if latents.window == 0:
+            run.session_key = f"{run.job_id}:{uuid.uuid4().hex[:12]}"
+            # a fragmented MP4 cannot gain an audio track later: the voice-over comes first
+            await self._await_tts(run)
+        decoding = self.vae.options(stream=True).decode_part_stream.remote(
+            run.session_key, latents.window, latents.num_windows, latents.ref, spec.return_frames, caller=self.me)
+        run.open_calls.append(decoding)
+        window_frames: list[np.ndarray] = []
+        try:
+            async for chunk in decoding:
+                frames = chunk.frames
+                if run.writer is None:
+                    run.writer = self._new_writer(frames, spec.fps, run.audio)
+                    run.preview = FragmentedPreview(
+                        frames.shape[2], frames.shape[1], spec.fps, total_frames=spec.num_frames,
+                        audio=run.audio.pcm if run.audio is not None else None,
+                        audio_rate=run.audio.sample_rate if run.audio is not None else None)
+                middle = spec.num_frames // 2 - run.frames_done
+                if 0 <= middle < len(frames):
+                    run.thumbnail_frame = frames[middle].copy()
+                await asyncio.to_thread(run.writer.add, frames)
+                await asyncio.to_thread(run.preview.add, frames, not window_frames)
+                run.frames_done += len(frames)
+                if spec.return_frames:
+                    window_frames.append(frames)
+                    run.float_chunks.append(chunk.float_frames)
+                else:
+                    window_frames.append(frames[:0])  # only marks that the window has begun
+        except CineVividError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            _raise_typed(exc, "vae", run.job_id)
+        run.open_calls.remove(decoding)
+        fragment = await asyncio.to_thread(run.preview.cut)
+        yield ProgressEvent(type="window", stage="vae", window=latents.window, num_windows=latents.num_windows,
+                            playable_s=round(run.preview.playable_s, 3), fragment=fragment, progress=run.progress,
+                            frames=np.concatenate(window_frames) if spec.return_frames else None)
+
+    async def _await_tts(self, run: _Run) -> None:
+        if run.tts_call is not None:
+            try:
+                run.audio = await run.tts_call
+            except Exception as exc:  # noqa: BLE001
+                _raise_typed(exc, "tts", run.job_id)
+            run.tts_call = None
+            run.timings.append(StageTiming(stage="tts", start=run.audio.started_at, end=run.audio.finished_at))
+
+    async def _finish_progressive(self, run: _Run) -> AsyncIterator[ProgressEvent]:
+        """Diffusion forcing: every window is decoded and encoded; close the MP4 (with the audio)."""
+        t_denoised = time.time()
+        self._release_latents(run)  # every window's latents are decoded: the Transformer may drop them
+        run.float_frames = np.concatenate(run.float_chunks) if run.float_chunks else None
+        run.float_chunks = []
+        t_decoded = run.mark("vae", t_denoised)
+        yield ProgressEvent(type="stage", stage="vae", stage_status="finished", progress=DECODE_DONE)
+        yield ProgressEvent(type="stage", stage="mux", stage_status="started", progress=DECODE_DONE)
+        run.mp4 = await asyncio.to_thread(run.writer.finish, run.audio.pcm if run.audio is not None else None)
+        run.thumbnail = await asyncio.to_thread(thumbnail_jpeg, run.thumbnail_frame[None])
+        run.mark("mux", t_decoded)
+        yield ProgressEvent(type="stage", stage="mux", stage_status="finished", progress=100.0)
+
     async def _decode_and_mux(self, run: _Run) -> AsyncIterator[ProgressEvent]:
         spec = run.spec
+        if run.preview is not None:
+            async for event in self._finish_progressive(run):
+                yield event
+            return
         t_denoised = time.time()
         # The VAE streams its frames chunk by chunk; they are H.264-encoded as they arrive (once the
         # voice-over, if any, has told us its sample rate), so when the last chunk is decoded the
@@ -301,10 +395,14 @@ class Generator:
 
     @staticmethod
     def _result(run: _Run) -> GenerationResult:
-        spec, frames, audio = run.spec, run.frames, run.audio
+        spec, audio = run.spec, run.audio
+        if run.frames is not None:
+            num_frames, height, width = run.frames.shape[:3]
+        else:  # delivered window by window: the frames are not kept
+            num_frames, (height, width) = run.frames_done, run.thumbnail_frame.shape[:2]
         return GenerationResult(
-            mp4=run.mp4, thumbnail_jpeg=run.thumbnail, spec=spec, width=frames.shape[2], height=frames.shape[1],
-            num_frames=frames.shape[0], fps=spec.fps, duration_s=frames.shape[0] / spec.fps,
+            mp4=run.mp4, thumbnail_jpeg=run.thumbnail, spec=spec, width=width, height=height,
+            num_frames=num_frames, fps=spec.fps, duration_s=num_frames / spec.fps,
             has_audio=audio is not None, timings=run.timings, frames=run.float_frames,
             metadata={"seed": spec.seed, "model": spec.model, "total_s": run.timings[-1].end - run.started,
                       **({"voice": audio.voice, "tts_provider": audio.provider} if audio else {})},

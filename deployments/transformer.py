@@ -20,7 +20,9 @@ dropped from its batch at the next step boundary; nothing is decoded for it.
 
 A diffusion-forcing job (long video, `spec.is_diffusion_forcing`) runs alone, window by window
 (`serve.pipeline.diffusion_forcing`), with one "step" event per transformer iteration counted over
-all its windows, and ends with the latents of the whole video like a T2V job. It does not hold the
+all its windows, and one `DenoisedLatents` per window (`window`, `num_windows`) holding the latents
+that window adds, as soon as they are final (the loop keeps only the overlap the next window reads;
+the windows' refs stay alive while the stream is open). It does not hold the
 replica to its end: it runs in slices (`levers.df_yield_every`: a window or a step), and between two
 slices the worker runs what else is waiting - one batch of pending jobs, then the next running DF
 job's slice (round-robin) - so a short job submitted during a long one waits at most about one
@@ -58,9 +60,10 @@ STAGE = "transformer"
 
 @dataclass
 class _Output:
-    """A finished job's latents in the object store (handed from the batch to its stream)."""
+    """A finished job's latents in the object store (handed from the batch to its stream); None for
+    a diffusion-forcing job, whose windows went out one by one."""
 
-    ref: ray.ObjectRef
+    ref: ray.ObjectRef | None
 
 
 def job_tokens(spec: ResolvedSpec) -> int:
@@ -142,6 +145,7 @@ class Transformer:
         self._ensure_worker()
         self._pending.append(ticket)
         self._wakeup.set()
+        windows: list = []  # a DF job's window latents (refs), kept alive while this stream is open
         try:
             while True:
                 event = await ticket.events.get()
@@ -149,12 +153,15 @@ class Transformer:
                     break
                 if isinstance(event, BaseException):
                     raise event
+                if isinstance(event, DenoisedLatents):
+                    windows.append(event.ref)
                 yield event
-            # Hold the latents (`event.ref`) until the caller closes this stream, is gone, or the
-            # hold times out; then the ref is dropped and the object freed.
+            # Hold the latents (`event.ref`, or the windows') until the caller closes this stream, is
+            # gone, or the hold times out; then the refs are dropped and the objects freed.
             self.held_outputs += 1
             try:
-                yield DenoisedLatents(ref=[event.ref])
+                if event.ref is not None:
+                    yield DenoisedLatents(ref=[event.ref])
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(ticket.released.wait(), self.liveness.output_hold_s)
             finally:
@@ -290,10 +297,12 @@ class Transformer:
         def on_window(index: int, num_windows: int, latents) -> None:
             logger.info("[job %s] window %d/%d done (%d latent frames)", ticket.job_id, index + 1, num_windows,
                         latents.shape[2])
+            out = DenoisedLatents(ref=[ray.put(latents)], window=index, num_windows=num_windows)
+            loop.call_soon_threadsafe(ticket.events.put_nowait, out)
 
         job = DFJob(seed=spec.seed, prompt_embeds=ticket.embeds.prompt_embeds,
                     negative_prompt_embeds=ticket.embeds.negative_prompt_embeds,
-                    is_cancelled=ticket.cancelled.is_set, on_step=on_step, on_window=on_window)
+                    is_cancelled=ticket.cancelled.is_set, on_step=on_step, on_window=on_window, keep_result=False)
         settings = DFSettings(width=spec.width, height=spec.height, num_frames=spec.num_frames,
                               num_inference_steps=spec.num_inference_steps, guidance_scale=spec.guidance_scale,
                               flow_shift=spec.flow_shift, fps=spec.fps, base_num_frames=spec.base_num_frames,
@@ -341,7 +350,7 @@ class Transformer:
             ticket.events.put_nowait(error)
         else:
             self.denoised.append(ticket.job_id)
-            ticket.events.put_nowait(_Output(ray.put(running.job.result)))
+            ticket.events.put_nowait(_Output(None))  # its windows went out as they ended
         return False
 
     @staticmethod

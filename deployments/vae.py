@@ -5,7 +5,15 @@ post-process to frames: uint8 (F, H, W, 3), plus the float32 [0, 1] frames when 
 VAE decodes them (1 frame, then 4 per latent frame), so the Generator encodes the MP4 while the
 rest is still decoding; `decode` returns them all at once. Both give exactly `vae.decode`'s frames.
 A `decode_stream` whose caller (`caller=`, its Ray actor id) is gone stops after the chunk being
-decoded, or before it starts."""
+decoded, or before it starts.
+
+`decode_part_stream(session, part, num_parts, latents)` decodes a video that arrives in parts (the
+windows of a diffusion-forcing job) through a decode session kept on this replica: the Wan VAE's
+causal cache carries over from part to part, so the frames are those of one decode of all the
+latents, and memory does not grow with the video. The session is opened by part 0 and closed by
+the last part; one left idle for `SESSION_IDLE_S` (its job went away) is dropped. Every part of a
+session must reach the replica that holds it: true with one VAE replica (the default); with several,
+a part that lands elsewhere fails with a clear error (sticky routing is not done yet)."""
 
 from __future__ import annotations
 
@@ -13,6 +21,7 @@ import asyncio
 import functools
 import logging
 import threading
+import time
 
 import numpy as np
 import ray
@@ -21,7 +30,9 @@ from ray import serve
 from serve.config import LeversConfig, LivenessConfig, ModelConfig
 from serve.contracts import DecodedFrames, ProgressEvent
 from serve.pipeline.faults import chaos_pause, inject_fault
-from serve.pipeline.vae_decode import is_tiled, iter_decode, to_float_frames, video_to_uint8
+from serve.pipeline.vae_decode import (
+    CausalDecodeSession, is_tiled, iter_decode, to_float_frames, video_to_uint8,
+)
 from serve.errors import StageError
 from serve.pipeline.levers import apply_levers, lever_state
 from serve.pipeline.loading import resolve_subfolder, torch_device, torch_dtype
@@ -29,6 +40,7 @@ from serve.pipeline.replica import CallerWatch, setup_replica_logging
 
 logger = logging.getLogger(__name__)
 STAGE = "vae"
+SESSION_IDLE_S = 900.0  # a decode session (diffusion forcing) unused this long is dropped
 
 
 @serve.deployment(name="VAEDecoder")
@@ -52,6 +64,7 @@ class VAEDecoder:
         self.chaos_delay_s = chaos_delay_s  # chaos testing only: a pause before each decode
         self._lock = asyncio.Lock()  # one decode at a time per replica: decoding is memory-bound
         self.decodes = 0
+        self._sessions: dict[str, tuple[CausalDecodeSession, float]] = {}
         self.tiled_decodes = 0
         logger.info("vae ready on %s (%s)", self.device, self.model_cfg.vae_dtype)
 
@@ -68,6 +81,86 @@ class VAEDecoder:
                 return
             yield DecodedFrames(frames=video_to_uint8(video),
                                 float_frames=to_float_frames(video) if want_float else None)
+
+    def _part_chunks(self, session: CausalDecodeSession, latents: np.ndarray, want_float: bool,
+                     stop: threading.Event | None = None):
+        if self.fault:
+            inject_fault(self.fault)
+        latents = self._torch.from_numpy(np.array(latents)).to(self.device)
+        for video in session.decode(latents):
+            if stop is not None and stop.is_set():
+                return
+            yield DecodedFrames(frames=video_to_uint8(video),
+                                float_frames=to_float_frames(video) if want_float else None)
+
+    def _session(self, key: str, part: int) -> CausalDecodeSession:
+        now = time.monotonic()
+        for old in [k for k, (_, used) in self._sessions.items() if now - used > SESSION_IDLE_S]:
+            self._sessions.pop(old)[0].close()
+        if part == 0:
+            if key in self._sessions:
+                raise StageError(f"decode session {key!r} is already open", stage=STAGE)
+            session = CausalDecodeSession(self.vae)
+            self.decodes += 1
+        else:
+            found = self._sessions.get(key)
+            if found is None or found[0].parts_done != part:
+                raise StageError(f"decode session {key!r} has no part {part - 1} on this replica (expired, or "
+                                 f"the replica restarted): the video cannot be continued", stage=STAGE)
+            session = found[0]
+        self._sessions[key] = (session, now)
+        return session
+
+    async def decode_part_stream(self, session_key: str, part: int, num_parts: int, latents,
+                                 return_float: bool = False, caller: str | None = None):
+        """Streaming: DecodedFrames chunks of part `part` (0-based) of `num_parts` of one video;
+        the frames of all parts in order are those of `decode` of all the latents."""
+        latents = await self._resolve(latents)
+        async with self._lock:
+            session = self._session(session_key, part)
+            try:
+                async for chunk in self._stream(lambda stop: self._part_chunks(session, latents, return_float, stop),
+                                                latents, caller):
+                    yield chunk
+            except BaseException:
+                self._sessions.pop(session_key, None)
+                session.close()
+                raise
+            if part == num_parts - 1 or session.parts_done != part + 1:
+                self._sessions.pop(session_key, None)
+                session.close()
+
+    async def _stream(self, chunks, latents, caller: str | None = None):
+        """Run a chunk generator in a worker thread, yielding its chunks here as they come. A caller
+        that closes the stream, or dies (`caller`, its Ray actor id), stops it after the chunk being
+        decoded."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        stop = threading.Event()
+        done = object()
+
+        def work() -> None:
+            try:
+                if stop.is_set():  # the caller went away before the decode started
+                    return
+                for chunk in chunks(stop):
+                    loop.call_soon_threadsafe(queue.put_nowait, chunk)
+            except Exception as exc:  # noqa: BLE001 - handed to the caller as a typed stage error
+                loop.call_soon_threadsafe(queue.put_nowait, self._stage_error(exc, latents))
+            finally:
+                loop.call_soon_threadsafe(queue.put_nowait, done)
+
+        unwatch = self._callers.watch(caller, functools.partial(self._caller_gone, stop, queue, done))
+        worker = loop.run_in_executor(None, work)
+        try:
+            while (item := await queue.get()) is not done:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            unwatch()
+            stop.set()  # the caller went away: stop after the chunk being decoded
+            await asyncio.shield(worker)
 
     def _decode(self, latents: np.ndarray, want_float: bool) -> DecodedFrames:
         parts = list(self._chunks(latents, want_float))
@@ -101,38 +194,11 @@ class VAEDecoder:
         """Streaming `decode` (call with `handle.options(stream=True)`): a "stage started"
         ProgressEvent, then DecodedFrames chunks in order; their concatenation is what `decode`
         returns."""
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        stop = threading.Event()
-        done = object()
-
-        def work() -> None:
-            if stop.is_set():  # the caller went away while this decode waited for the lock
-                return
-            try:
-                for chunk in self._chunks(latents, return_float, stop):
-                    loop.call_soon_threadsafe(queue.put_nowait, chunk)
-            except Exception as exc:  # noqa: BLE001 - handed to the caller as a typed stage error
-                loop.call_soon_threadsafe(queue.put_nowait, self._stage_error(exc, latents))
-            finally:
-                loop.call_soon_threadsafe(queue.put_nowait, done)
-
-        unwatch = self._callers.watch(caller, functools.partial(self._caller_gone, stop, queue, done))
-        try:
-            latents = await self._resolve(latents)
-            async with self._lock:
-                yield ProgressEvent(type="stage", stage=STAGE, stage_status="started")
-                worker = loop.run_in_executor(None, work)
-                try:
-                    while (item := await queue.get()) is not done:
-                        if isinstance(item, BaseException):
-                            raise item
-                        yield item
-                finally:
-                    stop.set()  # the caller went away: stop after the chunk being decoded
-                    await asyncio.shield(worker)
-        finally:
-            unwatch()
+        latents = await self._resolve(latents)
+        async with self._lock:
+            yield ProgressEvent(type="stage", stage=STAGE, stage_status="started")
+            async for chunk in self._stream(lambda stop: self._chunks(latents, return_float, stop), latents, caller):
+                yield chunk
 
     @staticmethod
     def _caller_gone(stop: threading.Event, queue: asyncio.Queue, done, died_at: float) -> None:
@@ -142,7 +208,8 @@ class VAEDecoder:
 
     def stats(self) -> dict:
         """What is in effect in this replica (read from the loaded VAE) and what it has done."""
-        return {"levers": lever_state(vae=self.vae), "decodes": self.decodes, "tiled_decodes": self.tiled_decodes}
+        return {"levers": lever_state(vae=self.vae), "decodes": self.decodes, "tiled_decodes": self.tiled_decodes,
+                "decode_sessions": len(self._sessions)}
 
     def check_health(self) -> None:
         if self.vae is None:

@@ -170,6 +170,10 @@ class ProgressEvent(BaseModel):
       `retry` n (with status "in_progress") says the job starts again from the beginning, for the
       n-th time, because a stage replica stopped; `error` then says which (`stage_unavailable`)
     - "progress": the job's progress read from its record (it runs on another ingress replica)
+    - "window": a diffusion-forcing window's frames are final and encoded (`window` of
+      `num_windows`, `playable_s` seconds playable so far); `fragment` holds the fragmented-MP4
+      bytes to append to the preview (the first carries the init segment) and `frames` the
+      window's uint8 frames when the spec asks for frames; neither is serialised to JSON
     - "result": the last event of a Generator stream; `result` holds the GenerationResult and is
       never serialised to JSON
 
@@ -179,7 +183,7 @@ class ProgressEvent(BaseModel):
 
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
 
-    type: Literal["stage", "step", "status", "progress", "result"]
+    type: Literal["stage", "step", "status", "progress", "window", "result"]
     id: str | None = None
     status: Literal["queued", "in_progress", "completed", "failed", "deleted"] | None = None
     stage: str | None = None
@@ -189,6 +193,11 @@ class ProgressEvent(BaseModel):
     progress: int | float = 0  # 0..100; the job service sends whole numbers
     error: ErrorInfo | None = None
     retry: int | None = None
+    window: int | None = None  # 0-based index of the window that finished
+    num_windows: int | None = None
+    playable_s: float | None = None
+    fragment: bytes | None = Field(default=None, exclude=True)
+    frames: np.ndarray | None = Field(default=None, exclude=True)
     result: "GenerationResult | None" = Field(default=None, exclude=True)
 
     def to_json(self) -> str:
@@ -203,6 +212,9 @@ class DenoisedLatents(BaseModel):
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
     ref: list[Any]
+    # diffusion forcing: one DenoisedLatents per window, with that window's new (final) latents
+    window: int | None = None
+    num_windows: int | None = None
 
 
 class GenerationResult(BaseModel):

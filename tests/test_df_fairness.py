@@ -28,14 +28,20 @@ async def _prepare(stage_handle, spec: dict):
 
 
 async def _denoise(stream, on_step=None) -> np.ndarray:
-    """Runs a Transformer stream to its end; the latents it delivers."""
-    latents = None
-    async for event in stream:
-        if isinstance(event, DenoisedLatents):
-            latents = await event.ref[0]
-        elif event.type == "step" and on_step is not None:
-            on_step(event)
-    return latents
+    """Runs a Transformer stream until it has delivered its latents (a DF job's windows, joined),
+    then closes it, as the Generator does (the stream holds the latents while it is open)."""
+    parts = []
+    try:
+        async for event in stream:
+            if isinstance(event, DenoisedLatents):
+                parts.append(await event.ref[0])
+                if event.window is None or event.window == event.num_windows - 1:
+                    break
+            elif event.type == "step" and on_step is not None:
+                on_step(event)
+    finally:
+        stream.cancel()
+    return np.concatenate(parts, axis=2) if parts else None
 
 
 async def test_short_job_runs_between_windows_of_a_long_one_and_leaves_it_unchanged(graph_app, stage_handle):

@@ -56,3 +56,31 @@ def test_a_t2v_job_after_a_df_job_is_plain_t2v(graph_app, tiny_model_dir):
         "a lighthouse at dusk", guidance_scale=1.0, generator=torch.Generator().manual_seed(5),
         max_sequence_length=512, **t2v).frames[0]
     assert np.abs(result.frames - expected).max() <= 1e-5
+
+
+def test_long_video_is_delivered_window_by_window(graph_app):
+    """Each window's frames come out as a "window" event once final: playable seconds grow, the
+    fragments appended make a valid MP4 of the frames so far, and the windows' frames are the video's."""
+    import io
+
+    import av
+
+    events = list(graph_app.stream({"prompt": "a long walk", "seed": 3, "guidance_scale": 1.0,
+                                    "return_frames": True, **DF}))
+    windows = [e for e in events if e.type == "window"]
+    assert [(e.window, e.num_windows) for e in windows] == [(0, 3), (1, 3), (2, 3)]
+    assert windows[0].fragment[4:8] == b"ftyp"  # the first carries the init segment
+    preview, decoded = b"", []
+    for e in windows:
+        preview += e.fragment
+        with av.open(io.BytesIO(preview)) as container:
+            decoded.append(sum(1 for _ in container.decode(video=0)))
+        assert e.playable_s == decoded[-1] / DF["fps"]
+        assert "fragment" not in e.to_json() and '"window"' in e.to_json()
+    assert decoded == [13, 21, 29]  # 4 latent frames, then 2 new ones per window (4 pixel frames each)
+    result = events[-1].result
+    frames = np.concatenate([e.frames for e in windows])
+    assert frames.shape == (29, 32, 32, 3)
+    assert np.array_equal(frames, (result.frames * 255).round().astype(np.uint8))
+    with av.open(io.BytesIO(result.mp4)) as container:
+        assert sum(1 for _ in container.decode(video=0)) == 29

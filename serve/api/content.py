@@ -59,13 +59,17 @@ async def _read(fd: int, start: int, length: int) -> AsyncIterator[bytes]:
         os.close(fd)
 
 
-def file_response(request: Request, path: str, media_type: str, filename: str, what: str) -> Response:
+def file_response(request: Request, path: str, media_type: str, filename: str, what: str,
+                  size_limit: int | None = None, headers: dict | None = None) -> Response:
+    """`size_limit`: serve only the first bytes of the file (a growing preview: its whole fragments)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
         raise NotFound(f"the {what} is missing from storage (deleted?)", param="variant") from None
     size = os.fstat(fd).st_size
-    headers = {"Accept-Ranges": "bytes", "Content-Disposition": f'inline; filename="{filename}"'}
+    if size_limit is not None:
+        size = min(size, size_limit)
+    headers = {"Accept-Ranges": "bytes", "Content-Disposition": f'inline; filename="{filename}"', **(headers or {})}
     wanted = _byte_range(request.headers.get("range"), size)
     if wanted is False:
         os.close(fd)

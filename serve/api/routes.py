@@ -237,8 +237,13 @@ async def video_content(request: Request) -> Response:
     p = await _principal(request)
     job = await api.service.get_job(p.user_id, request.path_params["video_id"])
     variant = request.query_params.get("variant", "video")
-    if variant not in ("video", "thumbnail"):
-        raise InvalidSpecError(f"variant must be 'video' or 'thumbnail' (got {variant!r})", param="variant")
+    if variant not in ("video", "thumbnail", "preview"):
+        raise InvalidSpecError(f"variant must be 'video', 'thumbnail' or 'preview' (got {variant!r})",
+                               param="variant")
+    if variant == "preview" and job["status"] != "completed":
+        return _preview_response(request, api, job)
+    if variant == "preview":
+        variant = "video"  # once completed, the preview is the finished video
     if job["status"] != "completed":
         raise CineVividError(f"video {job['id']} is {job['status']}; content exists once it is completed",
                              code="video_not_ready", status=409)
@@ -248,6 +253,24 @@ async def video_content(request: Request) -> Response:
     media = "video/mp4" if variant == "video" else "image/jpeg"
     ext = "mp4" if variant == "video" else "jpg"
     return file_response(request, path, media, f"{job['id']}.{ext}", f"{variant} of video {job['id']}")
+
+
+def _preview_response(request: Request, api: "Api", job: dict) -> Response:
+    """The playable part so far of a running diffusion-forcing job: its preview's whole fragments."""
+    state = api.service.artifacts.preview_state(job["id"])
+    path = api.service.artifacts.preview_paths(job["id"])[0]
+    if state is None or not path.exists():
+        raise CineVividError(f"video {job['id']} is {job['status']} and has no playable part yet (a preview exists "
+                             f"for long videos once their first window is done)", code="video_not_ready", status=409)
+    headers = {"Cache-Control": "no-store", "X-Video-Status": job["status"],
+               "X-Windows-Done": str(state["windows_done"]), "X-Windows-Total": str(state["windows_total"]),
+               "X-Playable-Seconds": f"{state['playable_s']:g}"}
+    try:
+        return file_response(request, str(path), "video/mp4", f"{job['id']}.preview.mp4",
+                             f"preview of video {job['id']}", size_limit=state["bytes"], headers=headers)
+    except NotFound:  # the job ended between the two reads: its preview is gone
+        raise CineVividError(f"video {job['id']} just ended; fetch it again", code="video_not_ready",
+                             status=409) from None
 
 
 async def video_events(request: Request) -> Response:
@@ -379,9 +402,13 @@ API_ROUTES = [
       resp=m.Video),
     R("/v1/videos/{video_id}/remix", remix_video, ["POST"], "Same settings and seed, new prompt",
       req=m.VideoRemixRequest, resp=m.Video),
-    R("/v1/videos/{video_id}/content", video_content, ["GET"], "Download the MP4 (Range supported) or thumbnail",
-      query={"variant": {"type": "string", "enum": ["video", "thumbnail"], "default": "video"}},
-      content="video/mp4 image/jpeg", errors={"409": "The video is not completed yet (code video_not_ready)",
+    R("/v1/videos/{video_id}/content", video_content, ["GET"],
+      "Download the MP4 (Range supported) or thumbnail; variant=preview: the playable part so far of a long "
+      "(diffusion-forcing) video still in progress (a fragmented MP4 that grows window by window), the "
+      "finished video once completed",
+      query={"variant": {"type": "string", "enum": ["video", "thumbnail", "preview"], "default": "video"}},
+      content="video/mp4 image/jpeg", errors={"409": "The video is not completed yet, or (preview) has no "
+                                                     "finished window yet (code video_not_ready)",
                                    "416": "The Range cannot be satisfied"}),
     R("/v1/videos/{video_id}/events", video_events, ["GET"], "Progress as Server-Sent Events",
       content="text/event-stream"),

@@ -149,6 +149,10 @@ class Video(_Response):
     num_frames: int | None = None
     fps: int | None = None
     num_inference_steps: int | None = None
+    # a diffusion-forcing job in progress: windows finished (and playable as a preview) of all
+    windows_done: int | None = None
+    windows_total: int | None = None
+    playable_seconds: float | None = None
 
 
 class VideoList(_Response):

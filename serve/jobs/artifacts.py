@@ -1,9 +1,16 @@
 """Artifact storage under the data dir: `videos/<job id>.mp4` and `.jpg`, written to a temp
-name and renamed, so a reader never sees half a file and a crash leaves no partial artifact."""
+name and renamed, so a reader never sees half a file and a crash leaves no partial artifact.
+
+A diffusion-forcing job also has a preview while it runs: `videos/<job id>.preview.mp4`, a
+fragmented MP4 that only grows (each window's fragments appended), and `.preview.json`, replaced
+atomically after each append, saying how many bytes of it are whole fragments and how many windows
+are done. A reader serves that many bytes, so it never sees half a fragment. Both go when the job
+ends (the final MP4 replaces the preview)."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import secrets
 import shutil
@@ -20,6 +27,37 @@ class ArtifactStore:
 
     def paths(self, job_id: str) -> tuple[Path, Path]:
         return self.videos / f"{job_id}.mp4", self.videos / f"{job_id}.jpg"
+
+    def preview_paths(self, job_id: str) -> tuple[Path, Path]:
+        return self.videos / f"{job_id}.preview.mp4", self.videos / f"{job_id}.preview.json"
+
+    async def append_preview(self, job_id: str, fragment: bytes, **state) -> dict:
+        """Append whole fragments to the job's preview, then publish its new length with `state`
+        (windows_done, windows_total, playable_s)."""
+        video, meta = self.preview_paths(job_id)
+
+        def _append() -> dict:
+            self.ensure()
+            with open(video, "ab") as f:
+                f.write(fragment)
+                f.flush()
+                os.fsync(f.fileno())
+                size = f.tell()
+            info = {"bytes": size, **state}
+            self._write_atomic(meta, json.dumps(info).encode())
+            return info
+        return await asyncio.to_thread(_append)
+
+    def preview_state(self, job_id: str) -> dict | None:
+        """The published state of the job's preview (bytes, windows_done, windows_total,
+        playable_s), or None when it has none (not a DF job, no window yet, or it has ended)."""
+        try:
+            return json.loads(self.preview_paths(job_id)[1].read_bytes())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    async def delete_preview(self, job_id: str) -> None:
+        await self.delete(*(str(p) for p in self.preview_paths(job_id)))
 
     @staticmethod
     def _write_atomic(path: Path, data: bytes) -> None:

@@ -267,6 +267,8 @@ class Dispatcher:
         finally:
             heartbeat.cancel()
             await asyncio.gather(heartbeat, return_exceptions=True)
+            # the final MP4 (if any) replaces the preview; a failed, cancelled or re-queued job has none
+            await self._safe(self.artifacts.delete_preview(job_id))
 
     # ---- a stage replica that stopped; a full disk ----
     @staticmethod
@@ -367,6 +369,16 @@ class Dispatcher:
         self.broker.publish(job_id, ProgressEvent(id=job_id, **fields))
 
     async def _on_event(self, job_id: str, event: ProgressEvent, state: dict) -> None:
+        if event.type == "window" and not state.get("preview_broken"):  # its fragments join the preview first
+            try:
+                await self.artifacts.append_preview(job_id, event.fragment or b"", windows_done=event.window + 1,
+                                                    windows_total=event.num_windows, playable_s=event.playable_s)
+            except OSError:  # the preview is a convenience: a full disk here is not worth the job
+                logger.warning("job %s: preview write failed; no preview for this job", job_id, exc_info=True)
+                state["preview_broken"] = True  # later fragments alone would not play
+                await self._safe(self.artifacts.delete_preview(job_id))
+        if event.type == "window":
+            event = event.model_copy(update={"fragment": None, "frames": None})
         progress = int(max(state["progress"], min(99, int(event.progress or 0))))
         stage_changed = event.type == "stage" and event.stage and event.stage != state["stage"]
         state["progress"] = progress

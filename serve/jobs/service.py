@@ -173,7 +173,8 @@ class JobService:
             raise NotFound(f"no video with id {job_id!r}", param="video_id")
         if self.dispatcher.cancel_local(job_id, "deleted"):
             await self._wait_not_running(job_id)
-        await self.artifacts.delete(job["video_path"], job["thumbnail_path"], *self.artifacts.paths(job_id))
+        await self.artifacts.delete(job["video_path"], job["thumbnail_path"], *self.artifacts.paths(job_id),
+                                    *self.artifacts.preview_paths(job_id))
         logger.info("job %s: deleted by user %s (was %s)", job_id, user_id, job["status"])
         return job
 
@@ -184,7 +185,7 @@ class JobService:
 
     # ---- views ----
     def video_view(self, job: dict) -> dict:
-        return video_view(job)
+        return video_view(job, self.artifacts.preview_state(job["id"]) if job["status"] == "in_progress" else None)
 
     def task_view(self, job: dict) -> dict:
         v = self.video_view(job)

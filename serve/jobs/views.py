@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 
 
-def video_view(job: dict) -> dict:
+def video_view(job: dict, preview: dict | None = None) -> dict:
+    """`preview`: the state of a running DF job's preview (`ArtifactStore.preview_state`), which
+    adds its progress by windows (`windows_done`, `windows_total`, `playable_seconds`)."""
     spec = json.loads(job["spec"])
     duration = job["duration_s"] if job["duration_s"] is not None else spec["num_frames"] / spec["fps"]
     error = None
@@ -20,4 +22,6 @@ def video_view(job: dict) -> dict:
         "error": error, "remixed_from_video_id": job["remixed_from"], "stage": job["stage"],
         "has_audio": bool(job["has_audio"]), "seed": spec["seed"], "num_frames": spec["num_frames"],
         "fps": spec["fps"], "num_inference_steps": spec["num_inference_steps"],
+        **({"windows_done": preview["windows_done"], "windows_total": preview["windows_total"],
+            "playable_seconds": preview["playable_s"]} if preview else {}),
     }

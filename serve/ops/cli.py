@@ -168,8 +168,9 @@ def _add_client(sub: argparse._SubParsersAction) -> None:
     get = _command(vs, "get", "show a video as JSON, and optionally download it", client_cmds.cmd_videos_get)
     get.add_argument("video_id", metavar="VIDEO_ID", help="the video's id")
     get.add_argument("-o", "--output", default=None, help="also download the content here")
-    get.add_argument("--variant", default="video", choices=["video", "thumbnail"],
-                     help="what to download (default: video)")
+    get.add_argument("--variant", default="video", choices=["video", "thumbnail", "preview"],
+                     help="what to download (default: video); preview: the playable part so far of a long "
+                          "video still in progress")
     _server_args(get)
     rm = _command(vs, "rm", "delete videos", client_cmds.cmd_videos_rm)
     rm.add_argument("video_ids", nargs="+", metavar="VIDEO_ID", help="the videos' ids")

@@ -148,6 +148,10 @@ class DFJob:
     is_cancelled: Callable[[], bool] = lambda: False
     on_step: Callable[[int, int], None] = lambda step, total: None
     on_window: Callable[[int, int, np.ndarray], None] = lambda index, num_windows, latents: None
+    # False: the loop keeps only the frames the next window needs (the overlap), not the whole
+    # video, so memory is bounded by the window; `result` then stays None and `on_window` is the
+    # only way out for the latents (the Transformer deployment streams them window by window).
+    keep_result: bool = True
     result: np.ndarray | None = None
     window_steps: list[int] = field(default_factory=list)
 
@@ -191,7 +195,8 @@ class DiffusionForcingLoop:
                                 enable_diffusion_forcing=True, fps=fps_embeds, return_dict=False)[0]
 
     def run(self, job: DFJob, s: DFSettings) -> None:
-        """Fills `job.result` with the whole video's normalised fp32 latents (1, C, T, h, w), or
+        """Fills `job.result` with the whole video's normalised fp32 latents (1, C, T, h, w) (when
+        `job.keep_result`; `on_window` hands each window's new ones over either way), or
         raises GenerationCancelled at the first iteration boundary after `job.is_cancelled()`."""
         self.start(job, s).advance("job")
 
@@ -233,7 +238,9 @@ class DFRun:
         self.generator = torch.Generator().manual_seed(job.seed)  # the pipeline's generator: every window's noise
         self.noise_generator = torch.Generator().manual_seed(addnoise_seed(job.seed))
 
-        self.video = None  # the latents so far (diffusers' accumulated_latents)
+        self.video = None  # the latents so far (diffusers' accumulated_latents), only when job.keep_result
+        self.carried_over = None  # the last `overlap_latent_frames` of the video so far: all the next window reads
+        self.ended = False
         self.window = 0  # the window being denoised
         self.iteration = 0  # the next iteration of that window
         self.latents = None  # that window's latents, None before it starts
@@ -241,7 +248,7 @@ class DFRun:
 
     @property
     def finished(self) -> bool:
-        return self.job.result is not None
+        return self.ended
 
     def advance(self, until: YieldEvery = "window") -> None:
         """Runs one iteration, the rest of the current window, or the rest of the job; raises
@@ -271,8 +278,7 @@ class DFRun:
         latents = randn_tensor((1, loop.transformer.config.in_channels, size, h, w), generator=self.generator,
                                device=loop.device, dtype=torch.float32)
         if prefix > 0:
-            carried = self.video[:, :, -plan.overlap_latent_frames:]
-            latents[:, :, :prefix] = carried[:, :, :prefix].to(loop.dtype)
+            latents[:, :, :prefix] = self.carried_over[:, :, :prefix].to(loop.dtype)
         self.schedulers = [copy.deepcopy(self.scheduler) for _ in range(size)]
         for frame_scheduler in self.schedulers:
             frame_scheduler.set_timesteps(s.num_inference_steps, device=loop.device)
@@ -321,12 +327,18 @@ class DFRun:
         import torch
 
         # 5. The window's new frames join the video; they are final
-        plan, video, latents = self.plan, self.video, self.latents
-        new = latents if video is None else latents[:, :, plan.overlap_latent_frames:]
-        self.video = new if video is None else torch.cat([video, new], dim=2)
+        plan, latents = self.plan, self.latents
+        new = latents if self.window == 0 else latents[:, :, plan.overlap_latent_frames:]
+        if plan.overlap_latent_frames:  # the end of the video so far (may reach into the window before)
+            tail = latents if self.carried_over is None else torch.cat([self.carried_over, new], dim=2)
+            self.carried_over = tail[:, :, -plan.overlap_latent_frames:].clone()
+        if self.job.keep_result:
+            self.video = new if self.video is None else torch.cat([self.video, new], dim=2)
         self.latents, self.schedulers = None, []
         self.job.on_window(self.window, plan.num_windows, new.float().cpu().numpy())
         self.window += 1
         if self.window == plan.num_windows:
-            self.job.result = self.video.float().cpu().numpy()
+            self.ended = True
+            if self.job.keep_result:
+                self.job.result = self.video.float().cpu().numpy()
 

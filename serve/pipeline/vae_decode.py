@@ -83,3 +83,44 @@ def video_to_uint8(video: torch.Tensor) -> np.ndarray:
     threads, without materialising the float frames."""
     x = (video[0].float() / 2 + 0.5).clamp(0, 1)
     return (x * 255).round().to(torch.uint8).permute(1, 2, 3, 0).contiguous().cpu().numpy()
+
+
+class CausalDecodeSession:
+    """`iter_decode` across calls: the latents of one video arriving in parts (diffusion forcing's
+    windows) are decoded as they come, through the Wan VAE's causal feature cache kept here between
+    parts, so the frames of all parts together are exactly `denormalize_and_decode` of all latents.
+    Memory is the cache (a few frames of features per causal conv), not the video. Several sessions
+    can share one VAE (each `decode` swaps its own cache in; calls must not interleave)."""
+
+    def __init__(self, vae):
+        self.vae = vae
+        self.latent_frames_done = 0
+        self.parts_done = 0
+        self._feat_map: list | None = None
+        if not _can_stream(vae, torch.zeros(1, 1, 1, 1, 1)):
+            raise ValueError(f"{type(vae).__name__} cannot decode a video in parts (tiling or another VAE)")
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor):
+        """Yields (1, 3, f, H, W) chunks in [-1, 1] for these latent frames (the next part of the video)."""
+        if is_tiled(self.vae, latents):
+            raise ValueError("a tiled VAE cannot decode a video in parts")
+        vae = self.vae
+        vae.clear_cache()
+        if self._feat_map is not None:
+            vae._feat_map = self._feat_map
+        try:
+            x = vae.post_quant_conv(denormalize(vae, latents))  # a 1x1x1 conv: no context across frames
+            for i in range(x.shape[2]):
+                vae._conv_idx = [0]
+                out = vae.decoder(x[:, :, i:i + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx,
+                                  first_chunk=(self.latent_frames_done == 0))
+                self.latent_frames_done += 1
+                yield torch.clamp(out, min=-1.0, max=1.0)
+            self.parts_done += 1
+        finally:
+            self._feat_map = vae._feat_map
+            vae.clear_cache()
+
+    def close(self) -> None:
+        self._feat_map = None
