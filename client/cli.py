@@ -37,13 +37,19 @@ def progress_fields(kind: str, data: dict) -> dict:
     elif kind == "step":
         fields["description"] = str(data.get("stage") or "transformer")
         fields["step"] = f"step {data.get('step')}/{data.get('total_steps')}"
+    elif kind == "window":  # a long video: one more window is playable
+        fields["step"] = (f"window {int(data.get('window') or 0) + 1}/{data.get('num_windows')}, "
+                          f"{data.get('playable_s')} s playable")
     return fields
 
 
 def cmd_generate(args) -> int:
     ext = {"seconds": args.seconds, "size": args.size, "seed": args.seed, "num_frames": args.frames,
            "num_inference_steps": args.steps, "guidance_scale": args.guidance_scale, "fps": args.fps,
-           "negative_prompt": args.negative_prompt, "model": args.model}
+           "negative_prompt": args.negative_prompt, "model": args.model,
+           "base_num_frames": args.base_num_frames, "overlap_history": args.overlap_history,
+           "ar_step": args.ar_step, "causal_block_size": args.causal_block_size,
+           "addnoise_condition": args.addnoise_condition}
     if args.voiceover:
         ext["voiceover"] = {"text": args.voiceover, "voice": args.voice, "provider": args.voice_provider}
         ext["voiceover"] = {k: v for k, v in ext["voiceover"].items() if v is not None}

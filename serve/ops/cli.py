@@ -152,6 +152,15 @@ def _add_client(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--fps", type=int, default=None, help="frames per second")
     g.add_argument("--negative-prompt", default=None, help="what the video should not show")
     g.add_argument("--model", default=None, help="the model to use (default: the service's)")
+    # long video by diffusion forcing (each defaults to the model's; see README "Long video")
+    g.add_argument("--base-num-frames", type=int, default=None, help="long video: frames per window (4k+1)")
+    g.add_argument("--overlap-history", type=int, default=None,
+                   help="long video: frames each window carries over from the one before (4k+1)")
+    g.add_argument("--ar-step", type=int, default=None, help="long video: 0 synchronous, >0 asynchronous (e.g. 5)")
+    g.add_argument("--causal-block-size", type=int, default=None,
+                   help="long video: latent frames per causal block (e.g. 5 with --ar-step 5)")
+    g.add_argument("--addnoise-condition", type=float, default=None,
+                   help="long video: noise on the carried frames (e.g. 20)")
     g.add_argument("--voiceover", default=None, help="text to speak over the video")
     g.add_argument("--voice", default=None, help="the voice-over's voice")
     g.add_argument("--voice-provider", default=None, choices=["elevenlabs", "piper", "none"],
