@@ -90,7 +90,7 @@ def test_embeddings_are_zero_after_the_real_tokens(stage_handle, tiny_model_dir)
     ("height", 40, "height"),
     ("width", 4096, "width"),
     ("num_frames", 10, "num_frames"),
-    ("num_frames", 401, "num_frames"),
+    ("num_frames", 405, "num_frames"),
     ("num_inference_steps", 0, "num_inference_steps"),
     ("num_inference_steps", 101, "num_inference_steps"),
     ("guidance_scale", 0.5, "guidance_scale"),
