@@ -22,6 +22,8 @@ def video_view(job: dict, preview: dict | None = None) -> dict:
         "error": error, "remixed_from_video_id": job["remixed_from"], "stage": job["stage"],
         "has_audio": bool(job["has_audio"]), "seed": spec["seed"], "num_frames": spec["num_frames"],
         "fps": spec["fps"], "num_inference_steps": spec["num_inference_steps"],
-        **({"windows_done": preview["windows_done"], "windows_total": preview["windows_total"],
-            "playable_seconds": preview["playable_s"]} if preview else {}),
+        # null unless a DF job's preview is being written (the same keys in webhooks and GET)
+        "windows_done": preview["windows_done"] if preview else None,
+        "windows_total": preview["windows_total"] if preview else None,
+        "playable_seconds": preview["playable_s"] if preview else None,
     }
