@@ -39,9 +39,22 @@ class HttpEnv:
 
         name = f"u{uuid.uuid4().hex[:10]}"
         password = uuid.uuid4().hex
-        run_sync(add_user(name, password, admin=admin, database_url=self.database_url))
-        key = run_sync(create_key(name, "test", database_url=self.database_url))
+        _while_locked(lambda: add_user(name, password, admin=admin, database_url=self.database_url))
+        key = _while_locked(lambda: create_key(name, "test", database_url=self.database_url))
         return UserCreds(name, password, key["key"], key["id"])
+
+
+def _while_locked(make_coro, timeout_s: float = 120.0):
+    """Run an admin write against the test app's SQLite file, trying again while the running app
+    holds the write lock past the busy timeout (a loaded CI box; there is no event to await)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return run_sync(make_coro())
+        except Exception as exc:  # noqa: BLE001 - only "database is locked" is retried
+            if "database is locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 @dataclass
