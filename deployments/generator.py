@@ -300,6 +300,7 @@ class Generator:
                             frames=np.concatenate(window_frames) if spec.return_frames else None)
 
     async def _await_tts(self, run: _Run) -> None:
+        """The voice-over (if any, and not awaited yet) into `run.audio`, with its timing."""
         if run.tts_call is not None:
             try:
                 run.audio = await run.tts_call
@@ -356,14 +357,7 @@ class Generator:
         t_decoded = run.mark("vae", t_denoised)
         yield ProgressEvent(type="stage", stage="vae", stage_status="finished", progress=DECODE_DONE)
 
-        if run.tts_call is not None:
-            try:
-                run.audio = await run.tts_call
-            except Exception as exc:  # noqa: BLE001
-                _raise_typed(exc, "tts", run.job_id)
-            run.tts_call = None
-            run.timings.append(StageTiming(stage="tts", start=run.audio.started_at, end=run.audio.finished_at))
-
+        await self._await_tts(run)
         yield ProgressEvent(type="stage", stage="mux", stage_status="started", progress=DECODE_DONE)
         if run.writer is None:  # the voice-over finished after the last frame
             run.writer = self._new_writer(run.frames, spec.fps, run.audio)
