@@ -59,3 +59,26 @@ async def test_concurrent_key_creations_stay_under_the_cap(url):
     finally:
         await a.dispose()
         await b.dispose()
+
+
+async def test_a_busy_database_leaves_the_refusal_a_refusal(tmp_path):
+    """While another writer holds SQLite's lock past the busy timeout, a bad credential is still
+    refused as it would be (no 503): the failure just goes uncounted."""
+    import sqlite3
+
+    url = f"sqlite+aiosqlite:///{tmp_path / 'busy.db'}"
+    db = Database(url, busy_timeout_ms=100)
+    await db.migrate()
+    throttle = FailedAuthThrottle(db, FailedAuthConfig(credential_failures_per_address=1))
+    holder = sqlite3.connect(tmp_path / "busy.db", isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        await throttle.credential_failed("192.0.2.5")  # not raised: neither 429 nor "database is locked"
+        await throttle.login_failed("frank", "192.0.2.5")
+        holder.execute("ROLLBACK")
+        await throttle.credential_failed("192.0.2.5")  # counted now: the threshold of 1 locks
+        with pytest.raises(TooManyFailedAttempts):
+            await throttle.credential_failed("192.0.2.5")
+    finally:
+        holder.close()
+        await db.dispose()

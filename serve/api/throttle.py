@@ -34,6 +34,7 @@ import time
 from typing import Iterable
 
 from sqlalchemy import delete, select, update
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.dialects import postgresql, sqlite
 from starlette.requests import Request
 
@@ -104,12 +105,13 @@ class FailedAuthThrottle:
             locked = (await conn.execute(select(auth_failures.c.key).where(
                 auth_failures.c.key.in_(list(keys)), auth_failures.c.locked_until > time.time()))).first()
         if locked:
-            outcome = await self._record(keys)
-            raise self._refusal(max(until for _, until in outcome.values()))
+            outcome = await self._record_or_skip(keys)
+            raise self._refusal(max(until for _, until in outcome.values()) if outcome
+                                else time.time() + self.config.lockout_s)
 
     async def login_failed(self, username: str, address: str) -> None:
         if self.config.enabled:
-            await self._record(self._login_keys(username, address))
+            await self._record_or_skip(self._login_keys(username, address))
 
     async def login_succeeded(self, username: str) -> None:
         """Clear the username's count; a write only when there is one (most logins find none)."""
@@ -128,9 +130,9 @@ class FailedAuthThrottle:
         if not self.config.enabled:
             return
         key = f"cred:{address}"
-        was_locked, until = (await self._record({key: self.config.credential_failures_per_address}))[key]
-        if was_locked:
-            raise self._refusal(until)
+        outcome = await self._record_or_skip({key: self.config.credential_failures_per_address})
+        if outcome and outcome[key][0]:
+            raise self._refusal(outcome[key][1])
 
     # ---- the counts ----
     def _login_keys(self, username: str, address: str) -> dict[str, int]:
@@ -141,6 +143,18 @@ class FailedAuthThrottle:
         wait = max(1.0, until - time.time())
         return TooManyFailedAttempts(f"too many failed sign-in attempts; try again in {math.ceil(wait)} s. "
                                      "Each attempt before then doubles the wait", retry_after_s=wait)
+
+    async def _record_or_skip(self, thresholds: dict[str, int]) -> dict[str, tuple[bool, float]] | None:
+        """`_record`, or nothing when the database is too busy to take the write: the request is
+        refused all the same (its 401 does not become a 503), one failure goes uncounted."""
+        try:
+            return await self._record(thresholds)
+        except OperationalError as exc:
+            if "database is locked" not in str(exc):
+                raise
+            logger.warning("database busy: a failed sign-in attempt was not counted (%s)",
+                           ", ".join(k.split(":", 1)[0] for k in thresholds))
+            return None
 
     async def _record(self, thresholds: dict[str, int]) -> dict[str, tuple[bool, float]]:
         """One failure for each key (key -> its threshold), in one transaction. Returns, per key,

@@ -56,11 +56,21 @@ HAPROXY_MAX_SOCKET_PATH = 97  # HAProxy's limit for a unix socket path
 HAPROXY_SUBPATH_LEN = len("/") + 56 + len("/metrics.sock")  # Ray's node-id folder + the longest socket
 
 
+_GIVEN_PORTS: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A TCP port free on 127.0.0.1 right now, and not one this process handed out before: the
+    kernel may give the same ephemeral port to two successive binds, and ports picked together
+    (one raylet's servers) are only bound later, by someone else."""
+    for _ in range(100):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port not in _GIVEN_PORTS:
+            _GIVEN_PORTS.add(port)
+            return port
+    raise RuntimeError("no free TCP port on 127.0.0.1 that was not handed out already")
 
 
 def front_env(front: HTTPFrontConfig) -> dict[str, str]:
