@@ -53,10 +53,25 @@ def cmd_generate(args) -> int:
     if args.voiceover:
         ext["voiceover"] = {"text": args.voiceover, "voice": args.voice, "provider": args.voice_provider}
         ext["voiceover"] = {k: v for k, v in ext["voiceover"].items() if v is not None}
+    images = {"input_reference": args.image, "last_frame": args.last_frame}
+    return _submit_and_wait(args, lambda cv: cv.create_video(
+        args.prompt, **{k: v for k, v in images.items() if v is not None}, **ext))
+
+
+def cmd_extend(args) -> int:
+    ext = {"seed": args.seed, "num_inference_steps": args.steps, "guidance_scale": args.guidance_scale,
+           "negative_prompt": args.negative_prompt, "model": args.model}
+    if args.voiceover:
+        ext["voiceover"] = {k: v for k, v in {"text": args.voiceover, "voice": args.voice}.items() if v is not None}
+    return _submit_and_wait(args, lambda cv: cv.extend_video(args.video_id, args.prompt, seconds=args.seconds, **ext))
+
+
+def _submit_and_wait(args, submit) -> int:
+    """Submit a video job (`submit(client)`), follow its progress, download it to `args.output`."""
     out = sys.stderr
     try:
         with _client(args) as cv:
-            video = cv.create_video(args.prompt, **ext)
+            video = submit(cv)
             vid = video["id"]
             print(f"{vid}: {video['status']} ({video['size']}, {video['seconds']} s, seed {video.get('seed')})",
                   file=out)

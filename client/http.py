@@ -71,6 +71,8 @@ class Call:
     path: str
     params: dict[str, Any] | None = None
     json: Any = None
+    data: dict[str, str] | None = None  # form fields (with `files`: a multipart body)
+    files: dict[str, tuple[str, bytes, str]] | None = None
     timeout: httpx.Timeout | None = None  # None: the client's
     read: Callable[[httpx.Response], Any] = _json
     check: bool = True
@@ -82,6 +84,10 @@ class Call:
             opts["params"] = self.params
         if self.json is not None:
             opts["json"] = self.json
+        if self.data is not None:
+            opts["data"] = self.data
+        if self.files is not None:
+            opts["files"] = self.files
         if self.timeout is not None:
             opts["timeout"] = self.timeout
         return opts
@@ -104,6 +110,21 @@ def video_body(prompt: str, *, seconds: float | str | None = None, size: str | N
     return body
 
 
+def form_fields(body: dict) -> dict[str, str]:
+    """A JSON body as multipart form fields: objects JSON-encoded, numbers as text."""
+    import json
+
+    return {k: json.dumps(v) if isinstance(v, (dict, list)) else str(v) for k, v in body.items()}
+
+
+def _upload(value: bytes | str | Path) -> tuple[str, bytes, str]:
+    """An image to upload: (file name, bytes, media type by its first bytes)."""
+    name, data = ("image", value) if isinstance(value, bytes) else (Path(value).name, Path(value).read_bytes())
+    kind = ("image/png" if data[:8] == b"\x89PNG\r\n\x1a\n" else "image/jpeg" if data[:3] == b"\xff\xd8\xff"
+            else "image/webp" if data[:4] == b"RIFF" and data[8:12] == b"WEBP" else "application/octet-stream")
+    return name, data, kind
+
+
 class API:
     """The API as `Call`s: the one place that knows each endpoint's path, parameters and body,
     and how its answer is read. The clients' methods of the same names send these."""
@@ -118,8 +139,23 @@ class API:
         return Call("POST", "/v1/api-keys", json={"name": name})
 
     @staticmethod
-    def create_video(prompt: str, **kw: Any) -> Call:
-        return Call("POST", "/v1/videos", json=video_body(prompt, **kw))
+    def create_video(prompt: str, *, input_reference: bytes | str | Path | None = None,
+                     last_frame: bytes | str | Path | None = None, **kw: Any) -> Call:
+        """`input_reference` (and `last_frame`): an image file (a path, or its bytes) to start from;
+        then the body is a multipart form, as the openai SDK sends it."""
+        body = video_body(prompt, **kw)
+        if input_reference is None and last_frame is None:
+            return Call("POST", "/v1/videos", json=body)
+        files = {name: _upload(value) for name, value in (("input_reference", input_reference),
+                                                          ("last_frame", last_frame)) if value is not None}
+        return Call("POST", "/v1/videos", data=form_fields(body), files=files)
+
+    @staticmethod
+    def extend_video(video_id: str, prompt: str, *, seconds: float | str, **kw: Any) -> Call:
+        """A new video: `video_id` (one of yours, completed) followed by a new segment of `seconds`."""
+        body = video_body(prompt, seconds=seconds, **kw)
+        body["video"] = {"id": video_id}
+        return Call("POST", "/v1/videos/extensions", json=body)
 
     @staticmethod
     def get_video(video_id: str) -> Call:
@@ -252,6 +288,9 @@ class CineVividClient:
     def create_video(self, prompt: str, **kw: Any) -> dict:
         return self._send(API.create_video(prompt, **kw))
 
+    def extend_video(self, video_id: str, prompt: str, *, seconds: float | str, **kw: Any) -> dict:
+        return self._send(API.extend_video(video_id, prompt, seconds=seconds, **kw))
+
     def get_video(self, video_id: str) -> dict:
         return self._send(API.get_video(video_id))
 
@@ -348,6 +387,9 @@ class AsyncCineVividClient:
     # videos
     async def create_video(self, prompt: str, **kw: Any) -> dict:
         return await self._send(API.create_video(prompt, **kw))
+
+    async def extend_video(self, video_id: str, prompt: str, *, seconds: float | str, **kw: Any) -> dict:
+        return await self._send(API.extend_video(video_id, prompt, seconds=seconds, **kw))
 
     async def get_video(self, video_id: str) -> dict:
         return await self._send(API.get_video(video_id))

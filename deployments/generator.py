@@ -39,7 +39,8 @@ from ray.serve.handle import DeploymentHandle
 
 from serve.config import LivenessConfig, ModelConfig, TTSConfig
 from serve.contracts import (
-    DecodedFrames, DenoisedLatents, GenerationResult, GenerationSpec, ProgressEvent, ResolvedSpec, StageTiming,
+    DecodedFrames, DenoisedLatents, GenerationInputs, GenerationResult, GenerationSpec, ProgressEvent, ResolvedSpec,
+    StageTiming,
 )
 from serve.errors import (
     CineVividError, GenerationCancelled, StageError, StageUnavailable, replica_stopped, unwrap_error,
@@ -47,7 +48,7 @@ from serve.errors import (
 from serve.media.fmp4 import FragmentedPreview
 from serve.media.mp4 import Mp4Writer, thumbnail_jpeg
 from serve.pipeline.replica import CallerWatch, caller_id, setup_replica_logging
-from serve.pipeline.spec import resolve_spec
+from serve.pipeline.prepare import prepare_job
 
 logger = logging.getLogger(__name__)
 # Ray Serve's router leaves each stage call's response (an ObjectRef: e.g. the prompt embeddings)
@@ -61,7 +62,12 @@ IDLE_GC_DELAY_S = 1.0
 ENCODE_DONE, DENOISE_DONE, DECODE_DONE = 5.0, 90.0, 96.0
 # Serve deployment name -> stage name, for /health
 STAGE_OF_DEPLOYMENT = {"TextEncoder": "text_encoder", "Transformer": "transformer", "VAEDecoder": "vae",
-                       "TTS": "tts", "Generator": "generator"}
+                       "TTS": "tts", "Generator": "generator", "ImageEncoder": "image_encoder"}
+
+
+def _stage_of(deployment: str) -> str | None:
+    """The stage of a Serve deployment name (every model's "Transformer-<model>" is the transformer)."""
+    return STAGE_OF_DEPLOYMENT.get(deployment.split("-", 1)[0])
 
 
 def _raise_typed(exc: BaseException, stage: str, job_id: str = "-") -> None:
@@ -75,7 +81,7 @@ def _raise_typed(exc: BaseException, stage: str, job_id: str = "-") -> None:
         # Ray's text names the replica that died (a chained call's upstream stage, e.g. the
         # TextEncoder whose embeddings the Transformer was waiting for)
         died = re.search(r"ServeReplica:[^:\s]+:(\w+)", str(stop))
-        stage = STAGE_OF_DEPLOYMENT.get(died.group(1), stage) if died else stage
+        stage = (_stage_of(died.group(1)) or stage) if died else stage
         logger.warning("[job %s] the %s replica stopped during its call: %r", job_id, stage, exc)
         raise StageUnavailable(f"the {stage} replica stopped while running this job", stage=stage) from None
     if isinstance(exc, RayError):
@@ -95,6 +101,7 @@ class _Run:
 
     spec: ResolvedSpec
     job_id: str
+    inputs: GenerationInputs | None = None  # the image(s), or the video to extend
     started: float = field(default_factory=time.time)
     timings: list[StageTiming] = field(default_factory=list)
     tts_call: asyncio.Future | None = None
@@ -111,6 +118,7 @@ class _Run:
     preview: FragmentedPreview | None = None
     session_key: str = ""
     frames_done: int = 0
+    skip_frames: int = 0  # extend: decoded frames still to drop (they re-make the source's end)
     progress: float = 0.0  # of the last step event
     thumbnail_frame: np.ndarray | None = None
     float_chunks: list = field(default_factory=list)
@@ -123,50 +131,62 @@ class _Run:
 
 @serve.deployment(name="Generator")
 class Generator:
-    def __init__(self, text_encoder: DeploymentHandle, transformer: DeploymentHandle, vae: DeploymentHandle,
-                 tts: DeploymentHandle | None, model: dict, tts_config: dict | None = None,
-                 app_name: str = "cinevivid", liveness: dict | None = None):
+    def __init__(self, text_encoder: DeploymentHandle, transformers: dict[str, DeploymentHandle] | DeploymentHandle,
+                 vae: DeploymentHandle, tts: DeploymentHandle | None, models: list[dict] | dict,
+                 tts_config: dict | None = None, app_name: str = "cinevivid", liveness: dict | None = None,
+                 image_encoder: DeploymentHandle | None = None):
+        """`transformers`: each model's Transformer by model name (one handle: the one model's);
+        `models`: the set's ModelConfigs, the default first."""
         setup_replica_logging()
         self.me = caller_id()  # passed to the stages with each call
         self._callers = CallerWatch(LivenessConfig.model_validate(liveness or {}).caller_check_interval_s)
+        self.models = [ModelConfig.model_validate(m) for m in (models if isinstance(models, list) else [models])]
+        self.model_cfg = self.models[0]
         self.text_encoder = text_encoder
-        self.transformer = transformer
+        self.transformers = transformers if isinstance(transformers, dict) else {self.model_cfg.name: transformers}
         self.vae = vae
         self.tts = tts
-        self.model_cfg = ModelConfig.model_validate(model)
+        self.image_encoder = image_encoder
         self.tts_cfg = TTSConfig.model_validate(tts_config or {})
         self.app_name = app_name
         self.active = 0  # generations in flight
         self.idle_collections = 0
 
     # -- validation ----------------------------------------------------------------------------
-    def _resolve(self, spec: ResolvedSpec | GenerationSpec | dict) -> ResolvedSpec:
-        """A ResolvedSpec (the job service validated it at submission) is used as is; anything
-        else is validated here, once."""
+    def _prepare(self, spec, inputs=None) -> tuple[ResolvedSpec, GenerationInputs | None]:
+        """A ResolvedSpec (the job service validated it at submission, and prepared its inputs) is
+        used as is; anything else is validated here, once, its image fitted (`prepare_job`)."""
+        if isinstance(inputs, dict):
+            inputs = GenerationInputs.model_validate(inputs)
         if isinstance(spec, ResolvedSpec):
-            return spec
+            return spec, inputs
         if not isinstance(spec, GenerationSpec):
             spec = GenerationSpec.model_validate(spec)
-        return resolve_spec(spec, self.model_cfg, self.tts_cfg)
+        return prepare_job(spec, inputs, self.models, self.tts_cfg)
 
-    async def check(self, spec) -> dict:
-        """Validate a spec without any model work: the resolved spec, or InvalidSpecError."""
-        return self._resolve(spec).model_dump(mode="json")
+    async def check(self, spec, inputs=None) -> dict:
+        """Validate a spec (and its image or video) without any model work: the resolved spec, or
+        InvalidSpecError."""
+        return (await asyncio.to_thread(self._prepare, spec, inputs))[0].model_dump(mode="json")
 
     # -- generation ----------------------------------------------------------------------------
-    async def generate(self, spec, job_id: str = "-", caller: str | None = None) -> GenerationResult:
+    async def generate(self, spec, job_id: str = "-", caller: str | None = None,
+                       inputs: GenerationInputs | dict | None = None) -> GenerationResult:
         result = None
-        async for event in self.stream(spec, job_id, caller):
+        async for event in self.stream(spec, job_id, caller, inputs):
             if event.type == "result":
                 result = event.result
         return result
 
-    async def stream(self, spec, job_id: str = "-", caller: str | None = None) -> AsyncIterator[ProgressEvent]:
+    async def stream(self, spec, job_id: str = "-", caller: str | None = None,
+                     inputs: GenerationInputs | dict | None = None) -> AsyncIterator[ProgressEvent]:
         """The generation's progress events, then the result. `caller`: the caller's Ray actor id;
-        if that actor dies, the generation is cancelled (within `liveness.caller_check_interval_s`)."""
+        if that actor dies, the generation is cancelled (within `liveness.caller_check_interval_s`).
+        `inputs`: what an image-to-video job or an extension starts from."""
         log = _JobLog(logger, {"job_id": job_id})
         # 1. Resolve the spec (once; a ResolvedSpec from the job service is used as is)
-        run = _Run(spec=self._resolve(spec), job_id=job_id)
+        resolved, inputs = await asyncio.to_thread(self._prepare, spec, inputs)
+        run = _Run(spec=resolved, job_id=job_id, inputs=inputs)
         unwatch = self._callers.watch(caller, functools.partial(self._caller_gone, asyncio.current_task(), log))
         self.active += 1
         try:
@@ -220,7 +240,10 @@ class Generator:
         spec = run.spec
         yield ProgressEvent(type="stage", stage="text_encoder", stage_status="started", progress=0.0)
         embeds = self.text_encoder.encode.remote(spec.prompt, spec.negative_prompt if spec.do_cfg else None)
-        denoise = self.transformer.options(stream=True).denoise.remote(embeds, spec, run.job_id, caller=self.me)
+        conditioning = await self._conditioning(run)
+        denoise = self.transformers[spec.model].options(stream=True).denoise.remote(
+            embeds, spec, run.job_id, caller=self.me, **conditioning)
+        del conditioning
         del embeds  # (the denoise call holds the embeddings' ref while it needs it)
         run.open_calls.append(denoise)
         denoise_started = run.started
@@ -257,6 +280,44 @@ class Generator:
         run.mark("transformer", denoise_started)
         yield ProgressEvent(type="stage", stage="transformer", stage_status="finished", progress=DENOISE_DONE)
 
+    async def _conditioning(self, run: _Run) -> dict:
+        """The Transformer's inputs besides the prompt for a job that starts from an image or a
+        video, as stage calls it resolves itself (they run while the prompt is encoded):
+        - I2V model: the CLIP image embeddings (ImageEncoder) and the mask + image latents (VAE);
+        - DF model, image: the image's latent frame (and the last image's) as the first window's prefix;
+        - DF model, extend: the latents of the source's last `overlap_history` frames."""
+        spec, inputs = run.spec, run.inputs
+        if spec.mode == "text-to-video":
+            return {}
+        model = next(m for m in self.models if m.name == spec.model)
+        if spec.mode == "image-to-video" and model.pipeline == "i2v":
+            if self.image_encoder is None:
+                raise StageError("this app has no image encoder for I2V models", stage="image_encoder")
+            return {"image_embeds": self.image_encoder.encode.remote(inputs.image),
+                    "condition": self.vae.i2v_condition.remote(inputs.image, inputs.last_image, spec.num_frames)}
+        if spec.mode == "image-to-video":
+            out = {"condition_latents": self.vae.encode.remote(inputs.image[None])}
+            if inputs.last_image is not None:
+                out["end_latents"] = self.vae.encode.remote(inputs.last_image[None])
+            return out
+        from serve.media.inputs import decode_video
+
+        frames, _ = await asyncio.to_thread(decode_video, inputs.video_mp4, "video", last_n=spec.overlap_history)
+        return {"condition_latents": self.vae.encode.remote(frames)}
+
+    async def _write_source(self, run: _Run) -> None:
+        """Extend: the video extended goes first into the MP4 and the preview, frame for frame
+        (re-encoded), and its sound, if any, under it."""
+        from serve.media.source_video import iter_video_frames
+
+        def write() -> None:
+            for frames in iter_video_frames(run.inputs.video_mp4, "video"):
+                run.writer.add(frames)
+                run.preview.add(frames, False)
+                run.frames_done += len(frames)
+        await asyncio.to_thread(write)
+        run.skip_frames = run.spec.overlap_history  # the first window re-makes the source's last frames
+
     async def _deliver_window(self, run: _Run, latents: DenoisedLatents) -> AsyncIterator[ProgressEvent]:
         """One diffusion-forcing window: decode its latents (the job's VAE session carries the causal
         cache over), encode the frames into the final MP4 and the preview, then a "window" event."""
@@ -265,20 +326,26 @@ class Generator:
             run.session_key = f"{run.job_id}:{uuid.uuid4().hex[:12]}"
             # a fragmented MP4 cannot gain an audio track later: the voice-over comes first
             await self._await_tts(run)
+            if spec.mode == "extend":
+                run.audio = await asyncio.to_thread(self._extension_audio, run)
+                self._open_outputs(run, spec.width, spec.height)
+                await self._write_source(run)
         decoding = self.vae.options(stream=True).decode_part_stream.remote(
             run.session_key, latents.window, latents.num_windows, latents.ref, spec.return_frames, caller=self.me)
         run.open_calls.append(decoding)
         window_frames: list[np.ndarray] = []
         try:
             async for chunk in decoding:
-                frames = chunk.frames
+                frames, float_frames = chunk.frames, chunk.float_frames
+                if run.skip_frames:  # extend: frames that re-make the end of the source
+                    n = min(run.skip_frames, len(frames))
+                    run.skip_frames -= n
+                    frames, float_frames = frames[n:], None if float_frames is None else float_frames[n:]
+                    if not len(frames):
+                        continue
                 if run.writer is None:
-                    run.writer = self._new_writer(frames, spec.fps, run.audio)
-                    run.preview = FragmentedPreview(
-                        frames.shape[2], frames.shape[1], spec.fps, total_frames=spec.num_frames,
-                        audio=run.audio.pcm if run.audio is not None else None,
-                        audio_rate=run.audio.sample_rate if run.audio is not None else None)
-                middle = spec.num_frames // 2 - run.frames_done
+                    self._open_outputs(run, frames.shape[2], frames.shape[1])
+                middle = spec.output_frames // 2 - run.frames_done
                 if 0 <= middle < len(frames):
                     run.thumbnail_frame = frames[middle].copy()
                 await asyncio.to_thread(run.writer.add, frames)
@@ -286,7 +353,7 @@ class Generator:
                 run.frames_done += len(frames)
                 if spec.return_frames:
                     window_frames.append(frames)
-                    run.float_chunks.append(chunk.float_frames)
+                    run.float_chunks.append(float_frames)
                 else:
                     window_frames.append(frames[:0])  # only marks that the window has begun
         except CineVividError:
@@ -298,6 +365,34 @@ class Generator:
         yield ProgressEvent(type="window", stage="vae", window=latents.window, num_windows=latents.num_windows,
                             playable_s=round(run.preview.playable_s, 3), fragment=fragment, progress=run.progress,
                             frames=np.concatenate(window_frames) if spec.return_frames else None)
+
+    def _open_outputs(self, run: _Run, width: int, height: int) -> None:
+        """The final MP4's writer and the preview, with the audio track if there is one."""
+        spec, audio = run.spec, run.audio
+        run.writer = Mp4Writer(width, height, spec.fps, audio.sample_rate if audio is not None else None)
+        run.preview = FragmentedPreview(width, height, spec.fps, total_frames=spec.output_frames,
+                                        audio=audio.pcm if audio is not None else None,
+                                        audio_rate=audio.sample_rate if audio is not None else None)
+
+    def _extension_audio(self, run: _Run):
+        """Extend: the source's sound (if any) under the source, the voice-over (if any) under the new
+        segment; None when neither has sound."""
+        from serve.media.audio import SpeechAudio
+        from serve.media.source_video import decode_audio_track, fit_samples
+
+        spec, voice = run.spec, run.audio
+        rate = voice.sample_rate if voice is not None else self.tts_cfg.sample_rate
+        source = decode_audio_track(run.inputs.video_mp4, rate)
+        if source is None and voice is None:
+            return None
+        pcm = np.concatenate([fit_samples(source, round(spec.source_num_frames / spec.fps * rate)),
+                              fit_samples(voice.pcm if voice is not None else None,
+                                          round(spec.added_frames / spec.fps * rate))])
+        if voice is not None:
+            return voice.model_copy(update={"pcm": pcm})
+        now = time.time()
+        return SpeechAudio(pcm=pcm, sample_rate=rate, provider="source", voice="-", speech_s=0.0,
+                           started_at=now, finished_at=now)
 
     async def _await_tts(self, run: _Run) -> None:
         """The voice-over (if any, and not awaited yet) into `run.audio`, with its timing."""
@@ -406,7 +501,7 @@ class Generator:
         vo = run.spec.voiceover
         if vo is None or self.tts is None or vo.provider == "none":
             return None
-        response = self.tts.synthesize.remote(vo, run.spec.num_frames / run.spec.fps, run.job_id)
+        response = self.tts.synthesize.remote(vo, run.spec.added_frames / run.spec.fps, run.job_id)
 
         async def wait():
             try:
@@ -436,10 +531,12 @@ class Generator:
             status = await asyncio.to_thread(serve.status)
             app = status.applications.get(self.app_name)
             deployments = app.deployments if app else {}
-            for name, stage in STAGE_OF_DEPLOYMENT.items():
-                d = deployments.get(name)
-                if d is None:
+            for name, d in deployments.items():
+                stage = _stage_of(name)
+                if stage is None or name == "Ingress":
                     continue
+                if "-" in name:  # another model's Transformer: "transformer:<model>"
+                    stage = f"{stage}:{name.split('-', 1)[1]}"
                 healthy = str(d.status).endswith("HEALTHY") and not str(d.status).endswith("UNHEALTHY")
                 out[stage] = {"status": "healthy" if healthy else "unhealthy",
                               "detail": f"{d.status}: {d.message}".strip(": ")}
@@ -456,4 +553,5 @@ class Generator:
         from serve.pipeline.hub_cache import model_cache_stats
 
         return {"model": self.model_cfg.model_dump(mode="json"),
+                "models": [m.model_dump(mode="json") for m in self.models],
                 "cache": await asyncio.to_thread(model_cache_stats, self.model_cfg)}

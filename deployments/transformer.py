@@ -56,6 +56,8 @@ from serve.pipeline.replica import CallerWatch, setup_replica_logging
 
 logger = logging.getLogger(__name__)
 STAGE = "transformer"
+# a DF job's mode -> the diffusion-forcing loop's
+DF_MODE = {"text-to-video": "t2v", "image-to-video": "i2v", "extend": "v2v"}
 
 
 @dataclass
@@ -82,6 +84,9 @@ class _Ticket:
     released: asyncio.Event = field(default_factory=asyncio.Event)  # the caller is done with the output
     caller_died_at: float | None = None  # when the caller was found dead (its death time, epoch s)
     step_ends: list[float] = field(default_factory=list)  # wall time at the end of each step
+    # what a job starts from besides its prompt (numpy arrays): an I2V model's `image_embeds` and
+    # `condition`; a DF job's `condition_latents` (and `end_latents`)
+    conditioning: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -139,8 +144,13 @@ class Transformer:
 
     # -- request side --------------------------------------------------------------------------
     async def denoise(self, embeds: PromptEmbeds, spec: ResolvedSpec, job_id: str = "-",
-                      caller: str | None = None):
-        ticket = _Ticket(spec=spec, embeds=embeds, job_id=job_id)
+                      caller: str | None = None, **conditioning):
+        """`conditioning`: for a job that starts from an image or a video (see `_Ticket`)."""
+        unknown = set(conditioning) - {"image_embeds", "condition", "condition_latents", "end_latents"}
+        if unknown:
+            raise StageError(f"unknown conditioning inputs {sorted(unknown)}", stage=STAGE)
+        ticket = _Ticket(spec=spec, embeds=embeds, job_id=job_id,
+                         conditioning={k: v for k, v in conditioning.items() if v is not None})
         unwatch = self._callers.watch(caller, functools.partial(self._caller_gone, ticket))
         self._ensure_worker()
         self._pending.append(ticket)
@@ -244,7 +254,9 @@ class Transformer:
 
         jobs = [DenoiseJob(seed=t.spec.seed, prompt_embeds=t.embeds.prompt_embeds,
                            negative_prompt_embeds=t.embeds.negative_prompt_embeds,
-                           is_cancelled=t.cancelled.is_set, on_step=step_callback(t)) for t in batch]
+                           is_cancelled=t.cancelled.is_set, on_step=step_callback(t),
+                           image_embeds=t.conditioning.get("image_embeds"),
+                           condition=t.conditioning.get("condition")) for t in batch]
         settings = LoopSettings(width=spec.width, height=spec.height, num_frames=spec.num_frames,
                                 num_inference_steps=spec.num_inference_steps,
                                 guidance_scale=spec.guidance_scale, flow_shift=spec.flow_shift,
@@ -302,8 +314,11 @@ class Transformer:
 
         job = DFJob(seed=spec.seed, prompt_embeds=ticket.embeds.prompt_embeds,
                     negative_prompt_embeds=ticket.embeds.negative_prompt_embeds,
-                    is_cancelled=ticket.cancelled.is_set, on_step=on_step, on_window=on_window, keep_result=False)
-        settings = DFSettings(width=spec.width, height=spec.height, num_frames=spec.num_frames,
+                    is_cancelled=ticket.cancelled.is_set, on_step=on_step, on_window=on_window, keep_result=False,
+                    condition_latents=ticket.conditioning.get("condition_latents"),
+                    end_latents=ticket.conditioning.get("end_latents"))
+        settings = DFSettings(mode=DF_MODE[spec.mode], last_image=spec.has_last_image,
+                              width=spec.width, height=spec.height, num_frames=spec.num_frames,
                               num_inference_steps=spec.num_inference_steps, guidance_scale=spec.guidance_scale,
                               flow_shift=spec.flow_shift, fps=spec.fps, base_num_frames=spec.base_num_frames,
                               overlap_history=spec.overlap_history, ar_step=spec.ar_step,

@@ -200,6 +200,38 @@ class VAEDecoder:
             async for chunk in self._stream(lambda stop: self._chunks(latents, return_float, stop), latents, caller):
                 yield chunk
 
+    # -- the other direction: conditioning latents ----------------------------------------------
+    def _encode_frames(self, frames: np.ndarray) -> np.ndarray:
+        from serve.pipeline.vae_encode import encode, to_model_input
+
+        return encode(self.vae, to_model_input(frames)).cpu().numpy()
+
+    async def encode(self, frames: np.ndarray) -> np.ndarray:
+        """uint8 frames (F, H, W, 3) at the job's size -> normalised fp32 latents (1, C, (F-1)//4+1,
+        H/8, W/8): an image (F = 1) as the first frame of a diffusion-forcing job, or the last
+        frames of a video to extend."""
+        async with self._lock:
+            try:
+                return await asyncio.to_thread(self._encode_frames, np.asarray(frames))
+            except Exception as exc:
+                raise StageError(f"encoding frames {tuple(np.shape(frames))} failed: {type(exc).__name__}: {exc}",
+                                 stage=STAGE) from exc
+
+    async def i2v_condition(self, image: np.ndarray, last_image: np.ndarray | None, num_frames: int) -> np.ndarray:
+        """The conditioning an I2V model's Transformer takes beside its noise: the mask and the
+        normalised latents of the image followed by blank frames (and `last_image` at the end), as
+        `SkyReelsV2ImageToVideoPipeline.prepare_latents` makes them."""
+        from serve.pipeline.image_conditioning import i2v_condition
+
+        height, width = np.shape(image)[:2]
+        async with self._lock:
+            try:
+                return await asyncio.to_thread(i2v_condition, self.vae, np.asarray(image), num_frames, height, width,
+                                               None if last_image is None else np.asarray(last_image))
+            except Exception as exc:
+                raise StageError(f"encoding the reference image failed: {type(exc).__name__}: {exc}",
+                                 stage=STAGE) from exc
+
     @staticmethod
     def _caller_gone(stop: threading.Event, queue: asyncio.Queue, done, died_at: float) -> None:
         logger.warning("a decode's caller is gone; stopping it")

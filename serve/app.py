@@ -37,8 +37,17 @@ def _options(opts, name: str, overrides: dict[str, dict] | None) -> dict[str, An
     return {**opts.serve_options(), **(overrides or {}).get(name, {})}
 
 
+def transformer_deployment_name(args: AppArgs, model_name: str) -> str:
+    """The Serve deployment of a model's Transformer: "Transformer" for the default (first) model,
+    "Transformer-<name>" for each other model of the set."""
+    return "Transformer" if model_name == args.models[0].name else f"Transformer-{model_name}"
+
+
 def build_generator(args: AppArgs, serve_overrides: dict[str, dict] | None = None) -> Application:
-    """The generation graph without HTTP: what a Ray job reaches through `serve.get_app_handle`."""
+    """The generation graph without HTTP: what a Ray job reaches through `serve.get_app_handle`.
+    One text encoder and one VAE for every model of the set (all SkyReels-V2 models share UMT5 and
+    the Wan VAE: they load from the first model's source), one Transformer per model, one CLIP
+    image encoder when a model is an I2V one."""
     from deployments.generator import Generator
     from deployments.text_encoder import TextEncoder
     from deployments.transformer import Transformer
@@ -51,10 +60,22 @@ def build_generator(args: AppArgs, serve_overrides: dict[str, dict] | None = Non
     o = serve_overrides
     text_encoder = TextEncoder.options(**_options(d.text_encoder, "TextEncoder", o)).bind(
         model, args.text_encoder_batching.model_dump(mode="json"), args.levers.embedding_cache_size)
-    transformer = Transformer.options(**_options(d.transformer, "Transformer", o)).bind(
-        model, levers, args.fault_injection.get("transformer"), liveness, args.chaos_delay_s.get("transformer", 0.0))
+    transformers = {}
+    for m in args.models:
+        name = transformer_deployment_name(args, m.name)
+        opts = {**_options(d.transformer, name, None), **m.transformer_deployment, **(o or {}).get(name, {})}
+        transformers[m.name] = Transformer.options(name=name, **opts).bind(
+            m.model_dump(mode="json"), levers, args.fault_injection.get("transformer"), liveness,
+            args.chaos_delay_s.get("transformer", 0.0))
     vae = VAEDecoder.options(**_options(d.vae, "VAEDecoder", o)).bind(
         model, levers, args.fault_injection.get("vae"), liveness, args.chaos_delay_s.get("vae", 0.0))
+    image_encoder = None
+    i2v = next((m for m in args.models if m.pipeline == "i2v"), None)
+    if i2v is not None:
+        from deployments.image_encoder import ImageEncoder
+
+        image_encoder = ImageEncoder.options(**_options(d.image_encoder, "ImageEncoder", o)).bind(
+            i2v.model_dump(mode="json"))
     tts = None
     if uses_tts(args):
         from deployments.tts import TTS
@@ -62,7 +83,8 @@ def build_generator(args: AppArgs, serve_overrides: dict[str, dict] | None = Non
         tts = TTS.options(**_options(d.tts, "TTS", o)).bind(args.tts.model_dump(mode="json"),
                                                      args.chaos_delay_s.get("tts", 0.0))
     return Generator.options(**_options(d.generator, "Generator", o)).bind(
-        text_encoder, transformer, vae, tts, model, args.tts.model_dump(mode="json"), args.name, liveness)
+        text_encoder, transformers, vae, tts, [m.model_dump(mode="json") for m in args.models],
+        args.tts.model_dump(mode="json"), args.name, liveness, image_encoder)
 
 
 def build_app(args: AppArgs | dict[str, Any] | None = None,

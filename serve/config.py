@@ -13,6 +13,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator, NonNegativeF
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 TINY_MODEL_SOURCE = "embedded:tiny"
+# The embedded tiny models, by source: T2V (the default), I2V (with a tiny CLIP image encoder) and DF.
+TINY_SOURCES = {TINY_MODEL_SOURCE: "t2v", "embedded:tiny-i2v": "i2v", "embedded:tiny-df": "df"}
+# What a model can be asked to do (`GET /v1/models` lists them per model)
+MODES = ("text-to-video", "image-to-video", "long-video", "extend")
 # The ElevenLabs API key is read from this environment variable only (never from a config file).
 ELEVENLABS_KEY_ENV = "ELEVENLABS_API_KEY"
 
@@ -61,6 +65,14 @@ class ModelConfig(_Strict):
 
     name: str = "cinevivid-tiny"
     aliases: list[str] = Field(default_factory=list)
+    # What the weights are: "t2v" (SkyReels-V2-T2V: text-to-video, and long video by diffusion
+    # forcing when `diffusion_forcing` is set), "i2v" (SkyReels-V2-I2V: image-to-video, with a CLIP
+    # image encoder) or "df" (SkyReels-V2-DF: text-to-video and image-to-video by diffusion forcing,
+    # long video, and the extension of a finished video). See `modes()`.
+    pipeline: Literal["t2v", "i2v", "df"] = "t2v"
+    # Serve options of this model's own Transformer deployment, laid over `deployments.transformer`
+    # (its GPU fraction, replicas, autoscaling); the text encoder and the VAE are shared.
+    transformer_deployment: dict[str, Any] = Field(default_factory=dict)
     # A local diffusers folder, a Hub repo id ("Skywork/SkyReels-V2-T2V-14B-540P-Diffusers"),
     # or "embedded:tiny" (built locally on first use, no network).
     source: str = TINY_MODEL_SOURCE
@@ -95,6 +107,25 @@ class ModelConfig(_Strict):
 
     def all_names(self) -> set[str]:
         return {self.name, *self.aliases}
+
+    def modes(self) -> list[str]:
+        """The modes this model serves, in `MODES` order."""
+        have = {"text-to-video": self.pipeline in ("t2v", "df"),
+                "image-to-video": self.pipeline in ("i2v", "df"),
+                "long-video": self.diffusion_forcing is not None,
+                "extend": self.pipeline == "df" and self.diffusion_forcing is not None}
+        return [m for m in MODES if have[m]]
+
+    @model_validator(mode="after")
+    def _pipeline(self):
+        if self.pipeline == "df" and self.diffusion_forcing is None:
+            raise ValueError(f"model {self.name}: pipeline df needs a diffusion_forcing config")
+        if self.pipeline == "i2v" and self.diffusion_forcing is not None \
+                and "diffusion_forcing" in self.model_fields_set:
+            raise ValueError(f"model {self.name}: an i2v model does not do diffusion forcing")
+        if self.pipeline == "i2v":
+            self.diffusion_forcing = None
+        return self
 
 
 class AutoscalingConfig(_Strict):
@@ -167,6 +198,7 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     "transformer": {},
     "vae": {},
     "tts": {},
+    "image_encoder": {},
     "generator": {"max_ongoing_requests": 16},
     "ingress": {"max_ongoing_requests": 256, "max_queued_requests": 512},
 }
@@ -177,6 +209,7 @@ class DeploymentsConfig(_Strict):
     transformer: DeploymentOptions = Field(default_factory=DeploymentOptions)
     vae: DeploymentOptions = Field(default_factory=DeploymentOptions)
     tts: DeploymentOptions = Field(default_factory=DeploymentOptions)
+    image_encoder: DeploymentOptions = Field(default_factory=DeploymentOptions)  # when a model is "i2v"
     generator: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(**STAGE_DEFAULTS["generator"]))
     ingress: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(**STAGE_DEFAULTS["ingress"]))
 
@@ -266,7 +299,13 @@ class TTSConfig(_Strict):
 #           max_width: 128               # 400 invalid_request, param width / size
 #           max_height: 128              # 400 invalid_request, param height / size
 #           max_steps: 50                # 400 invalid_request, param num_inference_steps
-#           max_upload_bytes: 1000000    # 413 payload_too_large (any request body)
+#           max_upload_bytes: 1000000    # 413 payload_too_large (any request body but the two below)
+#           max_image_bytes: 20000000    # 413, param input_reference / last_frame (POST /v1/videos)
+#           max_image_pixels: 40000000   # 400, param input_reference / last_frame: width x height
+#           max_image_side: 8192         # 400: width or height, pixels
+#           max_video_bytes: 200000000   # 413, param video (POST /v1/videos/extensions, an upload)
+#           max_video_frames: 2000       # 400, param video: a video to extend, frames
+#           max_video_side: 2048         # 400, param video: width or height, pixels
 #           max_concurrent_jobs_per_user: 4   # 429 too_many_active_jobs + Retry-After (queued + in_progress)
 #           rate_limit_per_minute: 600   # 429 rate_limit_exceeded + Retry-After (token bucket per user)
 #           rate_limit_burst: 120
@@ -335,6 +374,28 @@ class LimitsConfig(_Strict):
     max_height: int | None = Field(default=None, ge=16)
     max_steps: int | None = Field(default=None, ge=1)
     max_upload_bytes: int = Field(default=1_000_000, ge=1)  # request body size; larger -> 413
+    # what a user may send to start from (serve.media.inputs checks them before any model work)
+    max_image_bytes: int = Field(default=20_000_000, ge=1)
+    max_image_pixels: int = Field(default=40_000_000, ge=1)
+    max_image_side: int = Field(default=8192, ge=1)
+    max_video_bytes: int = Field(default=200_000_000, ge=1)
+    max_video_frames: int = Field(default=2000, ge=1)
+    max_video_side: int = Field(default=2048, ge=1)
+
+    def image_limits(self):
+        """`serve.media.inputs.ImageLimits` of these limits."""
+        from serve.media.inputs import ImageLimits
+
+        return ImageLimits(max_bytes=self.max_image_bytes, max_width=self.max_image_side,
+                           max_height=self.max_image_side, max_pixels=self.max_image_pixels)
+
+    def video_limits(self):
+        """`serve.media.inputs.VideoLimits` of these limits (a video to extend)."""
+        from serve.media.inputs import VideoLimits
+
+        return VideoLimits(max_bytes=self.max_video_bytes, max_width=self.max_video_side,
+                           max_height=self.max_video_side, max_pixels=self.max_video_side ** 2,
+                           max_frames=self.max_video_frames)
     max_concurrent_jobs_per_user: int = Field(default=4, ge=1)  # queued + in_progress; more -> 429
     rate_limit_per_minute: float = Field(default=600.0, gt=0)  # authenticated requests per user
     rate_limit_burst: int = Field(default=120, ge=1)
@@ -457,6 +518,9 @@ class AppArgs(_Strict):
     """Everything the app builder needs. serve_config.yaml's `args:` validates into this."""
 
     name: str = "cinevivid"
+    # The models the app serves; a request's `model` picks one by name or alias, the first is the
+    # default. `model:` alone is a set of one (and is always the set's first).
+    models: list[ModelConfig] = Field(default_factory=list)
     model: ModelConfig = Field(default_factory=ModelConfig)
     deployments: DeploymentsConfig = Field(default_factory=DeploymentsConfig)
     levers: LeversConfig = Field(default_factory=LeversConfig)
@@ -472,6 +536,27 @@ class AppArgs(_Strict):
     # Chaos testing only: slow a stage down without changing its output, so a test can kill its
     # replica mid-call (seconds: transformer per denoising step; vae and tts once per call).
     chaos_delay_s: dict[Literal["transformer", "vae", "tts"], NonNegativeFloat] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _model_set(self):
+        if not self.models:
+            self.models = [self.model]
+        elif "model" in self.model_fields_set and self.model != self.models[0]:
+            raise ValueError("set `models` (a list) or `model` (one), not both")
+        self.model = self.models[0]
+        seen: dict[str, str] = {}
+        for m in self.models:
+            for n in m.all_names():
+                if n in seen:
+                    raise ValueError(f"models: the name {n!r} is used by both {seen[n]} and {m.name}")
+                seen[n] = m.name
+        return self
+
+    def find_model(self, name: str | None) -> ModelConfig | None:
+        """The model a request's `model` names (None: the default), or None when none has it."""
+        if name is None:
+            return self.models[0]
+        return next((m for m in self.models if name in m.all_names()), None)
 
 
 class Settings(BaseSettings):

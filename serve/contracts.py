@@ -69,6 +69,10 @@ class GenerationSpec(BaseModel):
     ar_step: int | None = None  # 0: synchronous; > 0: each causal block this many steps behind the last
     causal_block_size: int | None = None  # latent frames per causal block
     addnoise_condition: float | None = None  # noise mixed into the carried frames (0: none)
+    # What the job starts from: a prompt only, a reference image (image-to-video; the image itself
+    # travels beside the spec, in `GenerationInputs`), or a finished video to extend. Set by the
+    # API from the request's inputs; None: text-to-video.
+    mode: Literal["text-to-video", "image-to-video", "extend"] | None = None
     # Debug/fidelity aid: also return the float32 frames in [0, 1] (what diffusers returns).
     return_frames: bool = False
 
@@ -103,11 +107,33 @@ class ResolvedSpec(BaseModel):
     ar_step: int | None = None
     causal_block_size: int | None = None
     addnoise_condition: float | None = None
+    mode: Literal["text-to-video", "image-to-video", "extend"] = "text-to-video"
+    # image-to-video with an end frame too (`last_frame`)
+    has_last_image: bool = False
+    # extend: the video this one continues (its id, when it is one of the service's own videos)
+    extended_from_video_id: str | None = None
+    # extend: the frames of the video extended (the new video is those, then `added_frames`)
+    source_num_frames: int | None = None
     return_frames: bool = False
 
     @property
     def do_cfg(self) -> bool:
         return self.guidance_scale > 1.0
+
+    def as_request(self) -> dict:
+        """The GenerationSpec fields that make this same spec again (a remix starts from them)."""
+        return self.model_dump(exclude={"has_last_image", "extended_from_video_id", "source_num_frames"})
+
+    @property
+    def added_frames(self) -> int:
+        """Frames this job adds to the video: all it makes, less (extend) the `overlap_history`
+        frames re-made from the end of the video it extends."""
+        return self.num_frames - (self.overlap_history if self.mode == "extend" else 0)
+
+    @property
+    def output_frames(self) -> int:
+        """Frames of the finished video (an extension's: the source's and the added ones)."""
+        return (self.source_num_frames or 0) + self.added_frames
 
     @property
     def is_diffusion_forcing(self) -> bool:
@@ -115,8 +141,22 @@ class ResolvedSpec(BaseModel):
 
     def shape_key(self) -> tuple:
         """Jobs with the same key can be denoised as one batch (DF jobs run alone)."""
-        return (self.model, self.width, self.height, self.num_frames, self.num_inference_steps,
-                self.guidance_scale, self.flow_shift, *(getattr(self, name) for name in DF_FIELDS))
+        return (self.model, self.mode, self.has_last_image, self.width, self.height, self.num_frames,
+                self.num_inference_steps, self.guidance_scale, self.flow_shift,
+                *(getattr(self, name) for name in DF_FIELDS))
+
+
+class GenerationInputs(BaseModel):
+    """What a job starts from besides its spec, checked and fitted by the request layer
+    (`serve.media.inputs`): the reference image and optional end image of an image-to-video job,
+    at the job's size, and the source video of an extension (its MP4 bytes: the Generator decodes
+    the frames it needs and re-encodes the source ahead of the new segment)."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    image: np.ndarray | None = None  # uint8 (H, W, 3)
+    last_image: np.ndarray | None = None  # uint8 (H, W, 3)
+    video_mp4: bytes | None = None
 
 
 class PromptEmbeds(BaseModel):

@@ -33,12 +33,12 @@ def walk(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
 
 
 COMMANDS = {path: (parser, line) for path, parser, line in walk(build_parser())}
-HTTP_COMMANDS = [("generate",), ("videos", "list"), ("videos", "get"), ("videos", "rm")]
+HTTP_COMMANDS = [("generate",), ("extend",), ("videos", "list"), ("videos", "get"), ("videos", "rm")]
 
 
 def test_tree_has_every_documented_command():
     expected = {("up",), ("down",), ("users", "add"), ("users", "list"), ("keys", "create"), ("keys", "revoke"),
-                ("keys", "list"), ("generate",), ("videos", "list"), ("videos", "get"), ("videos", "rm"),
+                ("keys", "list"), ("generate",), ("extend",), ("videos", "list"), ("videos", "get"), ("videos", "rm"),
                 ("models", "make-tiny"), ("models", "cache")}
     assert expected <= set(COMMANDS)
 

@@ -85,7 +85,7 @@ def test_async_settings_of_the_skyreels_docs_resolve():
 
 def test_a_df_spec_remixes_into_the_same_df_spec():
     spec = resolve(num_frames=129, base_num_frames=33, overlap_history=17, ar_step=2, seed=3)
-    again = resolve(**{k: v for k, v in spec.model_dump().items() if k not in ("prompt", "model")})
+    again = resolve(**{k: v for k, v in spec.as_request().items() if k not in ("prompt", "model")})
     assert again == spec
 
 

@@ -1,4 +1,6 @@
-"""The request-body limit: 413 for a body over `max_bytes`, by Content-Length or as it streams in."""
+"""The request-body limit: 413 for a body over `max_bytes` (or, for the paths in `per_path`, that
+path's own limit: the routes that take an image or a video upload), by Content-Length or as it
+streams in."""
 
 from __future__ import annotations
 
@@ -9,19 +11,21 @@ from serve.errors import PayloadTooLarge
 
 
 class BodyLimitMiddleware:
-    def __init__(self, app: ASGIApp, max_bytes: int):
+    def __init__(self, app: ASGIApp, max_bytes: int, per_path: dict[str, int] | None = None):
         self.app = app
         self.max_bytes = max_bytes
+        self.per_path = per_path or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        max_bytes = self.per_path.get(scope.get("path", ""), self.max_bytes)
         for name, value in scope.get("headers", ()):
             if name == b"content-length":
                 try:
-                    if int(value) > self.max_bytes:
+                    if int(value) > max_bytes:
                         resp = error_response(413, "payload_too_large",
-                                              f"request body is {int(value)} bytes; the limit is {self.max_bytes}")
+                                              f"request body is {int(value)} bytes; the limit is {max_bytes}")
                         return await resp(scope, receive, send)
                 except ValueError:
                     pass
@@ -32,7 +36,7 @@ class BodyLimitMiddleware:
             msg = await receive()
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
-                if seen > self.max_bytes:
-                    raise PayloadTooLarge(f"request body exceeds the limit of {self.max_bytes} bytes")
+                if seen > max_bytes:
+                    raise PayloadTooLarge(f"request body exceeds the limit of {max_bytes} bytes")
             return msg
         await self.app(scope, limited_receive, send)

@@ -84,6 +84,53 @@ async def read_body(request: Request, model: type[BaseModel], *, allow_empty: bo
     return model.model_validate(data)
 
 
+async def read_body_with_files(request: Request, model: type[BaseModel], file_fields: tuple[str, ...],
+                               max_file_bytes: int) -> tuple[BaseModel, dict[str, bytes]]:
+    """`read_body` for a request that may upload files (multipart): the model, and the bytes of
+    each uploaded file among `file_fields` (at most `max_file_bytes` each: 413 naming the field).
+    The form's spooled temporary files are closed (and so removed) before this returns. An upload
+    in any other field is a 400 naming it."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype != "multipart/form-data":
+        return await read_body(request, model), {}
+    try:
+        form = await request.form()
+    except PayloadTooLarge:
+        raise
+    except Exception as exc:  # noqa: BLE001 - malformed multipart
+        raise CineVividError(f"malformed form body: {exc}", code="invalid_form", status=400) from None
+    files: dict[str, bytes] = {}
+    try:
+        fields = []
+        for key, value in form.multi_items():
+            if isinstance(value, str):
+                fields.append((key, value))
+                continue
+            if key not in file_fields:
+                raise InvalidSpecError(f"{key} cannot be a file upload", param=key)
+            if key in files:
+                raise InvalidSpecError(f"{key} was uploaded more than once", param=key)
+            data = await value.read(max_file_bytes + 1)
+            if len(data) > max_file_bytes:
+                raise PayloadTooLarge(f"{key} is larger than the limit of {max_file_bytes} bytes", param=key)
+            files[key] = data
+    finally:
+        await form.close()
+    data = unflatten_form(_Items(fields))
+    check_structure(data)
+    return model.model_validate(data), files
+
+
+class _Items:
+    """A form's text fields, as `unflatten_form` reads a form."""
+
+    def __init__(self, items: list[tuple[str, str]]):
+        self._items = items
+
+    def multi_items(self) -> list[tuple[str, str]]:
+        return self._items
+
+
 def unflatten_form(form) -> dict:
     """Form fields to a dict; `a[b]=v` (how the openai SDK sends nested objects) becomes {"a": {"b": v}};
     an uploaded file becomes a marker so the request can reject it by name."""
@@ -102,12 +149,9 @@ def unflatten_form(form) -> dict:
     return out
 
 
-def spec_from_openai(req, m: ModelConfig) -> GenerationSpec:
+def spec_from_openai(req, m: ModelConfig, default_fps: int | None = None) -> GenerationSpec:
     """Map an OpenAI-style request (`seconds`, `size`) onto a GenerationSpec, checking `size` and
     `seconds` against the model's bounds so the error names the field the caller sent."""
-    if req.input_reference not in (None, ""):
-        raise InvalidSpecError("input_reference is not supported by this deployment (text-to-video only)",
-                               param="input_reference")
     width = height = None
     if req.size is not None:
         try:
@@ -127,7 +171,7 @@ def spec_from_openai(req, m: ModelConfig) -> GenerationSpec:
             seconds = float(req.seconds)
         except ValueError:
             raise InvalidSpecError(f"seconds must be a number, got {req.seconds!r}", param="seconds") from None
-        fps = req.fps or m.fps
+        fps = req.fps or default_fps or m.fps
         if not seconds > 0:
             raise InvalidSpecError("seconds must be positive", param="seconds")
         if not 1 <= fps <= m.max_fps:

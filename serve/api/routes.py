@@ -28,7 +28,8 @@ from serve.api.errors import EXCEPTION_HANDLERS
 from serve.api.metrics import HttpMetrics, MetricsMiddleware
 from serve.api.middleware import BodyLimitMiddleware
 from serve.api.ratelimit import SharedRateLimiter
-from serve.api.requests import read_body, spec_from_openai
+from serve.api import media_requests as media
+from serve.api.requests import read_body, read_body_with_files, spec_from_openai
 from serve.api.sse import job_events
 from serve.api.throttle import FailedAuthThrottle, client_address, parse_networks
 from serve.api.ui import ui_asset, ui_index
@@ -172,9 +173,40 @@ async def revoke_key(request: Request) -> Response:
 async def create_video(request: Request) -> Response:
     api: Api = request.app.state.api
     p = await _principal(request)
-    req = await read_body(request, m.VideoCreateRequest)
-    job = await api.service.submit(p.user_id, spec_from_openai(req, api.service.model_cfg))
+    limits = api.config.limits
+    req, uploads = await read_body_with_files(request, m.VideoCreateRequest, ("input_reference", "last_frame"),
+                                              limits.max_image_bytes)
+    image = await media.read_image(api.service, req.input_reference, uploads.get("input_reference"),
+                                   "input_reference")
+    last = await media.read_image(api.service, req.last_frame, uploads.get("last_frame"), "last_frame")
+    if image is None:
+        if last is not None:
+            raise InvalidSpecError("last_frame needs input_reference (the first frame) too", param="last_frame")
+        job = await api.service.submit(p.user_id, spec_from_openai(req, api.service.model_for(req.model)))
+    else:
+        resolved, files = await media.image_job(api.service, req, image, last)
+        job = await api.service.submit(p.user_id, resolved, input_files=files)
     return _json(m.Video, api.service.video_view(job), headers={"openai-poll-after-ms": api.poll_after_ms})
+
+
+async def extend_video(request: Request) -> Response:
+    api: Api = request.app.state.api
+    p = await _principal(request)
+    req, uploads = await read_body_with_files(request, m.VideoExtendRequest, ("video",),
+                                              api.config.limits.max_video_bytes)
+    resolved, files = await media.extension_job(api.service, p.user_id, req, uploads.get("video"))
+    job = await api.service.submit(p.user_id, resolved, input_files=files)
+    return _json(m.Video, api.service.video_view(job), headers={"openai-poll-after-ms": api.poll_after_ms})
+
+
+async def list_models(request: Request) -> Response:
+    api: Api = request.app.state.api
+    await _principal(request)
+    data = [{"id": x.name, "aliases": x.aliases, "modes": x.modes(), "default": i == 0,
+             "size": f"{x.width}x{x.height}", "max_size": f"{x.max_width}x{x.max_height}",
+             "max_frames": x.max_frames, "fps": x.fps, "num_inference_steps": x.num_inference_steps}
+            for i, x in enumerate(api.service.models)]
+    return _json(m.ModelList, {"data": data})
 
 
 async def get_video(request: Request) -> Response:
@@ -391,6 +423,13 @@ API_ROUTES = [
     R("/v1/api-keys/{key_id}", revoke_key, ["DELETE"], "Revoke an API key"),
     R("/v1/videos", create_video, ["POST"], "Create a video job (JSON or multipart form)",
       req=m.VideoCreateRequest, resp=m.Video, form=True),
+    R("/v1/videos/extensions", extend_video, ["POST"],
+      "Extend one of your completed videos (or an uploaded MP4) by a new segment: a new video, the source "
+      "followed by the segment (JSON or multipart form)", req=m.VideoExtendRequest, resp=m.Video, form=True,
+      errors={"404": "No such video of yours (code not_found, param video)",
+              "409": "The video is not completed yet (code video_not_ready, param video)"}),
+    R("/v1/models", list_models, ["GET"], "The models this service serves, with the modes each does",
+      resp=m.ModelList),
     R("/v1/videos", list_videos, ["GET"], "List your videos (after, limit, order)", resp=m.VideoList,
       query={"after": {"type": "string", "minLength": 1},
              "limit": {"type": "integer", "minimum": 1, "maximum": 100, "default": 20},
@@ -479,7 +518,11 @@ def create_app(service: JobService, *, manage_lifecycle: bool = True) -> Starlet
 
     app = Starlette(routes=starlette_routes(API_ROUTES),
                     exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=config.limits.max_upload_bytes)
+    lim = config.limits
+    # an image (twice: input_reference and last_frame; a data URL is 4/3 of its bytes) or a video
+    media_bodies = {"/v1/videos": max(lim.max_upload_bytes, 3 * lim.max_image_bytes),
+                    "/v1/videos/extensions": max(lim.max_upload_bytes, lim.max_video_bytes + lim.max_upload_bytes)}
+    app.add_middleware(BodyLimitMiddleware, max_bytes=lim.max_upload_bytes, per_path=media_bodies)
     app.add_middleware(MetricsMiddleware, metrics=api.http_metrics)
     app.state.api = api
     app.state.service = service

@@ -115,7 +115,39 @@ class VideoCreateRequest(_GenerationExtensions):
     model: str | None = None
     seconds: str | float | None = Field(default=None, description="Clip length in seconds; maps onto frames")
     size: str | None = Field(default=None, description="WIDTHxHEIGHT within the model's bounds")
-    input_reference: Any = Field(default=None, description="Not supported by this deployment")
+    input_reference: Any = Field(
+        default=None, description="Image-to-video: the first frame, a PNG, JPEG or WebP file (multipart) or "
+                                  "{\"image_url\": \"data:image/...;base64,...\"}; fitted to the video's size")
+    last_frame: Any = Field(
+        default=None, description="Image-to-video with an end frame too (models that support it): as input_reference")
+
+
+class VideoExtendRequest(_GenerationExtensions):
+    prompt: str = _prompt()
+    model: str | None = Field(default=None, description="A model that can extend; default: the first that can")
+    seconds: str | float = Field(description="Length of the new segment in seconds")
+    video: Any = Field(description="The video to extend: {\"id\": \"video_...\"} (one of your completed videos) "
+                                   "or an uploaded MP4 (multipart)")
+
+
+class Model(_Response):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "cinevivid"
+    aliases: list[str] = Field(default_factory=list)
+    modes: list[Literal["text-to-video", "image-to-video", "long-video", "extend"]]
+    default: bool = False
+    size: str  # the default WIDTHxHEIGHT
+    max_size: str
+    max_frames: int
+    fps: int
+    num_inference_steps: int
+
+
+class ModelList(_Response):
+    object: Literal["list"] = "list"
+    data: list[Model]
 
 
 class VideoRemixRequest(_Request):
@@ -153,6 +185,10 @@ class Video(_Response):
     windows_done: int | None = None
     windows_total: int | None = None
     playable_seconds: float | None = None
+    # how it started: "text-to-video", "image-to-video" or "extend" (then the video it extends,
+    # when that is one of yours; `seconds` and `num_frames` are then the whole stitched video's)
+    mode: str = "text-to-video"
+    extended_from_video_id: str | None = None
 
 
 class VideoList(_Response):

@@ -5,7 +5,12 @@ A diffusion-forcing job also has a preview while it runs: `videos/<job id>.previ
 fragmented MP4 that only grows (each window's fragments appended), and `.preview.json`, replaced
 atomically after each append, saying how many bytes of it are whole fragments and how many windows
 are done. A reader serves that many bytes, so it never sees half a fragment. Both go when the job
-ends (the final MP4 replaces the preview)."""
+ends (the final MP4 replaces the preview).
+
+A job that starts from an image or a video keeps what it starts from under `inputs/<job id>/`
+(`image.png`, `last_image.png`: the checked image fitted to the job's size, lossless; `source.mp4`:
+the video to extend, a hard link to the service's own file when it is one, so deleting that video
+does not take it away), written before the job is queued and removed when the job ends."""
 
 from __future__ import annotations
 
@@ -24,6 +29,47 @@ class ArtifactStore:
 
     def ensure(self) -> None:
         self.videos.mkdir(parents=True, exist_ok=True)
+
+    # ---- a job's inputs ----
+    INPUT_FILES = ("image.png", "last_image.png", "source.mp4")
+
+    def inputs_dir(self, job_id: str) -> Path:
+        return self.root / "inputs" / job_id
+
+    async def save_inputs(self, job_id: str, files: dict[str, bytes | Path]) -> None:
+        """Write a job's inputs (name -> bytes, or a Path to link or copy); all or nothing."""
+        folder = self.inputs_dir(job_id)
+
+        def _save() -> None:
+            folder.mkdir(parents=True, exist_ok=True)
+            try:
+                for name, data in files.items():
+                    if name not in self.INPUT_FILES:
+                        raise ValueError(f"not an input file name: {name}")
+                    if isinstance(data, Path):
+                        try:
+                            os.link(data, folder / name)
+                        except OSError:  # another file system, or no hard links: a copy
+                            tmp = folder / f".{name}.tmp"
+                            shutil.copyfile(data, tmp)
+                            os.replace(tmp, folder / name)
+                    else:
+                        self._write_atomic(folder / name, data)
+            except BaseException:
+                shutil.rmtree(folder, ignore_errors=True)
+                raise
+        await asyncio.to_thread(_save)
+
+    async def load_inputs(self, job_id: str) -> dict[str, bytes]:
+        """The job's input files that exist, name -> bytes."""
+        folder = self.inputs_dir(job_id)
+
+        def _load() -> dict[str, bytes]:
+            return {name: (folder / name).read_bytes() for name in self.INPUT_FILES if (folder / name).exists()}
+        return await asyncio.to_thread(_load)
+
+    async def delete_inputs(self, job_id: str) -> None:
+        await asyncio.to_thread(shutil.rmtree, self.inputs_dir(job_id), True)
 
     def paths(self, job_id: str) -> tuple[Path, Path]:
         return self.videos / f"{job_id}.mp4", self.videos / f"{job_id}.jpg"

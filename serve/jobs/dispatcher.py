@@ -21,7 +21,7 @@ import time
 import uuid
 
 from serve.config import DispatcherConfig, TTSConfig
-from serve.contracts import FAILED, ErrorInfo, ProgressEvent, ResolvedSpec
+from serve.contracts import FAILED, ErrorInfo, GenerationInputs, ProgressEvent, ResolvedSpec
 from serve.errors import (
     CineVividError, GenerationCancelled, InsufficientStorage, JobLost, StageUnavailable, TTSError, is_disk_full,
     replica_stopped, unwrap_error,
@@ -206,10 +206,11 @@ class Dispatcher:
         try:
             # the spec was validated once, at submission; it travels as the typed ResolvedSpec
             spec = ResolvedSpec.model_validate_json(job["spec"])
+            inputs = await self._inputs(job_id, spec)
             while True:
                 result = None
                 try:
-                    stream = self.generator.stream(spec, job_id)
+                    stream = self.generator.stream(spec, job_id, inputs)
                     async for event in stream:
                         if event.type == "result":
                             result = event.result
@@ -236,6 +237,7 @@ class Dispatcher:
             if not ok:  # deleted (or taken from us) meanwhile: don't leave orphan files
                 await self.artifacts.delete(video_path, thumb_path)
                 raise JobLost()
+            await self._safe(self.artifacts.delete_inputs(job_id))
             elapsed = time.time() - started
             self.metrics.observe_result(result, elapsed)
             self._publish(job_id, type="status", status="completed", progress=100)
@@ -260,7 +262,8 @@ class Dispatcher:
                 message = getattr(err, "message", None) or str(err) or type(err).__name__
                 param = getattr(err, "param", None)
                 log.error("job %s: failed: %s: %s", job_id, code, message)
-                await self._safe(self.store.fail(job_id, self.owner, code=code, message=message, param=param))
+                if await self._safe(self.store.fail(job_id, self.owner, code=code, message=message, param=param)):
+                    await self._safe(self.artifacts.delete_inputs(job_id))
                 self.metrics.observe_failure(code, tts_provider=self._tts_provider(job, err))
                 self._publish(job_id, type="status", status="failed", progress=state["progress"],
                               error=ErrorInfo(code=code, message=message, param=param))
@@ -269,6 +272,20 @@ class Dispatcher:
             await asyncio.gather(heartbeat, return_exceptions=True)
             # the final MP4 (if any) replaces the preview; a failed, cancelled or re-queued job has none
             await self._safe(self.artifacts.delete_preview(job_id))
+
+    async def _inputs(self, job_id: str, spec: ResolvedSpec) -> GenerationInputs | None:
+        """What an image-to-video or extension job starts from, read from its inputs folder."""
+        if spec.mode == "text-to-video":
+            return None
+        files = await self.artifacts.load_inputs(job_id)
+        needed = {"image-to-video": ["image.png"] + (["last_image.png"] if spec.has_last_image else []),
+                  "extend": ["source.mp4"]}[spec.mode]
+        missing = [n for n in needed if n not in files]
+        if missing:
+            raise CineVividError(f"the inputs of this job are gone ({', '.join(missing)})", code="inputs_missing")
+        return GenerationInputs(image=_png_array(files.get("image.png")),
+                                last_image=_png_array(files.get("last_image.png")),
+                                video_mp4=files.get("source.mp4"))
 
     # ---- a stage replica that stopped; a full disk ----
     @staticmethod
@@ -327,6 +344,7 @@ class Dispatcher:
             self._publish(job_id, type="status", status="deleted")
             return
         await self._safe(self.store.fail(job_id, self.owner, code="cancelled", message="the job was cancelled"))
+        await self._safe(self.artifacts.delete_inputs(job_id))
         self.metrics.observe_failure("cancelled")
         log.info("job %s: cancelled", job_id)
         self._publish(job_id, type="status", status="failed",
@@ -422,3 +440,16 @@ class Dispatcher:
                 return
             except Exception:  # noqa: BLE001 - the DB may be briefly unavailable; retry
                 logger.warning("job %s: lease renewal failed", job_id, exc_info=True)
+
+
+def _png_array(data: bytes | None):
+    """A stored input image (written by the API as a lossless PNG of the fitted image) as uint8 RGB."""
+    if data is None:
+        return None
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:
+        return np.asarray(img.convert("RGB"))

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 from typing import Any, AsyncIterator, Protocol
 
-from serve.contracts import ProgressEvent, ResolvedSpec
+from serve.contracts import GenerationInputs, ProgressEvent, ResolvedSpec
 from serve.pipeline.replica import caller_id
 
 
 class GeneratorClient(Protocol):
-    def stream(self, spec: ResolvedSpec, job_id: str = "-") -> "GenerationStream": ...
+    def stream(self, spec: ResolvedSpec, job_id: str = "-",
+               inputs: GenerationInputs | None = None) -> "GenerationStream": ...
     async def health(self) -> dict[str, dict[str, str]]: ...
     async def voices(self) -> list[dict]: ...
     async def model_info(self) -> dict[str, Any]: ...
@@ -30,8 +31,8 @@ class HandleGeneratorClient:
         self.handle = handle
         self.caller = caller_id()  # this replica's actor id (None in a driver)
 
-    def stream(self, spec: ResolvedSpec, job_id: str = "-"):
-        return self.handle.options(stream=True).stream.remote(spec, job_id, caller=self.caller)
+    def stream(self, spec: ResolvedSpec, job_id: str = "-", inputs: GenerationInputs | None = None):
+        return self.handle.options(stream=True).stream.remote(spec, job_id, caller=self.caller, inputs=inputs)
 
     async def health(self) -> dict[str, dict[str, str]]:
         return await self.handle.health.remote()

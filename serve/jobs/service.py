@@ -6,25 +6,28 @@ deployment and bare uvicorn both build one and serve it with `serve.api.routes.c
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 from serve.config import AppArgs, IngressConfig, ModelConfig, TTSConfig
-from serve.contracts import FAILED, IN_PROGRESS, QUEUED, SIZE_MULTIPLE, VAE_TEMPORAL_FACTOR, GenerationSpec, ResolvedSpec
-from serve.errors import NotFound
+from serve.contracts import (
+    FAILED, IN_PROGRESS, QUEUED, SIZE_MULTIPLE, VAE_TEMPORAL_FACTOR, GenerationInputs, GenerationSpec, ResolvedSpec,
+)
+from serve.errors import InvalidSpecError, NotFound
 from serve.jobs.artifacts import ArtifactStore
 from serve.jobs.db import Database
 from serve.jobs.dispatcher import Dispatcher
 from serve.jobs.events import ProgressBroker
 from serve.jobs.generator_client import GeneratorClient
 from serve.jobs.metrics import JobMetrics
-from serve.jobs.store import JobStore
+from serve.jobs.store import JobStore, new_job_id
 from serve.jobs.views import video_view
 from serve.jobs.webhook_store import WebhookStore
 from serve.jobs.webhooks import WebhookWorker
-from serve.pipeline.spec import resolve_spec
+from serve.pipeline.prepare import prepare_job
+from serve.pipeline.spec import resolve_spec, select_model
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +39,9 @@ class JobService:
         self.app_args = app_args if isinstance(app_args, AppArgs) else AppArgs.model_validate(app_args)
         self.config: IngressConfig = self.app_args.ingress
         self.generator = generator
-        self.model_cfg = self._limited_model(self.app_args.model, self.config)
+        # every model of the set, its bounds narrowed by the ingress limits; the first is the default
+        self.models = [self._limited_model(m, self.config) for m in self.app_args.models]
+        self.model_cfg = self.models[0]
         self.tts_cfg: TTSConfig = self.app_args.tts
         self.db = Database(self.config.resolved_database_url(), busy_timeout_ms=self.config.sqlite_busy_timeout_ms)
         self.store = JobStore(self.db)
@@ -124,17 +129,40 @@ class JobService:
         return make_url(self.db.url).render_as_string(hide_password=True)
 
     # ---- specs ----
-    def resolve(self, spec: GenerationSpec) -> ResolvedSpec:
-        return resolve_spec(spec, self.model_cfg, self.tts_cfg)
+    def model_for(self, name: str | None, mode: str = "text-to-video") -> ModelConfig:
+        """The model a request names (None: the default, or the first that does `mode`), with its
+        bounds as this service applies them; an error naming `model` when none fits."""
+        return select_model(GenerationSpec(prompt="-", model=name, mode=mode), self.models)
+
+    def prepare(self, spec: GenerationSpec, inputs: GenerationInputs | None, **kw):
+        """`serve.pipeline.prepare.prepare_job` with this service's models and limits."""
+        lim = self.config.limits
+        return prepare_job(spec, inputs, self.models, self.tts_cfg, image_limits=lim.image_limits(),
+                           video_limits=lim.video_limits(), **kw)
+
+    def resolve(self, spec: GenerationSpec, **inputs) -> ResolvedSpec:
+        """`inputs`: what `resolve_spec` takes about the job's image or source video."""
+        return resolve_spec(spec, self.models, self.tts_cfg, **inputs)
 
     # ---- jobs ----
-    async def submit(self, user_id: str, spec: GenerationSpec, *, remixed_from: str | None = None) -> dict:
-        """Validate `spec` (the one validation of a job's spec) and queue it as a ResolvedSpec."""
-        resolved = self.resolve(spec)
-        job = await self.store.create(
-            user_id=user_id, model=resolved.model, prompt=resolved.prompt,
-            spec_json=resolved.model_dump_json(), remixed_from=remixed_from,
-            max_active_per_user=self.config.limits.max_concurrent_jobs_per_user)
+    async def submit(self, user_id: str, spec: GenerationSpec | ResolvedSpec, *, remixed_from: str | None = None,
+                     input_files: dict[str, bytes | Path] | None = None) -> dict:
+        """Validate `spec` (the one validation of a job's spec; a ResolvedSpec was validated by the
+        caller) and queue it. `input_files`: the job's inputs (see ArtifactStore.save_inputs),
+        saved before the job exists and removed again if it cannot be queued."""
+        resolved = spec if isinstance(spec, ResolvedSpec) else self.resolve(spec)
+        job_id = new_job_id()
+        if input_files:
+            await self.artifacts.save_inputs(job_id, input_files)
+        try:
+            job = await self.store.create(
+                user_id=user_id, model=resolved.model, prompt=resolved.prompt,
+                spec_json=resolved.model_dump_json(), remixed_from=remixed_from,
+                max_active_per_user=self.config.limits.max_concurrent_jobs_per_user, job_id=job_id)
+        except BaseException:
+            if input_files:
+                await self.artifacts.delete_inputs(job_id)
+            raise
         self.metrics.jobs_submitted.inc()
         logger.info("job %s: queued for user %s (%dx%d, %d frames, %d steps)", job["id"], user_id,
                     resolved.width, resolved.height, resolved.num_frames, resolved.num_inference_steps)
@@ -149,7 +177,11 @@ class JobService:
 
     async def remix(self, user_id: str, job_id: str, prompt: str) -> dict:
         src = await self.get_job(user_id, job_id)
-        spec = json.loads(src["spec"])
+        resolved = ResolvedSpec.model_validate_json(src["spec"])
+        if resolved.mode != "text-to-video":
+            raise InvalidSpecError(f"video {job_id} was made by {resolved.mode}; only text-to-video videos can be "
+                                   "remixed (create a new one from the same inputs)", param="video_id")
+        spec = resolved.as_request()
         spec["prompt"] = prompt
         return await self.submit(user_id, GenerationSpec.model_validate(spec), remixed_from=src["id"])
 
@@ -158,6 +190,8 @@ class JobService:
         job = await self.store.request_cancel(job_id, user_id)
         if job is None:
             raise NotFound(f"no video with id {job_id!r}", param="video_id")
+        if job["status"] == FAILED:  # ended (in the queue, or before): its inputs are not needed any more
+            await self.artifacts.delete_inputs(job_id)
         if before is not None and before["status"] == QUEUED and job["status"] == FAILED:
             self.metrics.observe_failure("cancelled")  # failed here, in the queue (a running job: by its dispatcher)
         if job["status"] == IN_PROGRESS:
@@ -175,6 +209,7 @@ class JobService:
             await self._wait_not_running(job_id)
         await self.artifacts.delete(job["video_path"], job["thumbnail_path"], *self.artifacts.paths(job_id),
                                     *self.artifacts.preview_paths(job_id))
+        await self.artifacts.delete_inputs(job_id)
         logger.info("job %s: deleted by user %s (was %s)", job_id, user_id, job["status"])
         return job
 

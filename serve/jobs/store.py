@@ -35,9 +35,12 @@ class JobStore:
 
     # ---- create / read ----
     async def create(self, *, user_id: str, model: str, prompt: str, spec_json: str,
-                     remixed_from: str | None = None, max_active_per_user: int | None = None) -> dict:
+                     remixed_from: str | None = None, max_active_per_user: int | None = None,
+                     job_id: str | None = None) -> dict:
+        """A queued job; `job_id`: one made beforehand with `new_job_id()` (its inputs are saved
+        under it before the job exists, so no dispatcher can claim a job whose inputs are missing)."""
         now = time.time()
-        row = {"id": new_job_id(), "user_id": user_id, "model": model, "prompt": prompt, "spec": spec_json,
+        row = {"id": job_id or new_job_id(), "user_id": user_id, "model": model, "prompt": prompt, "spec": spec_json,
                "status": QUEUED, "progress": 0, "attempts": 0, "remixed_from": remixed_from,
                "created_at": now, "updated_at": now, "cancel_requested": False, "has_audio": False}
         async with self.db.write() as conn:

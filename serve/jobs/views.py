@@ -10,7 +10,8 @@ def video_view(job: dict, preview: dict | None = None) -> dict:
     """`preview`: the state of a running DF job's preview (`ArtifactStore.preview_state`), which
     adds its progress by windows (`windows_done`, `windows_total`, `playable_seconds`)."""
     spec = json.loads(job["spec"])
-    duration = job["duration_s"] if job["duration_s"] is not None else spec["num_frames"] / spec["fps"]
+    frames = output_frames(spec)
+    duration = job["duration_s"] if job["duration_s"] is not None else frames / spec["fps"]
     error = None
     if job["error_code"]:
         error = {"code": job["error_code"], "message": job["error_message"] or "", "param": job["error_param"]}
@@ -20,10 +21,18 @@ def video_view(job: dict, preview: dict | None = None) -> dict:
         "size": f"{spec['width']}x{spec['height']}", "prompt": job["prompt"],
         "completed_at": int(job["completed_at"]) if job["completed_at"] else None, "expires_at": None,
         "error": error, "remixed_from_video_id": job["remixed_from"], "stage": job["stage"],
-        "has_audio": bool(job["has_audio"]), "seed": spec["seed"], "num_frames": spec["num_frames"],
+        "has_audio": bool(job["has_audio"]), "seed": spec["seed"], "num_frames": frames,
         "fps": spec["fps"], "num_inference_steps": spec["num_inference_steps"],
         # null unless a DF job's preview is being written (the same keys in webhooks and GET)
         "windows_done": preview["windows_done"] if preview else None,
         "windows_total": preview["windows_total"] if preview else None,
         "playable_seconds": preview["playable_s"] if preview else None,
+        "mode": spec.get("mode", "text-to-video"), "extended_from_video_id": spec.get("extended_from_video_id"),
     }
+
+
+def output_frames(spec: dict) -> int:
+    """Frames of the finished video (`ResolvedSpec.output_frames`, from the stored spec's JSON)."""
+    if spec.get("mode") == "extend":
+        return (spec.get("source_num_frames") or 0) + spec["num_frames"] - spec["overlap_history"]
+    return spec["num_frames"]

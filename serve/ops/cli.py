@@ -132,8 +132,11 @@ def _add_admin(sub: argparse._SubParsersAction) -> None:
 
 def _add_models(sub: argparse._SubParsersAction) -> None:
     ms = _group(sub, "models", "model utilities")
-    tiny = _command(ms, "make-tiny", "write the tiny random-weight SkyReels-V2 pipeline to PATH", models.cmd_make_tiny)
-    tiny.add_argument("path", metavar="PATH", help="the diffusers folder to write")
+    tiny = _command(ms, "make-tiny", "write the tiny random-weight SkyReels-V2 pipelines: T2V to PATH, I2V to "
+                    "PATH-i2v, DF to PATH-df", models.cmd_make_tiny)
+    tiny.add_argument("path", metavar="PATH", help="the diffusers folder of the T2V model")
+    tiny.add_argument("--variant", choices=["all", "t2v", "i2v", "df"], default="all",
+                      help="which to write (default: all three)")
     tiny.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: 0)")
     tiny.add_argument("--overwrite", action="store_true", help="replace an existing folder")
     _command(ms, "cache", "models on disk (tiny model, Hugging Face cache)", models.cmd_cache)
@@ -165,9 +168,30 @@ def _add_client(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--voice", default=None, help="the voice-over's voice")
     g.add_argument("--voice-provider", default=None, choices=["elevenlabs", "piper", "none"],
                    help="the voice-over's TTS backend")
+    g.add_argument("--image", default=None, metavar="PATH",
+                   help="image-to-video: the first frame (PNG, JPEG or WebP), fitted to the video's size")
+    g.add_argument("--last-frame", default=None, metavar="PATH",
+                   help="image-to-video: an end frame too (with --image)")
     g.add_argument("--timeout", type=float, default=None, help="give up waiting after this many seconds")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     _server_args(g)
+
+    e = _command(sub, "extend", "extend one of your completed videos by a new segment, over HTTP",
+                 client_cmds.cmd_extend)
+    e.add_argument("video_id", metavar="VIDEO_ID", help="the video to extend (completed, yours)")
+    e.add_argument("prompt", help="what the new segment shows")
+    e.add_argument("--seconds", type=float, required=True, help="length of the new segment in seconds")
+    e.add_argument("-o", "--output", default="out.mp4", help="where to save the MP4 (default: out.mp4)")
+    e.add_argument("--seed", type=int, default=None, help="random seed")
+    e.add_argument("--steps", type=int, default=None, help="num_inference_steps")
+    e.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance scale")
+    e.add_argument("--negative-prompt", default=None, help="what the video should not show")
+    e.add_argument("--model", default=None, help="a model that extends (default: the first that does)")
+    e.add_argument("--voiceover", default=None, help="text to speak over the new segment")
+    e.add_argument("--voice", default=None, help="the voice-over's voice")
+    e.add_argument("--timeout", type=float, default=None, help="give up waiting after this many seconds")
+    e.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _server_args(e)
 
     vs = _group(sub, "videos", "list, show or delete your videos")
     ls = _command(vs, "list", "list your videos, newest first", client_cmds.cmd_videos_list)

@@ -7,10 +7,16 @@ import json
 
 
 def cmd_make_tiny(args) -> int:
+    """The T2V model at PATH; the I2V and DF ones beside it, at PATH-i2v and PATH-df."""
+    from pathlib import Path
+
     from serve.pipeline.tiny_model import make_tiny_model
 
-    path = make_tiny_model(args.path, seed=args.seed, overwrite=args.overwrite)
-    print(path)
+    variants = ("t2v", "i2v", "df") if args.variant == "all" else (args.variant,)
+    base = Path(args.path)
+    for variant in variants:
+        path = base if variant == "t2v" else base.with_name(f"{base.name}-{variant}")
+        print(make_tiny_model(path, seed=args.seed, overwrite=args.overwrite, variant=variant))
     return 0
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from serve.config import TINY_MODEL_SOURCE, ModelConfig, Settings
+from serve.config import TINY_SOURCES, ModelConfig, Settings
 from serve.errors import StageError
 
 logger = logging.getLogger(__name__)
@@ -15,18 +15,21 @@ logger = logging.getLogger(__name__)
 TINY_SEED = 0
 
 
-def tiny_model_path(settings: Settings | None = None) -> Path:
+def tiny_model_path(settings: Settings | None = None, variant: str = "t2v") -> Path:
+    """Where the embedded tiny model of `variant` ("t2v", "i2v", "df") is built, in the cache dir."""
     settings = settings or Settings()
-    return Path(settings.cache_dir) / f"tiny-skyreels-v2-seed{TINY_SEED}"
+    kind = "" if variant == "t2v" else f"{variant}-"
+    return Path(settings.cache_dir) / f"tiny-skyreels-v2-{kind}seed{TINY_SEED}"
 
 
 def resolve_subfolder(model: ModelConfig, subfolder: str, settings: Settings | None = None) -> Path:
     """Return the local folder that holds `subfolder` of the model, downloading only that part."""
     source = model.source
-    if source == TINY_MODEL_SOURCE:
+    if source in TINY_SOURCES:
         from serve.pipeline.tiny_model import make_tiny_model
 
-        root = make_tiny_model(tiny_model_path(settings), seed=TINY_SEED)
+        variant = TINY_SOURCES[source]
+        root = make_tiny_model(tiny_model_path(settings, variant), seed=TINY_SEED, variant=variant)
     elif Path(source).expanduser().exists():
         root = Path(source).expanduser().resolve()
     else:

@@ -4,6 +4,7 @@ before any model work. Each failure is an InvalidSpecError naming the offending 
 from __future__ import annotations
 
 import secrets
+from typing import Sequence
 
 from serve.config import ModelConfig, TTSConfig
 from serve.errors import InvalidSpecError, UnknownModelError
@@ -15,11 +16,38 @@ from serve.contracts import (
 MAX_ADDNOISE_CONDITION = 60.0
 
 
-def resolve_spec(spec: GenerationSpec, model: ModelConfig, tts: TTSConfig | None = None) -> ResolvedSpec:
-    if spec.model is not None and spec.model not in model.all_names():
-        raise UnknownModelError(
-            f"unknown model {spec.model!r}; this deployment serves {sorted(model.all_names())}", param="model")
+# a request's mode -> the model mode it needs
+MODE_NEEDS = {"text-to-video": "text-to-video", "image-to-video": "image-to-video", "extend": "extend"}
 
+
+def select_model(spec: GenerationSpec, models: ModelConfig | Sequence[ModelConfig]) -> ModelConfig:
+    """The model of the set that `spec.model` names (by name or alias; None: the first), which must
+    serve the spec's mode; else an error naming `model`."""
+    models = [models] if isinstance(models, ModelConfig) else list(models)
+    mode = spec.mode or "text-to-video"
+    if spec.model is None:  # the default model, or else the first that does the mode
+        model = next((m for m in models if MODE_NEEDS[mode] in m.modes()), models[0])
+    else:
+        model = next((m for m in models if spec.model in m.all_names()), None)
+        if model is None:
+            names = sorted(n for m in models for n in m.all_names())
+            raise UnknownModelError(f"unknown model {spec.model!r}; this deployment serves {names}", param="model")
+    if MODE_NEEDS[mode] not in model.modes():
+        able = [m.name for m in models if MODE_NEEDS[mode] in m.modes()]
+        raise InvalidSpecError(f"model {model.name} does not do {mode}; "
+                               + (f"models that do: {able}" if able else "no model of this deployment does"),
+                               param="model")
+    return model
+
+
+def resolve_spec(spec: GenerationSpec, models: ModelConfig | Sequence[ModelConfig], tts: TTSConfig | None = None,
+                 *, image_size: tuple[int, int] | None = None, extended_from_video_id: str | None = None,
+                 has_last_image: bool = False, source_num_frames: int | None = None) -> ResolvedSpec:
+    """`image_size` (width, height) of the reference image: when the request sets neither width
+    nor height, a portrait image turns the model's default landscape size portrait (and the
+    other way round), as SkyReels-V2 does."""
+    model = select_model(spec, models)
+    mode = spec.mode or "text-to-video"
     prompt = (spec.prompt or "").strip()
     if not prompt:
         raise InvalidSpecError("prompt must not be empty", param="prompt")
@@ -34,6 +62,9 @@ def resolve_spec(spec: GenerationSpec, model: ModelConfig, tts: TTSConfig | None
 
     width = model.width if spec.width is None else spec.width
     height = model.height if spec.height is None else spec.height
+    if image_size is not None and spec.width is None and spec.height is None \
+            and (image_size[1] > image_size[0]) != (height > width):
+        width, height = height, width
     for name, value, upper in (("width", width, model.max_width), ("height", height, model.max_height)):
         if value % SIZE_MULTIPLE != 0:
             raise InvalidSpecError(f"{name} must be a multiple of {SIZE_MULTIPLE}, got {value}", param=name)
@@ -75,13 +106,15 @@ def resolve_spec(spec: GenerationSpec, model: ModelConfig, tts: TTSConfig | None
 
         voiceover = validate_voiceover(voiceover, tts or TTSConfig())
 
-    df = resolve_diffusion_forcing(spec, model, frames)
+    df = resolve_diffusion_forcing(spec, model, frames, force=mode != "text-to-video" and model.pipeline == "df")
 
     seed = spec.seed if spec.seed is not None else secrets.randbelow(2**31)
     return ResolvedSpec(
         prompt=spec.prompt, negative_prompt=negative, model=model.name, width=width, height=height,
         num_frames=frames, fps=fps, num_inference_steps=steps, guidance_scale=float(guidance),
-        flow_shift=float(shift), seed=seed, voiceover=voiceover, return_frames=spec.return_frames, **df,
+        flow_shift=float(shift), seed=seed, voiceover=voiceover, return_frames=spec.return_frames, mode=mode,
+        has_last_image=has_last_image, extended_from_video_id=extended_from_video_id,
+        source_num_frames=source_num_frames, **df,
     )
 
 
@@ -91,7 +124,7 @@ def _frame_count(name: str, value: int, minimum: int = 1) -> None:
                                param=name)
 
 
-def resolve_diffusion_forcing(spec: GenerationSpec, model: ModelConfig, frames: int) -> dict:
+def resolve_diffusion_forcing(spec: GenerationSpec, model: ModelConfig, frames: int, force: bool = False) -> dict:
     """The DF fields of the ResolvedSpec: all None for a T2V job; all filled and checked for a DF
     job (the model does DF, and it always does, or the video is longer than a window, or the
     request sets a DF field). Each failure names its field."""
@@ -103,7 +136,7 @@ def resolve_diffusion_forcing(spec: GenerationSpec, model: ModelConfig, frames: 
                                        param=name)
         return {}
     base = cfg.base_num_frames if spec.base_num_frames is None else spec.base_num_frames
-    if not (cfg.mode == "always" or frames > base or spec.sets_diffusion_forcing()):
+    if not (force or cfg.mode == "always" or frames > base or spec.sets_diffusion_forcing()):
         return {}
 
     _frame_count("base_num_frames", base, minimum=5)
