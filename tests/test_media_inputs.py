@@ -1,6 +1,6 @@
-"""User-supplied pictures (serve/media/inputs.py, no Ray): real files made here with Pillow, and
-hostile ones built byte by byte (a 0x0 PNG, a PNG/JPEG/WebP header claiming a huge picture, a GIF
-bomb), each decoded or refused with the right error, field and message."""
+"""User-supplied pictures and videos (serve/media/inputs.py, no Ray): real files made here with
+Pillow and PyAV, and hostile ones built byte by byte (a 0x0 PNG, a PNG/JPEG/WebP header claiming
+a huge picture, a GIF bomb), each decoded or refused with the right error, field and message."""
 
 from __future__ import annotations
 
@@ -9,13 +9,17 @@ import io
 import struct
 import time
 import zlib
+from fractions import Fraction
 
+import av
 import numpy as np
 import pytest
 from PIL import GifImagePlugin, Image, ImageFile
 
 from serve.errors import InvalidSpecError, PayloadTooLarge
-from serve.media.inputs import ImageLimits, decode_data_url, decode_image, fit_image, image_header_size, orient_size
+from serve.media import inputs
+from serve.media.inputs import (ImageLimits, VideoLimits, VideoProbe, decode_data_url, decode_image, decode_video,
+                                fit_image, image_header_size, orient_size, probe_video)
 
 FIELD = "input_reference"
 
@@ -296,6 +300,139 @@ def test_portrait_stays_portrait():
     assert fit_image(np.zeros((1, 4000, 3), np.uint8), 16, 16).shape == (16, 16, 3)  # a sliver: one pixel wide crop
 
 
+# -- videos -----------------------------------------------------------------------------------
+FPS = 8
+
+
+def _mp4(n: int = 10, w: int = 64, h: int = 48, rotation: int | None = None, path=None) -> bytes:
+    """Frame i is flat grey 20 * i (H.264 keeps it within a few levels)."""
+    target = path if path is not None else io.BytesIO()
+    options = {"movflags": "faststart"} if path is not None else {}
+    c = av.open(target, mode="w", format="mp4", options=options)
+    s = c.add_stream("libx264", rate=FPS)
+    s.width, s.height, s.pix_fmt = w, h, "yuv420p"
+    s.options = {"preset": "ultrafast"}
+    if rotation is not None:
+        s.set_display_rotation(rotation)
+    for i in range(n):
+        frame = np.full((h, w, 3), 20 * i, np.uint8)
+        if rotation is not None:
+            frame[:8, :8] = 255  # a mark in the stored top-left corner
+        for p in s.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+            c.mux(p)
+    for p in s.encode():
+        c.mux(p)
+    c.close()
+    return path.read_bytes() if path is not None else target.getvalue()
+
+
+def _audio_only_mp4() -> bytes:
+    buf = io.BytesIO()
+    c = av.open(buf, mode="w", format="mp4")
+    s = c.add_stream("aac", rate=22050)
+    s.layout = "mono"
+    for i in range(8):
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="flt", layout="mono")
+        frame.sample_rate, frame.pts, frame.time_base = 22050, i * 1024, Fraction(1, 22050)
+        for p in s.encode(frame):
+            c.mux(p)
+    for p in s.encode():
+        c.mux(p)
+    c.close()
+    return buf.getvalue()
+
+
+def _greys(frames: np.ndarray) -> list[int]:
+    return [int(round(float(f.mean()) / 20)) * 20 for f in frames]
+
+
+def test_decode_video_whole_first_and_last_frames():
+    data = _mp4()
+    frames, fps = decode_video(data, "video")
+    assert frames.dtype == np.uint8 and frames.shape == (10, 48, 64, 3) and fps == FPS
+    assert _greys(frames) == [20 * i for i in range(10)]
+    assert np.abs(frames.astype(int) - np.arange(10).reshape(10, 1, 1, 1) * 20).max() <= 4
+    last, fps = decode_video(data, "video", last_n=3)
+    assert last.shape == (3, 48, 64, 3) and _greys(last) == [140, 160, 180] and fps == FPS
+    assert (last == frames[-3:]).all()
+    assert _greys(decode_video(data, "video", last_n=50)[0]) == _greys(frames)  # fewer than n: all of them
+    assert _greys(decode_video(data, "video", max_frames=2)[0]) == [0, 20]
+    assert probe_video(data, "video") == VideoProbe(64, 48, 10, 8.0, 1.25)
+    with pytest.raises(ValueError):
+        decode_video(data, "video", max_frames=2, last_n=2)
+
+
+def test_decode_video_from_a_path_and_a_display_rotation(tmp_path):
+    data = _mp4(n=3, w=64, h=32, rotation=-90, path=tmp_path / "turned.mp4")  # -90: a quarter turn clockwise
+    assert probe_video(tmp_path / "turned.mp4", "video")[:2] == (32, 64)
+    frames, _ = decode_video(data, "video")
+    assert frames.shape == (3, 64, 32, 3)
+    assert frames[0, :8, -8:].min() > 200 and frames[0, -8:, :8].max() < 60  # the mark is now top-right
+
+
+def test_video_with_no_video_stream():
+    data = _audio_only_mp4()
+    with av.open(io.BytesIO(data)) as c:
+        assert len(c.streams.audio) == 1 and not c.streams.video
+    _refused(InvalidSpecError, decode_video, data, "video", param="video", words=["video has no video stream"])
+    _refused(InvalidSpecError, probe_video, data, "video", param="video", words=["has no video stream"])
+
+
+@pytest.mark.parametrize("data,words", [
+    (np.random.default_rng(0).bytes(5000), ["is not an MP4 or MOV video"]),
+    (_save(_pattern(), "PNG"), ["is not an MP4 or MOV video"]),
+    (b"", ["is empty"]),
+])
+def test_not_a_video(data, words):
+    _refused(InvalidSpecError, decode_video, data, "video", param="video", words=words)
+
+
+def test_video_codec_without_a_decoder():
+    data = _mp4().replace(b"avc1", b"zzzz")  # the sample entry's codec tag: no FFmpeg decoder knows it
+    for fn in (probe_video, decode_video):
+        _refused(InvalidSpecError, fn, data, "video", param="video", words=["codec that cannot be decoded"])
+
+
+def test_truncated_mp4():
+    data = _mp4()  # the index (moov) is written last: a cut file has none, or a broken one
+    for keep in (0.3, 0.6, 0.9):
+        _refused(InvalidSpecError, decode_video, data[: int(len(data) * keep)], "video", param="video",
+                 words=["truncated"])
+    # a cut into the metadata after the index (udta) loses no frame: every frame is still there
+    moov = data.index(b"moov")
+    assert data.index(b"udta") > moov
+    assert decode_video(data[: data.index(b"udta") + 8], "video")[0].shape[0] == 10
+
+
+def test_truncated_faststart_mp4(tmp_path):
+    data = _mp4(n=12, path=tmp_path / "fast.mp4")  # the index first: a cut loses frames, not the index
+    with av.open(io.BytesIO(data)) as c:
+        pos, size = max((p.pos, p.size) for p in c.demux(c.streams.video[0]) if p.size)
+    # cut inside the last frame's data: the demuxer hands over a short (corrupt) packet
+    _refused(InvalidSpecError, decode_video, data[: pos + size // 2], "video", param="video",
+             words=["is damaged or truncated: frame 12 of 12 could not be read"])
+    # cut exactly where the last frame starts: the demuxer just stops early; the header's count tells
+    _refused(InvalidSpecError, decode_video, data[:pos], "video", param="video", last_n=2,
+             words=["is truncated: its header lists 12 frames but the file holds only 11"])
+
+
+def test_video_limits():
+    data = _mp4()
+    _refused(PayloadTooLarge, decode_video, data, "video", VideoLimits(max_bytes=1000), param="video",
+             words=["at most 1000 bytes"])
+    _refused(InvalidSpecError, decode_video, data, "video", VideoLimits(max_width=32), param="video",
+             words=["64x48 pixels per frame", "at most 32x4096"])
+    _refused(InvalidSpecError, probe_video, data, "video", VideoLimits(max_frames=5), param="video",
+             words=["has 10 frames; at most 5"])
+    _refused(InvalidSpecError, decode_video, data, "video", VideoLimits(max_duration_s=1.0), param="video",
+             words=["is 1.2 s long; at most 1 s"])
+    _refused(InvalidSpecError, decode_video, data, "video", VideoLimits(max_decoded_bytes=64 * 48 * 3 * 4),
+             param="video", words=["too long at its size to decode whole"])
+    # the last frames of the same video fit: only they are held
+    assert decode_video(data, "video", VideoLimits(max_decoded_bytes=64 * 48 * 3 * 4), last_n=4)[0].shape[0] == 4
+
+
 def test_defaults():
     assert ImageLimits() == ImageLimits(max_bytes=20 * 2**20, max_width=8192, max_height=8192, max_pixels=40_000_000)
+    assert inputs.DEFAULT_VIDEO_LIMITS.max_bytes == 200 * 2**20
     assert ImageLimits().max_pixels < Image.MAX_IMAGE_PIXELS  # Pillow's bomb warning never fires first

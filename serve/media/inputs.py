@@ -1,10 +1,10 @@
-"""Pictures a user sends (image-to-video's `input_reference`): checked, then decoded to uint8 RGB
-arrays, all before any model work.
+"""Pictures and videos a user sends (image-to-video's `input_reference`, a video to extend):
+checked, then decoded to uint8 RGB arrays, all before any model work.
 
 Every bad input is a typed error naming the request field (`param`): too many bytes is a 413
 `PayloadTooLarge`; anything else (not an accepted format, a picture that is too large or has no
-pixels, a damaged or truncated file, ...) is a 400 `InvalidSpecError` whose message says what is
-wrong in a user's words.
+pixels, a damaged or truncated file, a video without a picture track, ...) is a 400
+`InvalidSpecError` whose message says what is wrong in a user's words.
 
 Pictures (PNG, JPEG, WebP), cheapest check first:
 - the byte count, then the format by its magic bytes: only those three are ever parsed, so a GIF
@@ -23,6 +23,11 @@ Pictures (PNG, JPEG, WebP), cheapest check first:
   is arbitrary, often black, so dropping alpha as `convert("RGB")` does would show it). No colour
   management: an ICC profile is ignored, as SkyReels-V2's own loading does.
 
+Videos (MP4/MOV, any codec PyAV decodes) go through FFmpeg's MP4/MOV demuxer only, from memory
+(`io.BytesIO`) or a path; nothing is written to disk. The header is checked (a picture track, its
+size, frame count and duration) before the frames are decoded, and again while they are decoded
+(a header can lie). A display rotation (a phone's portrait video) is applied.
+
 `fit_image` and `orient_size` prepare the picture as SkyReels-V2's `generate_video.py` does for
 image-to-video.
 """
@@ -32,9 +37,13 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import os
 import struct
 import zlib
+from collections import deque
+from typing import NamedTuple
 
+import av
 import numpy as np
 from PIL import Image, ImageOps
 from pydantic import BaseModel, ConfigDict, Field
@@ -56,13 +65,31 @@ class ImageLimits(BaseModel):
     max_pixels: int = Field(default=40_000_000, ge=1)  # below Pillow's bomb warning (~89.5 MP)
 
 
+class VideoLimits(BaseModel):
+    """What a video may be. Over `max_bytes` is a 413; over any other bound a 400.
+    `max_decoded_bytes` bounds the RGB frames a whole-video decode returns (F x H x W x 3);
+    a decode of the last (or first) n frames holds only those."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_bytes: int = Field(default=200 * MIB, ge=1)
+    max_width: int = Field(default=4096, ge=1)
+    max_height: int = Field(default=4096, ge=1)
+    max_pixels: int = Field(default=4096 * 2304, ge=1)  # 4K UHD and DCI 4K, either orientation
+    max_frames: int = Field(default=3600, ge=1)  # a minute at 60 fps
+    max_duration_s: float = Field(default=120.0, gt=0)
+    max_decoded_bytes: int = Field(default=2 * 2**30, ge=1)
+
+
 DEFAULT_IMAGE_LIMITS = ImageLimits()
+DEFAULT_VIDEO_LIMITS = VideoLimits()
 
 # Pillow's format name -> what a user calls it. Cameras' JPEGs with a second picture (MPO) are
 # JPEGs to the user and open with Pillow's JPEG plugin.
 IMAGE_FORMATS = {"PNG": "PNG", "JPEG": "JPEG", "MPO": "JPEG", "WEBP": "WebP"}
 IMAGE_MEDIA_TYPES = {"image/png": "PNG", "image/jpeg": "JPEG", "image/jpg": "JPEG", "image/webp": "WEBP"}
 ACCEPTED_IMAGES = "a PNG, JPEG or WebP image"
+VIDEO_DEMUXER = "mov"  # FFmpeg's "mov,mp4,m4a,3gp,3g2,mj2": MP4 and QuickTime MOV
 
 
 # -- shared checks ----------------------------------------------------------------------------
@@ -328,3 +355,175 @@ def fit_image(img: np.ndarray, width: int, height: int) -> np.ndarray:
     box = ((img_w - crop_w) / 2, (img_h - crop_h) / 2, (img_w + crop_w) / 2, (img_h + crop_h) / 2)
     out = Image.fromarray(img).crop(box).resize((width, height), Image.Resampling.LANCZOS)
     return np.asarray(out, dtype=np.uint8)
+
+
+# -- videos -----------------------------------------------------------------------------------
+VideoSource = bytes | bytearray | memoryview | str | os.PathLike
+
+
+class VideoProbe(NamedTuple):
+    """A video as its header says, at its displayed size (a rotation applied)."""
+
+    width: int
+    height: int
+    num_frames: int  # the header's count, or duration x fps where the header has none
+    fps: float
+    duration_s: float
+
+
+def _open_video(source: VideoSource, field: str, limits: VideoLimits) -> av.container.InputContainer:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        n, fp = len(source), io.BytesIO(source)
+    else:
+        n, fp = os.path.getsize(source), os.fspath(source)  # a missing file is the server's bug: OSError
+    _check_bytes(n, field, limits.max_bytes)
+    try:
+        return av.open(fp, mode="r", format=VIDEO_DEMUXER)
+    except (av.FFmpegError, ValueError, OSError):
+        raise InvalidSpecError(f"{field} is not an MP4 or MOV video that can be read (it may be another "
+                               "format, damaged or truncated)", param=field) from None
+
+
+def _video_stream(container: av.container.InputContainer, field: str) -> av.VideoStream:
+    if not container.streams.video:
+        raise InvalidSpecError(f"{field} has no video stream", param=field)
+    stream = container.streams.video[0]
+    if stream.codec_context is None:  # PyAV's answer for a codec FFmpeg has no decoder for
+        raise InvalidSpecError(f"{field} uses a video codec that cannot be decoded", param=field)
+    return stream
+
+
+def _header(container: av.container.InputContainer, stream: av.VideoStream, field: str,
+            limits: VideoLimits) -> VideoProbe:
+    """The stored (not yet rotated) size, frame count, rate and duration, checked."""
+    cc = stream.codec_context
+    width, height = cc.width, cc.height
+    if stream.duration and stream.time_base:
+        duration = float(stream.duration * stream.time_base)
+    elif container.duration:
+        duration = container.duration / av.time_base
+    else:
+        duration = 0.0
+    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    fps = float(rate) if rate else (stream.frames / duration if stream.frames and duration else 0.0)
+    frames = stream.frames or (round(duration * fps) if duration and fps else 0)
+    _check_dims(width, height, field, limits.max_width, limits.max_height, limits.max_pixels, " per frame")
+    if frames > limits.max_frames:
+        raise InvalidSpecError(f"{field} has {frames} frames; at most {limits.max_frames} are accepted",
+                               param=field)
+    if duration > limits.max_duration_s:
+        raise InvalidSpecError(f"{field} is {duration:.1f} s long; at most {limits.max_duration_s:g} s is "
+                               "accepted", param=field)
+    if not fps > 0:
+        raise InvalidSpecError(f"{field} has no frame rate", param=field)
+    return VideoProbe(width, height, frames, fps, duration)
+
+
+def _rotation_k(frame: av.VideoFrame) -> int:
+    """Quarter turns counterclockwise (np.rot90's k) that show the frame as the display matrix says."""
+    return round((frame.rotation or 0) / 90) % 4
+
+
+def _damaged(field: str, frame_no: int, total: int = 0) -> InvalidSpecError:
+    """Frame numbers count in stored (decoding) order, from 1."""
+    of = f" of {total}" if total else ""
+    return InvalidSpecError(f"{field} is damaged or truncated: frame {frame_no}{of} could not be read",
+                            param=field)
+
+
+def probe_video(source: VideoSource, field: str, limits: VideoLimits = DEFAULT_VIDEO_LIMITS) -> VideoProbe:
+    """Width, height (as displayed), frame count, fps and duration from the container header,
+    checked against `limits`; the first frame is decoded too (one frame: it tells the display
+    rotation and that the picture track decodes at all). Same errors as `decode_video`."""
+    with _open_video(source, field, limits) as container:
+        stream = _video_stream(container, field)
+        info = _header(container, stream, field, limits)
+        try:
+            first = next(container.decode(stream), None)
+        except (av.FFmpegError, ValueError):
+            raise _damaged(field, 1) from None
+        if first is None:
+            raise InvalidSpecError(f"{field} has no frames (it may be truncated)", param=field)
+        if _rotation_k(first) % 2:
+            info = info._replace(width=info.height, height=info.width)
+        return info
+
+
+def decode_video(source: VideoSource, field: str, limits: VideoLimits = DEFAULT_VIDEO_LIMITS,
+                 max_frames: int | None = None, last_n: int | None = None) -> tuple[np.ndarray, float]:
+    """An MP4/MOV (bytes or a path) -> (uint8 (F, H, W, 3) RGB frames as displayed, fps).
+
+    `max_frames`: only the first `max_frames` frames (decoding stops there). `last_n`: only the
+    last `last_n` frames (a video to extend); every frame is decoded, but only the last n are kept
+    (a deque of decoded frames, converted to RGB at the end), so memory is n frames whatever the
+    length. Without either, the whole video, at most `limits.max_decoded_bytes` of RGB.
+    413 for too many bytes; 400 for no video stream, no frames, over a limit, or damaged/truncated.
+    """
+    if max_frames is not None and last_n is not None:
+        raise ValueError("give max_frames or last_n, not both")
+    if (max_frames is not None and max_frames < 1) or (last_n is not None and last_n < 1):
+        raise ValueError("max_frames and last_n must be at least 1")
+    with _open_video(source, field, limits) as container:
+        stream = _video_stream(container, field)
+        info = _header(container, stream, field, limits)
+        frame_bytes = info.width * info.height * 3
+        if max_frames is None and last_n is None:
+            _check_decoded_bytes(info.num_frames * frame_bytes, field, limits)
+        kept = _demux_decode(container, stream, info, field, limits, max_frames, last_n)
+        if not kept:
+            raise InvalidSpecError(f"{field} has no frames (it may be truncated)", param=field)
+        return _to_rgb_frames(kept), info.fps
+
+
+def _demux_decode(container: av.container.InputContainer, stream: av.VideoStream, info: VideoProbe,
+                  field: str, limits: VideoLimits, max_frames: int | None,
+                  last_n: int | None) -> deque[av.VideoFrame]:
+    """The decoded frames to return, not yet RGB: all, the first `max_frames` or the last `last_n`.
+    A file read to its end is checked against its header's frame count."""
+    stream.thread_type = "AUTO"  # frame threads too: a long video to extend is decoded in full
+    kept: deque[av.VideoFrame] = deque(maxlen=last_n)
+    frame_bytes = info.width * info.height * 3
+    packets = decoded = 0
+    try:
+        for packet in container.demux(stream):
+            if packet.is_corrupt:  # a short read at the end of a cut file: part of a frame
+                raise _damaged(field, packets + 1, stream.frames)
+            packets += 1 if packet.size else 0
+            for frame in packet.decode():
+                decoded += 1
+                if (frame.width, frame.height) != (info.width, info.height):
+                    raise InvalidSpecError(
+                        f"{field} changes picture size mid-stream ({info.width}x{info.height} to "
+                        f"{frame.width}x{frame.height}); this is not supported", param=field)
+                if decoded > limits.max_frames:  # the header said fewer
+                    raise InvalidSpecError(f"{field} has more than {limits.max_frames} frames; at most "
+                                           f"{limits.max_frames} are accepted", param=field)
+                if last_n is None:
+                    _check_decoded_bytes(decoded * frame_bytes, field, limits)
+                kept.append(frame)
+                if max_frames is not None and decoded >= max_frames:
+                    return kept
+    except (av.FFmpegError, ValueError):
+        raise _damaged(field, packets, stream.frames) from None
+    if stream.frames and packets < stream.frames:  # cut at a packet boundary: the demuxer just stops
+        raise InvalidSpecError(f"{field} is truncated: its header lists {stream.frames} frames but the "
+                               f"file holds only {packets}", param=field)
+    return kept
+
+
+def _check_decoded_bytes(n: int, field: str, limits: VideoLimits) -> None:
+    if n > limits.max_decoded_bytes:
+        raise InvalidSpecError(f"{field} is too long at its size to decode whole: {_size_text(n)} of frames; "
+                               f"at most {_limit_text(limits.max_decoded_bytes)}", param=field)
+
+
+def _to_rgb_frames(kept: deque[av.VideoFrame]) -> np.ndarray:
+    """The kept frames as one uint8 (F, H, W, 3) array, each frame released once converted,
+    turned as the first frame's display matrix says."""
+    k = _rotation_k(kept[0])
+    first = np.rot90(kept.popleft().to_ndarray(format="rgb24"), k)
+    out = np.empty((len(kept) + 1, *first.shape), dtype=np.uint8)
+    out[0] = first
+    for i in range(1, len(out)):
+        out[i] = np.rot90(kept.popleft().to_ndarray(format="rgb24"), k)
+    return out
