@@ -308,7 +308,7 @@ class Generator:
     async def _write_source(self, run: _Run) -> None:
         """Extend: the video extended goes first into the MP4 and the preview, frame for frame
         (re-encoded), and its sound, if any, under it."""
-        from serve.media.source_video import iter_video_frames
+        from serve.media.inputs import iter_video_frames
 
         def write() -> None:
             for frames in iter_video_frames(run.inputs.video_mp4, "video"):
@@ -377,8 +377,8 @@ class Generator:
     def _extension_audio(self, run: _Run):
         """Extend: the source's sound (if any) under the source, the voice-over (if any) under the new
         segment; None when neither has sound."""
-        from serve.media.audio import SpeechAudio
-        from serve.media.source_video import decode_audio_track, fit_samples
+        from serve.media.audio import SpeechAudio, fit_samples
+        from serve.media.inputs import decode_audio_track
 
         spec, voice = run.spec, run.audio
         rate = voice.sample_rate if voice is not None else self.tts_cfg.sample_rate

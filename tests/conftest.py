@@ -26,6 +26,15 @@ apply_serve_env()
 from pg_server import postgres_server  # noqa: E402,F401 (session fixture: a throwaway PostgreSQL)
 
 GRAPH_APP = "graph"
+# Every embedded tiny model, as the HTTP test app serves them: T2V (the default), I2V, DF.
+TINY_MODELS = [
+    {"name": "cinevivid-tiny", "aliases": ["skyreels-v2-tiny", "sora-2"]},
+    {"name": "cinevivid-tiny-i2v", "pipeline": "i2v", "source": "embedded:tiny-i2v", "guidance_scale": 5.0,
+     "flow_shift": 5.0},
+    {"name": "cinevivid-tiny-df", "pipeline": "df", "source": "embedded:tiny-df", "max_frames": 129,
+     "diffusion_forcing": {"mode": "always", "base_num_frames": 17, "max_base_num_frames": 33,
+                           "overlap_history": 5}},
+]
 
 
 @pytest.fixture(scope="session")

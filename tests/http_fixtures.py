@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import tiny_app_args
+from conftest import TINY_MODELS, tiny_app_args
 
 HTTP_APP = "http"
 SMALL = {"ray_actor_options": {"num_cpus": 0.1}}
@@ -93,7 +93,8 @@ def deploy_http_app(name: str, data_dir: Path, http_url: str, ingress_deployment
     from serve.app import build_app
 
     args = tiny_app_args(name=name, with_ingress=True, ingress=http_ingress_args(data_dir, **ingress_overrides),
-                         deployments={"ingress": {**SMALL, **(ingress_deployment or {})}})
+                         deployments={"ingress": {**SMALL, **(ingress_deployment or {})}, "image_encoder": SMALL},
+                         **({"models": TINY_MODELS} if name == HTTP_APP else {}))
     serve.run(build_app(args), name=name, route_prefix=f"/{name}" if name != HTTP_APP else "/")
 
 

@@ -63,10 +63,10 @@ def test_help(path):
 def test_server_and_key_default_to_the_environment(path, monkeypatch):
     monkeypatch.setenv("CINEVIVID_URL", "http://cv.example:9000")
     monkeypatch.setenv("CINEVIVID_API_KEY", "cv-from-env")
-    args = build_parser().parse_args([*path, "x"] if path != ("videos", "list") else [*path])
+    positional = {("videos", "list"): [], ("extend",): ["video_1", "x", "--seconds", "2"]}.get(path, ["x"])
+    args = build_parser().parse_args([*path, *positional])
     assert (args.server, args.api_key) == ("http://cv.example:9000", "cv-from-env")
-    args = build_parser().parse_args([*path, *(["x"] if path != ("videos", "list") else []),
-                                      "--server", "http://other:1", "--api-key", "cv-flag"])
+    args = build_parser().parse_args([*path, *positional, "--server", "http://other:1", "--api-key", "cv-flag"])
     assert (args.server, args.api_key) == ("http://other:1", "cv-flag")
 
 

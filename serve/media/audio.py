@@ -100,3 +100,9 @@ def fit_audio(pcm: np.ndarray, sample_rate: int, duration_s: float, *,
     out = np.zeros(n, dtype=np.float32)
     out[: len(speech)] = speech
     return out, speech_s, False
+
+
+def fit_samples(pcm: np.ndarray | None, n: int) -> np.ndarray:
+    """Exactly `n` samples: cut, or padded with silence (None: `n` of silence)."""
+    pcm = np.zeros(0, np.float32) if pcm is None else np.asarray(pcm, np.float32).reshape(-1)
+    return pcm[:n] if len(pcm) >= n else np.concatenate([pcm, np.zeros(n - len(pcm), np.float32)])

@@ -41,7 +41,7 @@ import os
 import struct
 import zlib
 from collections import deque
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 import av
 import numpy as np
@@ -527,3 +527,33 @@ def _to_rgb_frames(kept: deque[av.VideoFrame]) -> np.ndarray:
     for i in range(1, len(out)):
         out[i] = np.rot90(kept.popleft().to_ndarray(format="rgb24"), k)
     return out
+
+
+# -- reading back a video to extend (checked when its job was made) ------------------------------
+def iter_video_frames(source: VideoSource, field: str = "video", chunk: int = 16) -> Iterator[np.ndarray]:
+    """uint8 RGB frames (n, H, W, 3) as displayed, `chunk` at a time: a video re-encoded ahead of
+    its extension without holding it whole."""
+    try:
+        with _open_video(source, field, DEFAULT_VIDEO_LIMITS) as container:
+            batch: list[np.ndarray] = []
+            for frame in container.decode(_video_stream(container, field)):
+                batch.append(np.rot90(frame.to_ndarray(format="rgb24"), _rotation_k(frame)))
+                if len(batch) == chunk:
+                    yield np.stack(batch)
+                    batch = []
+            if batch:
+                yield np.stack(batch)
+    except av.FFmpegError as exc:
+        raise InvalidSpecError(f"{field} could not be decoded: {exc}", param=field) from None
+
+
+def decode_audio_track(source: VideoSource, sample_rate: int) -> np.ndarray | None:
+    """The first audio track as float32 mono PCM at `sample_rate`; None when there is none."""
+    with _open_video(source, "video", DEFAULT_VIDEO_LIMITS) as container:
+        if not container.streams.audio:
+            return None
+        resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
+        parts = [out.to_ndarray().reshape(-1) for frame in container.decode(container.streams.audio[0])
+                 for out in resampler.resample(frame)]
+        parts += [out.to_ndarray().reshape(-1) for out in resampler.resample(None)]
+    return np.concatenate(parts).astype(np.float32) if parts else np.zeros(0, np.float32)
