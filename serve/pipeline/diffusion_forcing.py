@@ -1,5 +1,6 @@
-"""Long video by diffusion forcing (DF): the loop of `SkyReelsV2DiffusionForcingPipeline.__call__`,
-written to match it step for step, window by window.
+"""Long video by diffusion forcing (DF): the loop of `SkyReelsV2DiffusionForcingPipeline.__call__`
+(and of its image-to-video and video-to-video siblings, the modes below), written to match it step
+for step, window by window.
 
 A video of `num_frames` is made in windows of `base_num_frames`; each window after the first starts
 from the last `overlap_history` frames of the latents so far (optionally re-noised by
@@ -15,6 +16,59 @@ through the Wan VAE's causal cache, `serve.pipeline.vae_decode.iter_decode`) is 
 No Serve in here; the `Transformer` deployment runs it for DF jobs, in slices (`DFRun.advance`: a
 step or a window at a time) so that other jobs can run on the same transformer in between.
 Geometry (`plan_windows`) is plain Python so that spec validation can use it without torch.
+
+Three modes (`DFSettings.mode`), each the loop of one diffusers pipeline:
+
+- "t2v": `SkyReelsV2DiffusionForcingPipeline`, text only.
+- "i2v": `SkyReelsV2DiffusionForcingImageToVideoPipeline`. The image's latent frame
+  (`DFJob.condition_latents`, 1 latent frame) is the first window's prefix: it is the video's first
+  latent frame. With `DFSettings.last_image` the last image's latent frame (`DFJob.end_latents`) is
+  appended to the LAST window with its timesteps fixed to 0 (never updated: it only steers the frames
+  before it) and removed afterwards, so the video still has `num_frames` frames, the last image
+  itself not among them (as diffusers returns it). With `causal_block_size` > 1 the image's frame
+  is no whole block, so it is not marked ready: diffusers denoises it with its block, and so does
+  the loop.
+- "v2v": `SkyReelsV2DiffusionForcingVideoToVideoPipeline`, video extension. The source video's last
+  `overlap_history` frames, encoded (`DFJob.condition_latents`, `latent_frames(overlap_history)`
+  latent frames), are the first window's prefix; the windows are always cut the "long video" way
+  (the timestep matrix of each window sized by the window itself). `num_frames` counts the
+  generated frames INCLUDING the `overlap_history` frames re-made from the source's end, so the
+  extension adds `num_frames - overlap_history` new frames.
+
+The conditioning comes in as latents on the job (the VAE deployment encodes with
+`serve.pipeline.vae_encode`); the loop never calls the VAE. In every mode the latents the loop
+makes (`job.result`, or the `on_window` parts put together) are the latents diffusers makes
+(`output_type="latent"`), less the end frame of "i2v" with a last image, which diffusers removes
+before decoding.
+
+What is the same as diffusers and what is not:
+
+- "v2v", the final video: diffusers returns the source followed by ALL generated frames decoded,
+  so the source's last `overlap_history` frames play twice (the second time as their VAE round
+  trip: the prefix latents are marked ready and never updated). SkyReels-V2's own `extend_video`
+  appends only the frames after the overlap, and that is what this module states as the final
+  video (`extension_frames`): the source followed by the decoded generated frames from
+  `overlap_history` on. The latents are diffusers' all the same, and the first window's
+  `on_window` hands over all its latents, prefix included, so that the frames after the overlap
+  are decoded with the same causal context (decode everything, then drop `overlap_history`
+  frames). Choosing diffusers' video instead is `source + generated`, nothing more.
+- "i2v", where diffusers raises: when the last window is shorter than a full window, diffusers
+  sizes its timestep matrix by `base_latent_num_frames` and indexes past the window (IndexError);
+  here the matrix is sized by the window, which is what diffusers computes whenever it runs (the
+  only windows it runs are those of the full size) and what the T2V pipeline does. With a last
+  image, diffusers appends one end frame but fixes (timestep 0, never updated) as many frames as
+  the last window's prefix has (`prefix_video_latents_frames`): right when that prefix is one
+  latent frame (one window, whose prefix is the image; or an overlap of one latent frame), a
+  RuntimeError when it is more, and every frame of the window left as noise when causal blocks
+  truncate it to none. Here the end is the end frame, one latent frame, always; where diffusers
+  runs right, the two agree (tests/test_df_conditioning.py pins both failures of diffusers). A last
+  window, end frame included, that is no multiple of `causal_block_size` leaves frames diffusers
+  never denoises (as the T2V pipeline does, where the spec refuses such a `num_frames`); `DFRun`
+  refuses it (ValueError).
+- diffusers' batch handling of the conditions (`condition[: (condition.shape[0] + 1) // 2]` the
+  images, the rest the last images, from one batched VAE call) reduces, for one video, to the
+  image's latent frame and the last image's, each encoded on its own here (on the tiny model, CPU,
+  the batched and the single encodings differ by < 1e-5).
 """
 
 from __future__ import annotations
@@ -43,37 +97,81 @@ def addnoise_seed(seed: int) -> int:
 
 
 # -- geometry ----------------------------------------------------------------------------------
+# Which diffusers pipeline the loop follows: text only, an image as the first frame (and optionally a
+# last image as the end), or the extension of a video.
+DFMode = Literal["t2v", "i2v", "v2v"]
+DF_MODES: tuple[str, ...] = ("t2v", "i2v", "v2v")
+
+
 @dataclass(frozen=True)
 class WindowPlan:
     """How a DF job is cut into windows, in latent frames (as diffusers cuts it)."""
 
-    num_latent_frames: int  # of the whole video
-    is_long: bool  # more than one window's worth of frames (diffusers' `is_long_video`)
+    num_latent_frames: int  # of the whole video (the end frame of a last image not included)
+    is_long: bool  # cut into windows of base_num_frames carrying an overlap (diffusers' `is_long_video`)
     overlap_latent_frames: int  # carried from one window into the next (0 when not long)
-    window_latent_frames: tuple[int, ...]  # size of each window, prefix included
-    prefix_latent_frames: tuple[int, ...]  # carried frames actually used as each window's prefix
+    window_latent_frames: tuple[int, ...]  # size of each window, prefix and end frame included
+    prefix_latent_frames: tuple[int, ...]  # frames given as each window's prefix (carried, or the condition)
+    mode: DFMode = "t2v"
+    # "i2v" with a last image: latent frames appended to the last window, fixed, removed afterwards
+    end_latent_frames: int = 0
 
     @property
     def num_windows(self) -> int:
         return len(self.window_latent_frames)
 
+    @property
+    def condition_latent_frames(self) -> int:
+        """Latent frames of the condition the job must supply (`DFJob.condition_latents`): 1 for
+        "i2v" (the image), the overlap for "v2v" (the source's last `overlap_history` frames)."""
+        if self.mode == "i2v":
+            return 1
+        return self.overlap_latent_frames if self.mode == "v2v" else 0
+
 
 def plan_windows(num_frames: int, base_num_frames: int, overlap_history: int,
-                 causal_block_size: int = 1) -> WindowPlan:
-    """The windows `SkyReelsV2DiffusionForcingPipeline` runs for these settings (its `n_iter` and
-    `prepare_latents`); frame counts are validated by `serve.pipeline.spec`."""
+                 causal_block_size: int = 1, mode: DFMode = "t2v", last_image: bool = False) -> WindowPlan:
+    """The windows the diffusers pipeline of `mode` runs for these settings (its `n_iter` and
+    `prepare_latents`); frame counts are validated by `serve.pipeline.spec`.
+
+    "t2v" and "i2v" cut like `SkyReelsV2DiffusionForcingPipeline`: one window when `num_frames` <=
+    `base_num_frames`. "i2v" gives the first window the image's latent frame as its prefix and, with
+    `last_image`, makes the last window one latent frame longer (the end frame). "v2v" always cuts
+    the long-video way, its first window's prefix the encoded end of the source; its `num_frames`
+    counts the generated frames, the `overlap_history` frames re-made from the source included, and
+    must exceed `overlap_history`."""
+    if mode not in DF_MODES:
+        raise ValueError(f"unknown diffusion forcing mode {mode!r}; one of {DF_MODES}")
+    if last_image and mode != "i2v":
+        raise ValueError("a last image needs mode 'i2v'")
     total = latent_frames(num_frames)
-    if num_frames <= base_num_frames:
-        return WindowPlan(total, False, 0, (total,), (0,))
+    end = 1 if last_image else 0
     base = latent_frames(base_num_frames)
     overlap = latent_frames(overlap_history)
+    whole_blocks = overlap - overlap % causal_block_size  # diffusers truncates a carried prefix to whole blocks
+    if mode == "v2v":
+        if total <= overlap:
+            raise ValueError(f"video extension needs num_frames ({num_frames}) longer than overlap_history "
+                             f"({overlap_history}) by at least 4 frames")
+    elif num_frames <= base_num_frames:
+        return WindowPlan(total, False, 0, (total + end,), (1 if mode == "i2v" else 0,), mode, end)
     n_windows = 1 + (total - base - 1) // (base - overlap) + 1
-    sizes, prefixes = [base], [0]
-    for k in range(1, n_windows):
-        finished = k * (base - overlap) + overlap
-        sizes.append(min(total - finished + overlap, base))
-        prefixes.append(overlap - overlap % causal_block_size)  # diffusers truncates to whole blocks
-    return WindowPlan(total, True, overlap, tuple(sizes), tuple(prefixes))
+    # window k starts where the video so far, less the overlap, ends: k * (base - overlap)
+    sizes = [min(total - k * (base - overlap), base) for k in range(n_windows)]
+    sizes[-1] += end
+    first_prefix = {"t2v": 0, "i2v": 1, "v2v": whole_blocks}[mode]
+    prefixes = [first_prefix] + [whole_blocks] * (n_windows - 1)
+    return WindowPlan(total, True, overlap, tuple(sizes), tuple(prefixes), mode, end)
+
+
+def extension_frames(source_frames: np.ndarray, generated_frames: np.ndarray, overlap_history: int) -> np.ndarray:
+    """The final video of a "v2v" job: the source's frames (F, H, W, 3), then the generated ones from
+    `overlap_history` on (the first `overlap_history` decoded frames re-make the source's last ones).
+    SkyReels-V2's `extend_video` does this; diffusers returns `source + generated`, showing the
+    overlap twice (see the module docstring)."""
+    if len(generated_frames) < overlap_history:
+        raise ValueError(f"{len(generated_frames)} generated frames do not reach past the overlap ({overlap_history})")
+    return np.concatenate([source_frames, generated_frames[overlap_history:]], axis=0)
 
 
 def timestep_matrix(num_latent_frames: int, step_template, base_num_latent_frames: int, ar_step: int,
@@ -134,17 +232,32 @@ class DFSettings:
     ar_step: int
     causal_block_size: int
     addnoise_condition: float
+    # "t2v" (text), "i2v" (an image as the first frame), "v2v" (extend a video): see the module docstring
+    mode: DFMode = "t2v"
+    last_image: bool = False  # "i2v": the job has `end_latents`, the last window ends on them
+
+    def plan(self) -> WindowPlan:
+        return plan_windows(self.num_frames, self.base_num_frames, self.overlap_history, self.causal_block_size,
+                            self.mode, self.last_image)
 
 
 @dataclass
 class DFJob:
     """One DF generation. `on_step(step, total)` after each transformer iteration, counted over all
     windows; `on_window(index, num_windows, latents)` when a window ends, with the latents it adds
-    to the video (final: later windows only read them)."""
+    to the video (final: later windows only read them). For "v2v" the first window's include its
+    prefix, the source's encoded end: decode them all and drop the first `overlap_history` frames
+    (`extension_frames`) to get the new frames with the same causal context as one decode."""
 
     seed: int
     prompt_embeds: np.ndarray  # (1, L, D)
     negative_prompt_embeds: np.ndarray | None  # (1, L, D) when guidance > 1
+    # Normalised fp32 latents (1, C, n, h, w) from `serve.pipeline.vae_encode.encode`, the first
+    # window's prefix: "i2v" the image (n = 1), "v2v" the source's last `overlap_history` frames
+    # (n = latent_frames(overlap_history)); None for "t2v".
+    condition_latents: np.ndarray | None = None
+    # "i2v" with `DFSettings.last_image`: the last image's latent frame (1, C, 1, h, w), likewise encoded
+    end_latents: np.ndarray | None = None
     is_cancelled: Callable[[], bool] = lambda: False
     on_step: Callable[[int, int], None] = lambda step, total: None
     on_window: Callable[[int, int, np.ndarray], None] = lambda index, num_windows, latents: None
@@ -178,15 +291,24 @@ class DiffusionForcingLoop:
 
     def total_steps(self, s: DFSettings) -> int:
         """Transformer iterations over all windows (what `on_step`'s `total` counts)."""
-        plan = plan_windows(s.num_frames, s.base_num_frames, s.overlap_history, s.causal_block_size)
+        plan = s.plan()
         timesteps = self._scheduler(s.flow_shift, s.num_inference_steps).timesteps
         return sum(len(self._matrix(plan, k, timesteps, s)[0]) for k in range(plan.num_windows))
 
     @staticmethod
     def _matrix(plan: WindowPlan, k: int, timesteps, s: DFSettings):
+        """Window k's timestep matrix, sized by the window in every mode: diffusers' T2V and V2V
+        pipelines pass the window's size (one window: the whole video's), and the I2V pipeline's
+        `base_latent_num_frames` is that too wherever it runs (see the module docstring). The end
+        frame of a last image is in the matrix (so it sets how many iterations the window takes),
+        then fixed at timestep 0 and never updated."""
         size = plan.window_latent_frames[k]
-        return timestep_matrix(size, timesteps, size if plan.is_long else plan.num_latent_frames, s.ar_step,
-                               plan.prefix_latent_frames[k], s.causal_block_size)
+        step_matrix, update_mask, intervals = timestep_matrix(size, timesteps, size, s.ar_step,
+                                                              plan.prefix_latent_frames[k], s.causal_block_size)
+        if plan.end_latent_frames and k == plan.num_windows - 1:
+            step_matrix[:, -plan.end_latent_frames:] = 0
+            update_mask[:, -plan.end_latent_frames:] = False
+        return step_matrix, update_mask, intervals
 
     def _forward(self, latents, timestep, embeds, fps_embeds):
         if self.fault:
@@ -223,7 +345,8 @@ class DFRun:
 
         self.loop, self.job, self.s = loop, job, s
         # 1. The windows and each one's timestep matrix
-        self.plan = plan = plan_windows(s.num_frames, s.base_num_frames, s.overlap_history, s.causal_block_size)
+        self.plan = plan = s.plan()
+        self.condition, self.end = self._conditions(plan, job, s)
         self.scheduler = loop._scheduler(s.flow_shift, s.num_inference_steps)
         self.matrices = [loop._matrix(plan, k, self.scheduler.timesteps, s) for k in range(plan.num_windows)]
         job.window_steps = [len(m[0]) for m in self.matrices]
@@ -245,6 +368,29 @@ class DFRun:
         self.iteration = 0  # the next iteration of that window
         self.latents = None  # that window's latents, None before it starts
         self.schedulers: list = []  # one per latent frame of that window
+
+    def _conditions(self, plan: WindowPlan, job: DFJob, s: DFSettings):
+        """The job's condition and end latents as tensors, checked against the mode."""
+        import torch
+
+        h, w = s.height // VAE_SPATIAL_FACTOR, s.width // VAE_SPATIAL_FACTOR
+        channels = self.loop.transformer.config.in_channels
+
+        def tensor(name: str, latents, frames: int):
+            if frames == 0:
+                if latents is not None:
+                    raise ValueError(f"{name} given, but this {s.mode} job (last_image={s.last_image}) takes none")
+                return None
+            if latents is None or tuple(latents.shape) != (1, channels, frames, h, w):
+                raise ValueError(f"a {s.mode} job needs {name} of shape {(1, channels, frames, h, w)}, got "
+                                 f"{None if latents is None else tuple(latents.shape)}")
+            return torch.from_numpy(np.array(latents, dtype=np.float32)).to(self.loop.device)
+
+        if plan.end_latent_frames and plan.window_latent_frames[-1] % s.causal_block_size:
+            raise ValueError(f"the last window with the end frame has {plan.window_latent_frames[-1]} latent frames, "
+                             f"not a multiple of causal_block_size ({s.causal_block_size})")
+        return (tensor("condition_latents", job.condition_latents, plan.condition_latent_frames),
+                tensor("end_latents", job.end_latents, plan.end_latent_frames))
 
     @property
     def finished(self) -> bool:
@@ -271,14 +417,20 @@ class DFRun:
         import torch
         from diffusers.utils.torch_utils import randn_tensor
 
-        # 3. The window's noise, its first frames replaced by the end of the video so far
+        # 3. The window's noise, its first frames replaced by the end of the video so far (the
+        # first window's by the condition: the image, or the source video's end), the last
+        # window's end frame (a last image) appended
         loop, plan, s, k = self.loop, self.plan, self.s, self.window
         size, prefix = plan.window_latent_frames[k], plan.prefix_latent_frames[k]
+        end = plan.end_latent_frames if k == plan.num_windows - 1 else 0
         h, w = s.height // VAE_SPATIAL_FACTOR, s.width // VAE_SPATIAL_FACTOR
-        latents = randn_tensor((1, loop.transformer.config.in_channels, size, h, w), generator=self.generator,
+        latents = randn_tensor((1, loop.transformer.config.in_channels, size - end, h, w), generator=self.generator,
                                device=loop.device, dtype=torch.float32)
         if prefix > 0:
-            latents[:, :, :prefix] = self.carried_over[:, :, :prefix].to(loop.dtype)
+            given = self.condition if k == 0 else self.carried_over
+            latents[:, :, :prefix] = given[:, :, :prefix].to(loop.dtype)
+        if end:
+            latents = torch.cat([latents, self.end.to(loop.dtype)], dim=2)
         self.schedulers = [copy.deepcopy(self.scheduler) for _ in range(size)]
         for frame_scheduler in self.schedulers:
             frame_scheduler.set_timesteps(s.num_inference_steps, device=loop.device)
@@ -326,8 +478,11 @@ class DFRun:
     def _end_window(self) -> None:
         import torch
 
-        # 5. The window's new frames join the video; they are final
+        # 5. The window's new frames join the video; they are final (the end frame of a last image
+        # leaves: it only steered the window)
         plan, latents = self.plan, self.latents
+        if self.window == plan.num_windows - 1 and plan.end_latent_frames:
+            latents = latents[:, :, :-plan.end_latent_frames]
         new = latents if self.window == 0 else latents[:, :, plan.overlap_latent_frames:]
         if plan.overlap_latent_frames:  # the end of the video so far (may reach into the window before)
             tail = latents if self.carried_over is None else torch.cat([self.carried_over, new], dim=2)
