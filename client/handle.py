@@ -21,6 +21,14 @@ append them to a file and it plays so far) and, with `"return_frames": True`, `e
                 print(f"window {event.window + 1}/{event.num_windows}: {event.frames.shape[0]} frames, "
                       f"{event.playable_s:.1f} s playable")
 
+Image-to-video and extension take what they start from beside the spec: `image=` (and
+`last_image=`) an RGB uint8 array (H, W, 3) or the bytes (or path) of a PNG/JPEG/WebP file, fitted
+to the video's size; `video=` the MP4 to extend (bytes or path), its size and frame rate kept, the
+result being that video followed by `num_frames - 1` new frames:
+
+    result = client.generate({"prompt": "the cat wakes up", "model": "cinevivid-tiny-i2v"}, image="cat.png")
+    longer = client.generate({"prompt": "and walks away", "num_frames": 33}, video=result.mp4)
+
 `connect()` reads what `cinevivid up` recorded in CINEVIVID_CACHE_DIR (the cluster's address, its
 auth token, the app's name) and calls `ray.init` with it; without a running stack it raises
 serve.errors.StackNotRunning saying what to do. In a driver Ray already points at that cluster (a
@@ -38,7 +46,7 @@ from typing import AsyncIterator, Iterator
 
 from ray import serve
 
-from serve.contracts import GenerationResult, GenerationSpec, ProgressEvent
+from serve.contracts import GenerationInputs, GenerationResult, GenerationSpec, ProgressEvent
 from serve.errors import CineVividError, GenerationCancelled, OverloadedError, unwrap_error
 
 GENERATOR_DEPLOYMENT = "Generator"
@@ -92,6 +100,16 @@ class GenerationStream:
             pass
 
 
+def _inputs(image=None, last_image=None, video=None) -> GenerationInputs | None:
+    """What a job starts from, for the Generator (which checks and fits it)."""
+    if image is None and last_image is None and video is None:
+        return None
+
+    def data(x):
+        return Path(x).read_bytes() if isinstance(x, (str, Path)) else x
+    return GenerationInputs(image=data(image), last_image=data(last_image), video_mp4=data(video))
+
+
 def _spec_dict(spec: GenerationSpec | dict) -> dict:
     if isinstance(spec, GenerationSpec):
         return spec.model_dump(mode="json", exclude_none=True)
@@ -115,30 +133,32 @@ class GeneratorClient:
         return cls(app_name or state.get("app_name") or "cinevivid")
 
     # sync ---------------------------------------------------------------------------------------
-    def generate(self, spec: GenerationSpec | dict, timeout_s: float | None = None) -> GenerationResult:
+    def generate(self, spec: GenerationSpec | dict, timeout_s: float | None = None, **inputs) -> GenerationResult:
+        """`inputs`: image=, last_image=, video= (see the module doc)."""
         try:
-            return self.handle.generate.remote(_spec_dict(spec)).result(timeout_s=timeout_s)
+            return self.handle.generate.remote(_spec_dict(spec), inputs=_inputs(**inputs)).result(timeout_s=timeout_s)
         except Exception as exc:  # noqa: BLE001
             raise _typed(exc) from None
 
-    def stream(self, spec: GenerationSpec | dict) -> GenerationStream:
-        return GenerationStream(self.handle.options(stream=True).stream.remote(_spec_dict(spec)))
+    def stream(self, spec: GenerationSpec | dict, **inputs) -> GenerationStream:
+        return GenerationStream(self.handle.options(stream=True).stream.remote(_spec_dict(spec),
+                                                                               inputs=_inputs(**inputs)))
 
-    def check(self, spec: GenerationSpec | dict) -> dict:
+    def check(self, spec: GenerationSpec | dict, **inputs) -> dict:
         try:
-            return self.handle.check.remote(_spec_dict(spec)).result()
+            return self.handle.check.remote(_spec_dict(spec), _inputs(**inputs)).result()
         except Exception as exc:  # noqa: BLE001
             raise _typed(exc) from None
 
     # async --------------------------------------------------------------------------------------
-    async def agenerate(self, spec: GenerationSpec | dict) -> GenerationResult:
+    async def agenerate(self, spec: GenerationSpec | dict, **inputs) -> GenerationResult:
         try:
-            return await self.handle.generate.remote(_spec_dict(spec))
+            return await self.handle.generate.remote(_spec_dict(spec), inputs=_inputs(**inputs))
         except Exception as exc:  # noqa: BLE001
             raise _typed(exc) from None
 
-    async def astream(self, spec: GenerationSpec | dict) -> AsyncIterator[ProgressEvent]:
-        gen = self.handle.options(stream=True).stream.remote(_spec_dict(spec))
+    async def astream(self, spec: GenerationSpec | dict, **inputs) -> AsyncIterator[ProgressEvent]:
+        gen = self.handle.options(stream=True).stream.remote(_spec_dict(spec), inputs=_inputs(**inputs))
         try:
             async for event in gen:
                 yield event

@@ -51,13 +51,12 @@ from serve.pipeline.faults import chaos_pause
 from serve.errors import GenerationCancelled, StageError
 from serve.contracts import DenoisedLatents, ProgressEvent, PromptEmbeds, ResolvedSpec, dit_tokens
 from serve.pipeline.levers import apply_levers, lever_state
+from serve.pipeline.spec import DF_MODE
 from serve.pipeline.loading import resolve_subfolder, torch_device, torch_dtype
 from serve.pipeline.replica import CallerWatch, setup_replica_logging
 
 logger = logging.getLogger(__name__)
 STAGE = "transformer"
-# a DF job's mode -> the diffusion-forcing loop's
-DF_MODE = {"text-to-video": "t2v", "image-to-video": "i2v", "extend": "v2v"}
 
 
 @dataclass

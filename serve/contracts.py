@@ -154,8 +154,9 @@ class GenerationInputs(BaseModel):
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
-    image: np.ndarray | None = None  # uint8 (H, W, 3)
-    last_image: np.ndarray | None = None  # uint8 (H, W, 3)
+    # uint8 (H, W, 3); from a handle caller also the bytes of a PNG/JPEG/WebP file (checked, decoded)
+    image: np.ndarray | bytes | None = None
+    last_image: np.ndarray | bytes | None = None
     video_mp4: bytes | None = None
 
 

@@ -106,7 +106,11 @@ def resolve_spec(spec: GenerationSpec, models: ModelConfig | Sequence[ModelConfi
 
         voiceover = validate_voiceover(voiceover, tts or TTSConfig())
 
-    df = resolve_diffusion_forcing(spec, model, frames, force=mode != "text-to-video" and model.pipeline == "df")
+    if has_last_image and model.pipeline == "i2v":
+        raise InvalidSpecError(f"model {model.name} does not take a last frame (an I2V model starts from one image); "
+                               "the DF models do", param="last_frame")
+    df = resolve_diffusion_forcing(spec, model, frames, force=mode != "text-to-video" and model.pipeline == "df",
+                                   df_mode=DF_MODE[mode], last_image=has_last_image)
 
     seed = spec.seed if spec.seed is not None else secrets.randbelow(2**31)
     return ResolvedSpec(
@@ -124,7 +128,12 @@ def _frame_count(name: str, value: int, minimum: int = 1) -> None:
                                param=name)
 
 
-def resolve_diffusion_forcing(spec: GenerationSpec, model: ModelConfig, frames: int, force: bool = False) -> dict:
+# a request's mode -> the diffusion-forcing loop's (`serve.pipeline.diffusion_forcing.DFSettings.mode`)
+DF_MODE = {"text-to-video": "t2v", "image-to-video": "i2v", "extend": "v2v"}
+
+
+def resolve_diffusion_forcing(spec: GenerationSpec, model: ModelConfig, frames: int, force: bool = False,
+                              df_mode: str = "t2v", last_image: bool = False) -> dict:
     """The DF fields of the ResolvedSpec: all None for a T2V job; all filled and checked for a DF
     job (the model does DF, and it always does, or the video is longer than a window, or the
     request sets a DF field). Each failure names its field."""
@@ -169,13 +178,18 @@ def resolve_diffusion_forcing(spec: GenerationSpec, model: ModelConfig, frames: 
 
     from serve.pipeline.diffusion_forcing import plan_windows
 
-    windows = plan_windows(frames, base, overlap, block).window_latent_frames
-    if windows[-1] % block:
+    def last_window(n: int) -> int:
+        plan = plan_windows(n, base, overlap, block, df_mode, last_image)
+        return plan.window_latent_frames[-1] - plan.end_latent_frames
+
+    if df_mode == "v2v" and frames <= overlap:
+        raise InvalidSpecError(f"num_frames ({frames}) must exceed overlap_history ({overlap}) to extend a video",
+                               param="num_frames")
+    if last_window(frames) % block:
         fits = [n for n in range(frames - 4 * 2 * block, frames + 4 * 2 * block + 1, VAE_TEMPORAL_FACTOR)
-                if 1 <= n <= model.max_frames and plan_windows(n, base, overlap, block).window_latent_frames[-1]
-                % block == 0]
+                if 1 <= n <= model.max_frames and (df_mode != "v2v" or n > overlap) and last_window(n) % block == 0]
         raise InvalidSpecError(
-            f"num_frames={frames} leaves a last window of {windows[-1]} latent frames, not a multiple of "
+            f"num_frames={frames} leaves a last window of {last_window(frames)} latent frames, not a multiple of "
             f"causal_block_size ({block}); nearby num_frames that fit: {fits}", param="num_frames")
     return {"base_num_frames": base, "overlap_history": overlap, "ar_step": ar_step, "causal_block_size": block,
             "addnoise_condition": float(noise)}
