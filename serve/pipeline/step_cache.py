@@ -10,7 +10,9 @@ batch), the remaining blocks are skipped and the residual they produced at that 
 added instead. Otherwise every block runs and the cache is refreshed. Each branch ("cond", "uncond",
 "cfg" = both in one batch) keeps its own state; the first `warmup_steps` steps and the last step
 (when `reset(num_steps=...)` told the cache how many there are) are always computed, and at most
-`max_consecutive_skips` steps in a row are skipped.
+`max_consecutive_skips` steps in a row are skipped. Image-to-video transformers are cached the same
+way (`image_embeds=`: the projected image embeddings join the blocks' context, as in `forward`);
+diffusion forcing configs run the plain forward.
 
 Quality cost: approximate. threshold 0 computes every step and reproduces the plain forward exactly
 (same ops, same order); larger thresholds skip more steps and cost PSNR (tests and
@@ -42,7 +44,8 @@ class _BranchState:
 class StepCache:
     """Callable as `cache(transformer, latents, timestep, embeds, branch) -> noise_pred`, the same
     tensor `transformer(hidden_states=latents, timestep=timestep, encoder_hidden_states=embeds,
-    return_dict=False)[0]` returns (exactly so when the step is computed)."""
+    return_dict=False)[0]` returns (exactly so when the step is computed). Image-to-video passes
+    `image_embeds=` too (the transformer's `encoder_hidden_states_image`)."""
 
     def __init__(self, threshold: float, warmup_steps: int = 1, max_consecutive_skips: int = 3,
                  compute_last_step: bool = True):
@@ -103,16 +106,17 @@ class StepCache:
     # -- the forward --------------------------------------------------------------------------
     @torch.no_grad()
     def __call__(self, transformer, latents: torch.Tensor, timestep: torch.Tensor, embeds: torch.Tensor,
-                 branch: str) -> torch.Tensor:
+                 branch: str, image_embeds: torch.Tensor | None = None) -> torch.Tensor:
         st = self._states.setdefault(branch, _BranchState())
         step = st.step
         st.step += 1
-        if not _supported(transformer):  # diffusion forcing / I2V configs: no caching, plain forward
+        if not _supported(transformer):  # diffusion forcing configs: no caching, plain forward
             self._count(st, computed=True)
+            extra = {} if image_embeds is None else {"encoder_hidden_states_image": image_embeds}
             return transformer(hidden_states=latents, timestep=timestep, encoder_hidden_states=embeds,
-                               return_dict=False)[0]
+                               return_dict=False, **extra)[0]
 
-        hidden, enc, timestep_proj, rotary, temb = _embed(transformer, latents, timestep, embeds)
+        hidden, enc, timestep_proj, rotary, temb = _embed(transformer, latents, timestep, embeds, image_embeds)
         blocks = transformer.blocks
         head_in = hidden
         hidden = blocks[0](hidden, enc, timestep_proj, rotary, None)
@@ -153,9 +157,10 @@ class StepCache:
 
 
 def _supported(transformer) -> bool:
+    """T2V and I2V configs (the image embeddings only add to the blocks' context); not the
+    diffusion forcing ones (causal blocks, fps conditioning, per-frame timesteps)."""
     cfg = transformer.config
-    return (getattr(cfg, "num_frame_per_block", 1) <= 1 and not getattr(cfg, "inject_sample_info", False)
-            and getattr(cfg, "image_dim", None) is None and getattr(cfg, "added_kv_proj_dim", None) is None)
+    return getattr(cfg, "num_frame_per_block", 1) <= 1 and not getattr(cfg, "inject_sample_info", False)
 
 
 def _relative_change(current: torch.Tensor, previous: torch.Tensor) -> float:
@@ -167,13 +172,17 @@ def _relative_change(current: torch.Tensor, previous: torch.Tensor) -> float:
     return float((num / den).max())
 
 
-def _embed(transformer, hidden_states, timestep, encoder_hidden_states):
-    """The T2V prologue of `SkyReelsV2Transformer3DModel.forward`, the same ops in the same order."""
+def _embed(transformer, hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image=None):
+    """The T2V/I2V prologue of `SkyReelsV2Transformer3DModel.forward`, the same ops in the same order
+    (I2V: the projected image embeddings go before the text in the blocks' context)."""
     rotary_emb = transformer.rope(hidden_states)
     hidden = transformer.patch_embedding(hidden_states)
     hidden = hidden.flatten(2).transpose(1, 2)
-    temb, timestep_proj, enc, _ = transformer.condition_embedder(timestep, encoder_hidden_states, None)
+    temb, timestep_proj, enc, image = transformer.condition_embedder(timestep, encoder_hidden_states,
+                                                                     encoder_hidden_states_image)
     timestep_proj = timestep_proj.unflatten(-1, (6, -1))
+    if image is not None:
+        enc = torch.concat([image, enc], dim=1)
     return hidden, enc, timestep_proj, rotary_emb, temb
 
 

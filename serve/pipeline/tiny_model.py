@@ -5,6 +5,9 @@ tokenizer, text_encoder, transformer, vae and scheduler subfolders) that `SkyRee
 and each CineVivid stage load exactly like the real SkyReels-V2 checkpoints. Nothing is fetched
 from the Hub: the configs are written here and the tokenizer is trained on a small built-in
 corpus with `tokenizers`. Same seed -> byte-identical weights. Its output is noise.
+
+`variant="i2v"` adds the image side of the SkyReels-V2 I2V checkpoints (a tiny CLIP vision tower
+and its image processor, also configured here) for `SkyReelsV2ImageToVideoPipeline`.
 """
 
 from __future__ import annotations
@@ -21,6 +24,15 @@ logger = logging.getLogger(__name__)
 
 TINY_TEXT_DIM = 32
 TINY_VOCAB_SIZE = 512
+# the CLIP vision tower of the "i2v" variant: 32x32 pixels in 8x8 patches -> 16 + 1 tokens of 32
+TINY_IMAGE_DIM = 32
+TINY_IMAGE_SIZE = 32
+TINY_IMAGE_PATCH = 8
+TINY_IMAGE_TOKENS = (TINY_IMAGE_SIZE // TINY_IMAGE_PATCH) ** 2 + 1
+# OpenAI CLIP's normalisation, as in the image processor of the real I2V checkpoints
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+VARIANTS = ("t2v", "df", "i2v", "flf2v")
 
 _CORPUS = [
     "a cat walks on the grass in the sunshine",
@@ -76,11 +88,24 @@ def build_tiny_pipeline(seed: int = 0, variant: str = "t2v"):
     diffusion forcing, long video. "df": a `SkyReelsV2DiffusionForcingPipeline` whose transformer
     has the DF-1.3B config (`inject_sample_info`: an fps embedding that only the DF pipeline
     feeds; `SkyReelsV2Pipeline` cannot run it). Same seed -> the same weights in both, apart from
-    the fps layers of "df"."""
+    the fps layers of "df".
+
+    "i2v": a `SkyReelsV2ImageToVideoPipeline` with the same tokenizer, text encoder, VAE and
+    scheduler (same seed -> same weights), a transformer configured like the SkyReels-V2 I2V
+    checkpoints (`in_channels` 36 = 16 noise + 4 mask + 16 condition latents, `image_dim` = the CLIP
+    tower's hidden size, `added_kv_proj_dim` = the transformer's inner dim, no `pos_embed_seq_len`)
+    and a tiny CLIP vision tower with its image processor (`TINY_IMAGE_*`). Like the real I2V
+    checkpoints it cannot take a `last_image`: the pipeline then encodes two images, and only a
+    transformer with `pos_embed_seq_len` folds their embeddings into one sequence per video.
+    "flf2v": "i2v" with that transformer (`pos_embed_seq_len` = 2 x the CLIP tokens, as the
+    Wan2.1-FLF2V checkpoint has it), for first-and-last-frame conditioning."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown tiny model variant {variant!r}")
     import torch
     from diffusers import (
         AutoencoderKLWan,
         SkyReelsV2DiffusionForcingPipeline,
+        SkyReelsV2ImageToVideoPipeline,
         SkyReelsV2Pipeline,
         SkyReelsV2Transformer3DModel,
         UniPCMultistepScheduler,
@@ -107,11 +132,20 @@ def build_tiny_pipeline(seed: int = 0, variant: str = "t2v"):
         )
     ).eval()
     torch.manual_seed(seed + 1)
+    heads, head_dim = 2, 12
+    in_channels, image_kwargs = 16, {}
+    if variant in ("i2v", "flf2v"):
+        # as the I2V checkpoints: 16 noise + 4 mask + 16 condition channels in, 16 out; the CLIP
+        # hidden states projected to the inner dim feed the image K/V of every cross-attention
+        in_channels = 16 + 4 + 16
+        image_kwargs = dict(image_dim=TINY_IMAGE_DIM, added_kv_proj_dim=heads * head_dim)
+        if variant == "flf2v":
+            image_kwargs["pos_embed_seq_len"] = 2 * TINY_IMAGE_TOKENS
     transformer = SkyReelsV2Transformer3DModel(
         patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=12,
-        in_channels=16,
+        num_attention_heads=heads,
+        attention_head_dim=head_dim,
+        in_channels=in_channels,
         out_channels=16,
         text_dim=TINY_TEXT_DIM,
         freq_dim=256,
@@ -121,6 +155,7 @@ def build_tiny_pipeline(seed: int = 0, variant: str = "t2v"):
         qk_norm="rms_norm_across_heads",
         rope_max_seq_len=32,
         inject_sample_info=variant == "df",
+        **image_kwargs,
     ).eval()
     torch.manual_seed(seed + 2)
     vae = AutoencoderKLWan(
@@ -136,12 +171,61 @@ def build_tiny_pipeline(seed: int = 0, variant: str = "t2v"):
         num_train_timesteps=1000,
         flow_shift=8.0,
     )
-    if variant not in ("t2v", "df"):
-        raise ValueError(f"unknown tiny model variant {variant!r}")
+    if variant in ("i2v", "flf2v"):
+        image_encoder, image_processor = _tiny_clip_vision(seed + 3)
+        return SkyReelsV2ImageToVideoPipeline(
+            tokenizer=tokenizer, text_encoder=text_encoder, image_encoder=image_encoder,
+            image_processor=image_processor, transformer=transformer, vae=vae, scheduler=scheduler,
+        )
     pipeline_class = SkyReelsV2DiffusionForcingPipeline if variant == "df" else SkyReelsV2Pipeline
     return pipeline_class(
         tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae, scheduler=scheduler
     )
+
+
+def _tiny_clip_vision(seed: int):
+    """A tiny CLIP vision tower (random weights from `seed`) and its image processor, both
+    configured here. The I2V pipeline feeds the transformer the tower's second-to-last hidden
+    states (`hidden_states[-2]`: the output of the last-but-one encoder layer, before the last layer
+    and the post-layernorm), (1, TINY_IMAGE_TOKENS, TINY_IMAGE_DIM) per image; the processor
+    resizes the shortest edge to the tower's image size, centre-crops it square and normalises with
+    OpenAI CLIP's mean/std, as the real checkpoints' processor does at 224."""
+    import torch
+    import transformers
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(seed)
+    image_encoder = CLIPVisionModelWithProjection(
+        CLIPVisionConfig(
+            hidden_size=TINY_IMAGE_DIM,
+            intermediate_size=64,
+            projection_dim=TINY_IMAGE_DIM,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_channels=3,
+            image_size=TINY_IMAGE_SIZE,
+            patch_size=TINY_IMAGE_PATCH,
+            hidden_act="gelu",  # as the ViT-H/14 tower of the I2V checkpoints
+            layer_norm_eps=1e-5,
+        )
+    ).eval()
+    # the PIL backend by name: `CLIPImageProcessor` resolves to the torchvision one where torchvision
+    # is installed, so the folder would differ between machines
+    processor_class = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
+    image_processor = processor_class(
+        do_resize=True,
+        size={"shortest_edge": TINY_IMAGE_SIZE},
+        resample=3,  # bicubic
+        do_center_crop=True,
+        crop_size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE},
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=CLIP_MEAN,
+        image_std=CLIP_STD,
+        do_convert_rgb=True,
+    )
+    return image_encoder, image_processor
 
 
 def make_tiny_model(path: str | os.PathLike, seed: int = 0, overwrite: bool = False, variant: str = "t2v") -> Path:
