@@ -312,6 +312,9 @@ class Generator:
 
         def write() -> None:
             for frames in iter_video_frames(run.inputs.video_mp4, "video"):
+                middle = run.spec.output_frames // 2 - run.frames_done
+                if 0 <= middle < len(frames):
+                    run.thumbnail_frame = frames[middle].copy()
                 run.writer.add(frames)
                 run.preview.add(frames, False)
                 run.frames_done += len(frames)

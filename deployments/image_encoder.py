@@ -27,12 +27,13 @@ logger = logging.getLogger(__name__)
 class ImageEncoder:
     def __init__(self, model: dict):
         import torch
-        from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+        from transformers import AutoImageProcessor, CLIPVisionModelWithProjection
 
         setup_replica_logging()
         self.model_cfg = ModelConfig.model_validate(model)
         self.device = torch_device(self.model_cfg)
-        self.processor = CLIPImageProcessor.from_pretrained(resolve_subfolder(self.model_cfg, "image_processor"))
+        # the processor class the folder names (the tiny model's is the PIL one: the same pixels everywhere)
+        self.processor = AutoImageProcessor.from_pretrained(resolve_subfolder(self.model_cfg, "image_processor"))
         self.encoder = CLIPVisionModelWithProjection.from_pretrained(
             resolve_subfolder(self.model_cfg, "image_encoder"),
             torch_dtype=torch_dtype(self.model_cfg.dtype)).to(self.device).eval()

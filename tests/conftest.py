@@ -30,7 +30,7 @@ GRAPH_APP = "graph"
 TINY_MODELS = [
     {"name": "cinevivid-tiny", "aliases": ["skyreels-v2-tiny", "sora-2"]},
     {"name": "cinevivid-tiny-i2v", "pipeline": "i2v", "source": "embedded:tiny-i2v", "guidance_scale": 5.0,
-     "flow_shift": 5.0},
+     "flow_shift": 5.0, "width": 48, "height": 32},  # landscape by default: a portrait image turns it
     {"name": "cinevivid-tiny-df", "pipeline": "df", "source": "embedded:tiny-df", "max_frames": 129,
      "diffusion_forcing": {"mode": "always", "base_num_frames": 17, "max_base_num_frames": 33,
                            "overlap_history": 5}},

@@ -114,6 +114,7 @@ async def read_body_with_files(request: Request, model: type[BaseModel], file_fi
             if len(data) > max_file_bytes:
                 raise PayloadTooLarge(f"{key} is larger than the limit of {max_file_bytes} bytes", param=key)
             files[key] = data
+            fields.append((key, "(uploaded file)"))  # the field is there; its bytes are in `files`
     finally:
         await form.close()
     data = unflatten_form(_Items(fields))
@@ -153,7 +154,7 @@ def spec_from_openai(req, m: ModelConfig, default_fps: int | None = None) -> Gen
     """Map an OpenAI-style request (`seconds`, `size`) onto a GenerationSpec, checking `size` and
     `seconds` against the model's bounds so the error names the field the caller sent."""
     width = height = None
-    if req.size is not None:
+    if getattr(req, "size", None) is not None:  # (an extension has its source's size)
         try:
             w, h = str(req.size).lower().split("x")
             width, height = int(w), int(h)
