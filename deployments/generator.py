@@ -48,7 +48,7 @@ from serve.errors import (
 from serve.media.fmp4 import FragmentedPreview
 from serve.media.mp4 import Mp4Writer, thumbnail_jpeg
 from serve.pipeline.replica import CallerWatch, caller_id, setup_replica_logging
-from serve.pipeline.prepare import prepare_job
+from serve.media.prepare import prepare_job
 
 logger = logging.getLogger(__name__)
 # Ray Serve's router leaves each stage call's response (an ObjectRef: e.g. the prompt embeddings)

@@ -31,16 +31,42 @@ def uses_tts(args: AppArgs) -> bool:
     return any(p != "none" for p in args.tts.providers)
 
 
-def _options(opts, name: str, overrides: dict[str, dict] | None) -> dict[str, Any]:
-    """A deployment's Serve options from its `AppArgs.deployments.<stage>`, with any of Serve's own
-    per-deployment overrides (a config file's `deployments:` list, by deployment name) on top."""
-    return {**opts.serve_options(), **(overrides or {}).get(name, {})}
+def _over(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """Serve options `over` laid over `base`, key by key; a `num_replicas` drops autoscaling, as in Serve."""
+    if "num_replicas" in over:
+        base = {k: v for k, v in base.items() if k != "autoscaling_config"}
+    elif "autoscaling_config" in over:
+        base = {k: v for k, v in base.items() if k != "num_replicas"}
+    return {**base, **over}
 
 
 def transformer_deployment_name(args: AppArgs, model_name: str) -> str:
     """The Serve deployment of a model's Transformer: "Transformer" for the default (first) model,
     "Transformer-<name>" for each other model of the set."""
     return "Transformer" if model_name == args.models[0].name else f"Transformer-{model_name}"
+
+
+def deployment_plan(args: AppArgs, serve_overrides: dict[str, dict] | None = None) -> dict[str, dict[str, Any]]:
+    """Every deployment the app deploys, by Serve name, with the Serve options it gets: its stage's
+    `AppArgs.deployments` entry, a model's `transformer_deployment` over that for its Transformer,
+    and Serve's own per-deployment overrides on top (an override's `num_replicas` drops autoscaling,
+    as in Serve)."""
+    d = args.deployments
+    plan: dict[str, dict[str, Any]] = {"TextEncoder": d.text_encoder.serve_options()}
+    for m in args.models:
+        plan[transformer_deployment_name(args, m.name)] = _over(d.transformer.serve_options(), m.transformer_deployment)
+    plan["VAEDecoder"] = d.vae.serve_options()
+    if any(m.pipeline == "i2v" for m in args.models):
+        plan["ImageEncoder"] = d.image_encoder.serve_options()
+    if uses_tts(args):
+        plan["TTS"] = d.tts.serve_options()
+    plan["Generator"] = d.generator.serve_options()
+    if args.with_ingress:
+        plan["Ingress"] = d.ingress.serve_options()
+    for name, over in (serve_overrides or {}).items():
+        if name in plan:
+            plan[name] = _over(plan[name], over)
+    return plan
 
 
 def build_generator(args: AppArgs, serve_overrides: dict[str, dict] | None = None) -> Application:
@@ -53,36 +79,32 @@ def build_generator(args: AppArgs, serve_overrides: dict[str, dict] | None = Non
     from deployments.transformer import Transformer
     from deployments.vae import VAEDecoder
 
-    d = args.deployments
+    plan = deployment_plan(args, serve_overrides)
     model = args.model.model_dump(mode="json")
     levers = args.levers.model_dump(mode="json")
     liveness = args.liveness.model_dump(mode="json")
-    o = serve_overrides
-    text_encoder = TextEncoder.options(**_options(d.text_encoder, "TextEncoder", o)).bind(
+    text_encoder = TextEncoder.options(**plan["TextEncoder"]).bind(
         model, args.text_encoder_batching.model_dump(mode="json"), args.levers.embedding_cache_size)
     transformers = {}
     for m in args.models:
         name = transformer_deployment_name(args, m.name)
-        opts = {**_options(d.transformer, name, None), **m.transformer_deployment, **(o or {}).get(name, {})}
-        transformers[m.name] = Transformer.options(name=name, **opts).bind(
+        transformers[m.name] = Transformer.options(name=name, **plan[name]).bind(
             m.model_dump(mode="json"), levers, args.fault_injection.get("transformer"), liveness,
             args.chaos_delay_s.get("transformer", 0.0))
-    vae = VAEDecoder.options(**_options(d.vae, "VAEDecoder", o)).bind(
+    vae = VAEDecoder.options(**plan["VAEDecoder"]).bind(
         model, levers, args.fault_injection.get("vae"), liveness, args.chaos_delay_s.get("vae", 0.0))
     image_encoder = None
-    i2v = next((m for m in args.models if m.pipeline == "i2v"), None)
-    if i2v is not None:
+    if "ImageEncoder" in plan:
         from deployments.image_encoder import ImageEncoder
 
-        image_encoder = ImageEncoder.options(**_options(d.image_encoder, "ImageEncoder", o)).bind(
-            i2v.model_dump(mode="json"))
+        i2v = next(m for m in args.models if m.pipeline == "i2v")
+        image_encoder = ImageEncoder.options(**plan["ImageEncoder"]).bind(i2v.model_dump(mode="json"))
     tts = None
-    if uses_tts(args):
+    if "TTS" in plan:
         from deployments.tts import TTS
 
-        tts = TTS.options(**_options(d.tts, "TTS", o)).bind(args.tts.model_dump(mode="json"),
-                                                     args.chaos_delay_s.get("tts", 0.0))
-    return Generator.options(**_options(d.generator, "Generator", o)).bind(
+        tts = TTS.options(**plan["TTS"]).bind(args.tts.model_dump(mode="json"), args.chaos_delay_s.get("tts", 0.0))
+    return Generator.options(**plan["Generator"]).bind(
         text_encoder, transformers, vae, tts, [m.model_dump(mode="json") for m in args.models],
         args.tts.model_dump(mode="json"), args.name, liveness, image_encoder)
 
@@ -95,7 +117,7 @@ def build_app(args: AppArgs | dict[str, Any] | None = None,
         return generator
     from deployments.ingress import Ingress
 
-    return Ingress.options(**_options(args.deployments.ingress, "Ingress", serve_overrides)).bind(
+    return Ingress.options(**deployment_plan(args, serve_overrides)["Ingress"]).bind(
         generator, args.model_dump(mode="json"))
 
 

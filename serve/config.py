@@ -381,21 +381,6 @@ class LimitsConfig(_Strict):
     max_video_bytes: int = Field(default=200_000_000, ge=1)
     max_video_frames: int = Field(default=2000, ge=1)
     max_video_side: int = Field(default=2048, ge=1)
-
-    def image_limits(self):
-        """`serve.media.inputs.ImageLimits` of these limits."""
-        from serve.media.inputs import ImageLimits
-
-        return ImageLimits(max_bytes=self.max_image_bytes, max_width=self.max_image_side,
-                           max_height=self.max_image_side, max_pixels=self.max_image_pixels)
-
-    def video_limits(self):
-        """`serve.media.inputs.VideoLimits` of these limits (a video to extend)."""
-        from serve.media.inputs import VideoLimits
-
-        return VideoLimits(max_bytes=self.max_video_bytes, max_width=self.max_video_side,
-                           max_height=self.max_video_side, max_pixels=self.max_video_side ** 2,
-                           max_frames=self.max_video_frames)
     max_concurrent_jobs_per_user: int = Field(default=4, ge=1)  # queued + in_progress; more -> 429
     rate_limit_per_minute: float = Field(default=600.0, gt=0)  # authenticated requests per user
     rate_limit_burst: int = Field(default=120, ge=1)

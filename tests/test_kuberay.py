@@ -108,11 +108,16 @@ def test_serve_config_v2_is_the_preset_and_validates(preset):
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
 def test_worker_pods_hold_the_gpus_the_deployments_ask_for(preset):
     manifest = _manifest(ROOT / "configs" / "kuberay" / preset.name)
-    args = load_serve_config(preset)["applications"][0]["args"]["deployments"]
-    need = 0.0
-    for opts in args.values():
+    app = load_serve_config(preset)["applications"][0]["args"]
+    args = app["deployments"]
+
+    def gpus_of(opts: dict) -> float:
         replicas = (opts.get("autoscaling_config") or {}).get("max_replicas") or opts.get("num_replicas") or 1
-        need += opts.get("ray_actor_options", {}).get("num_gpus", 0) * replicas
+        return opts.get("ray_actor_options", {}).get("num_gpus", 0) * replicas
+
+    need = sum(gpus_of(opts) for opts in args.values())
+    for model in app["models"][1:]:  # each other model's own Transformer: its options over the transformer's
+        need += gpus_of({**args["transformer"], **model.get("transformer_deployment", {})})
     need = round(need, 6)  # 0.4 + 6 + 0.6 is 7
     (group,) = manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"]
     (worker,) = group["template"]["spec"]["containers"]

@@ -42,7 +42,7 @@ async def read_image(service: JobService, value: Any, upload: bytes | None, fiel
     decoded to uint8 (H, W, 3); None when the field is absent."""
     from serve.media import inputs
 
-    limits = service.config.limits.image_limits()
+    limits = service.image_limits()
     if upload is not None:
         data = upload
     elif value in (None, ""):
@@ -103,7 +103,7 @@ async def extension_job(service: JobService, user_id: str, req, upload: bytes | 
     from serve.media.inputs import probe_video
 
     model = service.model_for(req.model, "extend")
-    info = await asyncio.to_thread(probe_video, source, "video", service.config.limits.video_limits())
+    info = await asyncio.to_thread(probe_video, source, "video", service.video_limits())
     # `seconds` of the new segment at the source's frame rate
     spec = spec_from_openai(req, model, default_fps=max(1, round(info.fps))).model_copy(update={"mode": "extend"})
     resolved, _ = await asyncio.to_thread(service.prepare, spec, None, video_source=source,

@@ -26,7 +26,8 @@ from serve.jobs.store import JobStore, new_job_id
 from serve.jobs.views import video_view
 from serve.jobs.webhook_store import WebhookStore
 from serve.jobs.webhooks import WebhookWorker
-from serve.pipeline.prepare import prepare_job
+from serve.media.inputs import ImageLimits, VideoLimits
+from serve.media.prepare import prepare_job
 from serve.pipeline.spec import resolve_spec, select_model
 
 logger = logging.getLogger(__name__)
@@ -134,11 +135,22 @@ class JobService:
         bounds as this service applies them; an error naming `model` when none fits."""
         return select_model(GenerationSpec(prompt="-", model=name, mode=mode), self.models)
 
-    def prepare(self, spec: GenerationSpec, inputs: GenerationInputs | None, **kw):
-        """`serve.pipeline.prepare.prepare_job` with this service's models and limits."""
+    def image_limits(self) -> ImageLimits:
         lim = self.config.limits
-        return prepare_job(spec, inputs, self.models, self.tts_cfg, image_limits=lim.image_limits(),
-                           video_limits=lim.video_limits(), **kw)
+        return ImageLimits(max_bytes=lim.max_image_bytes, max_width=lim.max_image_side,
+                           max_height=lim.max_image_side, max_pixels=lim.max_image_pixels)
+
+    def video_limits(self) -> VideoLimits:
+        """What a video to extend may be."""
+        lim = self.config.limits
+        return VideoLimits(max_bytes=lim.max_video_bytes, max_width=lim.max_video_side,
+                           max_height=lim.max_video_side, max_pixels=lim.max_video_side ** 2,
+                           max_frames=lim.max_video_frames)
+
+    def prepare(self, spec: GenerationSpec, inputs: GenerationInputs | None, **kw):
+        """`serve.media.prepare.prepare_job` with this service's models and limits."""
+        return prepare_job(spec, inputs, self.models, self.tts_cfg, image_limits=self.image_limits(),
+                           video_limits=self.video_limits(), **kw)
 
     def resolve(self, spec: GenerationSpec, **inputs) -> ResolvedSpec:
         """`inputs`: what `resolve_spec` takes about the job's image or source video."""

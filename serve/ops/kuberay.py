@@ -33,29 +33,15 @@ from typing import Any
 
 import yaml
 
-from serve.config import AppArgs, DeploymentOptions
+from serve.app import deployment_plan
 from serve.ops.deploy import APP_IMPORT_PATH, load_serve_config, validate_serve_config
 from serve.ops.serve_env import SERVE_ENV
 
-# AppArgs.deployments field -> the Serve deployment's name (what a config's `deployments:` list names)
-DEPLOYMENT_NAMES = {"text_encoder": "TextEncoder", "transformer": "Transformer", "vae": "VAEDecoder",
-                    "tts": "TTS", "generator": "Generator", "ingress": "Ingress"}
 GPUS_PER_WORKER = 8
 MAX_NAME_LENGTH = 47  # KubeRay's limit for a RayService name (its RayCluster names add a suffix)
 DATA_DIR = "/data/cinevivid"
 CACHE_DIR = "/cache"
 HEALTH_PATH = "/health"
-
-
-def _app_stages(args: AppArgs) -> list[str]:
-    """The stages this app deploys (TTS only with a real provider, Ingress only with HTTP)."""
-    stages = ["text_encoder", "transformer", "vae", "generator"]
-    if any(p != "none" for p in args.tts.providers):
-        stages.append("tts")
-    if args.with_ingress:
-        stages.append("ingress")
-    return stages
-
 
 def _replica_bounds(opts: dict[str, Any]) -> tuple[int, int]:
     auto = opts.get("autoscaling_config")
@@ -75,14 +61,11 @@ def resource_demand(config: dict[str, Any]) -> dict[str, float]:
         if app.get("import_path") != APP_IMPORT_PATH:
             continue
         args = validated[app.get("name", "default")]
-        overrides = {d["name"]: d for d in app.get("deployments") or []}
-        for stage in _app_stages(args):
-            opts: DeploymentOptions = getattr(args.deployments, stage)
-            merged = {**opts.serve_options(), **overrides.get(DEPLOYMENT_NAMES[stage], {})}
-            actor = merged.get("ray_actor_options") or {}  # an override replaces it whole, as in Serve
-            if "num_replicas" in overrides.get(DEPLOYMENT_NAMES[stage], {}):
-                merged.pop("autoscaling_config", None)
-            lo, hi = _replica_bounds(merged)
+        # Serve's own per-deployment overrides (a config's `deployments:` list, by deployment name)
+        overrides = {d["name"]: {k: v for k, v in d.items() if k != "name"} for d in app.get("deployments") or []}
+        for opts in deployment_plan(args, overrides).values():
+            actor = opts.get("ray_actor_options") or {}  # an override replaces it whole, as in Serve
+            lo, hi = _replica_bounds(opts)
             gpus, cpus = float(actor.get("num_gpus") or 0), float(actor.get("num_cpus") or 0)
             total["max_gpus"] += gpus * hi
             total["min_gpus"] += gpus * lo
