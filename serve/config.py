@@ -299,8 +299,9 @@ class TTSConfig(_Strict):
 #           max_width: 128               # 400 invalid_request, param width / size
 #           max_height: 128              # 400 invalid_request, param height / size
 #           max_steps: 50                # 400 invalid_request, param num_inference_steps
-#           max_upload_bytes: 1000000    # 413 payload_too_large (any request body but the two below)
-#           max_image_bytes: 20000000    # 413, param input_reference / last_frame (POST /v1/videos)
+#           max_upload_bytes: 1000000    # 413 payload_too_large (any request body but multipart uploads;
+#                                        # a JSON body's data-URL images count here)
+#           max_image_bytes: 20000000    # 413, param input_reference / last_frame (POST /v1/videos, multipart)
 #           max_image_pixels: 40000000   # 400, param input_reference / last_frame: width x height
 #           max_image_side: 8192         # 400: width or height, pixels
 #           max_video_bytes: 200000000   # 413, param video (POST /v1/videos/extensions, an upload)

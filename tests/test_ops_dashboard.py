@@ -39,7 +39,9 @@ from serve.errors import StackNotRunning
 from serve.ops.serve_env import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-DEPLOYMENTS = {"TextEncoder", "Transformer", "VAEDecoder", "TTS", "Generator", "Ingress"}
+# serve_config.yaml's: the stages, one Transformer per model of its set, the I2V model's image encoder
+DEPLOYMENTS = {"TextEncoder", "Transformer", "Transformer-cinevivid-tiny-i2v", "Transformer-cinevivid-tiny-df",
+               "ImageEncoder", "VAEDecoder", "TTS", "Generator", "Ingress"}
 
 # The README's "Using it from a Ray job" snippet, exactly as printed there (and in client/handle.py).
 def readme_snippet() -> str:
@@ -71,7 +73,7 @@ REQUEST_TIMEOUT_S = 2  # the stack's http_front.request_timeout_s: short, for th
 
 
 def small_config(path: Path, data_dir: Path, http_port: int) -> Path:
-    """serve_config.yaml (all six deployments) with a free HTTP port, its own data dir and a short
+    """serve_config.yaml (all its deployments) with a free HTTP port, its own data dir and a short
     request timeout; its network settings are the defaults."""
     config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     config["http_options"]["port"] = http_port

@@ -1,6 +1,6 @@
-"""The request-body limit: 413 for a body over `max_bytes` (or, for the paths in `per_path`, that
-path's own limit: the routes that take an image or a video upload), by Content-Length or as it
-streams in."""
+"""The request-body limit: 413 for a body over `max_bytes` (or, for a multipart body to one of the
+paths in `per_path`, that path's own limit: the routes that take an image or a video upload), by
+Content-Length or as it streams in. JSON bodies keep `max_bytes` everywhere, data-URL images included."""
 
 from __future__ import annotations
 
@@ -19,7 +19,11 @@ class BodyLimitMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        max_bytes = self.per_path.get(scope.get("path", ""), self.max_bytes)
+        max_bytes = self.max_bytes
+        if scope.get("path", "") in self.per_path and any(
+                name == b"content-type" and value.lower().startswith(b"multipart/form-data")
+                for name, value in scope.get("headers", ())):
+            max_bytes = self.per_path[scope["path"]]
         for name, value in scope.get("headers", ()):
             if name == b"content-length":
                 try:

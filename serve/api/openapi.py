@@ -17,9 +17,13 @@ _ERRORS = {"400": "Invalid request", "401": "Missing or invalid credentials", "4
 
 
 def _form_schema(schema: dict) -> dict:
-    """A model's schema as a multipart form carries it: a form field has no `null` (leave it out)."""
+    """A model's schema as a multipart form carries it: a form field has no `null` (leave it out),
+    and a field that takes an upload (`x-upload`) is a file."""
     props = {}
     for name, prop in schema.get("properties", {}).items():
+        if prop.get("x-upload"):
+            props[name] = {"type": "string", "format": "binary", "description": prop.get("description", "")}
+            continue
         options = prop.get("anyOf")
         if options:
             kept = [o for o in options if o.get("type") != "null"]

@@ -519,8 +519,8 @@ def create_app(service: JobService, *, manage_lifecycle: bool = True) -> Starlet
     app = Starlette(routes=starlette_routes(API_ROUTES),
                     exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)
     lim = config.limits
-    # an image (twice: input_reference and last_frame; a data URL is 4/3 of its bytes) or a video
-    media_bodies = {"/v1/videos": max(lim.max_upload_bytes, 3 * lim.max_image_bytes),
+    # multipart bodies that upload an image (twice: input_reference and last_frame) or a video
+    media_bodies = {"/v1/videos": max(lim.max_upload_bytes, 2 * lim.max_image_bytes + lim.max_upload_bytes),
                     "/v1/videos/extensions": max(lim.max_upload_bytes, lim.max_video_bytes + lim.max_upload_bytes)}
     app.add_middleware(BodyLimitMiddleware, max_bytes=lim.max_upload_bytes, per_path=media_bodies)
     app.add_middleware(MetricsMiddleware, metrics=api.http_metrics)

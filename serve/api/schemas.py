@@ -110,6 +110,11 @@ def _prompt():
     return Field(description="What the video shows", json_schema_extra={"minLength": 1, "pattern": r"\S"})
 
 
+# In JSON an image is {"image_url": "data:..."}; in a multipart form (x-upload) it is a file.
+_IMAGE_REFERENCE = {"anyOf": [{"type": "object", "properties": {"image_url": {"type": "string", "minLength": 1}},
+                               "required": ["image_url"]}, {"type": "null"}], "x-upload": True}
+
+
 class VideoCreateRequest(_GenerationExtensions):
     prompt: str = _prompt()
     model: str | None = None
@@ -117,9 +122,11 @@ class VideoCreateRequest(_GenerationExtensions):
     size: str | None = Field(default=None, description="WIDTHxHEIGHT within the model's bounds")
     input_reference: Any = Field(
         default=None, description="Image-to-video: the first frame, a PNG, JPEG or WebP file (multipart) or "
-                                  "{\"image_url\": \"data:image/...;base64,...\"}; fitted to the video's size")
+                                  "{\"image_url\": \"data:image/...;base64,...\"}; fitted to the video's size",
+        json_schema_extra=_IMAGE_REFERENCE)
     last_frame: Any = Field(
-        default=None, description="Image-to-video with an end frame too (models that support it): as input_reference")
+        default=None, description="Image-to-video with an end frame too (models that support it): as input_reference",
+        json_schema_extra=_IMAGE_REFERENCE)
 
 
 class VideoExtendRequest(_GenerationExtensions):
@@ -127,7 +134,9 @@ class VideoExtendRequest(_GenerationExtensions):
     model: str | None = Field(default=None, description="A model that can extend; default: the first that can")
     seconds: str | float = Field(description="Length of the new segment in seconds")
     video: Any = Field(description="The video to extend: {\"id\": \"video_...\"} (one of your completed videos) "
-                                   "or an uploaded MP4 (multipart)")
+                                   "or an uploaded MP4 (multipart)",
+                       json_schema_extra={"type": "object", "properties": {"id": {"type": "string", "minLength": 1}},
+                                          "required": ["id"], "x-upload": True})
 
 
 class Model(_Response):
