@@ -49,7 +49,7 @@ async def test_model_and_configured_bounds(http_env, tmp_path):
 
 
 async def test_upload_size_413(http_env, tmp_path):
-    async with local_service(tmp_path, limits={"max_upload_bytes": 2000}) as (service, c):
+    async with local_service(tmp_path, limits={"max_upload_bytes": 2000, "max_image_bytes": 3000}) as (service, c):
         h = await make_local_user(service)
         body = json.dumps({"prompt": "x" * 3000})
         _err(await c.post("/v1/videos", content=body, headers={**h, "content-type": "application/json"}),
@@ -60,7 +60,10 @@ async def test_upload_size_413(http_env, tmp_path):
                 yield b" " * 1000
         _err(await c.post("/v1/videos", content=chunks(), headers={**h, "content-type": "application/json"}),
              413, "payload_too_large")
+        # a multipart upload: an image up to max_image_bytes (the field is named), the body up to two of them
         _err(await c.post("/v1/videos", files={"input_reference": ("a.png", b"\x89PNG" + b"0" * 5000)},
+                          data={"prompt": "x"}, headers=h), 413, "payload_too_large", "input_reference")
+        _err(await c.post("/v1/videos", files={"input_reference": ("a.png", b"\x89PNG" + b"0" * 9000)},
                           data={"prompt": "x"}, headers=h), 413, "payload_too_large")
 
 

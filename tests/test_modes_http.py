@@ -91,7 +91,7 @@ def test_models_lists_each_model_with_its_modes(http_env, alice):
     assert r.status_code == 200, r.text
     models = {m["id"]: m for m in r.json()["data"]}
     assert models["cinevivid-tiny"]["modes"] == ["text-to-video", "long-video"]
-    assert models["cinevivid-tiny"]["default"] and "sora-2" in models["cinevivid-tiny"]["aliases"]
+    assert models["cinevivid-tiny"]["default"] and models["cinevivid-tiny"]["aliases"] == ["skyreels-v2-tiny"]
     assert models["cinevivid-tiny-i2v"]["modes"] == ["image-to-video"]
     assert models["cinevivid-tiny-df"]["modes"] == ["text-to-video", "image-to-video", "long-video", "extend"]
 

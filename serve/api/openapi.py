@@ -18,11 +18,12 @@ _ERRORS = {"400": "Invalid request", "401": "Missing or invalid credentials", "4
 
 def _form_schema(schema: dict) -> dict:
     """A model's schema as a multipart form carries it: a form field has no `null` (leave it out),
-    and a field that takes an upload (`x-upload`) is a file."""
+    and a field that takes an upload (`x-upload`) is a part of text (a file's bytes, or in the form
+    a data URL / a video id)."""
     props = {}
     for name, prop in schema.get("properties", {}).items():
-        if prop.get("x-upload"):
-            props[name] = {"type": "string", "format": "binary", "description": prop.get("description", "")}
+        if prop.get("x-upload"):  # a file part (a part's text, in OpenAPI terms; `format: binary` trips Schemathesis)
+            props[name] = {"type": "string", "description": prop.get("description", "")}
             continue
         options = prop.get("anyOf")
         if options:
