@@ -9,7 +9,9 @@ the job) and for the Generator (a Ray job calling it through a handle with an im
   `num_frames` (or `seconds`) is the length of the new segment: `num_frames - 1` frames are added
   (a multiple of 4). The diffusion-forcing job then makes `overlap_history + added` frames, the first
   `overlap_history` of them re-made from the source's end (`serve.pipeline.diffusion_forcing`,
-  mode "v2v"), and the video is the source followed by the added frames.
+  mode "v2v"), and the video is the source followed by the added frames. A source shorter than the
+  model's `overlap_history` carries all of itself (its largest 4k+1 frames); one shorter than an
+  `overlap_history` the request sets is a 400.
 """
 
 from __future__ import annotations
@@ -90,15 +92,16 @@ def _extension_job(spec, inputs, models, tts, limits, source, extended_from):
     source = source if source is not None else (inputs.video_mp4 if inputs is not None else None)
     if source is None:
         raise InvalidSpecError("extend needs the video to extend", param="video")
+    model = select_model(spec, models)  # (a model that cannot extend is refused before the video is read)
     info = probe_video(source, "video", limits or DEFAULT_VIDEO_LIMITS)
-    model = select_model(spec, models)
     for name, value in (("width", info.width), ("height", info.height)):
         if value % SIZE_MULTIPLE or not model.min_size <= value <= getattr(model, f"max_{name}"):
             raise InvalidSpecError(
                 f"the video to extend is {info.width}x{info.height}; model {model.name} extends videos whose sides "
                 f"are multiples of {SIZE_MULTIPLE} up to {model.max_width}x{model.max_height}", param="video")
-    df = model.diffusion_forcing
-    overlap = spec.overlap_history if spec.overlap_history is not None else df.overlap_history
+    overlap = spec.overlap_history
+    if overlap is None:  # the model's, or as much of a shorter video as makes 4k+1 frames
+        overlap = min(model.diffusion_forcing.overlap_history, (info.num_frames - 1) // 4 * 4 + 1)
     if info.num_frames < overlap:
         raise InvalidSpecError(f"the video to extend has {info.num_frames} frames; extending it carries its last "
                                f"{overlap} (overlap_history)", param="video")
