@@ -96,10 +96,12 @@ def test_models_lists_each_model_with_its_modes(http_env, alice):
     assert models["cinevivid-tiny-df"]["modes"] == ["text-to-video", "image-to-video", "long-video", "extend"]
 
 
-def test_sdk_image_to_video_then_extend(sdk, http_env):
-    # a landscape picture, uploaded as a file: the I2V model, fitted to 48x32 (its default size)
-    video = sdk.videos.create(prompt="the gradient comes alive", input_reference=("pic.png", _png(), "image/png"),
-                              model="cinevivid-tiny-i2v", extra_body={"num_inference_steps": 2})
+def test_sdk_image_to_video_then_extend(sdk, http_env, tmp_path):
+    # a landscape picture, an open file as the SDK's docs show: the I2V model, fitted to 48x32 (its default size)
+    (tmp_path / "pic.png").write_bytes(_png())
+    with open(tmp_path / "pic.png", "rb") as picture:
+        video = sdk.videos.create(prompt="the gradient comes alive", input_reference=picture,
+                                  model="cinevivid-tiny-i2v", extra_body={"num_inference_steps": 2})
     assert video.model_extra["mode"] == "image-to-video"
     done = sdk.videos.poll(video.id, poll_interval_ms=50)
     assert done.status == "completed", done

@@ -57,13 +57,11 @@ async def read_body(request: Request, model: type[BaseModel], *, allow_empty: bo
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     data: Any
     if form_ok and ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        form = await _read_form(request)
         try:
-            form = await request.form()
-        except PayloadTooLarge:
-            raise
-        except Exception as exc:  # noqa: BLE001 - malformed multipart
-            raise CineVividError(f"malformed form body: {exc}", code="invalid_form", status=400) from None
-        data = unflatten_form(form)
+            data = unflatten_form(form)
+        finally:
+            await form.close()
     else:
         raw = await request.body()
         if not raw.strip():
@@ -84,6 +82,16 @@ async def read_body(request: Request, model: type[BaseModel], *, allow_empty: bo
     return model.model_validate(data)
 
 
+async def _read_form(request: Request):
+    """The request's form (413 for too many bytes; 400 for a malformed body); close it when done."""
+    try:
+        return await request.form()
+    except PayloadTooLarge:
+        raise
+    except Exception as exc:  # noqa: BLE001 - malformed multipart
+        raise CineVividError(f"malformed form body: {exc}", code="invalid_form", status=400) from None
+
+
 async def read_body_with_files(request: Request, model: type[BaseModel], file_fields: tuple[str, ...],
                                max_file_bytes: int) -> tuple[BaseModel, dict[str, bytes]]:
     """`read_body` for a request that may upload files (multipart): the model, and the bytes of
@@ -93,12 +101,7 @@ async def read_body_with_files(request: Request, model: type[BaseModel], file_fi
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype != "multipart/form-data":
         return await read_body(request, model), {}
-    try:
-        form = await request.form()
-    except PayloadTooLarge:
-        raise
-    except Exception as exc:  # noqa: BLE001 - malformed multipart
-        raise CineVividError(f"malformed form body: {exc}", code="invalid_form", status=400) from None
+    form = await _read_form(request)
     files: dict[str, bytes] = {}
     try:
         fields = []
