@@ -72,7 +72,7 @@ class UserCreds:
 def http_ingress_args(data_dir: Path, **overrides) -> dict:
     ingress = {"data_dir": str(data_dir), "poll_after_ms": 50,
                "dispatcher": {"max_concurrent_jobs": 2, "lease_seconds": 3.0, "poll_interval_s": 0.2,
-                              "progress_write_interval_s": 0.1},
+                              "progress_write_interval_s": 0.25},
                "limits": {"rate_limit_per_minute": 100000, "rate_limit_burst": 100000,
                           "max_concurrent_jobs_per_user": 100,
                           # every test client is 127.0.0.1: one address for the whole session

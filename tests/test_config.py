@@ -72,8 +72,8 @@ def test_serve_config_overrides_take_effect(ray_cluster):
     app["name"] = "overrides"
     app["route_prefix"] = None
     app["args"].update(name="overrides", with_ingress=False, tts={"providers": ["none"]})
-    # the default model and the DF one (the I2V model's own stages are not what this test is about)
-    app["args"]["models"] = [m for m in app["args"]["models"] if m["name"] != "cinevivid-tiny-i2v"]
+    # the default model alone, with a Transformer option of its own (`transformer_deployment`)
+    app["args"]["models"] = [{**app["args"]["models"][0], "transformer_deployment": {"health_check_period_s": 7}}]
     app["args"]["deployments"]["vae"] = {"num_replicas": 2, "ray_actor_options": {"num_cpus": 0.15}}
     app["deployments"] = [{"name": "TextEncoder", "ray_actor_options": {"num_cpus": 0.3}}]
     config.pop("http_options")  # keep the session's Serve instance as it is
@@ -90,10 +90,8 @@ def test_serve_config_overrides_take_effect(ray_cluster):
         assert transformer["max_queued_requests"] == 32
         assert transformer["autoscaling_config"]["max_replicas"] == 1
         assert transformer["graceful_shutdown_timeout_s"] == 300
-        # a model's own `transformer_deployment` over `deployments.transformer`
-        df = details["Transformer-cinevivid-tiny-df"]["deployment_config"]
-        assert df["ray_actor_options"]["num_cpus"] == 0.1 and df["max_queued_requests"] == 32
-        assert "ImageEncoder" not in details
+        assert transformer["health_check_period_s"] == 7  # the model's own, over deployments.transformer
+        assert set(details) == {"TextEncoder", "Transformer", "VAEDecoder", "Generator"}
         from client.handle import GeneratorClient
 
         result = GeneratorClient("overrides").generate({"prompt": "override check", "num_inference_steps": 1})

@@ -72,10 +72,14 @@ def cinevivid(env: dict, *args: str, timeout: float = 120) -> subprocess.Complet
 REQUEST_TIMEOUT_S = 2  # the stack's http_front.request_timeout_s: short, for the slow-client tests
 
 
-def small_config(path: Path, data_dir: Path, http_port: int) -> Path:
-    """serve_config.yaml (all its deployments) with a free HTTP port, its own data dir and a short
-    request timeout; its network settings are the defaults."""
+def small_config(path: Path, data_dir: Path, http_port: int, one_model: bool = False) -> Path:
+    """serve_config.yaml (all its deployments; `one_model`: only the default model's, no voice) with
+    a free HTTP port, its own data dir and a short request timeout; its network settings are the
+    defaults."""
     config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    if one_model:
+        args = config["applications"][0]["args"]
+        args["models"], args["tts"] = args["models"][:1], {"providers": ["none"]}
     config["http_options"]["port"] = http_port
     config["applications"][0]["args"]["ingress"] = {"data_dir": str(data_dir)}
     config["applications"][0]["args"]["http_front"] = {"request_timeout_s": REQUEST_TIMEOUT_S}
@@ -322,7 +326,8 @@ def test_a_second_stack_runs_beside_the_first(stack, tmp_path):
     from serve.ops.launcher import ray_temp_dir
 
     cache_dir, port = tmp_path / "cache", free_port()
-    config = small_config(tmp_path / "serve_config.yaml", tmp_path / "data", stack["http_port"])
+    # (a stack of its own all the same, only smaller: what is shared, if anything, is the launcher's business)
+    config = small_config(tmp_path / "serve_config.yaml", tmp_path / "data", stack["http_port"], one_model=True)
     env = clean_env(cache_dir)
     up = cinevivid(env, "up", "--detach", "--config", str(config), "--port", str(port), "--num-cpus", "8",
                    "--no-dashboard", "--timeout", "400", timeout=600)

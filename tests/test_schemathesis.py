@@ -41,7 +41,7 @@ def test_schemathesis_finds_no_server_error_or_schema_violation(http_env, tmp_pa
            # every check; the response-time one only as a hang detector (timings are not asserted)
            "--checks", "all", "--max-response-time", "60",
            "--seed", str(SEED), "--max-examples", "3", "--generation-deterministic",
-           "--workers", "1", "--request-timeout", "60", "--max-time", "70",
+           "--workers", "1", "--request-timeout", "60", "--max-time", "60",
            "-H", f"Authorization: Bearer {token}",
            "--report", "junit", "--report-dir", str(tmp_path / "report")]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=420)

@@ -153,6 +153,8 @@ class Database:
     def __init__(self, url: str, *, busy_timeout_ms: int = 5000):
         self.url = url
         self.sqlite = is_sqlite(url)
+        self._lock: asyncio.Lock | None = None
+        self._lock_loop = None
         if self.sqlite:
             db_path = make_url(url).database
             if db_path and db_path != ":memory:":
@@ -190,8 +192,24 @@ class Database:
 
     @asynccontextmanager
     async def write(self) -> AsyncIterator[AsyncConnection]:
+        if self.sqlite:
+            # SQLite has one writer at a time; its busy handler polls for the lock (sleeping up to
+            # 100 ms between tries), so under a steady stream of writes from this process (progress,
+            # heartbeats, claims) a waiting writer could lose every race past the busy timeout. The
+            # writers of this process queue here instead, first come first served; only other
+            # processes' writers meet the busy timeout.
+            async with self._writer_lock():
+                async with self.write_engine.begin() as conn:
+                    yield conn
+            return
         async with self.write_engine.begin() as conn:
             yield conn
+
+    def _writer_lock(self) -> asyncio.Lock:
+        loop = asyncio.get_running_loop()
+        if self._lock_loop is not loop:  # an asyncio lock belongs to one event loop
+            self._lock, self._lock_loop = asyncio.Lock(), loop
+        return self._lock
 
     async def migrate(self) -> None:
         """Upgrade the schema to the newest Alembic revision (idempotent; safe to race)."""
