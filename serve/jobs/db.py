@@ -8,6 +8,7 @@ Tables are SQLAlchemy Core; the schema is created and upgraded by the Alembic mi
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import AsyncIterator
 from sqlalchemy import (Boolean, Column, Float, ForeignKey, Index, Integer, MetaData, String, Table, false,
                         Text, event, text)
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError, ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 logger = logging.getLogger(__name__)
@@ -212,12 +214,27 @@ class Database:
         return self._lock
 
     async def migrate(self) -> None:
-        """Upgrade the schema to the newest Alembic revision (idempotent; safe to race)."""
+        """Upgrade the schema to the newest Alembic revision (idempotent; safe to race). A database
+        already at the newest revision is found so by a read: no write lock is taken (every admin
+        command and replica start calls this; Alembic reading its scripts inside `BEGIN IMMEDIATE`
+        held SQLite's one write lock for seconds on a busy host)."""
+        if await self.revision() == head_revision():
+            return
         async with self.write() as conn:
             if self.write_engine.dialect.name == "postgresql":
                 # replicas starting together: one migrates, the others wait, then find it done
                 await conn.execute(text("SELECT pg_advisory_xact_lock(7203151)"))
             await conn.run_sync(_alembic_upgrade)
+
+    async def revision(self) -> str | None:
+        """The schema's Alembic revision, or None for a database not migrated yet."""
+        try:
+            async with self.read() as conn:
+                return (await conn.execute(text("SELECT version_num FROM alembic_version"))).scalar()
+        except OperationalError:  # no such table (SQLite) ...
+            return None
+        except ProgrammingError:  # ... or PostgreSQL's UndefinedTable
+            return None
 
     async def ping(self, timeout_s: float = 5.0) -> None:
         async def _ping():
@@ -229,6 +246,17 @@ class Database:
         await self.read_engine.dispose()
         if self.write_engine is not self.read_engine:
             await self.write_engine.dispose()
+
+
+@functools.lru_cache(maxsize=1)
+def head_revision() -> str:
+    """The newest revision of the migration scripts (read once per process)."""
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    return ScriptDirectory.from_config(cfg).get_current_head()
 
 
 def _alembic_upgrade(connection) -> None:
