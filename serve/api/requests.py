@@ -59,7 +59,7 @@ async def read_body(request: Request, model: type[BaseModel], *, allow_empty: bo
     if form_ok and ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):
         form = await _read_form(request)
         try:
-            data = unflatten_form(form)
+            data = unflatten_form(form.multi_items())
         finally:
             await form.close()
     else:
@@ -120,26 +120,16 @@ async def read_body_with_files(request: Request, model: type[BaseModel], file_fi
             fields.append((key, "(uploaded file)"))  # the field is there; its bytes are in `files`
     finally:
         await form.close()
-    data = unflatten_form(_Items(fields))
+    data = unflatten_form(fields)
     check_structure(data)
     return model.model_validate(data), files
 
 
-class _Items:
-    """A form's text fields, as `unflatten_form` reads a form."""
-
-    def __init__(self, items: list[tuple[str, str]]):
-        self._items = items
-
-    def multi_items(self) -> list[tuple[str, str]]:
-        return self._items
-
-
-def unflatten_form(form) -> dict:
-    """Form fields to a dict; `a[b]=v` (how the openai SDK sends nested objects) becomes {"a": {"b": v}};
+def unflatten_form(items) -> dict:
+    """Form fields ((key, value) pairs) to a dict; `a[b]=v` (how the openai SDK sends nested objects) becomes {"a": {"b": v}};
     an uploaded file becomes a marker so the request can reject it by name."""
     out: dict[str, Any] = {}
-    for key, value in form.multi_items():
+    for key, value in items:
         if not isinstance(value, str):
             value = {"filename": getattr(value, "filename", None), "upload": True}
         if "[" in key and key.endswith("]"):
