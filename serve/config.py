@@ -185,6 +185,14 @@ class DeploymentsConfig(_Strict):
     generator: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(**STAGE_DEFAULTS["generator"]))
     ingress: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(**STAGE_DEFAULTS["ingress"]))
 
+    @model_validator(mode="after")
+    def _threads_only_for_model_stages(self):
+        for stage in ("tts", "generator", "ingress"):
+            if getattr(self, stage).torch_threads:
+                raise ValueError(f"deployments.{stage}.torch_threads: only the model stages (text_encoder, "
+                                 "transformer, vae) run torch (the tts stage: tts.piper_num_threads)")
+        return self
+
     @model_validator(mode="before")
     @classmethod
     def _over_stage_defaults(cls, data: Any) -> Any:

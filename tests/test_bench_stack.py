@@ -48,3 +48,14 @@ def test_default_torch_threads_are_what_the_docs_say():
     assert default_torch_threads("cpu", replica_cpus=0.25, cores=16) == 16  # CPU: the node's cores
     assert default_torch_threads("cuda", replica_cpus=4, cores=16) == 4  # GPU: the replica's num_cpus
     assert default_torch_threads("cuda", replica_cpus=0.2, cores=16) == 1  # at least one
+
+
+def test_torch_threads_is_refused_on_stages_without_torch():
+    import pytest
+    from pydantic import ValidationError
+
+    from serve.config import AppArgs
+
+    assert AppArgs.model_validate({"deployments": {"vae": {"torch_threads": 2}}}).deployments.vae.torch_threads == 2
+    with pytest.raises(ValidationError, match="deployments.ingress.torch_threads"):
+        AppArgs.model_validate({"deployments": {"ingress": {"torch_threads": 2}}})
