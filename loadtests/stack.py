@@ -76,6 +76,18 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
+def _changes(old: dict, new: dict) -> dict:
+    """The leaves of `new` that differ from `old` (what a deviation line shows)."""
+    out = {}
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(old.get(k), dict):
+            if sub := _changes(old[k], v):
+                out[k] = sub
+        elif old.get(k) != v:
+            out[k] = v
+    return out
+
+
 def _app(config: dict) -> dict:
     for app in config.get("applications") or []:
         if app.get("import_path") == APP_IMPORT_PATH:
@@ -98,8 +110,7 @@ def stack_config(data_dir: Path, port: int, *, config_path: str | Path = CONFIG,
     args = _app(config).setdefault("args", {})
     ing = _merge(_merge(args.get("ingress") or {}, BENCH_INGRESS), ingress or {})
     ing["data_dir"] = str(data_dir)
-    changed = {k: v for k, v in ing.items() if (args.get("ingress") or {}).get(k) != v}
-    deviations.append(f"args.ingress: {changed}")
+    deviations.append(f"args.ingress: {_changes(args.get('ingress') or {}, ing)}")
     args["ingress"] = ing
     if levers:
         args["levers"] = {**(args.get("levers") or {}), **levers}
