@@ -18,20 +18,22 @@ from ray import serve
 from serve.config import ModelConfig
 from serve.errors import StageError
 from serve.pipeline.loading import resolve_subfolder, torch_device, torch_dtype
-from serve.pipeline.replica import setup_replica_logging
+from serve.pipeline.replica import replica_id, setup_replica_logging
+from serve.pipeline.threads import apply_torch_threads
 
 logger = logging.getLogger(__name__)
 
 
 @serve.deployment(name="ImageEncoder")
 class ImageEncoder:
-    def __init__(self, model: dict):
+    def __init__(self, model: dict, torch_threads: int | None = None):
         import torch
         from transformers import AutoImageProcessor, CLIPVisionModelWithProjection
 
         setup_replica_logging()
         self.model_cfg = ModelConfig.model_validate(model)
         self.device = torch_device(self.model_cfg)
+        self.torch_threads = apply_torch_threads(torch_threads, self.device, "image_encoder")
         # the processor class the folder names (the tiny model's is the PIL one: the same pixels everywhere)
         self.processor = AutoImageProcessor.from_pretrained(resolve_subfolder(self.model_cfg, "image_processor"))
         self.encoder = CLIPVisionModelWithProjection.from_pretrained(
@@ -58,7 +60,7 @@ class ImageEncoder:
         return out
 
     def stats(self) -> dict:
-        return {"calls": self.calls}
+        return {"calls": self.calls, "torch_threads": self.torch_threads, "replica_id": replica_id()}
 
     def check_health(self) -> None:
         if self.encoder is None:

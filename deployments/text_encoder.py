@@ -5,18 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections import OrderedDict
 
 import numpy as np
 from ray import serve
 
-from serve.config import ModelConfig, TextEncoderBatching
+from serve.config import ModelConfig, TextEncoderBatching, validate_live_levers
 from serve.errors import StageError
 from serve.contracts import PromptEmbeds
 from serve.pipeline.loading import resolve_subfolder, torch_device, torch_dtype
 from serve.pipeline.text_encoding import clean_prompt, encode_prompts
-from serve.pipeline.replica import setup_replica_logging
+from serve.pipeline.replica import replica_id, setup_replica_logging
+from serve.pipeline.threads import apply_torch_threads
 
 logger = logging.getLogger(__name__)
 STAGE = "text_encoder"
@@ -28,17 +30,19 @@ class EmbeddingCache:
     def __init__(self, size: int):
         self.size = size
         self._items: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()  # resize() may come from Serve's reconfigure thread
         self.hits = 0
         self.misses = 0
 
     def get(self, key: str) -> np.ndarray | None:
         if self.size <= 0:
             return None
-        value = self._items.get(key)
-        if value is None:
-            self.misses += 1
-            return None
-        self._items.move_to_end(key)
+        with self._lock:
+            value = self._items.get(key)
+            if value is None:
+                self.misses += 1
+                return None
+            self._items.move_to_end(key)
         self.hits += 1
         return value
 
@@ -48,15 +52,26 @@ class EmbeddingCache:
     def put(self, key: str, value: np.ndarray) -> None:
         if self.size <= 0:
             return
-        self._items[key] = value
-        self._items.move_to_end(key)
-        while len(self._items) > self.size:
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            self._trim()
+
+    def resize(self, size: int) -> None:
+        """A new capacity; when smaller, the least recently used entries go (0: empty and off)."""
+        with self._lock:
+            self.size = size
+            self._trim()
+
+    def _trim(self) -> None:
+        while len(self._items) > max(self.size, 0):
             self._items.popitem(last=False)
 
 
 @serve.deployment(name="TextEncoder")
 class TextEncoder:
-    def __init__(self, model: dict, batching: dict | None = None, embedding_cache_size: int = 0):
+    def __init__(self, model: dict, batching: dict | None = None, embedding_cache_size: int = 0,
+                 torch_threads: int | None = None):
         import torch
         from transformers import AutoTokenizer, UMT5EncoderModel
 
@@ -64,6 +79,7 @@ class TextEncoder:
         self.model_cfg = ModelConfig.model_validate(model)
         batching_cfg = TextEncoderBatching.model_validate(batching or {})
         self.device = torch_device(self.model_cfg)
+        self.torch_threads = apply_torch_threads(torch_threads, self.device, STAGE)
         dtype = torch_dtype(self.model_cfg.dtype)
         self.tokenizer = AutoTokenizer.from_pretrained(resolve_subfolder(self.model_cfg, "tokenizer"))
         self.encoder = UMT5EncoderModel.from_pretrained(
@@ -72,24 +88,34 @@ class TextEncoder:
         self.cache = EmbeddingCache(embedding_cache_size)
         self.batch_sizes: list[int] = []  # sizes of the batches actually run (observability)
         self.encoder_calls = 0
+        self.threads_in_use: int | None = None
         self._encode_batch.set_max_batch_size(batching_cfg.max_batch_size)
         self._encode_batch.set_batch_wait_timeout_s(batching_cfg.batch_wait_timeout_s)
         logger.info("text encoder ready on %s", self.device)
+
+    def reconfigure(self, user_config: dict | None) -> None:
+        """Live levers (Serve's `user_config`, `LIVE_LEVERS["text_encoder"]`): the embedding cache's
+        size; a smaller one drops the least recently used prompts. A bad value raises, changing nothing."""
+        new = validate_live_levers(STAGE, {"embedding_cache_size": self.cache.size}, user_config)
+        self.cache.resize(new.embedding_cache_size)
+        logger.info("embedding cache size: %d", self.cache.size)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
     async def _encode_batch(self, prompts: list[str]) -> list[np.ndarray]:
         self.batch_sizes.append(len(prompts))
         self.encoder_calls += 1
         try:
-            embeds = await asyncio.to_thread(
-                encode_prompts, self.tokenizer, self.encoder, prompts,
-                self.model_cfg.max_sequence_length, self.device)
+            embeds = await asyncio.to_thread(self._encode_in_thread, prompts)
         except self._torch.OutOfMemoryError as exc:
             raise StageError(f"out of memory encoding {len(prompts)} prompts", stage=STAGE,
                              code="out_of_memory") from exc
         except Exception as exc:
             raise StageError(f"text encoding failed: {exc}", stage=STAGE) from exc
         return [embeds[i:i + 1] for i in range(len(prompts))]
+
+    def _encode_in_thread(self, prompts: list[str]) -> np.ndarray:
+        self.threads_in_use = self._torch.get_num_threads()  # what torch uses in the thread that runs the model
+        return encode_prompts(self.tokenizer, self.encoder, prompts, self.model_cfg.max_sequence_length, self.device)
 
     async def encode_one(self, prompt: str) -> np.ndarray:
         """(1, L, D) fp32 embeddings of one prompt, from the cache or a (batched) encoder run."""
@@ -113,7 +139,9 @@ class TextEncoder:
     def stats(self) -> dict:
         return {"batch_sizes": list(self.batch_sizes), "encoder_calls": self.encoder_calls,
                 "cache_hits": self.cache.hits, "cache_misses": self.cache.misses,
-                "cache_size": len(self.cache), "time": time.time()}
+                "cache_size": len(self.cache), "levers": {"embedding_cache_size": self.cache.size},
+                "torch_threads": self.torch_threads,
+                "torch_threads_in_use": self.threads_in_use, "replica_id": replica_id(), "time": time.time()}
 
     def check_health(self) -> None:
         if self.encoder is None:

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 import ray
 from ray import serve
 
-from serve.config import LeversConfig, LivenessConfig, ModelConfig
+from serve.config import LeversConfig, LivenessConfig, ModelConfig, validate_live_levers
 from serve.pipeline.denoising import DenoiseJob, DenoiseLoop, LoopSettings
 from serve.pipeline.diffusion_forcing import DFJob, DFRun, DFSettings, DiffusionForcingLoop
 from serve.pipeline.faults import chaos_pause
@@ -53,7 +53,8 @@ from serve.contracts import DenoisedLatents, ProgressEvent, PromptEmbeds, Resolv
 from serve.pipeline.levers import apply_levers, lever_state
 from serve.pipeline.spec import DF_MODE
 from serve.pipeline.loading import resolve_subfolder, torch_device, torch_dtype
-from serve.pipeline.replica import CallerWatch, setup_replica_logging
+from serve.pipeline.replica import CallerWatch, replica_id as _replica_id, setup_replica_logging
+from serve.pipeline.threads import apply_torch_threads
 
 logger = logging.getLogger(__name__)
 STAGE = "transformer"
@@ -101,7 +102,7 @@ class _DFRunning:
 @serve.deployment(name="Transformer")
 class Transformer:
     def __init__(self, model: dict, levers: dict | None = None, fault: str | None = None,
-                 liveness: dict | None = None, chaos_delay_s: float = 0.0):
+                 liveness: dict | None = None, chaos_delay_s: float = 0.0, torch_threads: int | None = None):
         import torch
 
         setup_replica_logging()
@@ -112,18 +113,18 @@ class Transformer:
         self.liveness = LivenessConfig.model_validate(liveness or {})
         self._callers = CallerWatch(self.liveness.caller_check_interval_s)
         self.device = torch_device(self.model_cfg)
+        self.torch_threads = apply_torch_threads(torch_threads, self.device, STAGE)
         self._torch = torch
+        self._next_levers: LeversConfig | None = None  # from reconfigure(), applied between batches
+        self._levers_lock = threading.Lock()
+        self.reconfigures = 0
         transformer = SkyReelsV2Transformer3DModel.from_pretrained(
             resolve_subfolder(self.model_cfg, "transformer"), torch_dtype=torch_dtype(self.model_cfg.dtype))
         transformer = transformer.to(self.device).eval()
         scheduler = UniPCMultistepScheduler.from_pretrained(resolve_subfolder(self.model_cfg, "scheduler"))
-        step_cache = None
-        if self.levers.step_cache_threshold > 0:
-            from serve.pipeline.step_cache import StepCache
-
-            step_cache = StepCache(threshold=self.levers.step_cache_threshold)
         apply_levers(transformer, None, self.levers)  # torch.compile when switched on
-        self.loop = DenoiseLoop(transformer, scheduler.config, self.device, step_cache=step_cache, fault=fault)
+        self.loop = DenoiseLoop(transformer, scheduler.config, self.device, fault=fault)
+        self._set_step_cache(self.levers.step_cache_threshold)
         # long video: the same transformer, window by window (no step cache, no batching)
         self.df_loop = DiffusionForcingLoop(transformer, scheduler.config, self.device, fault=fault)
         self.chaos_delay_s = chaos_delay_s  # chaos testing only: a pause after each step
@@ -140,6 +141,41 @@ class Transformer:
         self.df_slices_run = 0  # DF slices (windows or steps) run
         self.df_interleaved = 0  # T2V batches run while a DF job was part-way through (fair sharing)
         logger.info("transformer ready on %s (%s)", self.device, self.model_cfg.dtype)
+
+    # -- live levers (Serve user_config) --------------------------------------------------------
+    def reconfigure(self, user_config: dict | None) -> None:
+        """Serve calls this at start and on each redeploy that changes the stage's `user_config`
+        (its live levers, `serve.config.LIVE_LEVERS["transformer"]`). A bad value raises here and
+        changes nothing; good values take effect at the next batch boundary (a batch in flight
+        finishes with the levers it started with)."""
+        new = validate_live_levers(STAGE, self.levers.live_for(STAGE), user_config)
+        with self._levers_lock:
+            self._next_levers = new
+        self.reconfigures += 1
+        logger.info("live levers received (in effect from the next batch): %s", new.live_for(STAGE))
+
+    def _apply_pending_levers(self) -> None:
+        """Called by the worker between batches (the denoising thread is idle): swap in the new levers."""
+        with self._levers_lock:
+            new, self._next_levers = self._next_levers, None
+        if new is None:
+            return
+        old = self.levers
+        self.levers = self.levers.model_copy(update=new.live_for(STAGE))
+        if self.levers.step_cache_threshold != old.step_cache_threshold:
+            self._set_step_cache(self.levers.step_cache_threshold)
+        logger.info("live levers in effect: %s", self.levers.live_for(STAGE))
+
+    def _set_step_cache(self, threshold: float) -> None:
+        """Create, retune or drop the DenoiseLoop's step cache (threshold 0: off)."""
+        if threshold <= 0:
+            self.loop.step_cache = None
+        elif self.loop.step_cache is None:
+            from serve.pipeline.step_cache import StepCache
+
+            self.loop.step_cache = StepCache(threshold=threshold)
+        else:
+            self.loop.step_cache.threshold = float(threshold)
 
     # -- request side --------------------------------------------------------------------------
     async def denoise(self, embeds: PromptEmbeds, spec: ResolvedSpec, job_id: str = "-",
@@ -223,6 +259,7 @@ class Transformer:
             if not self._pending and not self._df_running:
                 self._wakeup.clear()
                 await self._wakeup.wait()
+            self._apply_pending_levers()  # a batch boundary: levers changed by reconfigure() apply now
             if self._pending and self.levers.batch_max_size > 1 and self.levers.batch_wait_timeout_s > 0:
                 await asyncio.sleep(self.levers.batch_wait_timeout_s)  # let same-shape jobs gather
             batch = self._take_batch()
@@ -385,7 +422,10 @@ class Transformer:
                 "denoised": list(self.denoised), "held_outputs": self.held_outputs,
                 "watched_callers": self._callers.watched,
                 "df_running": len(self._df_running), "df_slices_run": self.df_slices_run,
-                "df_interleaved": self.df_interleaved, "levers": lever_state(transformer=self.loop.transformer),
+                "df_interleaved": self.df_interleaved,
+                "levers": {**lever_state(transformer=self.loop.transformer), **self.levers.live_for(STAGE)},
+                "levers_pending": self._next_levers is not None, "reconfigures": self.reconfigures,
+                "torch_threads": self.torch_threads, "replica_id": _replica_id(),
                 "step_cache": cache.stats() if cache is not None and hasattr(cache, "stats") else None}
 
     def check_health(self) -> None:

@@ -27,7 +27,7 @@ import numpy as np
 import ray
 from ray import serve
 
-from serve.config import LeversConfig, LivenessConfig, ModelConfig
+from serve.config import LeversConfig, LivenessConfig, ModelConfig, validate_live_levers
 from serve.contracts import DecodedFrames, ProgressEvent
 from serve.pipeline.faults import chaos_pause, inject_fault
 from serve.pipeline.vae_decode import (
@@ -36,7 +36,8 @@ from serve.pipeline.vae_decode import (
 from serve.errors import StageError
 from serve.pipeline.levers import apply_levers, lever_state
 from serve.pipeline.loading import resolve_subfolder, torch_device, torch_dtype
-from serve.pipeline.replica import CallerWatch, setup_replica_logging
+from serve.pipeline.replica import CallerWatch, replica_id, setup_replica_logging
+from serve.pipeline.threads import apply_torch_threads
 
 logger = logging.getLogger(__name__)
 STAGE = "vae"
@@ -46,7 +47,7 @@ SESSION_IDLE_S = 900.0  # a decode session (diffusion forcing) unused this long 
 @serve.deployment(name="VAEDecoder")
 class VAEDecoder:
     def __init__(self, model: dict, levers: dict | None = None, fault: str | None = None,
-                 liveness: dict | None = None, chaos_delay_s: float = 0.0):
+                 liveness: dict | None = None, chaos_delay_s: float = 0.0, torch_threads: int | None = None):
         import torch
         from diffusers import AutoencoderKLWan
 
@@ -54,7 +55,11 @@ class VAEDecoder:
         self._callers = CallerWatch(LivenessConfig.model_validate(liveness or {}).caller_check_interval_s)
         self.model_cfg = ModelConfig.model_validate(model)
         levers_cfg = LeversConfig.model_validate(levers or {})
+        self.levers = levers_cfg
+        self._next_levers: LeversConfig | None = None  # from reconfigure(), applied before the next decode
+        self._levers_lock = threading.Lock()
         self.device = torch_device(self.model_cfg)
+        self.torch_threads = apply_torch_threads(torch_threads, self.device, STAGE)
         self._torch = torch
         self.vae = AutoencoderKLWan.from_pretrained(
             resolve_subfolder(self.model_cfg, "vae"), torch_dtype=torch_dtype(self.model_cfg.vae_dtype)
@@ -65,11 +70,36 @@ class VAEDecoder:
         self._lock = asyncio.Lock()  # one decode at a time per replica: decoding is memory-bound
         self.decodes = 0
         self._sessions: dict[str, tuple[CausalDecodeSession, float]] = {}
+        self.threads_in_use: int | None = None
         self.tiled_decodes = 0
         logger.info("vae ready on %s (%s)", self.device, self.model_cfg.vae_dtype)
 
+    def reconfigure(self, user_config: dict | None) -> None:
+        """Live levers (Serve's `user_config`, `LIVE_LEVERS["vae"]`): VAE tiling and its tile size,
+        in effect from the next decode (one in progress finishes as it started). A bad value raises,
+        changing nothing."""
+        new = validate_live_levers(STAGE, self.levers.live_for(STAGE), user_config)
+        with self._levers_lock:
+            self._next_levers = new
+        logger.info("live levers received (in effect from the next decode): %s", new.live_for(STAGE))
+
+    def _apply_pending_levers(self) -> None:
+        """Before a decode, under the decode lock: switch tiling on/off or change the tile size."""
+        with self._levers_lock:
+            new, self._next_levers = self._next_levers, None
+        if new is None:
+            return
+        self.levers = self.levers.model_copy(update=new.live_for(STAGE))
+        if self.levers.vae_tiling:
+            apply_levers(None, self.vae, self.levers)
+        elif getattr(self.vae, "use_tiling", False):
+            self.vae.disable_tiling()
+        logger.info("live levers in effect: %s", self.levers.live_for(STAGE))
+
     def _chunks(self, latents: np.ndarray, want_float: bool, stop: threading.Event | None = None):
         """DecodedFrames per decoded chunk (runs in a worker thread)."""
+        self._apply_pending_levers()
+        self.threads_in_use = self._torch.get_num_threads()  # what torch uses in the thread that decodes
         if self.fault:
             inject_fault(self.fault)
         chaos_pause(self.chaos_delay_s)
@@ -240,7 +270,9 @@ class VAEDecoder:
 
     def stats(self) -> dict:
         """What is in effect in this replica (read from the loaded VAE) and what it has done."""
-        return {"levers": lever_state(vae=self.vae), "decodes": self.decodes, "tiled_decodes": self.tiled_decodes,
+        return {"levers": lever_state(vae=self.vae), "levers_pending": self._next_levers is not None,
+                "decodes": self.decodes, "tiled_decodes": self.tiled_decodes, "torch_threads": self.torch_threads,
+                "torch_threads_in_use": self.threads_in_use, "replica_id": replica_id(),
                 "decode_sessions": len(self._sessions)}
 
     def check_health(self) -> None:

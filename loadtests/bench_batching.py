@@ -32,15 +32,18 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workloads", default="tiny,small")
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=min(4, os.cpu_count() or 1))
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (default: a model stage's default, the node's cores)")
     ap.add_argument("--out", default="loadtests/results/bench_batching.json")
     args = ap.parse_args(argv)
 
-    os.environ["OMP_NUM_THREADS"] = str(args.threads)
     import numpy as np
     import torch
 
-    torch.set_num_threads(args.threads)
+    from loadtests.stack import set_threads
+
+    args.threads = set_threads(args.threads)  # what the Transformer stage uses by default, unless given
+    print(f"bench_batching: torch threads {args.threads}", flush=True)
     from serve.pipeline.denoising import DenoiseJob, DenoiseLoop, LoopSettings, clone_scheduler_config
     from serve.pipeline.text_encoding import encode_prompts
     from serve.pipeline.tiny_model import build_tiny_pipeline

@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--duration-s", type=float, default=10.0)
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads of every model stage (default: the config's; a printed deviation)")
     ap.add_argument("--out", default="loadtests/results/bench_ingress.json")
     args = ap.parse_args(argv)
 
@@ -109,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with local_stack(threads=args.threads) as stack:
+        result["stack_deviations"] = stack.deviations
         with httpx.Client(base_url=stack.url, headers=stack.headers, timeout=300) as c:
             video, _ = http_generate(c, {"prompt": "a lighthouse at dusk", "seed": 3})
         path = f"/v1/videos/{video['id']}"

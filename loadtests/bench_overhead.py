@@ -49,7 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workloads", default="tiny,small")
     ap.add_argument("--runs", type=int, default=5, help="timed runs per path for the tiny workload")
     ap.add_argument("--runs-small", type=int, default=3, help="timed runs per path for the small workload")
-    ap.add_argument("--threads", type=int, default=min(4, os.cpu_count() or 1), help="torch threads everywhere")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads of every model stage and of the in-process pipeline (default: the "
+                         "config's, i.e. the node's cores; setting it is a printed deviation)")
     ap.add_argument("--wait", choices=["sse", "poll"], default="sse",
                     help="(c) waits for completion by SSE events (default) or by polling GET /v1/videos/{id}")
     ap.add_argument("--poll-s", type=float, default=0.05, help="polling interval with --wait poll")
@@ -59,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from loadtests.stack import http_generate, local_stack, set_threads
 
-    set_threads(args.threads)
+    threads = set_threads(args.threads)
     import httpx
     import torch
     from diffusers import SkyReelsV2Pipeline
@@ -78,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "bench_overhead", "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": "python -m loadtests.bench_overhead " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-                    "torch_threads": args.threads, "torch": torch.__version__, "python": platform.python_version(),
+                    "torch_threads": threads, "torch": torch.__version__, "python": platform.python_version(),
                     "loadavg_start": os.getloadavg()},
         "model": "embedded tiny SkyReels-V2 (random weights), fp32 CPU",
         "http_wait": args.wait if args.wait == "sse" else f"poll every {args.poll_s}s",
@@ -88,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
 
     with local_stack(threads=args.threads) as stack:
+        result["stack_deviations"] = stack.deviations
         gen = GeneratorClient(stack.app)
         http = httpx.Client(base_url=stack.url, headers=stack.headers, timeout=600)
 
@@ -164,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{t.get('m', 0):8.3f} {e.get('b/a' + suffix, 0):6.3f} {e.get('c/a' + suffix, 0):6.3f} "
                   f"{e.get('c/m' + suffix, 0):6.3f} {e.get('overhead_ms_b' + suffix, 0):8.1f} "
                   f"{e.get('overhead_ms_c' + suffix, 0):8.1f}  {kind}")
-    print(f"threads={args.threads}; load average {result['machine']['loadavg_start']} -> "
+    print(f"threads={threads}; load average {result['machine']['loadavg_start']} -> "
           f"{result['machine']['loadavg_end']}; written {out}", flush=True)
     return 0
 

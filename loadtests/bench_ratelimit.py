@@ -40,8 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     from serve.api.ratelimit import RequestLimiterActor
     from serve.app import build_app
 
-    with local_stack(threads=1, ingress={"limits": {"rate_limit_scope": "cluster"}}) as stack:
-        replica_args = app_args(stack.data_dir, name="bench-replica", ingress={"limits": {"rate_limit_scope": "replica"}})
+    with local_stack(ingress={"limits": {"rate_limit_scope": "cluster"}}) as stack:
+        replica_args = app_args(stack, name="bench-replica", ingress={"limits": {"rate_limit_scope": "replica"}})
         serve.run(build_app(replica_args), name="bench-replica", route_prefix="/replica")
         urls = {"cluster": stack.url, "replica": f"{stack.url}/replica"}
         wait_healthy(urls["replica"])
@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
 
     result = {"what": "GET /v1/api-keys through HAProxy, keep-alive, alternating apps",
               "cluster": _ms(times["cluster"]), "replica": _ms(times["replica"]), "actor_call": _ms(hop)}
+    result["stack_deviations"] = stack.deviations
     result["added_median_ms"] = round(result["cluster"]["median_ms"] - result["replica"]["median_ms"], 3)
     print(json.dumps(result, indent=2))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

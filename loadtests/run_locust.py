@@ -120,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--user-classes", default="", help="comma list, e.g. PollerUser,BrowserUser (default all)")
     ap.add_argument("--steps", type=int, default=4, help="denoising steps of each submitted video")
     ap.add_argument("--stop-timeout", type=int, default=10)
-    ap.add_argument("--threads", type=int, default=2, help="torch threads per replica (local stack)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads of every model stage of the local stack (default: serve_config.yaml's)")
     ap.add_argument("--prefix", default="loadtests/results/locust")
     a = ap.parse_args(argv)
     if a.users < 1 or a.run_time <= 0:

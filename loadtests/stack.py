@@ -1,9 +1,18 @@
-"""Start a local CineVivid stack for the benchmarks and load tests: a Ray cluster in this process,
-Serve's HTTP proxy on a free port, the app from `serve.app:build_app` (tiny model on the CPU unless
-the args say otherwise), a user with an API key. Everything lives under one temporary data dir.
+"""Start a local CineVivid stack for the benchmarks and load tests the way `cinevivid up` runs it:
+serve_config.yaml (or `config_path`), deployed by `serve.ops.deploy.deploy_serve_config` (what `up`
+calls), the same Serve environment (HAProxy front), the same logical CPUs for Ray, and each stage's
+torch threads from the config. What a benchmark must change is a deviation, printed when the stack
+starts and kept in `Stack.deviations` (the benchmarks record it in their results):
 
-    with local_stack(threads=2) as stack:
-        print(stack.url, stack.api_key)
+- always: a free HTTP port (the config's may be taken by `make run`), a fresh temporary data dir (its
+  own SQLite database), and Ray started in this process (`ray.init`) rather than by `ray start`;
+- for load generators that use one API key: higher per-user limits (rate limit, concurrent jobs), the
+  openai poll hint at 50 ms, and 4 dispatcher slots per ingress replica (2 shipped);
+- only when asked: `levers`, `ingress` settings, other args (`extra_args`, e.g. chaos_delay_s),
+  `threads` (torch threads of every model stage and of this process), `num_cpus` for Ray.
+
+    with local_stack() as stack:
+        print(stack.url, stack.api_key, stack.deviations)
 """
 
 from __future__ import annotations
@@ -11,13 +20,14 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import copy
 import os
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import httpx
 
@@ -25,20 +35,33 @@ from client.http import iter_events
 from serve.contracts import TERMINAL_STATUSES
 from serve.ops.serve_env import apply_serve_env, free_port
 
-APP = "cinevivid-bench"
-SMALL = {"ray_actor_options": {"num_cpus": 0.1}}
+CONFIG = Path(__file__).resolve().parent.parent / "serve_config.yaml"
+APP_IMPORT_PATH = "serve.app:build_app"
+MODEL_STAGES = ("text_encoder", "transformer", "vae")
+# what load generators with one API key need (the shipped limits would throttle them), and room for
+# the Locust mixes' concurrent jobs
+BENCH_INGRESS = {
+    "poll_after_ms": 50,
+    "dispatcher": {"max_concurrent_jobs": 4},
+    "limits": {"rate_limit_per_minute": 10_000_000, "rate_limit_burst": 1_000_000,
+               "max_concurrent_jobs_per_user": 1000},
+}
 
 
-def set_threads(threads: int) -> None:
-    """Same intra-op thread count for torch here and in every replica (Ray would set 1 otherwise)."""
-    os.environ["OMP_NUM_THREADS"] = str(threads)
+def set_threads(threads: int | None = None) -> int:
+    """torch's intra-op threads in this process (an in-process baseline such as diffusers' pipeline):
+    by default what a model stage gets by default (`serve.pipeline.threads`: the node's cores on a
+    CPU). The replicas take theirs from the config, not from this process."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")
-    apply_serve_env()  # before Ray starts: the same HTTP front (HAProxy) as `cinevivid up`
     import torch
 
+    from serve.pipeline.threads import default_torch_threads
+
+    threads = threads or default_torch_threads("cpu")
     torch.set_num_threads(threads)
+    return threads
 
 
 def run_sync(coro):
@@ -46,30 +69,72 @@ def run_sync(coro):
         return pool.submit(asyncio.run, coro).result()
 
 
-def app_args(data_dir: Path, name: str = APP, levers: dict | None = None, ingress: dict | None = None,
-             with_ingress: bool = True, extra: dict | None = None) -> dict:
-    ingress_cfg = {
-        "data_dir": str(data_dir), "poll_after_ms": 50,
-        # the shipped dispatcher defaults (poll 0.5 s, progress writes at most every 0.5 s), with
-        # room for the Locust mixes' concurrent jobs
-        "dispatcher": {"max_concurrent_jobs": 4},
-        "limits": {"rate_limit_per_minute": 10_000_000, "rate_limit_burst": 1_000_000,
-                   "max_concurrent_jobs_per_user": 1000},
-    }
-    for k, v in (ingress or {}).items():
-        ingress_cfg[k] = {**ingress_cfg.get(k, {}), **v} if isinstance(v, dict) else v
-    return {
-        "name": name, "with_ingress": with_ingress,
-        # small CPU shares; the ingress and generator keep their production concurrency (a dict here
-        # replaces DeploymentsConfig's defaults, which would drop the ingress to 4 ongoing requests)
-        "deployments": {**{k: dict(SMALL) for k in ("text_encoder", "transformer", "vae", "tts")},
-                        "generator": {**SMALL, "max_ongoing_requests": 16},
-                        "ingress": {**SMALL, "max_ongoing_requests": 256, "max_queued_requests": 512}},
-        "tts": {"providers": ["none"]},
-        "levers": levers or {},
-        "ingress": ingress_cfg,
-        **(extra or {}),  # any other AppArgs field (e.g. chaos_delay_s for loadtests/chaos.py)
-    }
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _changes(old: dict, new: dict) -> dict:
+    """The leaves of `new` that differ from `old` (what a deviation line shows)."""
+    out = {}
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(old.get(k), dict):
+            if sub := _changes(old[k], v):
+                out[k] = sub
+        elif old.get(k) != v:
+            out[k] = v
+    return out
+
+
+def _app(config: dict) -> dict:
+    for app in config.get("applications") or []:
+        if app.get("import_path") == APP_IMPORT_PATH:
+            return app
+    raise ValueError("the config deploys no CineVivid app")
+
+
+def stack_config(data_dir: Path, port: int, *, config_path: str | Path = CONFIG, levers: dict | None = None,
+                 ingress: dict | None = None, threads: int | None = None,
+                 extra_args: dict | None = None) -> tuple[dict, list[str]]:
+    """The Serve config `cinevivid up` would deploy from `config_path`, with the benchmark's
+    deviations laid over it; returns (config, the deviations as sentences)."""
+    from serve.ops.deploy import load_serve_config
+
+    config = copy.deepcopy(load_serve_config(config_path))
+    deviations: list[str] = []
+    http = {"host": "127.0.0.1", **(config.get("http_options") or {})}
+    deviations.append(f"http_options.port: {port} (config: {http.get('port', 8000)})")
+    config["http_options"] = {**http, "port": port}
+    args = _app(config).setdefault("args", {})
+    ing = _merge(_merge(args.get("ingress") or {}, BENCH_INGRESS), ingress or {})
+    ing["data_dir"] = str(data_dir)
+    deviations.append(f"args.ingress: {_changes(args.get('ingress') or {}, ing)}")
+    args["ingress"] = ing
+    if levers:
+        args["levers"] = {**(args.get("levers") or {}), **levers}
+        deviations.append(f"args.levers: {levers}")
+    for key, value in (extra_args or {}).items():  # any other AppArgs field (e.g. chaos_delay_s)
+        args[key] = value
+        deviations.append(f"args.{key}: {value}")
+    if threads:
+        deployments = args.setdefault("deployments", {})
+        for stage in MODEL_STAGES:
+            deployments[stage] = {**(deployments.get(stage) or {}), "torch_threads": threads}
+        deviations.append(f"args.deployments.{{{','.join(MODEL_STAGES)}}}.torch_threads: {threads} "
+                          "(config: default)")
+    return config, deviations
+
+
+def app_args(stack: "Stack", name: str, ingress: dict | None = None) -> dict:
+    """The stack's app args for a second app next to it (its name and `ingress` changes printed)."""
+    args = copy.deepcopy(stack.args)
+    args["name"] = name
+    if ingress:
+        args["ingress"] = _merge(args.get("ingress") or {}, ingress)
+    print(f"[stack] second app {name!r}: the stack's args with ingress {ingress or {}}", flush=True)
+    return args
 
 
 def wait_healthy(url: str, timeout_s: float = 300.0) -> dict:
@@ -103,6 +168,7 @@ class Stack:
     api_key: str
     args: dict
     ray_address: str
+    deviations: list[str] = field(default_factory=list)
 
     @property
     def headers(self) -> dict:
@@ -110,13 +176,15 @@ class Stack:
 
 
 @contextlib.contextmanager
-def local_stack(threads: int = 2, levers: dict | None = None, ingress: dict | None = None,
-                num_cpus: int = 16, data_dir: Path | None = None, extra_args: dict | None = None) -> Iterator[Stack]:
+def local_stack(threads: int | None = None, levers: dict | None = None, ingress: dict | None = None,
+                num_cpus: int | None = None, data_dir: Path | None = None,
+                config_path: str | Path = CONFIG, extra_args: dict | None = None) -> Iterator[Stack]:
+    """`threads`: torch threads of every model stage (None: the config's, i.e. the default)."""
     set_threads(threads)
     import ray
-    from ray import serve
 
-    from serve.app import build_app
+    from serve.config import AppArgs
+    from serve.ops.deploy import deploy_serve_config
     from serve.pipeline.loading import tiny_model_path
     from serve.pipeline.tiny_model import make_tiny_model
 
@@ -125,18 +193,33 @@ def local_stack(threads: int = 2, levers: dict | None = None, ingress: dict | No
     if data_dir is None:
         tmp = tempfile.TemporaryDirectory(prefix="cinevivid-bench-")
         data_dir = Path(tmp.name)
-    args = app_args(data_dir, levers=levers, ingress=ingress, extra=extra_args)
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False,
+    port = free_port()
+    config, deviations = stack_config(data_dir, port, config_path=config_path, levers=levers, ingress=ingress,
+                                      threads=threads, extra_args=extra_args)
+    app = _app(config)
+    args = app["args"]
+    apply_serve_env(front=AppArgs.model_validate(args).http_front)  # before Ray starts, as `up` does
+    # `cinevivid up` starts Ray with this many logical CPUs (serve.ops.launcher)
+    up_cpus = max(os.cpu_count() or 1, 8)
+    deviations.append("Ray started in this process (ray.init), not by `ray start`"
+                      + (f"; num_cpus={num_cpus} (cinevivid up: {up_cpus})" if num_cpus and num_cpus != up_cpus
+                         else f"; num_cpus={up_cpus} as cinevivid up"))
+    print(f"[stack] {config_path} as `cinevivid up` deploys it, except:", flush=True)
+    for line in deviations:
+        print(f"[stack]   {line}", flush=True)
+    ray.init(address="local", num_cpus=num_cpus or up_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False,
              object_store_memory=500_000_000)
     try:
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(args), name=APP, route_prefix="/")
+        from ray import serve
+
+        deploy_serve_config(config, wait_timeout_s=600)
         url = f"http://127.0.0.1:{port}"
-        wait_healthy(url)
+        route = app.get("route_prefix") or "/"
+        wait_healthy(url + route.rstrip("/"))
         database_url = f"sqlite+aiosqlite:///{data_dir / 'cinevivid.db'}"
-        yield Stack(url=url, app=APP, data_dir=data_dir, database_url=database_url,
-                    api_key=make_user(database_url), args=args, ray_address=ray.get_runtime_context().gcs_address)
+        yield Stack(url=url, app=app["name"], data_dir=data_dir, database_url=database_url,
+                    api_key=make_user(database_url), args=args, ray_address=ray.get_runtime_context().gcs_address,
+                    deviations=deviations)
     finally:
         with contextlib.suppress(Exception):
             serve.shutdown()

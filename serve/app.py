@@ -9,12 +9,16 @@ nowhere else.
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import os
+from pathlib import Path
 from typing import Any
 
 from ray.serve import Application
 
-from serve.config import AppArgs
+from serve.config import LIVE_LEVERS, AppArgs, validate_live_levers
 
 
 def parse_args(args: AppArgs | dict[str, Any] | None) -> AppArgs:
@@ -69,6 +73,48 @@ def deployment_plan(args: AppArgs, serve_overrides: dict[str, dict] | None = Non
     return plan
 
 
+@functools.lru_cache(maxsize=1)
+def code_fingerprint() -> str:
+    """A hash of CineVivid's server code (serve/ and deployments/): part of every deployment's version,
+    so that new code restarts the replicas."""
+    root = Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    for package in ("serve", "deployments"):
+        for path in sorted((root / package).rglob("*.py")):
+            h.update(str(path.relative_to(root)).encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _stage(deployment, stage: str, args: AppArgs, name: str, plan: dict[str, dict[str, Any]], *init_args,
+           **init_kwargs):
+    """Bind one stage as deployment `name`, with its Serve options from `plan` (`deployment_plan`).
+    Its live levers (`LIVE_LEVERS[stage]`) go in Serve's `user_config` (a `user_config` in the config
+    file's `deployments:` entry is laid over them and validated here, so a bad value fails the deploy before any replica sees it); its version is a hash of the code and of
+    what needs a restart (the constructor args, live levers left out), so a redeploy that changes only
+    the live levers reconfigures the running replicas instead of replacing them."""
+    opts = dict(plan[name], name=name)
+    if stage in LIVE_LEVERS:
+        base = args.levers.live_for(stage)
+        opts["user_config"] = validate_live_levers(stage, base, opts.get("user_config")).live_for(stage)
+    stable = json.dumps([stage, code_fingerprint(), _without_live(init_args), _without_live(init_kwargs)],
+                        sort_keys=True, default=str)
+    version = hashlib.sha256(stable.encode()).hexdigest()[:16]
+    return deployment.options(**opts).options(version=version, _internal=True).bind(*init_args, **init_kwargs)
+
+
+def _without_live(value):
+    """Init args with every live lever removed (they reach the replica through `user_config`)."""
+    live = {k for keys in LIVE_LEVERS.values() for k in keys}
+    if isinstance(value, dict):
+        return {k: _without_live(v) for k, v in value.items() if k not in live}
+    if isinstance(value, (list, tuple)):
+        return [_without_live(v) for v in value]
+    if isinstance(value, Application):  # a bound stage: its own version covers it
+        return "<bound deployment>"
+    return value
+
+
 def build_generator(args: AppArgs, serve_overrides: dict[str, dict] | None = None) -> Application:
     """The generation graph without HTTP: what a Ray job reaches through `serve.get_app_handle`.
     One text encoder and one VAE for every model of the set (all SkyReels-V2 models share UMT5 and
@@ -83,30 +129,36 @@ def build_generator(args: AppArgs, serve_overrides: dict[str, dict] | None = Non
     model = args.model.model_dump(mode="json")
     levers = args.levers.model_dump(mode="json")
     liveness = args.liveness.model_dump(mode="json")
-    text_encoder = TextEncoder.options(**plan["TextEncoder"]).bind(
-        model, args.text_encoder_batching.model_dump(mode="json"), args.levers.embedding_cache_size)
+    d = args.deployments
+    text_encoder = _stage(TextEncoder, "text_encoder", args, "TextEncoder", plan,
+                          model, args.text_encoder_batching.model_dump(mode="json"),
+                          torch_threads=d.text_encoder.torch_threads)
     transformers = {}
     for m in args.models:
         name = transformer_deployment_name(args, m.name)
-        transformers[m.name] = Transformer.options(name=name, **plan[name]).bind(
-            m.model_dump(mode="json"), levers, args.fault_injection.get("transformer"), liveness,
-            args.chaos_delay_s.get("transformer", 0.0))
-    vae = VAEDecoder.options(**plan["VAEDecoder"]).bind(
-        model, levers, args.fault_injection.get("vae"), liveness, args.chaos_delay_s.get("vae", 0.0))
+        transformers[m.name] = _stage(Transformer, "transformer", args, name, plan,
+                                      m.model_dump(mode="json"), levers, args.fault_injection.get("transformer"),
+                                      liveness, args.chaos_delay_s.get("transformer", 0.0),
+                                      torch_threads=d.transformer.torch_threads)
+    vae = _stage(VAEDecoder, "vae", args, "VAEDecoder", plan,
+                 model, levers, args.fault_injection.get("vae"), liveness, args.chaos_delay_s.get("vae", 0.0),
+                 torch_threads=d.vae.torch_threads)
     image_encoder = None
     if "ImageEncoder" in plan:
         from deployments.image_encoder import ImageEncoder
 
         i2v = next(m for m in args.models if m.pipeline == "i2v")
-        image_encoder = ImageEncoder.options(**plan["ImageEncoder"]).bind(i2v.model_dump(mode="json"))
+        image_encoder = _stage(ImageEncoder, "image_encoder", args, "ImageEncoder", plan, i2v.model_dump(mode="json"),
+                               torch_threads=d.image_encoder.torch_threads)
     tts = None
     if "TTS" in plan:
         from deployments.tts import TTS
 
-        tts = TTS.options(**plan["TTS"]).bind(args.tts.model_dump(mode="json"), args.chaos_delay_s.get("tts", 0.0))
-    return Generator.options(**plan["Generator"]).bind(
-        text_encoder, transformers, vae, tts, [m.model_dump(mode="json") for m in args.models],
-        args.tts.model_dump(mode="json"), args.name, liveness, image_encoder)
+        tts = _stage(TTS, "tts", args, "TTS", plan, args.tts.model_dump(mode="json"),
+                     args.chaos_delay_s.get("tts", 0.0))
+    return _stage(Generator, "generator", args, "Generator", plan,
+                  text_encoder, transformers, vae, tts, [m.model_dump(mode="json") for m in args.models],
+                  args.tts.model_dump(mode="json"), args.name, liveness, image_encoder)
 
 
 def build_app(args: AppArgs | dict[str, Any] | None = None,
@@ -117,8 +169,8 @@ def build_app(args: AppArgs | dict[str, Any] | None = None,
         return generator
     from deployments.ingress import Ingress
 
-    return Ingress.options(**deployment_plan(args, serve_overrides)["Ingress"]).bind(
-        generator, args.model_dump(mode="json"))
+    return _stage(Ingress, "ingress", args, "Ingress", deployment_plan(args, serve_overrides),
+                  generator, args.model_dump(mode="json"))
 
 
 def default_app_args() -> AppArgs:

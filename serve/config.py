@@ -166,6 +166,11 @@ class DeploymentOptions(_Strict):
     # Serve's per-request access log line in the replica; /metrics counts requests either way.
     access_log: bool = True
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # torch's intra-op threads in each replica of a model stage (text_encoder, transformer, vae);
+    # None or 0: the default of `serve.pipeline.threads.default_torch_threads` (on a CPU device all of
+    # the node's cores, on a GPU the replica's num_cpus, at least 1). Not a Serve option: the stage
+    # applies it at start (changing it restarts the replicas) and reports it in stats()["torch_threads"].
+    torch_threads: int | None = Field(default=None, ge=0)
 
     @model_validator(mode="after")
     def _one_scaling_mode(self):
@@ -213,6 +218,14 @@ class DeploymentsConfig(_Strict):
     generator: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(**STAGE_DEFAULTS["generator"]))
     ingress: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(**STAGE_DEFAULTS["ingress"]))
 
+    @model_validator(mode="after")
+    def _threads_only_for_model_stages(self):
+        for stage in ("tts", "generator", "ingress"):
+            if getattr(self, stage).torch_threads:
+                raise ValueError(f"deployments.{stage}.torch_threads: only the model stages (text_encoder, "
+                                 "transformer, vae, image_encoder) run torch (the tts stage: tts.piper_num_threads)")
+        return self
+
     @model_validator(mode="before")
     @classmethod
     def _over_stage_defaults(cls, data: Any) -> Any:
@@ -242,6 +255,32 @@ class LeversConfig(_Strict):
     # each "window" (or each "step") when other jobs wait, which then run one batch (or one DF
     # slice each, round-robin) before it resumes; "job": it holds the replica to its end
     df_yield_every: Literal["window", "step", "job"] = "window"
+
+    def live_for(self, stage: str) -> dict[str, Any]:
+        """The levers of `stage` that its replicas apply live (its Serve `user_config`)."""
+        return self.model_dump(mode="json", include=set(LIVE_LEVERS.get(stage, ())))
+
+
+# The levers each stage applies in `reconfigure()` (Serve's `user_config`), without reloading its
+# model: a redeploy (`cinevivid up` again, or `serve deploy`) that changes only these updates the
+# running replicas in place. The others (compile_transformer, dtypes) need a restart.
+LIVE_LEVERS: dict[str, tuple[str, ...]] = {
+    "text_encoder": ("embedding_cache_size",),
+    "transformer": ("cfg_batch", "step_cache_threshold", "batch_max_size", "batch_wait_timeout_s",
+                    "batch_token_budget", "df_yield_every"),
+    "vae": ("vae_tiling", "vae_tile_px", "vae_tile_stride_px"),
+}
+
+
+def validate_live_levers(stage: str, base: dict[str, Any], user_config: dict[str, Any] | None) -> LeversConfig:
+    """`user_config` laid over `base` (the stage's levers), validated: a key that is not one of the
+    stage's live levers, or a bad value, raises pydantic.ValidationError naming it."""
+    user_config = dict(user_config or {})
+    unknown = set(user_config) - set(LIVE_LEVERS.get(stage, ()))
+    if unknown:
+        raise ValueError(f"{stage}: user_config {sorted(unknown)} are not live levers of this stage "
+                         f"(live: {list(LIVE_LEVERS.get(stage, ()))}); set the others in args.levers")
+    return LeversConfig.model_validate({**base, **user_config})
 
 
 class LivenessConfig(_Strict):

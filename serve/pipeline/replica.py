@@ -68,6 +68,16 @@ def caller_id() -> str | None:
         return None
 
 
+def replica_id() -> str | None:
+    """This Serve replica's unique id (a restarted or replaced replica gets a new one); None outside one."""
+    try:
+        from ray import serve
+
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # noqa: BLE001 - not in a replica
+        return None
+
+
 def cluster_tag() -> str | None:
     """A short tag of this Ray cluster (its session), or None without Ray: actor ids are only
     looked up in the cluster that made them."""
