@@ -85,16 +85,20 @@ class DenoiseLoop:
         return UniPCMultistepScheduler.from_config(self.scheduler_config, flow_shift=flow_shift)
 
     def _forward(self, latents: torch.Tensor, timestep: torch.Tensor, embeds: torch.Tensor, branch: str,
-                 image_embeds: torch.Tensor | None = None):
+                 image_embeds: torch.Tensor | None = None, use_step_cache: bool = True):
+        """One transformer call (`timestep`: one value per row, shape (B,)). `use_step_cache=False`:
+        straight to the transformer even when the loop has a step cache (the continuous batching
+        engine, `serve.pipeline.continuous`, whose rows sit at different steps)."""
         if self.fault:
             inject_fault(self.fault)
+        step_cache = self.step_cache if use_step_cache else None
         if image_embeds is None:  # T2V: the call as it always was
-            if self.step_cache is not None:
-                return self.step_cache(self.transformer, latents, timestep, embeds, branch)
+            if step_cache is not None:
+                return step_cache(self.transformer, latents, timestep, embeds, branch)
             return self.transformer(hidden_states=latents, timestep=timestep, encoder_hidden_states=embeds,
                                     return_dict=False)[0]
-        if self.step_cache is not None:
-            return self.step_cache(self.transformer, latents, timestep, embeds, branch, image_embeds=image_embeds)
+        if step_cache is not None:
+            return step_cache(self.transformer, latents, timestep, embeds, branch, image_embeds=image_embeds)
         return self.transformer(hidden_states=latents, timestep=timestep, encoder_hidden_states=embeds,
                                 encoder_hidden_states_image=image_embeds, return_dict=False)[0]
 
