@@ -18,6 +18,14 @@ Requests of the same shape (size, frames, steps, guidance, shift) that arrive to
 batch, bounded by `levers.batch_max_size` and a token budget. A caller that cancels its stream is
 dropped from its batch at the next step boundary; nothing is decoded for it.
 
+With `levers.continuous_batching` the batching is step-level instead (`serve.pipeline.continuous`):
+a waiting job of the running batch's shape (size, frames; its own steps, guidance, shift and seed)
+joins it at the next step boundary, within `batch_max_size` jobs and `batch_token_budget` tokens,
+and leaves it as soon as its own schedule ends (or its caller cancels); admission is first come
+first served, so a job of another shape stops the admissions until the batch has drained. Each
+job's latents equal those of the job run alone (CPU fp32, within 1e-5). A running DF job gets one
+slice between two steps of the continuous batch.
+
 A diffusion-forcing job (long video, `spec.is_diffusion_forcing`) runs alone, window by window
 (`serve.pipeline.diffusion_forcing`), with one "step" event per transformer iteration counted over
 all its windows, and one `DenoisedLatents` per window (`window`, `num_windows`) holding the latents
@@ -45,6 +53,7 @@ import ray
 from ray import serve
 
 from serve.config import LeversConfig, LivenessConfig, ModelConfig, validate_live_levers
+from serve.pipeline.continuous import ContinuousBatch
 from serve.pipeline.denoising import DenoiseJob, DenoiseLoop, LoopSettings
 from serve.pipeline.diffusion_forcing import DFJob, DFRun, DFSettings, DiffusionForcingLoop
 from serve.pipeline.faults import chaos_pause
@@ -140,6 +149,12 @@ class Transformer:
         self.running = 0  # batches and DF jobs in progress (a DF job counts between its slices too)
         self.df_slices_run = 0  # DF slices (windows or steps) run
         self.df_interleaved = 0  # T2V batches run while a DF job was part-way through (fair sharing)
+        # step-level batching (levers.continuous_batching): the running batch, and each member's ticket
+        self._cbatch = ContinuousBatch(self.loop, self.levers.batch_token_budget, self.levers.batch_max_size,
+                                       cfg_batch=self.levers.cfg_batch)
+        self._cbatch_tickets: dict[int, _Ticket] = {}  # id(DenoiseJob) -> its ticket
+        self.continuous_joined = 0  # jobs that joined a running continuous batch mid-way (after its first step)
+        self.continuous_max_active = 0
         logger.info("transformer ready on %s (%s)", self.device, self.model_cfg.dtype)
 
     # -- live levers (Serve user_config) --------------------------------------------------------
@@ -254,49 +269,88 @@ class Transformer:
     async def _run_forever(self) -> None:
         # Each turn: one batch of the pending jobs (a DF job taken from them only starts), then one
         # slice of the running DF job whose turn it is. With `df_yield_every` "job" a slice is the
-        # whole job, as if DF jobs were not sliced at all.
+        # whole job, as if DF jobs were not sliced at all. With continuous batching a turn runs one
+        # denoising step of the continuous batch (waiting jobs of its shape join it first).
         while True:
-            if not self._pending and not self._df_running:
+            if not self._pending and not self._df_running and self._cbatch.empty:
                 self._wakeup.clear()
                 await self._wakeup.wait()
             self._apply_pending_levers()  # a batch boundary: levers changed by reconfigure() apply now
-            if self._pending and self.levers.batch_max_size > 1 and self.levers.batch_wait_timeout_s > 0:
-                await asyncio.sleep(self.levers.batch_wait_timeout_s)  # let same-shape jobs gather
-            batch = self._take_batch()
-            if batch and batch[0].spec.is_diffusion_forcing:
-                self._start_df(batch[0])
-            elif batch:
-                if self._df_running:
-                    self.df_interleaved += 1
-                await self._run_batch(batch)
+            if self.levers.continuous_batching or not self._cbatch.empty:
+                self._admit_continuous()
+                if not self._cbatch.empty:
+                    if self._df_running:
+                        self.df_interleaved += 1
+                    await self._continuous_step()
+            else:
+                if self._pending and self.levers.batch_max_size > 1 and self.levers.batch_wait_timeout_s > 0:
+                    await asyncio.sleep(self.levers.batch_wait_timeout_s)  # let same-shape jobs gather
+                batch = self._take_batch()
+                if batch and batch[0].spec.is_diffusion_forcing:
+                    self._start_df(batch[0])
+                elif batch:
+                    if self._df_running:
+                        self.df_interleaved += 1
+                    await self._run_batch(batch)
             if self._df_running:
                 running = self._df_running.popleft()
                 if await self._advance_df(running):
                     self._df_running.append(running)
 
-    async def _run_batch(self, batch: list[_Ticket]) -> None:
+    # -- shared by request-level and step-level batching ----------------------------------------
+    def _denoise_job(self, ticket: _Ticket) -> DenoiseJob:
+        """The loop's view of a ticket: its inputs, cancel flag and step events."""
         loop = asyncio.get_running_loop()
+
+        def on_step(step: int, total: int) -> None:
+            ticket.step_ends.append(time.time())
+            chaos_pause(self.chaos_delay_s)
+            if ticket.cancelled.is_set():
+                ticket.steps_after_cancel += 1
+            loop.call_soon_threadsafe(ticket.events.put_nowait, ProgressEvent(
+                type="step", stage=STAGE, step=step, total_steps=total))
+
+        return DenoiseJob(seed=ticket.spec.seed, prompt_embeds=ticket.embeds.prompt_embeds,
+                          negative_prompt_embeds=ticket.embeds.negative_prompt_embeds,
+                          is_cancelled=ticket.cancelled.is_set, on_step=on_step,
+                          image_embeds=ticket.conditioning.get("image_embeds"),
+                          condition=ticket.conditioning.get("condition"))
+
+    def _settings(self, spec: ResolvedSpec) -> LoopSettings:
+        return LoopSettings(width=spec.width, height=spec.height, num_frames=spec.num_frames,
+                            num_inference_steps=spec.num_inference_steps, guidance_scale=spec.guidance_scale,
+                            flow_shift=spec.flow_shift, cfg_batch=self.levers.cfg_batch)
+
+    def _model_error(self, exc: BaseException, task: str, where: str) -> StageError:
+        """A model failure as the typed stage error the caller gets: "out of memory <task> <where>"
+        (code out_of_memory) or "<task> failed: ..."; a CUDA error also marks the replica unhealthy."""
+        if isinstance(exc, self._torch.OutOfMemoryError):
+            logger.error("transformer OOM: %s", exc)
+            return StageError(f"out of memory {task} {where}", stage=STAGE, code="out_of_memory")
+        logger.error("transformer failed (%s)", task, exc_info=exc)
+        if "CUDA error" in str(exc):
+            self._fatal = str(exc)
+        return StageError(f"{task} failed: {type(exc).__name__}: {exc}", stage=STAGE)
+
+    @staticmethod
+    def _where(spec: ResolvedSpec, jobs: int) -> str:
+        return f"{jobs} job(s) at {spec.width}x{spec.height}, {spec.num_frames} frames"
+
+    def _deliver(self, ticket: _Ticket, job: DenoiseJob, error: BaseException | None = None) -> None:
+        """A job that left the loop: its latents, its error, or its cancellation to its stream."""
+        if job.cancelled:  # dropped from the loop at a step boundary after its caller cancelled
+            self.cancellations.append(self._cancellation(ticket))
+        if error is not None:
+            ticket.events.put_nowait(error)
+        elif job.cancelled or job.result is None:
+            ticket.events.put_nowait(GenerationCancelled("generation cancelled", stage=STAGE))
+        else:
+            self.denoised.append(ticket.job_id)
+            ticket.events.put_nowait(_Output(ray.put(job.result)))
+
+    async def _run_batch(self, batch: list[_Ticket]) -> None:
         spec = batch[0].spec
-
-        def step_callback(ticket: _Ticket):
-            def on_step(step: int, total: int) -> None:
-                ticket.step_ends.append(time.time())
-                chaos_pause(self.chaos_delay_s)
-                if ticket.cancelled.is_set():
-                    ticket.steps_after_cancel += 1
-                loop.call_soon_threadsafe(ticket.events.put_nowait, ProgressEvent(
-                    type="step", stage=STAGE, step=step, total_steps=total))
-            return on_step
-
-        jobs = [DenoiseJob(seed=t.spec.seed, prompt_embeds=t.embeds.prompt_embeds,
-                           negative_prompt_embeds=t.embeds.negative_prompt_embeds,
-                           is_cancelled=t.cancelled.is_set, on_step=step_callback(t),
-                           image_embeds=t.conditioning.get("image_embeds"),
-                           condition=t.conditioning.get("condition")) for t in batch]
-        settings = LoopSettings(width=spec.width, height=spec.height, num_frames=spec.num_frames,
-                                num_inference_steps=spec.num_inference_steps,
-                                guidance_scale=spec.guidance_scale, flow_shift=spec.flow_shift,
-                                cfg_batch=self.levers.cfg_batch)
+        jobs = [self._denoise_job(t) for t in batch]
         for ticket in batch:  # its embeddings have arrived and its denoising starts now
             ticket.events.put_nowait(ProgressEvent(type="stage", stage=STAGE, stage_status="started"))
         self.batches_run.append(len(batch))
@@ -304,30 +358,68 @@ class Transformer:
         error: BaseException | None = None
         self.running += 1
         try:
-            await asyncio.to_thread(self.loop.run, jobs, settings)
+            await asyncio.to_thread(self.loop.run, jobs, self._settings(spec))
         except GenerationCancelled:
             pass
-        except self._torch.OutOfMemoryError as exc:
-            error = StageError(f"out of memory denoising {len(batch)} job(s) at {spec.width}x{spec.height}, "
-                               f"{spec.num_frames} frames", stage=STAGE, code="out_of_memory")
-            logger.error("transformer OOM: %s", exc)
         except Exception as exc:  # noqa: BLE001 - any model failure becomes a typed stage error
-            logger.exception("transformer failed")
-            error = StageError(f"denoising failed: {type(exc).__name__}: {exc}", stage=STAGE)
-            if "CUDA error" in str(exc):
-                self._fatal = str(exc)
+            error = self._model_error(exc, "denoising", self._where(spec, len(batch)))
         finally:
             self.running -= 1
         for ticket, job in zip(batch, jobs):
-            if job.cancelled:  # dropped from the loop at a step boundary after its caller cancelled
-                self.cancellations.append(self._cancellation(ticket))
-            if error is not None:
-                ticket.events.put_nowait(error)
-            elif job.cancelled or job.result is None:
-                ticket.events.put_nowait(GenerationCancelled("generation cancelled", stage=STAGE))
-            else:
-                self.denoised.append(ticket.job_id)
-                ticket.events.put_nowait(_Output(ray.put(job.result)))
+            self._deliver(ticket, job, error)
+
+    # -- step-level (continuous) batching --------------------------------------------------------
+    def _admit_continuous(self) -> None:
+        """Waiting jobs join the continuous batch, first come first served: a DF job starts (it runs
+        in its own slices); a job of the batch's shape within its bounds joins; the first that
+        cannot stops the admissions, so the batch drains and that job starts the next one (no
+        job waits behind later arrivals of another shape)."""
+        cb = self._cbatch
+        cb.token_budget, cb.max_size, cb.cfg_batch = (self.levers.batch_token_budget, self.levers.batch_max_size,
+                                                      self.levers.cfg_batch)
+        if not self.levers.continuous_batching:
+            return  # switched off: the running batch finishes, nothing joins it
+        admitted: list[_Ticket] = []
+        for ticket in self._pending:
+            if ticket.cancelled.is_set():
+                admitted.append(ticket)  # dropped: never started
+                continue
+            if ticket.spec.is_diffusion_forcing:
+                self._start_df(ticket)
+                admitted.append(ticket)
+                continue
+            job, settings = self._denoise_job(ticket), self._settings(ticket.spec)
+            if cb.refusal(job, settings) is not None:
+                break
+            mid_way = cb.started
+            try:
+                cb.join(job, settings)
+            except ValueError as exc:  # inputs the transformer cannot run (checked by the engine)
+                ticket.events.put_nowait(StageError(f"denoising refused: {exc}", stage=STAGE))
+                admitted.append(ticket)
+                continue
+            self.continuous_joined += mid_way
+            self._cbatch_tickets[id(job)] = ticket
+            ticket.events.put_nowait(ProgressEvent(type="stage", stage=STAGE, stage_status="started"))
+            admitted.append(ticket)
+        if admitted:
+            self._pending = [t for t in self._pending if t not in admitted]
+        self.continuous_max_active = max(self.continuous_max_active, len(cb.active))
+
+    async def _continuous_step(self) -> None:
+        """One denoising step of every job in the continuous batch; the jobs that ended leave it."""
+        cb = self._cbatch
+        if self.running == 0:
+            self.batches_run.append(len(cb.active))
+        try:
+            left = await asyncio.to_thread(cb.step)
+            error = None
+        except Exception as exc:  # noqa: BLE001 - the step failed for every job in it
+            left = cb.abort()
+            where = self._where(self._cbatch_tickets[id(left[0])].spec, len(left)) if left else ""
+            error = self._model_error(exc, "denoising", where)
+        for job in left:
+            self._deliver(self._cbatch_tickets.pop(id(job)), job, error)
 
     def _start_df(self, ticket: _Ticket) -> None:
         """A diffusion-forcing job joins the running ones; the same events and result as a T2V job."""
@@ -387,15 +479,10 @@ class Transformer:
         except GenerationCancelled as exc:
             error = exc
             self.cancellations.append(self._cancellation(ticket))
-        except self._torch.OutOfMemoryError as exc:
-            error = StageError(f"out of memory in diffusion forcing at {spec.width}x{spec.height}, windows of "
-                               f"{spec.base_num_frames} frames", stage=STAGE, code="out_of_memory")
-            logger.error("transformer OOM: %s", exc)
         except Exception as exc:  # noqa: BLE001 - any model failure becomes a typed stage error
-            logger.exception("transformer failed (diffusion forcing)")
-            error = StageError(f"diffusion forcing failed: {type(exc).__name__}: {exc}", stage=STAGE)
-            if "CUDA error" in str(exc):
-                self._fatal = str(exc)
+            error = self._model_error(exc, "in diffusion forcing" if isinstance(exc, self._torch.OutOfMemoryError)
+                                      else "diffusion forcing",
+                                      f"at {spec.width}x{spec.height}, windows of {spec.base_num_frames} frames")
         self.running -= 1
         if error is not None:
             ticket.events.put_nowait(error)
@@ -423,6 +510,9 @@ class Transformer:
                 "watched_callers": self._callers.watched,
                 "df_running": len(self._df_running), "df_slices_run": self.df_slices_run,
                 "df_interleaved": self.df_interleaved,
+                "continuous": {"active": len(self._cbatch.active), "steps_run": self._cbatch.steps_run,
+                               "rows_run": self._cbatch.rows_run, "joined_mid_batch": self.continuous_joined,
+                               "max_active": self.continuous_max_active},
                 "levers": {**lever_state(transformer=self.loop.transformer), **self.levers.live_for(STAGE)},
                 "levers_pending": self._next_levers is not None, "reconfigures": self.reconfigures,
                 "torch_threads": self.torch_threads, "replica_id": _replica_id(),

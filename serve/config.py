@@ -251,10 +251,23 @@ class LeversConfig(_Strict):
     batch_max_size: int = Field(default=1, ge=1)
     batch_wait_timeout_s: float = Field(default=0.05, ge=0)
     batch_token_budget: int = Field(default=2_000_000, ge=1)
+    # step-level (continuous) batching: a job of the running batch's shape joins it at the next
+    # denoising step and leaves when it ends, each with its own steps, guidance and seed
+    # (serve.pipeline.continuous); bounded by batch_max_size jobs and batch_token_budget tokens.
+    # Exact (<= 1e-5 vs a job run alone, CPU fp32). Excludes the step cache.
+    continuous_batching: bool = False
     # fair sharing: a running diffusion-forcing (long video) job gives the Transformer back after
     # each "window" (or each "step") when other jobs wait, which then run one batch (or one DF
     # slice each, round-robin) before it resumes; "job": it holds the replica to its end
     df_yield_every: Literal["window", "step", "job"] = "window"
+
+    @model_validator(mode="after")
+    def _continuous_batching_excludes_the_step_cache(self):
+        if self.continuous_batching and self.step_cache_threshold > 0:
+            raise ValueError("continuous_batching and step_cache_threshold > 0 exclude each other: the step "
+                             "cache's reuse decisions are per batch and per schedule, which a continuous batch "
+                             "(jobs at different steps) does not have; set step_cache_threshold: 0")
+        return self
 
     def live_for(self, stage: str) -> dict[str, Any]:
         """The levers of `stage` that its replicas apply live (its Serve `user_config`)."""
@@ -267,7 +280,7 @@ class LeversConfig(_Strict):
 LIVE_LEVERS: dict[str, tuple[str, ...]] = {
     "text_encoder": ("embedding_cache_size",),
     "transformer": ("cfg_batch", "step_cache_threshold", "batch_max_size", "batch_wait_timeout_s",
-                    "batch_token_budget", "df_yield_every"),
+                    "batch_token_budget", "df_yield_every", "continuous_batching"),
     "vae": ("vae_tiling", "vae_tile_px", "vae_tile_stride_px"),
 }
 

@@ -73,3 +73,48 @@ async def test_embedding_cache_returns_identical_embeddings_and_skips_the_encode
     assert stats["encoder_calls"] == calls  # served from the cache
     assert second.cache_hits == 1
     assert np.array_equal(first.prompt_embeds, second.prompt_embeds)
+
+
+async def test_step_level_batching_joins_mid_way_drops_a_cancelled_job_and_keeps_each_result(levers_app, graph_app):
+    """levers.continuous_batching switched on live (same app, a redeploy that changes only live levers):
+    jobs with their own steps, guidance and seeds join the running batch between steps; one cancelled
+    mid-batch leaves it; every finished job's frames equal the same job run alone on another app."""
+    from serve.app import build_app
+
+    args = tiny_app_args(name=APP, levers={"cfg_batch": True, "embedding_cache_size": 16, "batch_max_size": 4,
+                                           "batch_wait_timeout_s": 0.2, "continuous_batching": True})
+    serve.run(build_app(args), name=APP, route_prefix=None)
+    transformer = _handle("Transformer")
+    stats = await transformer.stats.remote()  # received; in effect from the next batch boundary
+    assert stats["levers"]["continuous_batching"] or stats["levers_pending"]
+    long = {"prompt": "a lighthouse at dusk", "seed": 5, "return_frames": True, **SHAPE, "num_inference_steps": 16}
+    joiner = {"prompt": "a red kite", "seed": 6, "return_frames": True, **SHAPE, "num_inference_steps": 3,
+              "guidance_scale": 1.0}
+    doomed = {"prompt": "a job that is cancelled", "seed": 7, **SHAPE, "num_inference_steps": 16}
+
+    async def cancelled_after_two_steps():
+        steps = 0
+        gen = levers_app.astream(doomed)
+        async for event in gen:
+            steps += event.type == "step"
+            if steps == 2:
+                break  # the caller goes away mid-batch
+        await gen.aclose()
+
+    joined = doomed_task = None
+    last = None
+    async for event in levers_app.astream(long):
+        if event.type == "step" and event.step == 1:  # the batch is running: two more jobs come in
+            joined = asyncio.ensure_future(levers_app.agenerate(joiner))
+            doomed_task = asyncio.ensure_future(cancelled_after_two_steps())
+        last = event
+    assert last.type == "result", last
+    long_result, joined_result = last.result, await joined
+    await doomed_task
+    stats = await transformer.stats.remote()
+    assert stats["continuous"]["joined_mid_batch"] >= 1, stats["continuous"]
+    assert stats["continuous"]["max_active"] >= 2, stats["continuous"]
+    assert any(c["steps_after_cancel"] <= 1 for c in stats["cancellations"]), stats["cancellations"]
+    for spec, got in ((long, long_result), (joiner, joined_result)):
+        alone = await graph_app.agenerate(spec)
+        assert np.abs(got.frames - alone.frames).max() <= 1e-5

@@ -130,6 +130,11 @@ class ContinuousBatch:
         return not self._running
 
     @property
+    def started(self) -> bool:
+        """Whether a job of the batch has done a step already (one joining now joins mid-way)."""
+        return any(r.index > 0 for r in self._running)
+
+    @property
     def tokens(self) -> int:
         return sum(r.tokens for r in self._running)
 
