@@ -230,7 +230,14 @@ class LeversConfig(_Strict):
     embedding_cache_size: int = Field(default=0, ge=0)  # LRU of prompt embeddings; 0 = off
     # approximate
     compile_transformer: bool = False  # torch.compile the DiT (exact within fp tolerance)
-    step_cache_threshold: float = Field(default=0.0, ge=0)  # first-block step cache; 0 = off
+    step_cache_threshold: float = Field(default=0.0, ge=0)  # step cache (either backend); 0 = off
+    # which step cache (`serve.pipeline.step_cache.make_step_cache`): the hand-written first-block
+    # cache, or cache-dit's DBCache (Fn probe blocks, Bn always-computed tail blocks, optional
+    # TaylorSeer extrapolation of the skipped residual); loadtests/RESULTS.md compares them
+    step_cache_backend: Literal["first_block", "cache_dit"] = "first_block"
+    cache_dit_fn: int = Field(default=1, ge=1, le=64)
+    cache_dit_bn: int = Field(default=0, ge=0, le=64)
+    cache_dit_taylorseer: bool = False
     vae_tiling: bool = False  # lower peak memory for big frames; tiles blend at seams
     vae_tile_px: int = Field(default=256, ge=32)  # a tile's size in pixels (frames larger than this tile)
     vae_tile_stride_px: int = Field(default=192, ge=16)  # tiles overlap by vae_tile_px - stride
@@ -242,6 +249,13 @@ class LeversConfig(_Strict):
     # each "window" (or each "step") when other jobs wait, which then run one batch (or one DF
     # slice each, round-robin) before it resumes; "job": it holds the replica to its end
     df_yield_every: Literal["window", "step", "job"] = "window"
+
+    @model_validator(mode="after")
+    def _check_step_cache(self):
+        if self.step_cache_backend == "cache_dit" and self.step_cache_threshold >= 1:
+            raise ValueError("step_cache_threshold must be < 1 with the cache_dit backend "
+                             "(cache-dit reads a threshold >= 1 as 'always reuse')")
+        return self
 
 
 class LivenessConfig(_Strict):
