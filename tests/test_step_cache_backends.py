@@ -81,6 +81,11 @@ def test_cache_dit_f1b0_decides_like_the_first_block_cache(pipe, embeds):
     for branch in ("cond", "uncond"):
         assert hand.stats()["branches"][branch]["skipped"] == dit.stats()["branches"][branch]["skipped"]
     np.testing.assert_allclose(a.result, b.result, atol=1e-6)
+    # TaylorSeer: the same skipped steps, but the skipped residual is extrapolated, not reused
+    ts = CacheDitStepCache(threshold=0.2, taylorseer=True)
+    (c,) = loop_latents(pipe, embeds, steps, cache=ts)
+    assert ts.stats()["branches"]["cond"]["cached_steps"] == dit.stats()["branches"]["cond"]["cached_steps"]
+    assert np.abs(c.result - b.result).max() > 1e-4
 
 
 @pytest.mark.parametrize("cfg_batch", [False, True])
