@@ -133,7 +133,7 @@ class Transformer:
         scheduler = UniPCMultistepScheduler.from_pretrained(resolve_subfolder(self.model_cfg, "scheduler"))
         apply_levers(transformer, None, self.levers)  # torch.compile when switched on
         self.loop = DenoiseLoop(transformer, scheduler.config, self.device, fault=fault)
-        self._set_step_cache(self.levers.step_cache_threshold)
+        self._set_step_cache(self.levers)
         # long video: the same transformer, window by window (no step cache, no batching)
         self.df_loop = DiffusionForcingLoop(transformer, scheduler.config, self.device, fault=fault)
         self.chaos_delay_s = chaos_delay_s  # chaos testing only: a pause after each step
@@ -177,20 +177,24 @@ class Transformer:
             return
         old = self.levers
         self.levers = self.levers.model_copy(update=new.live_for(STAGE))
-        if self.levers.step_cache_threshold != old.step_cache_threshold:
-            self._set_step_cache(self.levers.step_cache_threshold)
+        self._set_step_cache(self.levers)
         logger.info("live levers in effect: %s", self.levers.live_for(STAGE))
 
-    def _set_step_cache(self, threshold: float) -> None:
-        """Create, retune or drop the DenoiseLoop's step cache (threshold 0: off)."""
-        if threshold <= 0:
-            self.loop.step_cache = None
-        elif self.loop.step_cache is None:
-            from serve.pipeline.step_cache import StepCache
+    def _set_step_cache(self, levers: LeversConfig) -> None:
+        """Create, retune or drop the DenoiseLoop's step cache (`serve.pipeline.step_cache.make_step_cache`;
+        threshold 0: off). A change of backend or of cache-dit's knobs builds a new one."""
+        from serve.pipeline.step_cache import make_step_cache
 
-            self.loop.step_cache = StepCache(threshold=threshold)
+        cache = self.loop.step_cache
+        kind = (levers.step_cache_backend, levers.cache_dit_fn, levers.cache_dit_bn, levers.cache_dit_taylorseer)
+        if levers.step_cache_threshold <= 0:
+            self.loop.step_cache = None
+        elif (cache is not None and levers.step_cache_backend == "first_block"
+              and getattr(self, "_step_cache_kind", None) == kind):
+            cache.threshold = float(levers.step_cache_threshold)
         else:
-            self.loop.step_cache.threshold = float(threshold)
+            self.loop.step_cache = make_step_cache(levers)
+        self._step_cache_kind = kind
 
     # -- request side --------------------------------------------------------------------------
     async def denoise(self, embeds: PromptEmbeds, spec: ResolvedSpec, job_id: str = "-",

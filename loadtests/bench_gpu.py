@@ -19,7 +19,7 @@ Variants:
   cinevivid        serve.pipeline.denoising.DenoiseLoop + serve.pipeline.text_encoding + decode, no levers
   cfg_batch        + cond/uncond in one batched forward (exact lever); also probes the step cache
                    (threshold 0: never skips) to record the first-block changes for calibration
-  step_cache       + serve.pipeline.step_cache.StepCache(threshold) (approximate)
+  step_cache       + make_step_cache(threshold, --step-cache-backend first_block|cache_dit) (approximate)
   compile          + cfg_batch + torch.compile of the DiT blocks (serve.pipeline.levers.compile_transformer)
   best             + cfg_batch + compile + step cache
   vae_tiling       decode of the cinevivid latents with VAE tiling: time, peak memory, PSNR
@@ -289,6 +289,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variants-14b", default="diffusers,best", help="variants for 14B")
     ap.add_argument("--step-cache-threshold", default="auto",
                     help="float, or 'auto': 1.05 x median first-block change probed in the cfg_batch run")
+    ap.add_argument("--step-cache-backend", default="first_block", choices=["first_block", "cache_dit"],
+                    help="LeversConfig.step_cache_backend for the step_cache/best variants")
+    ap.add_argument("--cache-dit-fn", type=int, default=1, help="cache_dit backend: Fn probe blocks")
+    ap.add_argument("--cache-dit-bn", type=int, default=0, help="cache_dit backend: Bn always-computed tail blocks")
+    ap.add_argument("--cache-dit-taylorseer", action="store_true", help="cache_dit backend: TaylorSeer calibrator")
     ap.add_argument("--dtype", default=None, choices=list(DTYPE_NAMES), help="DiT/encoder dtype (cuda: bfloat16, cpu: float32)")
     ap.add_argument("--encoder", default="umt5-xxl", choices=["umt5-xxl", "umt5-2layer"],
                     help="text encoder size (runs once per video; 2 layers saves build time)")
@@ -386,15 +391,22 @@ def main(argv: list[str] | None = None) -> int:
                     r = run_cinevivid(c, s, device, cfg_batch=True, cache=probe)
                     rec["probe_changes"] = r.pop("step_cache")["branches"]["cfg"]["changes"]
                 elif v in ("step_cache", "compile", "best"):
-                    from serve.pipeline.step_cache import StepCache
-
                     cache = None
                     if v in ("step_cache", "best"):
                         probe_changes = entry["variants"].get("cfg_batch", {}).get("probe_changes")
                         th = pick_threshold(args.step_cache_threshold, probe_changes, last_threshold)
                         last_threshold = th
-                        cache = StepCache(threshold=th)
+                        from serve.config import LeversConfig
+                        from serve.pipeline.step_cache import make_step_cache
+
+                        if args.step_cache_backend == "cache_dit":
+                            th = min(th, 0.99)  # cache-dit reads >= 1 as "always reuse"
+                        cache = make_step_cache(LeversConfig(
+                            step_cache_threshold=th, step_cache_backend=args.step_cache_backend,
+                            cache_dit_fn=args.cache_dit_fn, cache_dit_bn=args.cache_dit_bn,
+                            cache_dit_taylorseer=args.cache_dit_taylorseer))
                         rec["threshold"] = th
+                        rec["step_cache_backend"] = args.step_cache_backend
                     if v in ("compile", "best") and not compiled:
                         from serve.pipeline.levers import compile_transformer
 

@@ -243,7 +243,14 @@ class LeversConfig(_Strict):
     embedding_cache_size: int = Field(default=0, ge=0)  # LRU of prompt embeddings; 0 = off
     # approximate
     compile_transformer: bool = False  # torch.compile the DiT (exact within fp tolerance)
-    step_cache_threshold: float = Field(default=0.0, ge=0)  # first-block step cache; 0 = off
+    step_cache_threshold: float = Field(default=0.0, ge=0)  # step cache (either backend); 0 = off
+    # which step cache (`serve.pipeline.step_cache.make_step_cache`): the hand-written first-block
+    # cache, or cache-dit's DBCache (Fn probe blocks, Bn always-computed tail blocks, optional
+    # TaylorSeer extrapolation of the skipped residual); loadtests/RESULTS.md compares them
+    step_cache_backend: Literal["first_block", "cache_dit"] = "first_block"
+    cache_dit_fn: int = Field(default=1, ge=1, le=64)
+    cache_dit_bn: int = Field(default=0, ge=0, le=64)
+    cache_dit_taylorseer: bool = False
     vae_tiling: bool = False  # lower peak memory for big frames; tiles blend at seams
     vae_tile_px: int = Field(default=256, ge=32)  # a tile's size in pixels (frames larger than this tile)
     vae_tile_stride_px: int = Field(default=192, ge=16)  # tiles overlap by vae_tile_px - stride
@@ -262,11 +269,14 @@ class LeversConfig(_Strict):
     df_yield_every: Literal["window", "step", "job"] = "window"
 
     @model_validator(mode="after")
-    def _continuous_batching_excludes_the_step_cache(self):
+    def _check_step_cache_and_batching(self):
         if self.continuous_batching and self.step_cache_threshold > 0:
             raise ValueError("continuous_batching and step_cache_threshold > 0 exclude each other: the step "
                              "cache's reuse decisions are per batch and per schedule, which a continuous batch "
                              "(jobs at different steps) does not have; set step_cache_threshold: 0")
+        if self.step_cache_backend == "cache_dit" and self.step_cache_threshold >= 1:
+            raise ValueError("step_cache_threshold must be < 1 with the cache_dit backend "
+                             "(cache-dit reads a threshold >= 1 as 'always reuse')")
         return self
 
     def live_for(self, stage: str) -> dict[str, Any]:
@@ -280,7 +290,8 @@ class LeversConfig(_Strict):
 LIVE_LEVERS: dict[str, tuple[str, ...]] = {
     "text_encoder": ("embedding_cache_size",),
     "transformer": ("cfg_batch", "step_cache_threshold", "batch_max_size", "batch_wait_timeout_s",
-                    "batch_token_budget", "df_yield_every", "continuous_batching"),
+                    "batch_token_budget", "df_yield_every", "continuous_batching", "step_cache_backend",
+                    "cache_dit_fn", "cache_dit_bn", "cache_dit_taylorseer"),
     "vae": ("vae_tiling", "vae_tile_px", "vae_tile_stride_px"),
 }
 

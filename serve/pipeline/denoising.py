@@ -76,7 +76,7 @@ class DenoiseLoop:
         self.device = device
         # ModelMixin.dtype skips the `_keep_in_fp32_modules` (the first parameter, scale_shift_table, is one)
         self.dtype = getattr(transformer, "dtype", None) or next(transformer.parameters()).dtype
-        self.step_cache = step_cache  # optional serve.pipeline.step_cache.StepCache
+        self.step_cache = step_cache  # optional: serve.pipeline.step_cache.make_step_cache(levers)
         self.steps_run = 0  # denoising steps executed over the loop's lifetime (observability)
 
     def make_scheduler(self, flow_shift: float):

@@ -42,7 +42,8 @@ class _BranchState:
 
 
 class StepCache:
-    """Callable as `cache(transformer, latents, timestep, embeds, branch) -> noise_pred`, the same
+    """The hand-written first-block cache (`step_cache_backend` "first_block"). Callable as
+    `cache(transformer, latents, timestep, embeds, branch) -> noise_pred`, the same
     tensor `transformer(hidden_states=latents, timestep=timestep, encoder_hidden_states=embeds,
     return_dict=False)[0]` returns (exactly so when the step is computed). Image-to-video passes
     `image_embeds=` too (the transformer's `encoder_hidden_states_image`)."""
@@ -55,6 +56,7 @@ class StepCache:
         self.warmup_steps = max(1, int(warmup_steps))
         self.max_consecutive_skips = max(0, int(max_consecutive_skips))
         self.compute_last_step = compute_last_step
+        self.backend = "first_block"
         self.num_steps: int | None = None
         self._states: dict[str, _BranchState] = {}
         # lifetime counters (over every reset), for metrics
@@ -93,6 +95,7 @@ class StepCache:
     def stats(self) -> dict:
         """Counters of the current (last) loop per branch, plus lifetime totals."""
         return {
+            "backend": self.backend,
             "threshold": self.threshold,
             "computed": self.computed,
             "skipped": self.skipped,
@@ -198,3 +201,23 @@ def _unpatchify(transformer, hidden, temb, shape):
     hidden = hidden.reshape(batch_size, num_frames // p_t, height // p_h, width // p_w, p_t, p_h, p_w, -1)
     hidden = hidden.permute(0, 7, 1, 4, 2, 5, 3, 6)
     return hidden.flatten(6, 7).flatten(4, 5).flatten(2, 3)
+
+
+def make_step_cache(levers):
+    """The step cache `levers` (a `serve.config.LeversConfig`) asks for, or None when it is off
+    (`step_cache_threshold` 0). `step_cache_backend` "first_block": `StepCache`; "cache_dit":
+    `serve.pipeline.step_cache_dit.CacheDitStepCache` with `cache_dit_fn`/`cache_dit_bn`/
+    `cache_dit_taylorseer`. Both take the same `threshold` measure and the same warmup (1 step),
+    max consecutive skips (3) and computed last step. What the deployment builds its `DenoiseLoop` with."""
+    threshold = float(getattr(levers, "step_cache_threshold", 0.0) or 0.0)
+    if threshold <= 0:
+        return None
+    backend = getattr(levers, "step_cache_backend", "first_block")
+    if backend == "first_block":
+        return StepCache(threshold=threshold)
+    if backend == "cache_dit":
+        from serve.pipeline.step_cache_dit import CacheDitStepCache
+
+        return CacheDitStepCache(threshold=threshold, fn=levers.cache_dit_fn, bn=levers.cache_dit_bn,
+                                 taylorseer=levers.cache_dit_taylorseer)
+    raise ValueError(f"unknown step_cache_backend {backend!r}")
