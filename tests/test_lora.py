@@ -25,6 +25,16 @@ SCALE = 0.8
 CPU = torch.device("cpu")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model's tensors are too small for intra-op threads to pay; on a busy machine they
+    only wait on each other (this module ran ~20x slower with 2 threads under load)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def pipe():
     return build_tiny_pipeline(0)
