@@ -200,3 +200,44 @@ def test_config_validation_and_resolve_errors(tmp_path):
         resolve_adapters(LoraAdaptersConfig(adapters=[LoraAdapterConfig(name="hub", path="someone/no-such-lora")]))
     with pytest.raises(AdapterResolveError, match="no .safetensors"):
         resolve_adapters(LoraAdaptersConfig(adapters=[LoraAdapterConfig(name="empty", path=str(tmp_path))]))
+
+
+def test_a_model_format_adapter_loads_without_the_transformer_prefix(pipe, adapters, tmp_path):
+    """`transformer.save_lora_adapter` writes keys without "transformer."; diffusers'
+    `load_lora_adapter(prefix="transformer")` would drop them all (a warning, nothing loaded)."""
+    from peft.utils import get_peft_model_state_dict
+    from safetensors import safe_open
+
+    first = copy.deepcopy(pipe.transformer)
+    AdapterCache(first, adapters, max_loaded=1).activate("style-a")
+    first.save_lora_adapter(tmp_path / "model-format", adapter_name="style-a")
+    with safe_open(tmp_path / "model-format" / "pytorch_lora_weights.safetensors", "pt") as f:
+        assert not any(k.startswith("transformer.") for k in f.keys())
+    second = copy.deepcopy(pipe.transformer)
+    specs = resolve_adapters(LoraAdaptersConfig(adapters=[
+        LoraAdapterConfig(name="style-a", path=str(tmp_path / "model-format"))]))
+    AdapterCache(second, specs, max_loaded=1).activate("style-a")
+    want = get_peft_model_state_dict(first, adapter_name="style-a")
+    got = get_peft_model_state_dict(second, adapter_name="style-a")
+    assert want.keys() == got.keys() and len(want) == 40
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    assert second.peft_config["style-a"].lora_alpha == first.peft_config["style-a"].lora_alpha
+
+
+def test_an_adapter_of_another_model_fails_cleanly(pipe, embeds, adapters, fresh, tmp_path):
+    from diffusers import SkyReelsV2Transformer3DModel
+
+    from serve.pipeline.lora import AdapterLoadError, AdapterSpec
+
+    other = SkyReelsV2Transformer3DModel.from_config({**pipe.transformer.config, "ffn_dim": 64})
+    file = make_tiny_lora(tmp_path / "other", other, seed=3) / "pytorch_lora_weights.safetensors"
+    transformer = copy.deepcopy(pipe.transformer)
+    cache = AdapterCache(transformer, {**adapters, "other": AdapterSpec(name="other", file=file, source="x")},
+                         max_loaded=2)
+    with pytest.raises(AdapterLoadError, match="'other'.*does not fit"):
+        cache.activate("other")
+    assert cache.loaded == [] and cache.loads == 0 and "other" not in getattr(transformer, "peft_config", {})
+    cache.activate("style-a", SCALE)
+    assert cache.loaded == ["style-a"] and set(transformer.peft_config) == {"style-a"}
+    # nothing of the failed load is left in the layers
+    np.testing.assert_array_equal(loop_latents(pipe, transformer, embeds), fresh("style-a"))

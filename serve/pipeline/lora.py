@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import re
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -259,8 +260,10 @@ class AdapterCache:
     def _load(self, spec: AdapterSpec) -> None:
         state_dict, metadata, prefix = read_lora_state_dict(self.transformer, spec.file)
         try:
-            self.transformer.load_lora_adapter(state_dict, adapter_name=spec.name, metadata=metadata,
-                                               prefix=prefix)
+            with warnings.catch_warnings():  # several adapters in one model is the point here
+                warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+                self.transformer.load_lora_adapter(state_dict, adapter_name=spec.name, metadata=metadata,
+                                                   prefix=prefix)
         except Exception as exc:
             raise AdapterLoadError(f"lora adapter {spec.name!r} ({spec.file}) does not fit this transformer: "
                                    f"{exc}") from exc
