@@ -8,6 +8,10 @@ corpus with `tokenizers`. Same seed -> byte-identical weights. Its output is noi
 
 `variant="i2v"` adds the image side of the SkyReels-V2 I2V checkpoints (a tiny CLIP vision tower
 and its image processor, also configured here) for `SkyReelsV2ImageToVideoPipeline`.
+
+`make_tiny_lora(out_dir, transformer)` writes a random (non-zero A and B) LoRA for a transformer in
+diffusers' LoRA format; `make_tiny_loras(model_dir)` writes two of them, "style-a" and "style-b",
+to `<model_dir>-loras/`, a folder to use as `LoraAdaptersConfig.adapters_dir`.
 """
 
 from __future__ import annotations
