@@ -267,7 +267,8 @@ def make_tiny_lora(out_dir: str | os.PathLike, transformer, rank: int = 4, seed:
     `SkyReelsV2Pipeline.save_lora_weights` writes it, so `SkyReelsV2Pipeline.load_lora_weights(out_dir)`
     loads it. Unlike a freshly initialised LoRA (B = 0, a no-op) both A and B are random
     (seeded): A ~ N(0, 1/in), B ~ N(0, std^2/rank), so B @ A is of the order of `std` x the base
-    weights and the adapter visibly changes the output. Same arguments -> the same bytes.
+    weights and the adapter visibly changes the output. Same arguments -> the same tensors and
+    metadata (not always the same bytes: safetensors writes its header's metadata map in any order).
     `alpha` defaults to `rank` (PEFT scaling alpha/rank = 1)."""
     import copy
 
@@ -291,7 +292,9 @@ def make_tiny_lora(out_dir: str | os.PathLike, transformer, rank: int = 4, seed:
         else:
             continue
         layers[key] = (torch.randn(w.shape, generator=gen, dtype=torch.float32) * sd).to(w.dtype).contiguous()
-    metadata = model.peft_config["tiny"].to_dict()
+    # PEFT keeps target_modules as a set: sorted, so the metadata does not follow the hash seed
+    metadata = {k: sorted(v) if isinstance(v, (set, frozenset)) else v
+                for k, v in model.peft_config["tiny"].to_dict().items()}
     target = Path(out_dir).expanduser()
     SkyReelsV2Pipeline.save_lora_weights(target, transformer_lora_layers=layers,
                                          transformer_lora_adapter_metadata=metadata)
