@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -60,6 +61,70 @@ class DiffusionForcingConfig(_Strict):
         return self
 
 
+# A LoRA adapter's name: what a request's `lora` names and PEFT's adapter name in the transformer.
+# No dots (torch module keys cannot hold them) and no slashes; starts with a letter or a digit.
+LORA_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
+
+
+class LoraAdapterConfig(_Strict):
+    """One LoRA adapter of a model (`serve.pipeline.lora`). `path`: a local `.safetensors` file,
+    a local folder holding one (diffusers' `pytorch_lora_weights.safetensors`, or `weight_name`),
+    or a Hub repo id, which is only looked up in the local huggingface_hub cache (never fetched).
+    The optional defaults replace the model's for a request that uses this adapter and does not set
+    them itself (a step-distilled adapter: `num_inference_steps: 4`, `guidance_scale: 1.0`)."""
+
+    name: str
+    path: str
+    weight_name: str | None = None  # the file inside a folder / repo; None: the usual one
+    revision: str | None = None  # Hub repo ids only
+    scale: float = Field(default=1.0, ge=-10.0, le=10.0)  # the adapter's default strength
+    num_inference_steps: int | None = Field(default=None, ge=1)
+    guidance_scale: float | None = Field(default=None, ge=0.0)
+    flow_shift: float | None = Field(default=None, gt=0.0)
+
+    @model_validator(mode="after")
+    def _name(self):
+        if not re.match(LORA_NAME_PATTERN, self.name):
+            raise ValueError(f"lora adapter name {self.name!r}: use 1-64 letters, digits, '_' or '-', "
+                             "starting with a letter or a digit (no dots, slashes or spaces)")
+        if not self.path.strip():
+            raise ValueError(f"lora adapter {self.name!r}: path is empty")
+        return self
+
+    def request_defaults(self) -> dict[str, float | int]:
+        """The generation defaults this adapter sets (only those it sets)."""
+        return {k: v for k in ("num_inference_steps", "guidance_scale", "flow_shift")
+                if (v := getattr(self, k)) is not None}
+
+
+class LoraAdaptersConfig(_Strict):
+    """The LoRA adapters a model can run with, per request (`ModelConfig.lora`). Named
+    `LoraAdaptersConfig`, not `LoraConfig`, so it is never taken for peft's `LoraConfig`.
+
+    `adapters` are listed one by one; `adapters_dir` is a folder whose `*.safetensors` files and
+    subfolders (each holding one adapter) are adapters too, named by their stem (a listed adapter
+    of the same name wins, so the list can give a scanned one its scale or defaults). Each
+    Transformer replica keeps at most `max_loaded` adapters in its transformer, evicting the least
+    recently used."""
+
+    adapters: list[LoraAdapterConfig] = Field(default_factory=list)
+    adapters_dir: str | None = None
+    max_loaded: int = Field(default=4, ge=1)
+
+    @model_validator(mode="after")
+    def _unique_names(self):
+        seen: set[str] = set()
+        for a in self.adapters:
+            if a.name in seen:
+                raise ValueError(f"lora.adapters: the name {a.name!r} is used twice")
+            seen.add(a.name)
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.adapters) or self.adapters_dir is not None
+
+
 class ModelConfig(_Strict):
     """One model the graph serves, with its defaults and the bounds a request must stay within."""
 
@@ -104,6 +169,8 @@ class ModelConfig(_Strict):
     # 65 frames (its T2V limit, so every request that fits one runs as plain T2V, as before).
     diffusion_forcing: DiffusionForcingConfig | None = Field(default_factory=lambda: DiffusionForcingConfig(
         base_num_frames=65, max_base_num_frames=65))
+    # LoRA adapters a request may pick by name (`serve.pipeline.lora`); none by default
+    lora: LoraAdaptersConfig = Field(default_factory=LoraAdaptersConfig)
 
     def all_names(self) -> set[str]:
         return {self.name, *self.aliases}

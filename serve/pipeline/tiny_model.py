@@ -8,6 +8,10 @@ corpus with `tokenizers`. Same seed -> byte-identical weights. Its output is noi
 
 `variant="i2v"` adds the image side of the SkyReels-V2 I2V checkpoints (a tiny CLIP vision tower
 and its image processor, also configured here) for `SkyReelsV2ImageToVideoPipeline`.
+
+`make_tiny_lora(out_dir, transformer)` writes a random (non-zero A and B) LoRA for a transformer in
+diffusers' LoRA format; `make_tiny_loras(model_dir)` writes two of them, "style-a" and "style-b",
+to `<model_dir>-loras/`, a folder to use as `LoraAdaptersConfig.adapters_dir`.
 """
 
 from __future__ import annotations
@@ -245,3 +249,82 @@ def make_tiny_model(path: str | os.PathLike, seed: int = 0, overwrite: bool = Fa
             shutil.rmtree(tmp, ignore_errors=True)
     logger.info("tiny model written", extra={"path": str(target)})
     return target
+
+
+# The linear layers of SkyReelsV2Transformer3DModel a tiny LoRA adapts (PEFT matches these as name
+# suffixes): self-attention (attn1) and cross-attention (attn2) q/k/v/out in every block, and the
+# two linears of the feed-forward.
+TINY_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2")
+TINY_LORA_SEEDS = {"style-a": 101, "style-b": 202}
+
+
+def make_tiny_lora(out_dir: str | os.PathLike, transformer, rank: int = 4, seed: int = 0,
+                   target_modules: tuple[str, ...] = TINY_LORA_TARGETS, alpha: float | None = None,
+                   std: float = 0.5) -> Path:
+    """Write a random LoRA for `transformer` (a SkyReelsV2Transformer3DModel; left untouched) to
+    `out_dir`, in diffusers' LoRA format: `pytorch_lora_weights.safetensors` with keys
+    `transformer.<module>.lora_A.weight` / `.lora_B.weight` and the PEFT config as metadata, as
+    `SkyReelsV2Pipeline.save_lora_weights` writes it, so `SkyReelsV2Pipeline.load_lora_weights(out_dir)`
+    loads it. Unlike a freshly initialised LoRA (B = 0, a no-op) both A and B are random
+    (seeded): A ~ N(0, 1/in), B ~ N(0, std^2/rank), so B @ A is of the order of `std` x the base
+    weights and the adapter visibly changes the output. Same arguments -> the same tensors and
+    metadata (not always the same bytes: safetensors writes its header's metadata map in any order).
+    `alpha` defaults to `rank` (PEFT scaling alpha/rank = 1)."""
+    import copy
+
+    import torch
+    from diffusers import SkyReelsV2Pipeline
+    from peft import LoraConfig as PeftLoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    model = copy.deepcopy(transformer).to("cpu")
+    adapter_config = PeftLoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank,
+                                    target_modules=list(target_modules), init_lora_weights=True)
+    model.add_adapter(adapter_config, adapter_name="tiny")
+    layers = get_peft_model_state_dict(model, adapter_name="tiny")
+    gen = torch.Generator().manual_seed(seed)
+    for key in sorted(layers):
+        w = layers[key]
+        if "lora_A" in key:  # (rank, in)
+            sd = 1.0 / w.shape[1] ** 0.5
+        elif "lora_B" in key:  # (out, rank)
+            sd = std / rank ** 0.5
+        else:
+            continue
+        layers[key] = (torch.randn(w.shape, generator=gen, dtype=torch.float32) * sd).to(w.dtype).contiguous()
+    # PEFT keeps target_modules as a set: sorted, so the metadata does not follow the hash seed
+    metadata = {k: sorted(v) if isinstance(v, (set, frozenset)) else v
+                for k, v in model.peft_config["tiny"].to_dict().items()}
+    target = Path(out_dir).expanduser()
+    SkyReelsV2Pipeline.save_lora_weights(target, transformer_lora_layers=layers,
+                                         transformer_lora_adapter_metadata=metadata)
+    return target
+
+
+def make_tiny_loras(model_dir: str | os.PathLike, transformer=None, rank: int = 4,
+                    overwrite: bool = False) -> dict[str, Path]:
+    """Two tiny LoRAs for the tiny model at `model_dir` (its transformer, or `transformer`), written
+    next to it in `<model_dir>-loras/style-a/` and `.../style-b/` (different seeds): the folder is
+    an `adapters_dir` for `LoraAdaptersConfig`. Idempotent (file lock, then kept unless `overwrite`)."""
+    model_dir = Path(model_dir).expanduser().resolve()
+    root = model_dir.parent / f"{model_dir.name}-loras"
+    root.mkdir(parents=True, exist_ok=True)
+    out: dict[str, Path] = {}
+    with FileLock(str(root) + ".lock"):
+        for name, seed in TINY_LORA_SEEDS.items():
+            path = root / name
+            if overwrite or not (path / "pytorch_lora_weights.safetensors").exists():
+                if transformer is None:
+                    from diffusers import SkyReelsV2Transformer3DModel
+
+                    transformer = SkyReelsV2Transformer3DModel.from_pretrained(model_dir / "transformer")
+                tmp = Path(tempfile.mkdtemp(prefix=name + ".", dir=root))
+                try:
+                    make_tiny_lora(tmp, transformer, rank=rank, seed=seed)
+                    if path.exists():
+                        shutil.rmtree(path)
+                    os.replace(tmp, path)
+                finally:
+                    shutil.rmtree(tmp, ignore_errors=True)
+            out[name] = path
+    return out
