@@ -241,7 +241,10 @@ class Generator:
         yield ProgressEvent(type="stage", stage="text_encoder", stage_status="started", progress=0.0)
         embeds = self.text_encoder.encode.remote(spec.prompt, spec.negative_prompt if spec.do_cfg else None)
         conditioning = await self._conditioning(run)
-        denoise = self.transformers[spec.model].options(stream=True).denoise.remote(
+        transformer = self.transformers[spec.model]
+        if spec.lora is not None:  # Serve routes it to a replica that holds the adapter, if one does
+            transformer = transformer.options(multiplexed_model_id=spec.lora.name)
+        denoise = transformer.options(stream=True).denoise.remote(
             embeds, spec, run.job_id, caller=self.me, **conditioning)
         del conditioning
         del embeds  # (the denoise call holds the embeddings' ref while it needs it)

@@ -134,6 +134,23 @@ class Transformer:
         apply_levers(transformer, None, self.levers)  # torch.compile when switched on
         self.loop = DenoiseLoop(transformer, scheduler.config, self.device, fault=fault)
         self._set_step_cache(self.levers)
+        # LoRA adapters (model.lora): loaded into this transformer on first use, switched per batch on
+        # the denoising thread; Serve's model multiplexing routes a request naming an adapter to a
+        # replica that has it (`denoise` registers the adapter with the replica's multiplexer)
+        self.adapters = None
+        if self.model_cfg.lora.enabled:
+            from serve.pipeline.lora import AdapterCache
+
+            self.adapters = AdapterCache.from_config(transformer, self.model_cfg)
+
+            async def register_adapter(adapter_id: str) -> str:
+                if adapter_id not in self.adapters.adapters:
+                    raise StageError(f"unknown LoRA adapter {adapter_id!r}", stage=STAGE)
+                return adapter_id  # the weights load on the denoising thread, before the job's first step
+
+            self._register_adapter = serve.multiplexed(
+                max_num_models_per_replica=self.model_cfg.lora.max_loaded)(register_adapter)
+        self.adapter_jobs: dict[str, int] = {}  # jobs run per adapter on this replica (observability)
         # long video: the same transformer, window by window (no step cache, no batching)
         self.df_loop = DiffusionForcingLoop(transformer, scheduler.config, self.device, fault=fault)
         self.chaos_delay_s = chaos_delay_s  # chaos testing only: a pause after each step
@@ -153,6 +170,7 @@ class Transformer:
         self._cbatch = ContinuousBatch(self.loop, self.levers.batch_token_budget, self.levers.batch_max_size,
                                        cfg_batch=self.levers.cfg_batch)
         self._cbatch_tickets: dict[int, _Ticket] = {}  # id(DenoiseJob) -> its ticket
+        self._cbatch_spec: ResolvedSpec | None = None  # the spec of the job that started the batch
         self.continuous_joined = 0  # jobs that joined a running continuous batch mid-way (after its first step)
         self.continuous_max_active = 0
         logger.info("transformer ready on %s (%s)", self.device, self.model_cfg.dtype)
@@ -203,6 +221,10 @@ class Transformer:
         unknown = set(conditioning) - {"image_embeds", "condition", "condition_latents", "end_latents"}
         if unknown:
             raise StageError(f"unknown conditioning inputs {sorted(unknown)}", stage=STAGE)
+        if spec.lora is not None:
+            if self.adapters is None:
+                raise StageError(f"model {self.model_cfg.name} has no LoRA adapters", stage=STAGE)
+            await self._register_adapter(spec.lora.name)
         ticket = _Ticket(spec=spec, embeds=embeds, job_id=job_id,
                          conditioning={k: v for k, v in conditioning.items() if v is not None})
         unwatch = self._callers.watch(caller, functools.partial(self._caller_gone, ticket))
@@ -320,6 +342,24 @@ class Transformer:
                           image_embeds=ticket.conditioning.get("image_embeds"),
                           condition=ticket.conditioning.get("condition"))
 
+    def _with_adapter(self, spec: ResolvedSpec | None, fn, *args):
+        """On the denoising thread: switch the transformer to the spec's LoRA adapter (loading it on
+        first use), or to no adapter, then run `fn`. A batch only ever holds jobs of one adapter."""
+        if self.adapters is not None:
+            if spec is not None and spec.lora is not None:
+                try:
+                    self.adapters.activate(spec.lora.name, spec.lora.scale)
+                except ValueError as exc:  # unknown, unresolvable or unloadable weights
+                    raise StageError(f"LoRA adapter {spec.lora.name!r}: {exc}", stage=STAGE) from exc
+            else:
+                self.adapters.deactivate()
+        return fn(*args)
+
+    @staticmethod
+    def _started_event() -> ProgressEvent:
+        """A job's denoising starts (its embeddings have arrived), on this replica."""
+        return ProgressEvent(type="stage", stage=STAGE, stage_status="started", replica=_replica_id())
+
     def _settings(self, spec: ResolvedSpec) -> LoopSettings:
         return LoopSettings(width=spec.width, height=spec.height, num_frames=spec.num_frames,
                             num_inference_steps=spec.num_inference_steps, guidance_scale=spec.guidance_scale,
@@ -350,19 +390,21 @@ class Transformer:
             ticket.events.put_nowait(GenerationCancelled("generation cancelled", stage=STAGE))
         else:
             self.denoised.append(ticket.job_id)
+            if ticket.spec.lora is not None:
+                self.adapter_jobs[ticket.spec.lora.name] = self.adapter_jobs.get(ticket.spec.lora.name, 0) + 1
             ticket.events.put_nowait(_Output(ray.put(job.result)))
 
     async def _run_batch(self, batch: list[_Ticket]) -> None:
         spec = batch[0].spec
         jobs = [self._denoise_job(t) for t in batch]
         for ticket in batch:  # its embeddings have arrived and its denoising starts now
-            ticket.events.put_nowait(ProgressEvent(type="stage", stage=STAGE, stage_status="started"))
+            ticket.events.put_nowait(self._started_event())
         self.batches_run.append(len(batch))
         logger.info("denoising batch of %d: %s", len(batch), [t.job_id for t in batch])
         error: BaseException | None = None
         self.running += 1
         try:
-            await asyncio.to_thread(self.loop.run, jobs, self._settings(spec))
+            await asyncio.to_thread(self._with_adapter, spec, self.loop.run, jobs, self._settings(spec))
         except GenerationCancelled:
             pass
         except Exception as exc:  # noqa: BLE001 - any model failure becomes a typed stage error
@@ -393,8 +435,9 @@ class Transformer:
                 admitted.append(ticket)
                 continue
             job, settings = self._denoise_job(ticket), self._settings(ticket.spec)
-            if cb.refusal(job, settings) is not None:
-                break
+            if cb.refusal(job, settings) is not None or (
+                    not cb.empty and ticket.spec.lora_key != self._cbatch_spec.lora_key):
+                break  # another shape or another adapter: it starts the next batch
             mid_way = cb.started
             try:
                 cb.join(job, settings)
@@ -404,7 +447,9 @@ class Transformer:
                 continue
             self.continuous_joined += mid_way
             self._cbatch_tickets[id(job)] = ticket
-            ticket.events.put_nowait(ProgressEvent(type="stage", stage=STAGE, stage_status="started"))
+            if len(cb.active) == 1:
+                self._cbatch_spec = ticket.spec  # the batch's adapter (every member has the same)
+            ticket.events.put_nowait(self._started_event())
             admitted.append(ticket)
         if admitted:
             self._pending = [t for t in self._pending if t not in admitted]
@@ -416,7 +461,7 @@ class Transformer:
         if self.running == 0:
             self.batches_run.append(len(cb.active))
         try:
-            left = await asyncio.to_thread(cb.step)
+            left = await asyncio.to_thread(self._with_adapter, self._cbatch_spec, cb.step)
             error = None
         except Exception as exc:  # noqa: BLE001 - the step failed for every job in it
             left = cb.abort()
@@ -456,7 +501,7 @@ class Transformer:
                               overlap_history=spec.overlap_history, ar_step=spec.ar_step,
                               causal_block_size=spec.causal_block_size,
                               addnoise_condition=spec.addnoise_condition)
-        ticket.events.put_nowait(ProgressEvent(type="stage", stage=STAGE, stage_status="started"))
+        ticket.events.put_nowait(self._started_event())
         self.batches_run.append(1)
         logger.info("[job %s] diffusion forcing: %d frames in windows of %d", ticket.job_id, spec.num_frames,
                     spec.base_num_frames)
@@ -476,7 +521,7 @@ class Transformer:
 
         error: BaseException | None = None
         try:
-            finished = await asyncio.to_thread(run_slice)
+            finished = await asyncio.to_thread(self._with_adapter, spec, run_slice)
             self.df_slices_run += 1
             if not finished:
                 return True
@@ -514,6 +559,7 @@ class Transformer:
                 "watched_callers": self._callers.watched,
                 "df_running": len(self._df_running), "df_slices_run": self.df_slices_run,
                 "df_interleaved": self.df_interleaved,
+                "lora": dict(self.adapters.stats(), jobs=dict(self.adapter_jobs)) if self.adapters else None,
                 "continuous": {"active": len(self._cbatch.active), "steps_run": self._cbatch.steps_run,
                                "rows_run": self._cbatch.rows_run, "joined_mid_batch": self.continuous_joined,
                                "max_active": self.continuous_max_active},

@@ -43,6 +43,16 @@ class VoiceoverSpec(BaseModel):
     fit: Literal["trim", "error"] = "trim"
 
 
+class LoraSpec(BaseModel):
+    """A request's LoRA adapter: one of the model's (`GET /v1/models` lists them) at `scale`
+    (None: the adapter's configured scale)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=64)
+    scale: float | None = Field(default=None, ge=-10.0, le=10.0)
+
+
 class GenerationSpec(BaseModel):
     """One text-to-video generation as a caller asks for it. `serve.pipeline.spec.resolve_spec`
     fills the defaults that depend on the model (`ModelConfig`) and checks every bound, once,
@@ -62,6 +72,7 @@ class GenerationSpec(BaseModel):
     flow_shift: float | None = None
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     voiceover: VoiceoverSpec | None = None
+    lora: LoraSpec | None = None  # a LoRA adapter of the model, for this job only
     # Long video by diffusion forcing (models with a `diffusion_forcing` config); setting any of
     # these makes the job a DF job. Defaults: the model's.
     base_num_frames: int | None = None  # frames per window, 4k+1
@@ -101,6 +112,7 @@ class ResolvedSpec(BaseModel):
     flow_shift: float
     seed: int
     voiceover: VoiceoverSpec | None = None
+    lora: LoraSpec | None = None  # scale filled in; jobs with different adapters never share a batch
     # Diffusion forcing: all set for a DF job, all None for a T2V job.
     base_num_frames: int | None = None
     overlap_history: int | None = None
@@ -139,10 +151,15 @@ class ResolvedSpec(BaseModel):
     def is_diffusion_forcing(self) -> bool:
         return self.base_num_frames is not None
 
+    @property
+    def lora_key(self) -> tuple | None:
+        """(adapter, scale), or None: what a batch must share besides its shape."""
+        return (self.lora.name, self.lora.scale) if self.lora is not None else None
+
     def shape_key(self) -> tuple:
         """Jobs with the same key can be denoised as one batch (DF jobs run alone)."""
         return (self.model, self.mode, self.has_last_image, self.width, self.height, self.num_frames,
-                self.num_inference_steps, self.guidance_scale, self.flow_shift,
+                self.num_inference_steps, self.guidance_scale, self.flow_shift, self.lora_key,
                 *(getattr(self, name) for name in DF_FIELDS))
 
 
@@ -237,6 +254,8 @@ class ProgressEvent(BaseModel):
     window: int | None = None  # 0-based index of the window that finished
     num_windows: int | None = None
     playable_s: float | None = None
+    # the Serve replica that runs the stage (its "started" event; for observability, never sent to users)
+    replica: str | None = Field(default=None, exclude=True)
     fragment: bytes | None = Field(default=None, exclude=True)
     frames: np.ndarray | None = Field(default=None, exclude=True)
     result: "GenerationResult | None" = Field(default=None, exclude=True)

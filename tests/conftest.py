@@ -28,7 +28,8 @@ from pg_server import postgres_server  # noqa: E402,F401 (session fixture: a thr
 GRAPH_APP = "graph"
 # Every embedded tiny model, as the HTTP test app serves them: T2V (the default), I2V, DF.
 TINY_MODELS = [
-    {"name": "cinevivid-tiny", "aliases": ["skyreels-v2-tiny"]},
+    {"name": "cinevivid-tiny", "aliases": ["skyreels-v2-tiny"],
+     "lora": {"adapters_dir": "embedded", "max_loaded": 2}},  # the two tiny LoRAs, style-a and style-b
     {"name": "cinevivid-tiny-i2v", "pipeline": "i2v", "source": "embedded:tiny-i2v", "guidance_scale": 5.0,
      "flow_shift": 5.0, "width": 48, "height": 32},  # landscape by default: a portrait image turns it
     {"name": "cinevivid-tiny-df", "pipeline": "df", "source": "embedded:tiny-df", "max_frames": 129,

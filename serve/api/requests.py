@@ -182,6 +182,6 @@ def spec_from_openai(req, m: ModelConfig, default_fps: int | None = None) -> Gen
     return GenerationSpec(prompt=req.prompt, negative_prompt=req.negative_prompt, model=req.model,
                           width=width, height=height, num_frames=frames, fps=req.fps,
                           num_inference_steps=req.num_inference_steps, guidance_scale=req.guidance_scale,
-                          seed=req.seed, voiceover=req.voiceover, base_num_frames=req.base_num_frames,
+                          seed=req.seed, voiceover=req.voiceover, lora=req.lora, base_num_frames=req.base_num_frames,
                           overlap_history=req.overlap_history, ar_step=req.ar_step,
                           causal_block_size=req.causal_block_size, addnoise_condition=req.addnoise_condition)

@@ -30,6 +30,7 @@ from serve.api.middleware import BodyLimitMiddleware
 from serve.api.ratelimit import SharedRateLimiter
 from serve.api import media_requests as media
 from serve.api.requests import read_body, read_body_with_files, spec_from_openai
+from serve.pipeline.lora import adapter_catalog
 from serve.api.sse import job_events
 from serve.api.throttle import FailedAuthThrottle, client_address, parse_networks
 from serve.api.ui import ui_asset, ui_index
@@ -204,7 +205,9 @@ async def list_models(request: Request) -> Response:
     await _principal(request)
     data = [{"id": x.name, "aliases": x.aliases, "modes": x.modes(), "default": i == 0,
              "size": f"{x.width}x{x.height}", "max_size": f"{x.max_width}x{x.max_height}",
-             "max_frames": x.max_frames, "fps": x.fps, "num_inference_steps": x.num_inference_steps}
+             "max_frames": x.max_frames, "fps": x.fps, "num_inference_steps": x.num_inference_steps,
+             "lora_adapters": [{"name": a.name, "scale": a.scale, **a.request_defaults()}
+                               for a in adapter_catalog(x).values()]}
             for i, x in enumerate(api.service.models)]
     return _json(m.ModelList, {"data": data})
 

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from serve.contracts import VoiceoverSpec
+from serve.contracts import LoraSpec, VoiceoverSpec
 
 
 class _Request(BaseModel):
@@ -72,6 +72,9 @@ class _GenerationExtensions(_Request):
     num_frames: int | None = None
     fps: int | None = None
     voiceover: VoiceoverSpec | None = None
+    lora: LoraSpec | None = Field(
+        default=None, description="A LoRA adapter of the model for this job: {\"name\": ..., \"scale\": ...} "
+                                  "(GET /v1/models lists each model's; in a form: lora[name], lora[scale])")
     # long video by diffusion forcing (on models that do it); any of these makes the job a DF job
     base_num_frames: int | None = Field(default=None, description="Frames per window, 4k+1 (e.g. 97)")
     overlap_history: int | None = Field(
@@ -90,17 +93,17 @@ class _GenerationExtensions(_Request):
             raise ValueError("must be a number, not true/false")
         return v
 
-    @field_validator("voiceover", mode="before")
+    @field_validator("voiceover", "lora", mode="before")
     @classmethod
-    def _voiceover_from_form(cls, v: Any) -> Any:
-        # multipart forms carry the object as a JSON-encoded string
+    def _object_from_form(cls, v: Any, info) -> Any:
+        # multipart forms carry the object as a JSON-encoded string (or as name[key] fields)
         if isinstance(v, (str, bytes)):
             import json
 
             try:
                 return json.loads(v)
             except ValueError as exc:
-                raise ValueError(f"voiceover must be a JSON object: {exc}") from None
+                raise ValueError(f"{info.field_name} must be a JSON object: {exc}") from None
         return v
 
 
@@ -139,6 +142,15 @@ class VideoExtendRequest(_GenerationExtensions):
                                           "required": ["id"], "x-upload": True})
 
 
+class ModelAdapter(_Response):
+    name: str
+    scale: float  # the scale a request gets when it sets none
+    # what a request that sets none of these gets with this adapter (None: the model's default)
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    flow_shift: float | None = None
+
+
 class Model(_Response):
     id: str
     object: Literal["model"] = "model"
@@ -152,6 +164,7 @@ class Model(_Response):
     max_frames: int
     fps: int
     num_inference_steps: int
+    lora_adapters: list[ModelAdapter] = Field(default_factory=list, description="What a request's `lora` may name")
 
 
 class ModelList(_Response):

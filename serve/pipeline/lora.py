@@ -140,17 +140,60 @@ def scan_adapters_dir(folder: str | Path) -> dict[str, Path]:
     return found
 
 
+EMBEDDED_ADAPTERS_DIR = "embedded"  # adapters_dir of an embedded tiny model: its two tiny LoRAs
+
+
+def _embedded_adapters_dir(model) -> Path:
+    """The tiny LoRAs of an embedded tiny model (`adapters_dir: embedded`), built on first use."""
+    from serve.config import TINY_SOURCES
+    from serve.pipeline.loading import TINY_SEED, tiny_model_path
+    from serve.pipeline.tiny_model import make_tiny_loras, make_tiny_model
+
+    source = getattr(model, "source", None)
+    if source not in TINY_SOURCES:
+        raise AdapterResolveError(f"lora adapters_dir {EMBEDDED_ADAPTERS_DIR!r} is for the embedded tiny models; "
+                                  f"model source {source!r} is not one")
+    variant = TINY_SOURCES[source]
+    model_dir = make_tiny_model(tiny_model_path(variant=variant), seed=TINY_SEED, variant=variant)
+    return Path(next(iter(make_tiny_loras(model_dir).values()))).parent
+
+
+def adapter_catalog(model) -> dict[str, LoraAdapterConfig]:
+    """The adapters a request may name for `model` (a `ModelConfig`), by name, with their scale and
+    request defaults, without loading or checking any weights (the request layer's view; the
+    Transformer resolves the files): the listed ones, and the entries of `adapters_dir` (the two
+    tiny LoRAs for `embedded`; nothing for a folder that is not on this node)."""
+    from serve.pipeline.tiny_model import TINY_LORA_SEEDS
+
+    cfg = model.lora
+    out: dict[str, LoraAdapterConfig] = {}
+    if cfg.adapters_dir == EMBEDDED_ADAPTERS_DIR:
+        names = list(TINY_LORA_SEEDS)
+    elif cfg.adapters_dir is not None and Path(cfg.adapters_dir).expanduser().is_dir():
+        names = list(scan_adapters_dir(cfg.adapters_dir))
+    else:
+        names = []
+    for name in names:
+        out[name] = LoraAdapterConfig(name=name, path=f"{cfg.adapters_dir}/{name}")
+    for a in cfg.adapters:
+        out[a.name] = a
+    return out
+
+
 def resolve_adapters(cfg) -> dict[str, AdapterSpec]:
     """The adapters of a `LoraAdaptersConfig` (or of a `ModelConfig`'s `lora`), by name: the listed
-    ones, and those in `adapters_dir` (a listed adapter of the same name wins). Raises
-    `AdapterResolveError` naming the adapter when one cannot be found locally."""
+    ones, and those in `adapters_dir` (a listed adapter of the same name wins; `embedded`: the tiny
+    LoRAs of the embedded tiny model, which needs the ModelConfig). Raises `AdapterResolveError`
+    naming the adapter when one cannot be found locally."""
+    model = cfg if hasattr(cfg, "lora") else None
     cfg = getattr(cfg, "lora", cfg)
     if not isinstance(cfg, LoraAdaptersConfig):
         cfg = LoraAdaptersConfig.model_validate(cfg)
     out: dict[str, AdapterSpec] = {}
     if cfg.adapters_dir is not None:
-        for name, file in scan_adapters_dir(cfg.adapters_dir).items():
-            out[name] = AdapterSpec(name=name, file=file, source=str(Path(cfg.adapters_dir) / file.name))
+        folder = _embedded_adapters_dir(model) if cfg.adapters_dir == EMBEDDED_ADAPTERS_DIR else cfg.adapters_dir
+        for name, file in scan_adapters_dir(folder).items():
+            out[name] = AdapterSpec(name=name, file=file, source=str(Path(folder) / file.name))
     for a in cfg.adapters:
         out[a.name] = _resolve_one(a)
     return out
@@ -198,7 +241,7 @@ class AdapterCache:
     def from_config(cls, transformer, cfg) -> "AdapterCache":
         """From a `ModelConfig` or a `LoraAdaptersConfig`: its adapters, resolved, and its `max_loaded`."""
         lora = getattr(cfg, "lora", cfg)
-        return cls(transformer, resolve_adapters(lora), max_loaded=lora.max_loaded)
+        return cls(transformer, resolve_adapters(cfg), max_loaded=lora.max_loaded)
 
     @property
     def loaded(self) -> list[str]:
@@ -219,6 +262,8 @@ class AdapterCache:
         if name in self._loaded:
             self._loaded.move_to_end(name)
             self.hits += 1
+            if self.active == (name, scale) and self._enabled:
+                return spec  # already the active adapter at this scale
         else:
             while len(self._loaded) >= self.max_loaded:
                 self._evict(next(iter(self._loaded)))
@@ -232,7 +277,7 @@ class AdapterCache:
 
     def deactivate(self) -> None:
         """No adapter: every LoRA layer passes its base layer's output through unchanged."""
-        if self._loaded:  # (a transformer without adapters has no LoRA layers to switch off)
+        if self._loaded and self._enabled:  # (a transformer without adapters has no LoRA layers to switch off)
             self.transformer.disable_lora()
             self._enabled = False
         self.active = None

@@ -9,7 +9,7 @@ from typing import Sequence
 from serve.config import ModelConfig, TTSConfig
 from serve.errors import InvalidSpecError, UnknownModelError
 from serve.contracts import (
-    DF_FIELDS, SIZE_MULTIPLE, VAE_TEMPORAL_FACTOR, GenerationSpec, ResolvedSpec, latent_frames,
+    DF_FIELDS, SIZE_MULTIPLE, VAE_TEMPORAL_FACTOR, GenerationSpec, LoraSpec, ResolvedSpec, latent_frames,
 )
 
 # diffusers warns above this much added noise ("may cause inconsistencies"); SkyReels-V2 advises <= 50
@@ -60,6 +60,19 @@ def resolve_spec(spec: GenerationSpec, models: ModelConfig | Sequence[ModelConfi
             f"negative_prompt is {len(negative)} characters; the limit is {model.max_prompt_chars}",
             param="negative_prompt")
 
+    lora, adapter_defaults = None, {}
+    if spec.lora is not None:
+        from serve.pipeline.lora import adapter_catalog
+
+        catalog = adapter_catalog(model)
+        adapter = catalog.get(spec.lora.name)
+        if adapter is None:
+            raise InvalidSpecError(f"unknown LoRA adapter {spec.lora.name!r} for model {model.name}; it has "
+                                   + (", ".join(repr(n) for n in sorted(catalog)) if catalog else "none"),
+                                   param="lora")
+        lora = LoraSpec(name=adapter.name, scale=adapter.scale if spec.lora.scale is None else spec.lora.scale)
+        adapter_defaults = adapter.request_defaults()  # e.g. a step-distilled adapter's 4 steps, guidance 1
+
     width = model.width if spec.width is None else spec.width
     height = model.height if spec.height is None else spec.height
     if image_size is not None and spec.width is None and spec.height is None \
@@ -82,13 +95,13 @@ def resolve_spec(spec: GenerationSpec, models: ModelConfig | Sequence[ModelConfi
             f"num_frames must be at most {model.max_frames} for model {model.name}, got {frames}",
             param="num_frames")
 
-    steps = model.num_inference_steps if spec.num_inference_steps is None else spec.num_inference_steps
+    steps = spec.num_inference_steps if spec.num_inference_steps is not None else adapter_defaults.get("num_inference_steps", model.num_inference_steps)
     if not 1 <= steps <= model.max_steps:
         raise InvalidSpecError(
             f"num_inference_steps must be between 1 and {model.max_steps}, got {steps}",
             param="num_inference_steps")
 
-    guidance = model.guidance_scale if spec.guidance_scale is None else spec.guidance_scale
+    guidance = spec.guidance_scale if spec.guidance_scale is not None else adapter_defaults.get("guidance_scale", model.guidance_scale)
     if not guidance >= 1.0 or guidance > 50:
         raise InvalidSpecError(f"guidance_scale must be between 1 and 50, got {guidance}", param="guidance_scale")
 
@@ -96,7 +109,7 @@ def resolve_spec(spec: GenerationSpec, models: ModelConfig | Sequence[ModelConfi
     if not 1 <= fps <= model.max_fps:
         raise InvalidSpecError(f"fps must be between 1 and {model.max_fps}, got {fps}", param="fps")
 
-    shift = model.flow_shift if spec.flow_shift is None else spec.flow_shift
+    shift = spec.flow_shift if spec.flow_shift is not None else adapter_defaults.get("flow_shift", model.flow_shift)
     if not 0 < shift <= 100:
         raise InvalidSpecError(f"flow_shift must be in (0, 100], got {shift}", param="flow_shift")
 
@@ -116,7 +129,7 @@ def resolve_spec(spec: GenerationSpec, models: ModelConfig | Sequence[ModelConfi
     return ResolvedSpec(
         prompt=spec.prompt, negative_prompt=negative, model=model.name, width=width, height=height,
         num_frames=frames, fps=fps, num_inference_steps=steps, guidance_scale=float(guidance),
-        flow_shift=float(shift), seed=seed, voiceover=voiceover, return_frames=spec.return_frames, mode=mode,
+        flow_shift=float(shift), seed=seed, voiceover=voiceover, lora=lora, return_frames=spec.return_frames, mode=mode,
         has_last_image=has_last_image, extended_from_video_id=extended_from_video_id,
         source_num_frames=source_num_frames, **df,
     )
