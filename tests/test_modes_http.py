@@ -209,3 +209,28 @@ def test_bad_references_and_videos(http_env, alice, bob):
     httpx.delete(f"{url}/v1/videos/{running['id']}", headers=h, timeout=30)
     _err(httpx.post(ext, headers=h, timeout=30, json={"prompt": "x", "seconds": "1", "video": "nope"}), 404, "video")
     assert _leftovers(http_env) == []
+
+
+def test_lora_adapters_listed_used_through_the_sdk_and_bad_names_refused(sdk, http_env, alice):
+    models = {m["id"]: m for m in httpx.get(f"{http_env.url}/v1/models", headers=alice.headers, timeout=30).json()["data"]}
+    assert [a["name"] for a in models["cinevivid-tiny"]["lora_adapters"]] == ["style-a", "style-b"]
+    assert models["cinevivid-tiny-i2v"]["lora_adapters"] == []
+
+    video = sdk.videos.create(prompt="a lantern festival", model="cinevivid-tiny",
+                              extra_body={"num_inference_steps": 2, "lora": {"name": "style-b", "scale": 0.7}})
+    done = sdk.videos.poll(video.id, poll_interval_ms=50)
+    assert done.status == "completed", done
+    assert _frames(sdk.videos.download_content(video.id).read())[0] == 9
+
+    url, h = f"{http_env.url}/v1/videos", alice.headers
+    err = _err(httpx.post(url, headers=h, json={"prompt": "x", "lora": {"name": "no-such-style"}}), 400, "lora")
+    assert "style-a" in err["message"]  # it says which adapters there are
+    _err(httpx.post(url, headers=h, json={"prompt": "x", "model": "cinevivid-tiny-df", "lora": {"name": "style-a"}}),
+         400, "lora")  # the DF model has none
+    # a malformed lora object fails the request's schema (422, as every body field does), naming the field
+    _err(httpx.post(url, headers=h, json={"prompt": "x", "lora": {"name": "style-a", "scale": 99}}), 422,
+         "lora.scale")
+    _err(httpx.post(url, headers=h, json={"prompt": "x", "lora": {"scale": 1}}), 422, "lora.name")
+    # a multipart form names the adapter in lora[name] / lora[scale] fields, as the SDK sends nested objects
+    _err(httpx.post(url, headers=h, data={"prompt": "x", "lora[name]": "nope", "lora[scale]": "0.5"},
+                    files={"input_reference": ("p.png", _png(), "image/png")}), 400, "lora")
