@@ -353,13 +353,14 @@ def plot(steps: list[dict], sat: dict, path: Path, *, title: str = "", max_p95_s
             ax.plot(x, [(s.get("queues") or {}).get(d, {}).get("mean") for s in steps],
                     label=d, ls="--" if d in NOT_STAGES or d == JOB_QUEUE else "-", marker="o")
         ax.set_ylabel("mean queue + in service")
+        ax.set_yscale("symlog", linthresh=1.0)
         ax.legend(fontsize=7, ncol=2)
     axes[-1].set_xlabel("offered load (jobs/min)")
     if sat.get("index") is not None:
         xs = steps[sat["index"]]["offered_jpm"]
         for a in axes:
             a.axvline(xs, color="red", lw=1, alpha=0.7)
-        axes[0].annotate(f"saturates: {sat['max_completed_jpm']:.1f} jobs/min max\n(offered {xs:.1f})",
+        axes[0].annotate(f"saturated at {xs:.1f} offered\npeak {sat['max_completed_jpm']:.1f} jobs/min",
                          (xs, sat["max_completed_jpm"]), textcoords="offset points", xytext=(-150, 10),
                          color="red", fontsize=9)
     for a in axes[:2]:
@@ -379,11 +380,15 @@ def statement(result: dict) -> str:
         head = (f"Did not saturate up to {result['steps'][-1]['offered_jpm']:.1f} offered jobs/min for {wl} "
                 f"(max throughput {sat['max_completed_jpm']:.1f} jobs/min)")
     else:
-        ok = result["steps"][sat["last_ok_index"]]["offered_jpm"] if sat["last_ok_index"] is not None else None
-        head = (f"Saturates at {sat['max_completed_jpm']:.1f} jobs/min for {wl}: it kept up with "
-                + (f"{ok:.1f} offered jobs/min" if ok is not None else "no step")
-                + f", not with {sat['offered_jpm']:.1f} ({'; '.join(result['steps'][sat['index']]['reasons'])}"
-                + ("" if sat["confirmed"] else "; not confirmed by a further step") + ")")
+        steps = result["steps"]
+        ok = steps[sat["last_ok_index"]] if sat["last_ok_index"] is not None else None
+        bad = steps[sat["index"]]
+        head = ((f"Saturates between {ok['offered_jpm']:.1f} and {bad['offered_jpm']:.1f} offered jobs/min for {wl}: "
+                 f"it kept up with {ok['offered_jpm']:.1f} (p95 {_v(ok.get('p95_s'))} s)" if ok else
+                 f"Saturates at or below {bad['offered_jpm']:.1f} offered jobs/min for {wl}: no step kept up")
+                + f", not with {bad['offered_jpm']:.1f} ({'; '.join(bad['reasons'])}"
+                + ("" if sat["confirmed"] else "; not confirmed by a further step")
+                + f"); peak throughput {sat['max_completed_jpm']:.1f} jobs/min")
     if stage:
         tail = (f"first stage to saturate: {stage['stage']} (mean {stage['mean']:.2f} requests queued or in "
                 f"service, max {stage['max']:g}, at step {stage['at_step']}, from {stage['first_step_mean']} at step 1"
@@ -627,7 +632,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sample-s", type=float, default=2.0, help="queue metrics sampling interval")
     ap.add_argument("--threads", type=int, default=None, help="torch threads of every model stage (local stack)")
     ap.add_argument("--out-dir", default=str(OUT_DIR))
+    ap.add_argument("--report-from", default=None, metavar="JSON",
+                    help="only re-render the plot and the page from a capacity.json (no load, no stack)")
     a = ap.parse_args(argv)
+    if a.report_from:
+        result = json.loads(Path(a.report_from).read_text())
+        result["saturation"] = find_saturation(result["steps"])
+        if result.get("stage"):
+            result["stage"] = saturating_stage(result["steps"], result["saturation"]["index"])
+        paths = write_report(result, Path(a.out_dir))
+        print(paths["md"].read_text(), flush=True)
+        return 0
     if a.start_jpm <= 0 or a.step_s <= 0 or (a.increment is None and a.factor <= 1) or (a.increment is not None and a.increment <= 0):
         ap.error("need a positive --start-jpm and --step-s, and --factor > 1 or --increment > 0")
     out_dir = Path(a.out_dir)

@@ -165,7 +165,8 @@ def test_capacity_report_writes_png_json_and_markdown(tmp_path):
     png = paths["png"].read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     md = paths["md"].read_text()
-    assert "Saturates at 30.0 jobs/min for cinevivid-tiny T2V 64x64, 9 frames, 4 steps" in md
+    assert ("Saturates between 20.0 and 40.0 offered jobs/min for cinevivid-tiny T2V 64x64, 9 frames, 4 steps: "
+            "it kept up with 20.0 (p95 2.5 s), not with 40.0") in md and "peak throughput 30.0 jobs/min" in md
     assert "first stage to saturate: Transformer" in md
     assert "| 3 **(saturation)** | 40.0 | 40.0 | 30.0 |" in md  # the step table
     assert "| POST /v1/videos | 130 | 0 | 0.50 | 40 | 90 | 120 |" in md  # the per-route table
@@ -181,3 +182,22 @@ def test_capacity_help_runs():
     proc = subprocess.run([sys.executable, "-m", "loadtests.capacity", "--help"], cwd=root, capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 0 and "--start-jpm" in proc.stdout and "--max-p95-s" in proc.stdout
+
+
+def test_capacity_report_from_json_rerenders(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from loadtests.capacity import find_saturation, write_report
+
+    steps = _synthetic_steps()
+    result = {"date_utc": "d", "command": "c", "target": "t", "workload": "w", "arrivals": "even", "step_s": 60.0,
+              "queue_source": "synthetic", "machine": {"summary": "m"}, "steps": steps,
+              "saturation": find_saturation(steps), "stage": None, "routes": {}}
+    write_report(result, tmp_path / "a")
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "loadtests.capacity", "--report-from", str(tmp_path / "a" / "capacity.json"),
+                           "--out-dir", str(tmp_path / "b")], cwd=root, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Saturates between 20.0 and 40.0" in proc.stdout and (tmp_path / "b" / "capacity.png").stat().st_size > 0
