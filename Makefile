@@ -11,10 +11,11 @@ USERS ?= 20
 SPAWN_RATE ?= 5
 RUN_TIME ?= 60s
 LOCUST_ARGS ?=
+CAPACITY_ARGS ?=
 # e.g. RUN_ARGS="--dashboard-host 0.0.0.0 --dashboard-port 8266" or RUN_ARGS=--no-dashboard
 RUN_ARGS ?=
 
-.PHONY: setup run stop test loadtest bench clean
+.PHONY: setup run stop test loadtest capacity bench clean
 
 setup: $(VENV)/.installed
 
@@ -38,6 +39,12 @@ test: setup
 # Locust in its own process against a local stack it starts (or --host/--api-key in LOCUST_ARGS)
 loadtest: setup
 	$(BIN)/python -m loadtests.run_locust -u $(USERS) -r $(SPAWN_RATE) -t $(RUN_TIME) $(LOCUST_ARGS)
+
+# Capacity report: open-loop job arrivals stepped up (jobs/min) until the service saturates; plot,
+# step and per-route tables, saturation point and first saturating stage in loadtests/results/capacity/
+# e.g. CAPACITY_ARGS="--start-jpm 15 --step-s 50" or "--host URL --api-key cv-... --ray-address HOST:6379"
+capacity: setup
+	$(BIN)/python -m loadtests.capacity $(CAPACITY_ARGS)
 
 # CPU benchmarks; results in loadtests/results/ and the figures in loadtests/RESULTS.md
 bench: setup

@@ -89,3 +89,115 @@ def test_runner_summary_reads_locust_csv(tmp_path):
     assert s["total"]["requests"] == 110 and s["failure_ratio"] == pytest.approx(1 / 110, abs=1e-5)
     assert s["routes"][0]["p99_ms"] == 60.0
     assert parse_seconds("1m30s") == 90 and parse_seconds("45") == 45
+
+
+def _synthetic_steps():
+    """Four steps of a service that keeps up to ~30 jobs/min and then plateaus, with queue samples
+    in which the Transformer's queue grows first and longest."""
+    from loadtests.capacity import queue_summary, saturation_reasons, step_stats
+
+    jobs, seq, t = [], 0, 0.0
+    steps = []
+    for i, (jpm, done_jpm, lat) in enumerate([(10, 10, 2.0), (20, 20, 2.5), (40, 30, 20.0), (60, 30, 45.0)], 1):
+        t0, t1 = t, t + 60.0
+        for k in range(jpm):
+            seq += 1
+            sub = t0 + k * 60.0 / jpm
+            jobs.append({"seq": seq, "step": i, "submit_t": sub, "status": "completed", "latency_s": lat,
+                         "end_t": t0 + k * 60.0 / done_jpm if k < done_jpm else 1e5})
+        t = t1
+        steps.append({"step": i, "jpm": jpm, "t0": t0, "t1": t1})
+    out = []
+    for i, st in enumerate(steps):
+        s = step_stats(jobs, st, now=1e6)
+        tq = [0.3, 0.9, 3.5, 4.0][i]
+        samples = [{"t": 0, "job_queue": [0, 0, 5, 12][i],
+                    "serve": {"Transformer": {"queued": 0.0, "ongoing": tq}, "TextEncoder": {"queued": 0.0, "ongoing": 0.1},
+                              "VAEDecoder": {"queued": 0.0, "ongoing": [0.1, 0.2, 0.6, 0.7][i]},
+                              "Generator": {"queued": 0.0, "ongoing": 4.0}}}] * 3
+        s["queues"] = queue_summary(samples)
+        s["reasons"] = saturation_reasons(s, max_p95_s=30.0)
+        out.append(s)
+    return out
+
+
+def test_capacity_finds_the_saturation_step_and_stage(tmp_path):
+    from loadtests.capacity import find_saturation, next_rate, parse_serve_queues, percentile, saturating_stage, should_stop
+
+    steps = _synthetic_steps()
+    assert [s["offered_jpm"] for s in steps] == [10, 20, 40, 60]
+    assert [s["completed_jpm"] for s in steps] == [10, 20, 30, 30]
+    assert [bool(s["reasons"]) for s in steps] == [False, False, True, True]
+    assert "throughput 30.0 < 90% of offered 40.0" in steps[2]["reasons"][0]
+    assert should_stop(steps[:4]) and not should_stop(steps[:3])
+    sat = find_saturation(steps)
+    assert sat["index"] == 2 and sat["confirmed"] and sat["last_ok_index"] == 1 and sat["max_completed_jpm"] == 30
+    # a lone saturated step followed by one that keeps up is a fluke, not the saturation point
+    fluke = [dict(s) for s in steps]
+    fluke[0]["reasons"] = ["p95 99 s > 30 s"]
+    assert find_saturation(fluke)["index"] == 2
+    stage = saturating_stage(steps, sat["index"])
+    assert stage["stage"] == "Transformer" and stage["mean"] == 3.5 and stage["first_busy_step"] == 3
+    assert stage["job_queue"]["mean"] == 5
+    assert next_rate(10, 1.5) == 15 and next_rate(10, 1.5, increment=5) == 15 and next_rate(20, 2) == 40
+    assert percentile([1, 2, 3, 4], 50) == 2.5 and percentile([], 95) is None
+    text = ('# HELP x\nray_serve_deployment_queued_queries{application="cinevivid",deployment="Transformer",'
+            'handle="h1"} 2.0\nray_serve_deployment_queued_queries{application="cinevivid",deployment="Transformer",'
+            'handle="h2"} 1.0\nray_serve_replica_processing_queries{application="cinevivid",deployment="Transformer",'
+            'replica="r"} 4.0\nray_serve_replica_processing_queries{application="other",deployment="VAEDecoder"} 9\n')
+    assert parse_serve_queues(text, "cinevivid") == {"Transformer": {"queued": 3.0, "ongoing": 4.0}}
+
+
+def test_capacity_report_writes_png_json_and_markdown(tmp_path):
+    from loadtests.capacity import find_saturation, saturating_stage, write_report
+
+    steps = _synthetic_steps()
+    sat = find_saturation(steps)
+    result = {"date_utc": "2026-11-30T00:00:00+00:00", "command": "python -m loadtests.capacity", "target": "test",
+              "workload": "cinevivid-tiny T2V 64x64, 9 frames, 4 steps", "arrivals": "even", "step_s": 60.0,
+              "max_p95_s": 30.0, "queue_source": "synthetic", "machine": {"summary": "test box"},
+              "steps": steps, "saturation": sat, "stage": saturating_stage(steps, sat["index"]),
+              "routes": {"routes": [{"name": "POST /v1/videos", "requests": 130, "failures": 0, "rps": 0.5,
+                                     "p50_ms": 40.0, "p95_ms": 90.0, "p99_ms": 120.0}],
+                         "total": {"requests": 130, "failures": 0, "rps": 0.5, "p50_ms": 40.0, "p95_ms": 90.0,
+                                   "p99_ms": 120.0}}}
+    paths = write_report(result, tmp_path)
+    png = paths["png"].read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    md = paths["md"].read_text()
+    assert ("Saturates between 20.0 and 40.0 offered jobs/min for cinevivid-tiny T2V 64x64, 9 frames, 4 steps: "
+            "it kept up with 20.0 (p95 2.5 s), not with 40.0") in md and "peak throughput 30.0 jobs/min" in md
+    assert "first stage to saturate: Transformer" in md
+    assert "| 3 **(saturation)** | 40.0 | 40.0 | 30.0 |" in md  # the step table
+    assert "| POST /v1/videos | 130 | 0 | 0.50 | 40 | 90 | 120 |" in md  # the per-route table
+    assert json.loads(paths["json"].read_text())["saturation"]["index"] == 2
+
+
+def test_capacity_help_runs():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "loadtests.capacity", "--help"], cwd=root, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0 and "--start-jpm" in proc.stdout and "--max-p95-s" in proc.stdout
+
+
+def test_capacity_report_from_json_rerenders(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from loadtests.capacity import find_saturation, write_report
+
+    steps = _synthetic_steps()
+    result = {"date_utc": "d", "command": "c", "target": "t", "workload": "w", "arrivals": "even", "step_s": 60.0,
+              "queue_source": "synthetic", "machine": {"summary": "m"}, "steps": steps,
+              "saturation": find_saturation(steps), "stage": None, "routes": {}}
+    write_report(result, tmp_path / "a")
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "loadtests.capacity", "--report-from", str(tmp_path / "a" / "capacity.json"),
+                           "--out-dir", str(tmp_path / "b")], cwd=root, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Saturates between 20.0 and 40.0" in proc.stdout and (tmp_path / "b" / "capacity.png").stat().st_size > 0
