@@ -458,8 +458,6 @@ class Transformer:
     async def _continuous_step(self) -> None:
         """One denoising step of every job in the continuous batch; the jobs that ended leave it."""
         cb = self._cbatch
-        if self.running == 0:
-            self.batches_run.append(len(cb.active))
         try:
             left = await asyncio.to_thread(self._with_adapter, self._cbatch_spec, cb.step)
             error = None
