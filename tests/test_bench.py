@@ -25,6 +25,23 @@ def test_bench_gpu_tiny_config_runs_and_matches_diffusers(tmp_path):
     assert v["vae_tiling"]["max_abs_diff"] <= 1e-5  # 64 px frames: smaller than one tile
 
 
+def test_bench_batching_sizes_tiny_step_level_is_exact(tmp_path):
+    from loadtests.bench_batching import main, parse_sizes
+
+    assert parse_sizes("960x544x97,320x192x33:3", None) == [
+        dict(width=960, height=544, num_frames=97, jobs=2), dict(width=320, height=192, num_frames=33, jobs=3)]
+    out = tmp_path / "bench_batching.json"
+    assert main(["--config", "tiny", "--sizes", "64x64x9:3", "--threads", "1", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    (entry,) = result["sizes"]
+    m = entry["modes"]
+    assert set(m) == {"sequential", "request", "seq-arrival", "step"}
+    assert m["step"]["steps"] == [4, 6, 8] and m["step"]["join_after_steps"] == [0, 2, 4]
+    assert m["step"]["engine_steps"] == 12 and m["step"]["mean_batch"] > 1
+    assert m["step"]["max_abs_diff"] <= 1e-5 and m["request"]["max_abs_diff"] <= 1e-5
+    assert result["exact_fp32"] is True
+
+
 def _need_locust() -> None:
     import importlib.util
 
