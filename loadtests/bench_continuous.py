@@ -49,7 +49,7 @@ def percentile(values: list[float], q: float) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--size", default="128x128", help="WIDTHxHEIGHT of every job")
+    ap.add_argument("--size", default="256x256", help="WIDTHxHEIGHT of every job")
     ap.add_argument("--frames", type=int, default=9)
     ap.add_argument("--steps", default="4,8", help="each job's steps, drawn from this list")
     ap.add_argument("--guidance", type=float, default=5.0)
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     from serve.ops.deploy import deploy_serve_config
 
     width, height = (int(x) for x in a.size.lower().split("x"))
-    steps = [int(s) for s in a.steps.split(",")]
+    step_choices = [int(s) for s in a.steps.split(",")]
     rng = random.Random(a.seed)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -77,13 +77,13 @@ def main(argv: list[str] | None = None) -> int:
               "command": "python -m loadtests.bench_continuous " + " ".join(argv if argv is not None else sys.argv[1:]),
               "machine": {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
                           "loadavg_start": os.getloadavg(), "gpu": None},
-              "workload": {"size": f"{width}x{height}", "num_frames": a.frames, "steps": steps,
+              "workload": {"size": f"{width}x{height}", "num_frames": a.frames, "steps": step_choices,
                            "guidance_scale": a.guidance},
               "runs": []}
 
     def spec(i: int) -> dict:
         return {"prompt": f"a lighthouse in a storm, take {i}", "seed": i, "width": width, "height": height,
-                "num_frames": a.frames, "num_inference_steps": rng.choice(steps), "guidance_scale": a.guidance}
+                "num_frames": a.frames, "num_inference_steps": rng.choice(step_choices), "guidance_scale": a.guidance}
 
     with local_stack() as stack:
         result["stack_deviations"] = stack.deviations
@@ -139,10 +139,10 @@ def main(argv: list[str] | None = None) -> int:
                 after = transformer.stats.remote().result()
                 # jobs per transformer pass: request batches' sizes; a continuous batch's rows per step
                 sizes = after["batches_run"][len(before["batches_run"]):]
-                steps = after["continuous"]["steps_run"] - before["continuous"]["steps_run"]
+                passes = after["continuous"]["steps_run"] - before["continuous"]["steps_run"]
                 rows = after["continuous"]["rows_run"] - before["continuous"]["rows_run"]
-                row.update(mode=mode, rate_factor=factor, batches=len(sizes) if mode != "step" else steps,
-                           mean_batch=round(rows / steps / (2 if a.guidance > 1 else 1), 2) if mode == "step" and steps else
+                row.update(mode=mode, rate_factor=factor, batches=len(sizes) if mode != "step" else passes,
+                           mean_batch=round(rows / passes / (2 if a.guidance > 1 else 1), 2) if mode == "step" and passes else
                            (round(statistics.mean(sizes), 2) if sizes else None),
                            joined_mid_batch=after["continuous"]["joined_mid_batch"]
                            - before["continuous"]["joined_mid_batch"],

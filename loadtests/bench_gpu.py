@@ -20,6 +20,8 @@ Variants:
   cfg_batch        + cond/uncond in one batched forward (exact lever); also probes the step cache
                    (threshold 0: never skips) to record the first-block changes for calibration
   step_cache       + make_step_cache(threshold, --step-cache-backend first_block|cache_dit) (approximate)
+  step_cache_dit   the same with cache-dit's DBCache (backend cache_dit), at the same threshold: the two
+                   backends side by side in one run (not in the default list)
   compile          + cfg_batch + torch.compile of the DiT blocks (serve.pipeline.levers.compile_transformer)
   best             + cfg_batch + compile + step cache
   vae_tiling       decode of the cinevivid latents with VAE tiling: time, peak memory, PSNR
@@ -390,23 +392,24 @@ def main(argv: list[str] | None = None) -> int:
                     probe = StepCache(threshold=0.0)
                     r = run_cinevivid(c, s, device, cfg_batch=True, cache=probe)
                     rec["probe_changes"] = r.pop("step_cache")["branches"]["cfg"]["changes"]
-                elif v in ("step_cache", "compile", "best"):
+                elif v in ("step_cache", "step_cache_dit", "compile", "best"):
                     cache = None
-                    if v in ("step_cache", "best"):
+                    backend = "cache_dit" if v == "step_cache_dit" else args.step_cache_backend
+                    if v in ("step_cache", "step_cache_dit", "best"):
                         probe_changes = entry["variants"].get("cfg_batch", {}).get("probe_changes")
                         th = pick_threshold(args.step_cache_threshold, probe_changes, last_threshold)
                         last_threshold = th
                         from serve.config import LeversConfig
                         from serve.pipeline.step_cache import make_step_cache
 
-                        if args.step_cache_backend == "cache_dit":
+                        if backend == "cache_dit":
                             th = min(th, 0.99)  # cache-dit reads >= 1 as "always reuse"
                         cache = make_step_cache(LeversConfig(
-                            step_cache_threshold=th, step_cache_backend=args.step_cache_backend,
+                            step_cache_threshold=th, step_cache_backend=backend,
                             cache_dit_fn=args.cache_dit_fn, cache_dit_bn=args.cache_dit_bn,
                             cache_dit_taylorseer=args.cache_dit_taylorseer))
                         rec["threshold"] = th
-                        rec["step_cache_backend"] = args.step_cache_backend
+                        rec["step_cache_backend"] = backend
                     if v in ("compile", "best") and not compiled:
                         from serve.pipeline.levers import compile_transformer
 
@@ -418,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
                                       decode=False)
                         rec["compile_warmup_s"] = round(time.perf_counter() - t0, 1)
                         log(f"{name}/{v}: compiled + warm-up in {rec['compile_warmup_s']}s")
-                    r = run_cinevivid(c, s, device, cfg_batch=v != "step_cache", cache=cache)
+                    r = run_cinevivid(c, s, device, cfg_batch=v not in ("step_cache", "step_cache_dit"), cache=cache)
                     if cache is not None:
                         st = r.pop("step_cache")
                         rec["forwards_computed"], rec["forwards_skipped"] = st["computed"], st["skipped"]
