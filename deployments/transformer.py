@@ -324,8 +324,9 @@ class Transformer:
                     self._df_running.append(running)
 
     # -- shared by request-level and step-level batching ----------------------------------------
-    def _denoise_job(self, ticket: _Ticket) -> DenoiseJob:
-        """The loop's view of a ticket: its inputs, cancel flag and step events."""
+    def _on_step(self, ticket: _Ticket):
+        """The step callback of a ticket's job (called on the denoising thread): a "step" event to
+        its stream, the step's end time, and the steps run after a cancel (at most the one in flight)."""
         loop = asyncio.get_running_loop()
 
         def on_step(step: int, total: int) -> None:
@@ -336,9 +337,13 @@ class Transformer:
             loop.call_soon_threadsafe(ticket.events.put_nowait, ProgressEvent(
                 type="step", stage=STAGE, step=step, total_steps=total))
 
+        return on_step
+
+    def _denoise_job(self, ticket: _Ticket) -> DenoiseJob:
+        """The loop's view of a ticket: its inputs, cancel flag and step events."""
         return DenoiseJob(seed=ticket.spec.seed, prompt_embeds=ticket.embeds.prompt_embeds,
                           negative_prompt_embeds=ticket.embeds.negative_prompt_embeds,
-                          is_cancelled=ticket.cancelled.is_set, on_step=on_step,
+                          is_cancelled=ticket.cancelled.is_set, on_step=self._on_step(ticket),
                           image_embeds=ticket.conditioning.get("image_embeds"),
                           condition=ticket.conditioning.get("condition"))
 
@@ -473,14 +478,6 @@ class Transformer:
         loop = asyncio.get_running_loop()
         spec = ticket.spec
 
-        def on_step(step: int, total: int) -> None:
-            ticket.step_ends.append(time.time())
-            chaos_pause(self.chaos_delay_s)
-            if ticket.cancelled.is_set():
-                ticket.steps_after_cancel += 1
-            loop.call_soon_threadsafe(ticket.events.put_nowait, ProgressEvent(
-                type="step", stage=STAGE, step=step, total_steps=total))
-
         def on_window(index: int, num_windows: int, latents) -> None:
             logger.info("[job %s] window %d/%d done (%d latent frames)", ticket.job_id, index + 1, num_windows,
                         latents.shape[2])
@@ -489,7 +486,8 @@ class Transformer:
 
         job = DFJob(seed=spec.seed, prompt_embeds=ticket.embeds.prompt_embeds,
                     negative_prompt_embeds=ticket.embeds.negative_prompt_embeds,
-                    is_cancelled=ticket.cancelled.is_set, on_step=on_step, on_window=on_window, keep_result=False,
+                    is_cancelled=ticket.cancelled.is_set, on_step=self._on_step(ticket), on_window=on_window,
+                    keep_result=False,
                     condition_latents=ticket.conditioning.get("condition_latents"),
                     end_latents=ticket.conditioning.get("end_latents"))
         settings = DFSettings(mode=DF_MODE[spec.mode], last_image=spec.has_last_image,

@@ -82,3 +82,46 @@ async def test_a_busy_database_leaves_the_refusal_a_refusal(tmp_path):
     finally:
         holder.close()
         await db.dispose()
+
+
+SLOW_READ = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 2000000) SELECT count(*) FROM c"
+
+
+@pytest.mark.parametrize("cancels", [1, 2])
+async def test_a_write_cancelled_mid_statement_gives_the_lock_back(tmp_path, cancels):
+    """A request cancelled inside a write while SQLite runs one of its statements (its client went
+    away: Serve cancels the handler), even when the cancellation comes again during the rollback,
+    leaves no transaction open: every other process can write again once the statement has run,
+    not only when this process ends."""
+    import sqlite3
+
+    from sqlalchemy import text
+
+    path = tmp_path / "cancel.db"
+    db = Database(f"sqlite+aiosqlite:///{path}", busy_timeout_ms=100)
+    await db.migrate()
+    running = asyncio.Event()
+
+    async def writer():
+        async with db.write() as conn:
+            await conn.execute(text("DELETE FROM users"))  # a write transaction now
+            running.set()
+            await conn.execute(text(SLOW_READ))  # cancelled while SQLite runs this
+
+    task = asyncio.ensure_future(writer())
+    await running.wait()
+    await asyncio.sleep(0.05)
+    for _ in range(cancels):  # a second one lands while the rollback waits for the statement
+        task.cancel()
+        await asyncio.sleep(0.01)
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    other = sqlite3.connect(path, timeout=30, isolation_level=None)  # waits out the statement, not forever
+    try:
+        other.execute("BEGIN IMMEDIATE")  # "database is locked" after 30 s if the transaction were left open
+        other.execute("ROLLBACK")
+    finally:
+        other.close()
+    async with db.write() as conn:  # and this process writes again
+        await conn.execute(text("DELETE FROM users"))
+    await db.dispose()

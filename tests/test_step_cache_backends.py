@@ -16,21 +16,7 @@ from pydantic import ValidationError
 from serve.config import LeversConfig
 from serve.pipeline.step_cache import StepCache, make_step_cache
 from serve.pipeline.step_cache_dit import CacheDitStepCache
-from serve.pipeline.text_encoding import encode_prompts
-from serve.pipeline.tiny_model import build_tiny_pipeline
-from test_levers import CPU, NEGATIVE, PROMPT, decode, loop_latents, pipeline_frames, psnr
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    return build_tiny_pipeline(0)
-
-
-@pytest.fixture(scope="module")
-def embeds(pipe):
-    cond = encode_prompts(pipe.tokenizer, pipe.text_encoder, [PROMPT], 512, CPU)
-    uncond = encode_prompts(pipe.tokenizer, pipe.text_encoder, [NEGATIVE], 512, CPU)
-    return cond, uncond
+from test_levers import decode, embeds, loop_latents, pipe, pipeline_frames, psnr  # noqa: F401 (pipe, embeds: fixtures)
 
 
 @pytest.mark.parametrize("cfg_batch", [False, True])

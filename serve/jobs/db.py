@@ -8,8 +8,10 @@ Tables are SQLAlchemy Core; the schema is created and upgraded by the Alembic mi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
+import weakref
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import AsyncIterator
@@ -146,6 +148,55 @@ def is_sqlite(url: str) -> bool:
     return make_url(url).get_backend_name() == "sqlite"
 
 
+class _Shielded:
+    """An AsyncConnection whose statements run to completion even when the task awaiting them is
+    cancelled (the task still gets its CancelledError at once). A cancellation that lands while
+    aiosqlite runs a statement in its thread would otherwise leave SQLAlchemy's connection
+    half-way: the rollback then does nothing, and the transaction - with SQLite's write lock -
+    stays open for as long as the process lives."""
+
+    _SHIELDED = frozenset({"execute", "scalar", "scalars", "exec_driver_sql", "run_sync"})
+
+    def __init__(self, conn: AsyncConnection):
+        self._conn = conn
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._conn, name)
+        if name not in self._SHIELDED:
+            return attr
+
+        async def shielded(*args, **kwargs):
+            return await asyncio.shield(attr(*args, **kwargs))
+
+        return shielded
+
+
+async def _close(conn: AsyncConnection) -> None:
+    """Close a connection; one that cannot be closed cleanly is invalidated (its DBAPI connection
+    closed, so SQLite's locks go with it)."""
+    try:
+        await conn.close()
+    except BaseException:  # noqa: BLE001
+        with contextlib.suppress(BaseException):
+            await conn.invalidate()
+
+
+async def _end(conn: AsyncConnection, trans, commit: bool) -> None:
+    """Commit or roll back, then give the connection back; a failed commit still raises."""
+    try:
+        if commit:
+            await trans.commit()
+        else:
+            await trans.rollback()
+    except BaseException:
+        with contextlib.suppress(BaseException):
+            await conn.invalidate()
+        if commit:
+            raise
+    finally:
+        await _close(conn)
+
+
 class Database:
     """Two views of one database: `read()` (deferred transactions) and `write()` (on SQLite,
     `BEGIN IMMEDIATE`, so a writer takes the lock up front and waits `busy_timeout` for it
@@ -155,8 +206,7 @@ class Database:
     def __init__(self, url: str, *, busy_timeout_ms: int = 5000):
         self.url = url
         self.sqlite = is_sqlite(url)
-        self._lock: asyncio.Lock | None = None
-        self._lock_loop = None
+        self._locks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # event loop -> its writers' lock
         if self.sqlite:
             db_path = make_url(url).database
             if db_path and db_path != ":memory:":
@@ -201,17 +251,38 @@ class Database:
             # writers of this process queue here instead, first come first served; only other
             # processes' writers meet the busy timeout.
             async with self._writer_lock():
-                async with self.write_engine.begin() as conn:
+                async with self._transaction() as conn:
                     yield conn
             return
-        async with self.write_engine.begin() as conn:
+        async with self._transaction() as conn:
             yield conn
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[AsyncConnection]:
+        """A write transaction whose end (commit, or rollback on any error) cannot be cut short by a
+        cancellation: a request cancelled mid-write (its client went away) would otherwise leave the
+        connection checked out with its transaction open - on SQLite, holding the database's one
+        write lock until the garbage collector found the connection, every other writer of every
+        process failing with "database is locked" meanwhile."""
+        conn = await self.write_engine.connect()
+        try:
+            trans = await conn.begin()
+        except BaseException:
+            await asyncio.shield(_close(conn))
+            raise
+        try:
+            yield _Shielded(conn)
+        except BaseException:
+            await asyncio.shield(_end(conn, trans, commit=False))
+            raise
+        await asyncio.shield(_end(conn, trans, commit=True))
 
     def _writer_lock(self) -> asyncio.Lock:
         loop = asyncio.get_running_loop()
-        if self._lock_loop is not loop:  # an asyncio lock belongs to one event loop
-            self._lock, self._lock_loop = asyncio.Lock(), loop
-        return self._lock
+        lock = self._locks.get(loop)
+        if lock is None:  # an asyncio lock belongs to one event loop: one per loop that writes
+            lock = self._locks[loop] = asyncio.Lock()
+        return lock
 
     async def migrate(self) -> None:
         """Upgrade the schema to the newest Alembic revision (idempotent; safe to race). A database
