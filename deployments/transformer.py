@@ -145,6 +145,16 @@ class Transformer:
 
             async def register_adapter(adapter_id: str) -> str:
                 if adapter_id not in self.adapters.adapters:
+                    # the request layer lists adapters_dir on each request (serve.pipeline.lora.adapter_catalog):
+                    # an adapter added there since this replica started is found by resolving again
+                    from serve.pipeline.lora import resolve_adapters
+
+                    try:
+                        found = await asyncio.to_thread(resolve_adapters, self.model_cfg)
+                    except ValueError as exc:
+                        raise StageError(f"LoRA adapter {adapter_id!r}: {exc}", stage=STAGE) from exc
+                    self.adapters.adapters = found  # one reference swap: the denoising thread reads it
+                if adapter_id not in self.adapters.adapters:
                     raise StageError(f"unknown LoRA adapter {adapter_id!r}", stage=STAGE)
                 return adapter_id  # the weights load on the denoising thread, before the job's first step
 
@@ -193,7 +203,6 @@ class Transformer:
             new, self._next_levers = self._next_levers, None
         if new is None:
             return
-        old = self.levers
         self.levers = self.levers.model_copy(update=new.live_for(STAGE))
         self._set_step_cache(self.levers)
         logger.info("live levers in effect: %s", self.levers.live_for(STAGE))

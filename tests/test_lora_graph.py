@@ -24,11 +24,22 @@ def loras(tiny_model_dir):
 
 
 @pytest.fixture(scope="module")
-def lora_app(ray_cluster, loras):
+def adapters_dir(loras, tmp_path_factory):
+    """A folder of adapters (the tiny LoRAs, copied) that a test may add to while the app runs."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("loras")
+    for name, path in loras.items():
+        shutil.copytree(path, folder / name)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def lora_app(ray_cluster, loras, adapters_dir):
     from client.handle import GeneratorClient
     from serve.app import build_app
 
-    lora = {"adapters_dir": "embedded", "max_loaded": 2,
+    lora = {"adapters_dir": str(adapters_dir), "max_loaded": 2,
             # a listed adapter with its own defaults, as a step-distilled one would have
             "adapters": [{"name": "style-a-fast", "path": str(loras["style-a"]), "scale": 0.5,
                           "num_inference_steps": 2, "guidance_scale": 1.0}]}
@@ -92,6 +103,17 @@ async def test_an_adapters_own_defaults_apply_when_the_request_sets_none(lora_ap
     got, _ = await _run(lora_app, {"prompt": "a fast sketch", "seed": 2, "num_inference_steps": 3,
                                    "lora": {"name": "style-a-fast", "scale": 1.0}})
     assert (got.spec.num_inference_steps, got.spec.guidance_scale, got.spec.lora.scale) == (3, 1.0, 1.0)
+
+
+async def test_an_adapter_added_to_the_folder_while_the_app_runs_is_served(lora_app, adapters_dir, loras):
+    import shutil
+
+    spec = {"prompt": "a copper kettle", "seed": 4, "return_frames": True, **SHAPE, "num_inference_steps": 2}
+    shutil.copytree(loras["style-a"], adapters_dir / "style-c")  # the same weights under a new name
+    added, _ = await _run(lora_app, {**spec, "lora": {"name": "style-c", "scale": 0.6}})
+    same, _ = await _run(lora_app, {**spec, "lora": {"name": "style-a", "scale": 0.6}})
+    assert added.spec.lora.name == "style-c"
+    assert np.abs(added.frames - same.frames).max() <= 1e-5
 
 
 def test_jobs_with_different_adapters_never_share_a_batch():
