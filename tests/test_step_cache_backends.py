@@ -90,8 +90,9 @@ def test_cache_dit_follows_the_batch_when_a_job_is_cancelled(pipe, embeds, cfg_b
     assert cache.skipped > 0
 
 
-def test_cache_dit_counts_reset_per_loop(pipe, embeds):
-    cache = CacheDitStepCache(threshold=0.2)
+@pytest.mark.parametrize("make_cache", [StepCache, CacheDitStepCache], ids=["first_block", "cache_dit"])
+def test_step_cache_counts_reset_per_loop(pipe, embeds, make_cache):
+    cache = make_cache(threshold=0.2)
     loop_latents(pipe, embeds, 4, cache=cache)
     first_total = cache.total_computed + cache.total_skipped
     loop_latents(pipe, embeds, 4, cache=cache)
