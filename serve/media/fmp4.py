@@ -22,7 +22,7 @@ from fractions import Fraction
 import av
 import numpy as np
 
-from serve.media.mp4 import _check_frames, align_audio
+from serve.media.mp4 import X264_OPTIONS, _check_frames, align_audio
 
 MOVFLAGS = "frag_keyframe+empty_moov+default_base_moof+skip_trailer"
 
@@ -36,7 +36,7 @@ class FragmentedPreview:
         self._encoder = av.open(io.BytesIO(), mode="w", format="mp4", options={"movflags": MOVFLAGS})
         self._video = self._encoder.add_stream("libx264", rate=fps)
         self._video.width, self._video.height, self._video.pix_fmt = width, height, "yuv420p"
-        self._video.options = {"crf": str(crf), "preset": "veryfast", "tune": "zerolatency"}
+        self._video.options = X264_OPTIONS | {"crf": str(crf), "tune": "zerolatency"}
         self._packets: list[av.Packet] = []
         self._audio_stream = None
         self._audio_packets: list[av.Packet] = []

@@ -12,6 +12,13 @@ from PIL import Image
 from serve.media.audio import fade_out, target_samples
 
 
+# x264's MB-tree rate control reads memory it never wrote: with it on (the default), the same frames
+# encode to different bytes from one process or thread to another (seen with MALLOC_PERTURB_, and as
+# retried jobs whose videos differed from the first run). Off, the encoder is a pure function of its
+# input, so the same seed gives the same MP4. `tests/test_mp4_determinism.py` holds it.
+X264_OPTIONS = {"preset": "veryfast", "x264-params": "mbtree=0"}
+
+
 def _check_frames(frames: np.ndarray) -> None:
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"frames must be uint8 (F, H, W, 3), got {frames.dtype} {frames.shape}")
@@ -31,7 +38,7 @@ class Mp4Writer:
         self._video.width = width
         self._video.height = height
         self._video.pix_fmt = "yuv420p"
-        self._video.options = {"crf": str(crf), "preset": "veryfast"}
+        self._video.options = X264_OPTIONS | {"crf": str(crf)}
         self._audio = None
         if audio_rate is not None:
             self._audio = self._container.add_stream("aac", rate=audio_rate)
