@@ -14,6 +14,8 @@ import uuid
 
 import pytest
 
+from conftest import missing_tool
+
 
 def _bin_dir() -> str | None:
     found = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"))
@@ -30,7 +32,7 @@ def _as_postgres(cmd: list[str]) -> list[str]:
 def postgres_server():
     bin_dir = _bin_dir()
     if bin_dir is None:
-        pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
+        missing_tool("PostgreSQL is not installed (apt-get install postgresql)")
     data = tempfile.mkdtemp(prefix="cinevivid-pg-")
     if os.geteuid() == 0:
         shutil.chown(data, "postgres", "postgres")

@@ -8,6 +8,8 @@ import json
 
 import pytest
 
+from conftest import missing_tool
+
 
 def test_bench_gpu_tiny_config_runs_and_matches_diffusers(tmp_path):
     from loadtests.bench_gpu import main
@@ -46,7 +48,7 @@ def _need_locust() -> None:
     import importlib.util
 
     if importlib.util.find_spec("locust") is None:  # find_spec: no import, no gevent patching here
-        pytest.skip("locust is not installed (pip install -e '.[load]')")
+        missing_tool("locust is not installed (pip install -e '.[load]')")
 
 
 def _in_subprocess(code: str) -> str:
