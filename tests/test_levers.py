@@ -127,11 +127,19 @@ def test_step_cache_follows_the_batch_when_a_job_is_cancelled(pipe, embeds, cfg_
                         seeds=(SEED, 11), cancel_after={SEED: 3})
     assert jobs[0].cancelled and jobs[0].result is None
     np.testing.assert_allclose(jobs[1].result, alone.result, atol=1e-5)
-    # with a loose threshold the sliced cache must still line up with the smaller batch
+    # with a threshold that skips, the survivor is its own solo run with the same cache settings:
+    # the same steps skipped, and each skip reuses the survivor's own row of the sliced residuals
+    # (the cancelled job's row instead moves the latents by ~2e-2)
+    solo_cache = StepCache(threshold=0.5)
+    (solo,) = loop_latents(pipe, embeds, steps, cache=solo_cache, cfg_batch=cfg_batch, seeds=(11,))
     cache = StepCache(threshold=0.5)
     jobs = loop_latents(pipe, embeds, steps, cache=cache, cfg_batch=cfg_batch, seeds=(SEED, 11),
                         cancel_after={SEED: 2})
-    assert jobs[1].result.shape == alone.result.shape and np.isfinite(jobs[1].result).all()
+    assert jobs[0].cancelled and jobs[0].result is None
+    skipped = {b: st["skipped"] for b, st in cache.stats()["branches"].items()}
+    assert skipped == {b: st["skipped"] for b, st in solo_cache.stats()["branches"].items()}
+    assert all(n > 0 for n in skipped.values()), skipped
+    np.testing.assert_allclose(jobs[1].result, solo.result, atol=1e-5)
 
 
 # (the counters of both step-cache backends: tests/test_step_cache_backends.py)
