@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import io
 import struct
-import time
 import zlib
 from fractions import Fraction
 
@@ -203,21 +202,20 @@ def _webp_vp8x_header_only(width: int, height: int) -> bytes:
 
 
 def test_huge_headers_are_refused_before_decoding(monkeypatch):
-    _forbid_decoding(monkeypatch)
-    t0 = time.perf_counter()
+    _forbid_decoding(monkeypatch)  # refused from the header bytes alone: Pillow never opens them
     _refused(InvalidSpecError, decode_image, _png_header_only(20000, 20000), FIELD,
              words=["is 20000x20000 pixels", "at most 8192x8192 pixels and 40 megapixels"])
     _refused(InvalidSpecError, decode_image, _png_header_only(7000, 7000), FIELD, words=["7000x7000"])  # 49 MP
     _refused(InvalidSpecError, decode_image, _jpeg_header_only(65000, 65000), FIELD, words=["65000x65000"])
     # WebP: Pillow's decoder would allocate the whole 16000x16000 canvas (1 GB) on open
     _refused(InvalidSpecError, decode_image, _webp_vp8x_header_only(16000, 16000), FIELD, words=["16000x16000"])
-    assert time.perf_counter() - t0 < 0.5
 
 
 def test_gif_bomb_is_refused_by_format_before_any_frame(monkeypatch):
     def boom(self):
         raise AssertionError("a GIF must not be parsed")
     monkeypatch.setattr(GifImagePlugin.GifImageFile, "_open", boom)
+    _forbid_decoding(monkeypatch)  # refused by its signature: not even Image.open runs
     # a logical screen of 65535x65535 with a 256-colour table: nothing more is needed to be refused
     huge = b"GIF89a" + struct.pack("<HHBBB", 65535, 65535, 0xF7, 0, 0) + bytes(768) + b";"
     # and a real one: many frames
@@ -225,10 +223,8 @@ def test_gif_bomb_is_refused_by_format_before_any_frame(monkeypatch):
     buf = io.BytesIO()
     frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:])
     for data in (huge, buf.getvalue()):
-        t0 = time.perf_counter()
         _refused(InvalidSpecError, decode_image, data, FIELD,
                  words=["is not a PNG, JPEG or WebP image (it is a GIF image)"])
-        assert time.perf_counter() - t0 < 0.1
 
 
 def test_damaged_header_of_an_accepted_format():
