@@ -51,7 +51,7 @@ def test_voice_that_is_not_an_id(voice):
 def test_elevenlabs_voice_checked_when_the_list_is_known():
     known = {"elevenlabs": ["JBFqnCBsd6RMkjVDRZzb", "George"]}
     vo = VoiceoverSpec(text="hi", provider="elevenlabs", voice="Nobody")
-    assert validate_voiceover(vo, TTSConfig()) is not None  # unknown list: the provider decides
+    assert validate_voiceover(vo, TTSConfig()) == vo  # unknown list: passed on as asked, the provider decides
     with pytest.raises(InvalidSpecError) as info:
         validate_voiceover(vo, TTSConfig(), known_voices=known)
     assert info.value.code == "tts_voice_not_found"
