@@ -5,12 +5,13 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator, NonNegativeFloat
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator, NonNegativeFloat
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 TINY_MODEL_SOURCE = "embedded:tiny"
@@ -469,6 +470,7 @@ class TTSConfig(_Strict):
 #           backoff_max_s: 3600          # ... up to this
 #           timeout_s: 10                # one POST to an endpoint (connect + send + answer)
 #           poll_interval_s: 5.0         # look for due deliveries this often (finishing jobs here wake it)
+#           allowed_networks: null       # e.g. ["127.0.0.0/8"]: receivers only there (400 param url)
 #         poll_after_ms: 1000            # openai-poll-after-ms header: the SDK's poll() interval
 #
 # The model's own bounds (`ModelConfig.max_*`) always apply; these can only narrow them.
@@ -552,6 +554,29 @@ class WebhooksConfig(_Strict):
     max_concurrent_deliveries: int = Field(default=8, ge=1)  # POSTs in flight on one replica
     # A claimed delivery is this replica's until then; a replica that died mid-send loses it after.
     lease_seconds: float = Field(default=60.0, gt=0)
+    # Where receivers may be: CIDR networks (e.g. ["127.0.0.0/8", "::1/128"] for a test stack whose
+    # receivers are all on this machine). A URL whose host resolves to an address outside them is a
+    # 400 naming `url` at registration, and a delivery to one fails without a request being sent
+    # (the name is resolved again then). None: any address.
+    allowed_networks: list[str] | None = None
+
+    @field_validator("allowed_networks")
+    @classmethod
+    def _networks(cls, value):
+        if value is not None:
+            for net in value:
+                try:
+                    ipaddress.ip_network(net, strict=False)
+                except ValueError as exc:
+                    raise ValueError(f"webhooks.allowed_networks: {net!r} is not a network ({exc})") from None
+        return value
+
+    def allows(self, addresses: list[str]) -> bool:
+        """Whether every one of a host's addresses is inside allowed_networks (None: any)."""
+        if self.allowed_networks is None:
+            return True
+        nets = [ipaddress.ip_network(n, strict=False) for n in self.allowed_networks]
+        return bool(addresses) and all(any(ipaddress.ip_address(a) in n for n in nets) for a in addresses)
 
     @model_validator(mode="after")
     def _lease_outlives_a_send(self):

@@ -20,19 +20,40 @@ def missing_tool(msg: str) -> None:
         pytest.fail(f"{msg} -- {REQUIRE_ALL_ENV}=1 (as in .ci/run), so this is an error, not a skip")
     pytest.skip(msg)
 
-# Everything the replicas build or cache goes to a per-session folder; set before Ray starts so
-# the workers inherit it.
+# Everything the replicas build or cache, and the launcher's record of the session cluster, go to
+# a per-session folder (never a user's own CINEVIVID_CACHE_DIR, whose stack the session would
+# otherwise find and use); set before Ray starts so the workers inherit it.
 _SESSION_DIR = Path(tempfile.mkdtemp(prefix="cinevivid-tests-"))
-os.environ.setdefault("CINEVIVID_CACHE_DIR", str(_SESSION_DIR / "cache"))
+os.environ["CINEVIVID_CACHE_DIR"] = str(_SESSION_DIR / "cache")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")
+# Nothing of a test run reaches outside this machine: no usage statistics (any Ray the tests
+# start), no model hub (above), no real voice provider (tests/fake_elevenlabs.py).
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+os.environ.pop("ELEVENLABS_API_KEY", None)
 # The tests run behind the same HTTP front as production (HAProxy, see serve/ops/serve_env.py), with a
 # short drain so replaced ingress replicas don't hold up the suite.
 os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "0.5")
 from serve.ops.serve_env import apply_serve_env, free_port  # noqa: E402
 
 apply_serve_env()
+
+import session_procs  # noqa: E402
+
+session_procs.mark_this_session()  # every process the session starts inherits the tag
+
+
+def pytest_sessionstart(session):
+    stale = session_procs.sweep_stale()
+    if stale:
+        print(f"stopped {stale} processes left running by an earlier test session")
+
+
+def pytest_unconfigure(config):
+    """Last: whatever the session started and did not stop (interrupted, failed teardown) goes."""
+    session_procs.sweep_own()
+
 
 from pg_server import postgres_server  # noqa: E402,F401 (session fixture: a throwaway PostgreSQL)
 
@@ -64,18 +85,22 @@ def tiny_model_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def ray_cluster(tiny_model_dir):
-    """One local Ray cluster + Serve (HTTP on a free port) for the session."""
-    import ray
+    """One Ray cluster + Serve (HTTP on a free port) for the session, started the way `cinevivid up`
+    starts one (serve.ops.launcher.start_local_cluster): every Ray process on 127.0.0.1 only, its own
+    token and temp dir, no usage statistics."""
     from ray import serve
 
-    ray.init(address="local", num_cpus=16, include_dashboard=False, log_to_driver=False,
-             object_store_memory=1_000_000_000, configure_logging=False)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    yield {"address": ray.get_runtime_context().gcs_address, "http_port": port,
-           "http_url": f"http://127.0.0.1:{port}"}
-    serve.shutdown()
-    ray.shutdown()
+    from serve.ops.launcher import start_local_cluster, stop_local_cluster
+
+    state = start_local_cluster(num_cpus=16)
+    try:
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        yield {"address": state["address"], "http_port": port, "http_url": f"http://127.0.0.1:{port}",
+               "cache_dir": os.environ["CINEVIVID_CACHE_DIR"]}
+        serve.shutdown()
+    finally:
+        stop_local_cluster()
 
 
 def tiny_app_args(**overrides) -> dict:

@@ -20,6 +20,8 @@ from conftest import TINY_MODELS, tiny_app_args
 
 HTTP_APP = "http"
 SMALL = {"ray_actor_options": {"num_cpus": 0.1}}
+# Test stacks deliver webhooks only to receivers on this machine (tests/webhook_receiver.py)
+LOOPBACK_NETWORKS = ["127.0.0.0/8", "::1/128"]
 
 
 def run_sync(coro):
@@ -70,7 +72,7 @@ class UserCreds:
 
 
 def http_ingress_args(data_dir: Path, **overrides) -> dict:
-    ingress = {"data_dir": str(data_dir), "poll_after_ms": 50,
+    ingress = {"data_dir": str(data_dir), "poll_after_ms": 50, "webhooks": {"allowed_networks": LOOPBACK_NETWORKS},
                "dispatcher": {"max_concurrent_jobs": 2, "lease_seconds": 3.0, "poll_interval_s": 0.2,
                               "progress_write_interval_s": 0.25},
                "limits": {"rate_limit_per_minute": 100000, "rate_limit_burst": 100000,

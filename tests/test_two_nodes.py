@@ -26,6 +26,7 @@ from client.http import CineVividClient
 from media_probe import probe_mp4
 from serve.ops.admin import add_user, create_key
 from serve.ops.launcher import _stop_cluster
+from serve.ops.cluster_record import LOOPBACK_ENV
 from serve.ops.serve_env import HAPROXY_FILES, HAPROXY_PORTS, apply_serve_env, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,7 +133,9 @@ def two_nodes(tiny_model_dir):
         f.write(secrets.token_hex(32))
     # Both nodes' environment: token auth with our token, CineVivid's Serve settings with a HAProxy
     # of this cluster's own (not the one conftest set up for the session cluster), the data dir.
-    env = {k: v for k, v in os.environ.items() if k not in (*HAPROXY_FILES, *HAPROXY_PORTS, "RAY_AUTH_TOKEN")}
+    # (and not the session cluster's loopback-only mode: a second node must be able to join this one)
+    env = {k: v for k, v in os.environ.items()
+           if k not in (*HAPROXY_FILES, *HAPROXY_PORTS, "RAY_AUTH_TOKEN", *LOOPBACK_ENV)}
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), CINEVIVID_DATA_DIR=str(base / "data"),
                PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
     apply_serve_env(env, haproxy_dir=base / "hap")

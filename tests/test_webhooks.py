@@ -75,7 +75,7 @@ async def test_register_list_and_delete_endpoints_with_clear_errors(http_env, tm
                                                  "max_url_length": 64}) as (service, c):
         alice, bob = await make_local_user(service), await make_local_user(service)
         admin = await make_local_user(service, admin=True)
-        r = await c.post("/v1/webhooks", json={"url": "https://example.com/hooks", "description": "mine"},
+        r = await c.post("/v1/webhooks", json={"url": "http://127.0.0.1:9/hooks", "description": "mine"},
                          headers=alice)
         assert r.status_code == 201, r.text
         created = r.json()
@@ -91,6 +91,10 @@ async def test_register_list_and_delete_endpoints_with_clear_errors(http_env, tm
         _err(await c.post("/v1/webhooks", json={"url": "not a url"}, headers=alice), 400, "invalid_request", "url")
         _err(await c.post("/v1/webhooks", json={"url": "https:///no-host"}, headers=alice),
              400, "invalid_request", "url")
+        # the test stacks deliver only to this machine (webhooks.allowed_networks): elsewhere is refused
+        e = _err(await c.post("/v1/webhooks", json={"url": "http://192.0.2.10/hook"}, headers=alice),
+                 400, "invalid_request", "url")
+        assert "192.0.2.10" in e["message"] and "outside the networks" in e["message"], e
         _err(await c.post("/v1/webhooks", json={"url": "https://example.com", "events": ["video.nope"]},
                           headers=alice), 422, "validation_error", "events.0")
         _err(await c.post("/v1/webhooks", json={"url": "https://example.com", "events": []}, headers=alice),
@@ -102,12 +106,12 @@ async def test_register_list_and_delete_endpoints_with_clear_errors(http_env, tm
         _err(await c.post("/v1/webhooks", json={"url": "https://example.com"}), 401)
 
         # the per-user cap (bob is not affected by alice's)
-        second = await c.post("/v1/webhooks", json={"url": "http://example.com/2", "events": ["video.failed"]},
+        second = await c.post("/v1/webhooks", json={"url": "http://127.0.0.1:9/2", "events": ["video.failed"]},
                               headers=alice)
         assert second.status_code == 201 and second.json()["events"] == ["video.failed"]
-        _err(await c.post("/v1/webhooks", json={"url": "http://example.com/3"}, headers=alice),
+        _err(await c.post("/v1/webhooks", json={"url": "http://127.0.0.1:9/3"}, headers=alice),
              409, "too_many_webhooks", "url")
-        bobs = (await c.post("/v1/webhooks", json={"url": "http://example.org/b"}, headers=bob)).json()
+        bobs = (await c.post("/v1/webhooks", json={"url": "http://localhost:9/b"}, headers=bob)).json()
 
         # each user lists their own, without the secret; an admin lists everyone's, with the owner
         mine = (await c.get("/v1/webhooks", headers=alice)).json()["data"]
@@ -128,7 +132,7 @@ async def test_register_list_and_delete_endpoints_with_clear_errors(http_env, tm
         _err(await c.delete(f"/v1/webhooks/{created['id']}", headers=alice), 404)
         assert [e["id"] for e in (await c.get("/v1/webhooks", headers=alice)).json()["data"]] == [second.json()["id"]]
         # a freed slot can be used again
-        assert (await c.post("/v1/webhooks", json={"url": "http://example.com/3"}, headers=alice)).status_code == 201
+        assert (await c.post("/v1/webhooks", json={"url": "http://127.0.0.1:9/3"}, headers=alice)).status_code == 201
         schema = (await c.get("/openapi.json")).json()
         assert {"post", "get"} <= set(schema["paths"]["/v1/webhooks"])
 

@@ -11,10 +11,12 @@ after `max_attempts`.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
 import secrets
+import socket
 import time
 import uuid
 from datetime import datetime, timezone
@@ -65,6 +67,24 @@ def validate_endpoint_url(url: str, max_length: int) -> str:
     return url
 
 
+async def receiver_refusal(url: str, config: WebhooksConfig) -> str | None:
+    """Why a delivery to `url` may not be sent under `config.allowed_networks` (its host resolved
+    now, every address checked), or None when it may."""
+    if config.allowed_networks is None:
+        return None
+    parts = urlsplit(url)
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(parts.hostname, parts.port or 443,
+                                                            type=socket.SOCK_STREAM)
+    except OSError:
+        return f"url's host {parts.hostname!r} does not resolve"
+    addresses = sorted({info[4][0] for info in infos})
+    if not config.allows(addresses):
+        return (f"url's host {parts.hostname!r} is at {', '.join(addresses)}, outside the networks this "
+                f"server delivers to ({', '.join(config.allowed_networks)})")
+    return None
+
+
 def backoff_s(attempt: int, config: WebhooksConfig) -> float:
     """The wait after failed attempt number `attempt` (1-based): initial, doubling, capped."""
     return min(config.backoff_max_s, config.backoff_initial_s * 2 ** (attempt - 1))
@@ -112,6 +132,9 @@ class WebhookStore:
     async def create_endpoint(self, *, user_id: str, url: str, events: list[str], description: str = "") -> dict:
         """A new endpoint, with its secret (the only time the secret is returned)."""
         url = validate_endpoint_url(url, self.config.max_url_length)
+        refusal = await receiver_refusal(url, self.config)
+        if refusal is not None:
+            raise InvalidSpecError(refusal, param="url")
         unknown = sorted(set(events) - set(WEBHOOK_EVENTS))
         if unknown or not events:
             raise InvalidSpecError(f"events must be a non-empty list of {list(WEBHOOK_EVENTS)}", param="events")

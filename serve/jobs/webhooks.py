@@ -21,7 +21,7 @@ from standardwebhooks import Webhook
 
 from serve.config import WebhooksConfig
 from serve.jobs.metrics import JobMetrics
-from serve.jobs.webhook_store import WebhookStore
+from serve.jobs.webhook_store import WebhookStore, receiver_refusal
 
 logger = logging.getLogger(__name__)
 
@@ -119,13 +119,17 @@ class WebhookWorker:
         t0 = time.monotonic()
         status_code: int | None = None
         error: str | None = None
+        refusal = await receiver_refusal(d["url"], self.config)  # resolved again: a name may have moved
         try:
             assert self._client is not None
-            r = await self._client.post(d["url"], content=d["payload"].encode(),
-                                        headers=signed_headers(d["secret"], d["id"], d["payload"]))
-            status_code = r.status_code
-            if not 200 <= r.status_code < 300:
-                error = f"HTTP {r.status_code}: {r.text[:200]}".rstrip(": ")
+            if refusal is not None:
+                error = f"not sent: {refusal}"
+            else:
+                r = await self._client.post(d["url"], content=d["payload"].encode(),
+                                            headers=signed_headers(d["secret"], d["id"], d["payload"]))
+                status_code = r.status_code
+                if not 200 <= r.status_code < 300:
+                    error = f"HTTP {r.status_code}: {r.text[:200]}".rstrip(": ")
         except httpx.TimeoutException:
             error = f"timed out after {self.config.timeout_s:g} s"
         except httpx.HTTPError as exc:

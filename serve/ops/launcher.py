@@ -387,6 +387,25 @@ def up(config_path: str = DEFAULT_CONFIG, *, address: str | None = None, num_cpu
     return url
 
 
+def start_local_cluster(num_cpus: int | None = None, dashboard: DashboardOptions | None = None) -> dict:
+    """Start a Ray head node the way `up` does (loopback only, its own token and temp dir, no usage
+    statistics, every process marked for `stop_local_cluster`) and connect this driver to it;
+    deploys nothing. Set CINEVIVID_CACHE_DIR (where the record goes) and apply_serve_env() first.
+    The test suite's session cluster is started with it. Returns the launcher state."""
+    _prepare_auth(None)
+    state = _connect(None, start_if_missing=True, num_cpus=num_cpus,
+                     dashboard=dashboard or DashboardOptions(enabled=False))
+    state.pop("started_now", None)
+    return state
+
+
+def stop_local_cluster() -> int:
+    """Stop the cluster `start_local_cluster` (or `up`) recorded in CINEVIVID_CACHE_DIR: every one of
+    its processes, HAProxy included. Returns the number stopped."""
+    state = _read_state()
+    return _stop_started(state) if state.get("started_ray") and state.get("address") else 0
+
+
 def _stop_started(state: dict) -> int:
     """Stop the Ray cluster (and Serve in it) that `up` started, forget it and remove its HAProxy
     folder. Returns the number of processes stopped."""
