@@ -1,5 +1,6 @@
 # CineVivid. Quick start on a fresh machine: `make run` (sets up, starts Ray + Serve on the
-# embedded tiny model, generates a sample video) and `make test` (sets up, runs the suite).
+# embedded tiny model, generates a sample video) and `make test` (sets up, runs the fast tier of the
+# tests); `make test-all` runs the whole suite.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -15,7 +16,7 @@ CAPACITY_ARGS ?=
 # e.g. RUN_ARGS="--dashboard-host 0.0.0.0 --dashboard-port 8266" or RUN_ARGS=--no-dashboard
 RUN_ARGS ?=
 
-.PHONY: setup run stop test loadtest capacity bench clean
+.PHONY: setup run stop test test-all loadtest capacity bench clean
 
 setup: $(VENV)/.installed
 
@@ -33,7 +34,12 @@ run: setup
 stop: setup
 	$(BIN)/cinevivid down
 
+# the fast tier: every layer end to end once, in a few minutes
 test: setup
+	$(BIN)/python -m pytest -m fast $(PYTEST_ARGS)
+
+# the whole suite (what .ci/run runs)
+test-all: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Locust in its own process against a local stack it starts (or --host/--api-key in LOCUST_ARGS)
