@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -205,17 +206,56 @@ def test_a_real_prometheus_scrapes_it_with_the_shipped_config(http_env, alice, t
         assert eventually(lambda: query('cinevivid_job_duration_seconds_count{job="cinevivid"} > 0'),
                           "no completed job in cinevivid_job_duration_seconds")
 
-        def rules_evaluated() -> list:
-            r = httpx.get(f"{api}/rules", params={"type": "alert"}, timeout=10).json()["data"]["groups"]
-            rules = [rule for g in r for rule in g["rules"]]
-            return rules if rules and all(rule["health"] == "ok" for rule in rules) else []
+        def alert_rules() -> list[dict]:
+            groups = httpx.get(f"{api}/rules", params={"type": "alert"}, timeout=10).json()["data"]["groups"]
+            return [rule for g in groups for rule in g["rules"]]
 
-        rules = eventually(rules_evaluated, "the alerting rules never all evaluated")
+        def evaluated_since(before: dict[str, str]) -> list[dict]:
+            """The alerting rules, once each has evaluated (healthy) again since `before`."""
+            rules = alert_rules()
+            fresh = rules and all(r["health"] == "ok" and r.get("lastEvaluation") != before.get(r["name"])
+                                  for r in rules)
+            return rules if fresh else []
+
+        def not_inactive(rules: list[dict]) -> list[tuple[str, str]]:
+            """(name, state) of every alert that is pending or firing."""
+            return sorted((r["name"], r["state"]) for r in rules if r["state"] != "inactive")
+
+        # every rule evaluated once more after the series above were queryable, so on them
+        first = eventually(lambda: evaluated_since({}), "the alerting rules never all evaluated")
+        rules = eventually(lambda: evaluated_since({r["name"]: r["lastEvaluation"] for r in first}),
+                           "the alerting rules were not evaluated again")
         names = {rule["name"] for rule in rules}
         assert {"HighErrorRate", "GPUMemoryHigh", "DiskSpaceLow", "JobQueueGrowing", "JobFailureRatioHigh",
-                "StageUnhealthy", "JobLatencyP95High"} <= names
-        # a healthy test stack: none of them fires
-        assert [rule["name"] for rule in rules if rule["state"] == "firing"] == []
+                "StageUnhealthy", "JobLatencyP95High", "CineVividDown"} <= names
+        # a healthy test stack: every alert is inactive, not even pending (each has a `for:` of 2 minutes
+        # or more, so a condition that holds now shows as pending, never yet as firing); only a nearly
+        # full disk on the machine running the tests would be a true DiskSpaceLow
+        healthy = [("DiskSpaceLow", "pending")] if shutil.disk_usage(http_env.data_dir).free < 5e9 else []
+        assert not_inactive(rules) == healthy, [r for r in rules if r["state"] != "inactive"]
+        listed = httpx.get(f"{api}/alerts", timeout=10).json()["data"]["alerts"]
+        assert sorted((a["labels"]["alertname"], a["state"]) for a in listed) == healthy, listed
+
+        # ... and the check can fail: the same rules with one whose condition always holds (reloaded
+        # with SIGHUP) show that alert pending, while "none is firing" would still have passed
+        broken = yaml.safe_load((PROM / "alerting_rules.yml").read_text())
+        (rule,) = [r for g in broken["groups"] for r in g["rules"] if r["alert"] == "GPUMemoryHigh"]
+        rule["expr"] = "vector(1) > 0"
+        (tmp_path / "broken_rules.yml").write_text(yaml.safe_dump(broken))
+        cfg["rule_files"] = [str(tmp_path / "broken_rules.yml")]
+        (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(cfg))
+        before = {r["name"]: r["lastEvaluation"] for r in rules}
+        proc.send_signal(signal.SIGHUP)
+
+        def broken_evaluated() -> list[dict]:
+            rules = evaluated_since(before)
+            return rules if any(r["name"] == "GPUMemoryHigh" and r["query"] == "vector(1) > 0" for r in rules) else []
+
+        rules = eventually(broken_evaluated, "the broken rules were never loaded and evaluated")
+        assert not_inactive(rules) == sorted(healthy + [("GPUMemoryHigh", "pending")]), rules
+        assert [r["name"] for r in rules if r["state"] == "firing"] == []
+        listed = httpx.get(f"{api}/alerts", timeout=10).json()["data"]["alerts"]
+        assert ("GPUMemoryHigh", "pending") in {(a["labels"]["alertname"], a["state"]) for a in listed}, listed
     finally:
         proc.terminate()
         try:
