@@ -10,7 +10,7 @@ import json
 import httpx
 
 from tests.http_fixtures import *  # noqa: F401,F403
-from tests.http_fixtures import wait_for_status
+from tests.http_fixtures import local_service, make_local_user, wait_for_status, wait_local
 from tests.media_probe import decode_rgb_frames, probe_mp4
 
 # 6 windows of 4 latent frames, each adding 2 (8 frames): 53 frames at 8 fps
@@ -69,9 +69,47 @@ def test_preview_of_a_running_long_video_grows_window_by_window(http_env, alice)
     assert sdk.videos.download_content(vid, extra_query={"variant": "preview"}).content == final
 
 
-def test_preview_of_a_queued_or_short_job_is_not_ready(http_env, alice):
-    r = httpx.get(f"{http_env.url}/v1/videos/video_nope/content", params={"variant": "preview"},
-                  headers=alice.headers)
-    assert r.status_code == 404
-    r = httpx.get(f"{http_env.url}/v1/videos/video_nope/content", params={"variant": "bogus"}, headers=alice.headers)
-    assert r.status_code in (400, 404)
+def _error(r, status: int, code: str, param: str | None) -> dict:
+    """The error envelope {"error": {"code", "message", "param"}} with this status, code and param."""
+    assert r.status_code == status, (r.status_code, r.text)
+    e = r.json()["error"]
+    assert set(e) == {"code", "message", "param"} and e["message"], e
+    assert (e["code"], e["param"]) == (code, param), e
+    return e
+
+
+# a short (one-window, no diffusion forcing) job kept running long enough to look at it; cancelled
+SHORT_RUNNING = {"prompt": "a slow one", "size": "128x128", "num_frames": 33, "num_inference_steps": 100}
+
+
+async def test_preview_of_a_queued_or_short_job_is_not_ready(http_env, tmp_path):
+    """One job at a time: a short job runs (it will never have a preview: one window), the long one
+    waits in the queue. Neither has a playable part: 409 video_not_ready, for the preview as for the
+    plain download; a variant that does not exist is a 400 naming `variant`; an unknown id a 404."""
+    async with local_service(tmp_path, dispatcher={"max_concurrent_jobs": 1}) as (service, c):
+        h = await make_local_user(service)
+        short = (await c.post("/v1/videos", json=SHORT_RUNNING, headers=h)).json()["id"]
+        await wait_local(c, h, short, {"in_progress"})
+        r = await c.post("/v1/videos", json=DF_JOB, headers=h)
+        assert r.status_code == 200, r.text
+        long = r.json()["id"]
+        try:
+            assert (await c.get(f"/v1/videos/{long}", headers=h)).json()["status"] == "queued"
+            for vid, status in ((long, "queued"), (short, "in_progress")):
+                e = _error(await c.get(f"/v1/videos/{vid}/content", params={"variant": "preview"}, headers=h),
+                           409, "video_not_ready", None)
+                assert f"is {status} and has no playable part yet" in e["message"], e
+                _error(await c.get(f"/v1/videos/{vid}/content", headers=h), 409, "video_not_ready", None)
+                e = _error(await c.get(f"/v1/videos/{vid}/content", params={"variant": "bogus"}, headers=h),
+                           400, "invalid_request", "variant")
+                assert "'bogus'" in e["message"] and "'preview'" in e["message"], e
+            # (nothing above moved the queue: the long job still waits)
+            assert (await c.get(f"/v1/videos/{long}", headers=h)).json()["status"] == "queued"
+        finally:
+            for vid in (long, short):
+                await c.post(f"/v1/videos/{vid}/cancel", headers=h)
+            await wait_local(c, h, short, {"failed", "completed"})
+        # an id that is not one of the caller's videos: 404, whatever the variant
+        for variant in ("preview", "bogus"):
+            _error(await c.get("/v1/videos/video_nope/content", params={"variant": variant}, headers=h),
+                   404, "not_found", "video_id")
