@@ -3,6 +3,10 @@ bad one is a 400 in the error envelope naming it, and a long video comes back wh
 
 from __future__ import annotations
 
+import io
+
+import av
+
 from tests.http_fixtures import *  # noqa: F401,F403
 from tests.http_fixtures import local_service, make_local_user, wait_local
 
@@ -47,4 +51,15 @@ async def test_long_video_over_http(http_env, tmp_path):
         assert r.status_code == 200, r.text
         v = await wait_local(c, h, r.json()["id"], {"completed", "failed"})
         assert v["status"] == "completed", v
-        assert v["num_frames"] == 29
+        assert (v["num_frames"], v["size"]) == (29, "32x32")
+        content = await c.get(f"/v1/videos/{v['id']}/content", headers=h)
+        assert content.status_code == 200 and content.headers["content-type"] == "video/mp4"
+    # what a player gets: the MP4 decoded with PyAV has the frames, size and rate the API reported
+    with av.open(io.BytesIO(content.content)) as mp4:
+        (stream,) = mp4.streams.video
+        assert not mp4.streams.audio
+        decoded = list(mp4.decode(stream))
+        assert stream.average_rate == v["fps"]
+    assert len(decoded) == v["num_frames"]
+    assert {(f.width, f.height) for f in decoded} == {tuple(int(n) for n in v["size"].split("x"))}
+    assert abs(float(v["seconds"]) - v["num_frames"] / v["fps"]) < 1e-4  # ("seconds": 6 significant digits)
