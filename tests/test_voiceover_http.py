@@ -158,7 +158,9 @@ def test_a_tts_failure_fails_the_job_with_its_code(env, h, fake):
     assert video["has_audio"] is False
     assert KEY not in json.dumps(video)
     content = httpx.get(f"{env.url}/v1/videos/{video['id']}/content", headers=h, timeout=30)
-    assert content.status_code >= 400  # no silent video was stored
+    # a failed video has no content (no silent video was stored): the OpenAI answer, 409 not ready
+    assert content.status_code == 409, content.text
+    assert content.json()["error"]["code"] == "video_not_ready"
     # and /metrics counts it as a voice-over failure of that provider, with that code
     assert _tts_failures(env.url, "elevenlabs", "tts_quota_exceeded") == failures_before + 1
 
