@@ -39,7 +39,22 @@ LOGIN_LOCK = {"failed_auth": {"login_failures_per_username": 3, "login_failures_
                               "credential_failures_per_address": 100, "lockout_s": 1, "max_lockout_s": 4}}
 
 
-async def test_failed_logins_lock_the_username_with_growing_retry_after(http_env, tmp_path):
+class _Clock:
+    """The throttle's clock (`serve.api.throttle.time`), standing still until a test moves it (whole
+    seconds from a whole second: the lock ends compare exactly)."""
+
+    def __init__(self):
+        self.now = float(int(time.time()))
+
+    def time(self) -> float:
+        return self.now
+
+
+async def test_failed_logins_lock_the_username_with_growing_retry_after(http_env, tmp_path, monkeypatch):
+    from serve.api import throttle
+
+    clock = _Clock()
+    monkeypatch.setattr(throttle, "time", clock)  # the lockouts end when the clock moves, not by waiting
     async with local_service(tmp_path, limits=LOGIN_LOCK) as (service, c):
         user, password = await _user_with_password(service)
         name = user["username"]
@@ -59,12 +74,18 @@ async def test_failed_logins_lock_the_username_with_growing_retry_after(http_env
                  401, "invalid_credentials")
         _retry_after(await c.post("/auth/login", json={"username": "nobody-" + name, "password": "x"}))
 
-        time.sleep(waits[-1])  # the server said how long; nothing else to wait on
+        # the server said how long: a second short of it the name is still locked (and that attempt
+        # locks it again, for the capped 4 s); once those have passed the right password signs in
+        clock.now += waits[-1] - 1
+        assert _retry_after(await c.post("/auth/login", json={"username": name, "password": password})) == 4
+        clock.now += 4
         ok = await c.post("/auth/login", json={"username": name, "password": password})
         assert ok.status_code == 200, ok.text
-        # the success cleared the username's count: three fresh tries before the next lock
-        for _ in range(2):
+        # the success cleared the username's count and its lockouts: three fresh tries, then the
+        # first lock again (1 s, doubled by the attempt that finds it)
+        for _ in range(3):
             _err(await c.post("/auth/login", json={"username": name, "password": "wrong"}), 401, "invalid_credentials")
+        assert _retry_after(await c.post("/auth/login", json={"username": name, "password": password})) == 2
 
 
 async def test_password_spraying_locks_the_address_and_bad_keys_lock_it_for_keys(http_env, tmp_path):
