@@ -57,7 +57,10 @@ def pytest_unconfigure(config):
 
 from pg_server import postgres_server  # noqa: E402,F401 (session fixture: a throwaway PostgreSQL)
 
-GRAPH_APP = "graph"
+HTTP_APP = "http"
+# The graph tests drive the session HTTP app's Generator through its Serve handle: one app of every
+# stage for the session, reached over HTTP and through handles alike.
+GRAPH_APP = HTTP_APP
 # Every embedded tiny model, as the HTTP test app serves them: T2V (the default), I2V, DF.
 TINY_MODELS = [
     {"name": "cinevivid-tiny", "aliases": ["skyreels-v2-tiny"],
@@ -107,7 +110,7 @@ def tiny_app_args(**overrides) -> dict:
     """App args for tests: the tiny model on the CPU, small fractional CPUs per replica."""
     small = {"ray_actor_options": {"num_cpus": 0.1}}
     args = {
-        "name": GRAPH_APP,
+        "name": "graph",
         "with_ingress": False,
         "deployments": {k: dict(small) for k in ("text_encoder", "transformer", "vae", "tts", "generator")},
         "tts": {"providers": ["none"]},
@@ -121,14 +124,19 @@ def tiny_app_args(**overrides) -> dict:
 
 
 @pytest.fixture(scope="session")
-def graph_app(ray_cluster):
-    """The generation graph (no HTTP) on the tiny model, deployed once as app 'graph'."""
-    from ray import serve
+def http_env(ray_cluster, session_dir):
+    """The session's app: every stage of the tiny models (TINY_MODELS) with the Ingress, behind
+    HAProxy at route prefix "/" (tests/http_fixtures.py)."""
+    from http_fixtures import deploy_session_http_app
 
+    return deploy_session_http_app(ray_cluster, session_dir)
+
+
+@pytest.fixture(scope="session")
+def graph_app(http_env):
+    """A Serve-handle client of the session app's Generator (no HTTP, no job records)."""
     from client.handle import GeneratorClient
-    from serve.app import build_app
 
-    serve.run(build_app(tiny_app_args()), name=GRAPH_APP, route_prefix=None)
     return GeneratorClient(GRAPH_APP)
 
 

@@ -16,9 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import TINY_MODELS, tiny_app_args
+from conftest import HTTP_APP, TINY_MODELS, tiny_app_args
 
-HTTP_APP = "http"
 SMALL = {"ray_actor_options": {"num_cpus": 0.1}}
 # Test stacks deliver webhooks only to receivers on this machine (tests/webhook_receiver.py)
 LOOPBACK_NETWORKS = ["127.0.0.0/8", "::1/128"]
@@ -113,21 +112,12 @@ def wait_healthy(url: str, timeout_s: float = 120.0) -> dict:
     raise AssertionError(f"{url} never became healthy: {last}")
 
 
-_DEPLOYED: dict[str, HttpEnv] = {}
-
-
-@pytest.fixture(scope="session")
-def http_env(ray_cluster, session_dir) -> HttpEnv:
-    # Test modules import these fixtures with `import *`, which makes one session fixture per
-    # module; deploy once per session and hand every module the same app.
-    key = ray_cluster["address"]
-    if key not in _DEPLOYED:
-        data_dir = session_dir / "http-data"
-        deploy_http_app(HTTP_APP, data_dir, ray_cluster["http_url"])
-        _DEPLOYED[key] = HttpEnv(ray_cluster["http_url"], data_dir,
-                                 f"sqlite+aiosqlite:///{data_dir / 'cinevivid.db'}")
+def deploy_session_http_app(ray_cluster: dict, session_dir: Path) -> HttpEnv:
+    """Deploy the session's HTTP app once (conftest's `http_env` fixture) and wait until healthy."""
+    data_dir = session_dir / "http-data"
+    deploy_http_app(HTTP_APP, data_dir, ray_cluster["http_url"])
     wait_healthy(ray_cluster["http_url"])
-    return _DEPLOYED[key]
+    return HttpEnv(ray_cluster["http_url"], data_dir, f"sqlite+aiosqlite:///{data_dir / 'cinevivid.db'}")
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from ray import serve
 
 from serve.errors import GenerationCancelled, InvalidSpecError, StageError, UnknownModelError
 
-from conftest import tiny_app_args
+from conftest import GRAPH_APP, tiny_app_args
 
 
 def _wait_idle(transformer, timeout_s=30.0) -> dict:
@@ -45,7 +45,7 @@ def test_cancel_stops_within_one_step_and_replicas_stay_healthy(graph_app, stage
     # the next request is served normally
     result = graph_app.generate({"prompt": "after the cancel", "seed": 1, "num_inference_steps": 2})
     assert result.mp4[4:8] == b"ftyp"
-    status = serve.status().applications["graph"].deployments
+    status = serve.status().applications[GRAPH_APP].deployments
     assert all(str(d.status).endswith("HEALTHY") and "UN" not in str(d.status) for d in status.values())
 
 

@@ -8,6 +8,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+from conftest import GRAPH_APP
 from media_probe import probe_mp4
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -20,7 +21,7 @@ def test_generate_and_stream_from_a_separate_driver(graph_app, ray_cluster, tmp_
         from client.handle import GeneratorClient
         from serve.errors import InvalidSpecError
         ray.init(address={ray_cluster['address']!r}, log_to_driver=False)
-        client = GeneratorClient("graph")
+        client = GeneratorClient({GRAPH_APP!r})
         result = client.generate({{"prompt": "from another driver", "seed": 4, "num_inference_steps": 2}})
         open({str(out)!r}, "wb").write(result.mp4)
         steps = [e.step for e in client.stream({{"prompt": "streamed", "num_inference_steps": 3}}) if e.type == "step"]

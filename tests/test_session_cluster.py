@@ -12,7 +12,6 @@ import sys
 import pytest
 
 from listeners import beyond_loopback, listening_sockets
-from tests.http_fixtures import http_env  # noqa: F401 (the session HTTP app: replicas and HAProxy up)
 from session_procs import SESSION_ENV
 
 pytestmark = pytest.mark.fast
@@ -44,3 +43,24 @@ def test_the_session_cluster_reports_no_usage_statistics_and_wants_its_token(ray
     script = f"import ray; ray.init(address={ray_cluster['address']!r}, log_to_driver=False); print('JOINED')"
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "JOINED" not in out.stdout, out.stdout + out.stderr[-2000:]
+
+
+def test_processes_left_by_a_dead_session_are_stopped_and_ours_are_not():
+    """What an interrupted run left (its pytest gone) is stopped by the next session's sweep; a
+    process of a live session (this one) is left alone until its own end."""
+    import session_procs
+
+    dead_owner = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead_owner.wait()  # a pytest that is gone: its pid no longer names that process
+    stale_tag = f"{dead_owner.pid}@0.000"
+    stale = subprocess.Popen(["sleep", "300"], env={**os.environ, SESSION_ENV: stale_tag})
+    ours = subprocess.Popen(["sleep", "300"])  # inherits this session's tag
+    try:
+        assert session_procs.sweep_stale() >= 1
+        assert stale.wait(timeout=10) is not None  # stopped
+        assert ours.poll() is None  # still running: its session is alive
+        assert ours.pid in {p.pid for p in session_procs.own_processes()}
+    finally:
+        for proc in (stale, ours):
+            proc.kill()
+            proc.wait()
