@@ -39,7 +39,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from starlette.requests import Request
 
 from serve.config import FailedAuthConfig
-from serve.errors import TooManyFailedAttempts
+from serve.errors import TooManyFailedAttempts, is_disk_full
 from serve.jobs.db import Database, auth_failures
 
 logger = logging.getLogger(__name__)
@@ -145,14 +145,16 @@ class FailedAuthThrottle:
                                      "Each attempt before then doubles the wait", retry_after_s=wait)
 
     async def _record_or_skip(self, thresholds: dict[str, int]) -> dict[str, tuple[bool, float]] | None:
-        """`_record`, or nothing when the database is too busy to take the write: the request is
-        refused all the same (its 401 does not become a 503), one failure goes uncounted."""
+        """`_record`, or nothing when the database cannot take the write, too busy or its disk
+        full: the request is refused all the same (its 401 does not become a 503 or a 507), one
+        failure goes uncounted."""
         try:
             return await self._record(thresholds)
         except OperationalError as exc:
-            if "database is locked" not in str(exc):
+            busy = "database is locked" in str(exc)
+            if not busy and not is_disk_full(exc):
                 raise
-            logger.warning("database busy: a failed sign-in attempt was not counted (%s)",
+            logger.warning("database %s: a failed sign-in attempt was not counted (%s)", "busy" if busy else "full",
                            ", ".join(k.split(":", 1)[0] for k in thresholds))
             return None
 

@@ -142,7 +142,9 @@ class ArtifactStore:
     def check_writable(self) -> dict:
         self.ensure()
         probe = self.root / f".probe.{secrets.token_hex(4)}"
-        probe.write_bytes(b"ok")
-        probe.unlink()
+        try:
+            probe.write_bytes(b"ok")
+        finally:  # on a full disk the file is made and the write fails: leave nothing either way
+            probe.unlink(missing_ok=True)
         usage = shutil.disk_usage(self.root)
         return {"free_bytes": usage.free, "total_bytes": usage.total}
