@@ -2,7 +2,8 @@
 a job, on a real app over HTTP. The job is re-run from the start on a healthy replica and its video
 equals an undisturbed run with the same seed; with its retries used up it fails with
 `stage_unavailable` and a short message naming the stage, with nothing of Ray's in it. A full disk
-fails the job with `insufficient_storage` and leaves no file.
+(a real one: a small tmpfs filled to the last page) fails the job with `insufficient_storage` and
+leaves no file.
 
 The app here is its own ("chaos", with its own data dir): the kills never touch the shared
 fixtures' replicas. `chaos_delay_s` slows each stage down (without changing its output) so that a
@@ -12,7 +13,6 @@ kill lands mid-call; the test waits for the job's own SSE events to know which s
 from __future__ import annotations
 
 import asyncio
-import errno
 import io
 import os
 import re
@@ -27,6 +27,7 @@ import pytest
 from client.http import iter_events
 from conftest import tiny_app_args
 from fake_elevenlabs import FakeElevenLabs, install_test_key
+from full_disk import small_disk
 from tests.http_fixtures import *  # noqa: F401,F403
 from serve.jobs.db import Database
 from serve.jobs.store import JobStore
@@ -255,25 +256,59 @@ def test_jobs_with_the_same_spec_at_once_all_finish(graph_app):
 
 # ---- a full disk -------------------------------------------------------------------------------
 async def test_a_full_disk_fails_the_job_with_a_reason_and_leaves_no_file(http_env, tmp_path):
-    """The thumbnail write finds the disk full (after the MP4 was written): the job fails with
-    insufficient_storage, saying so, and neither file is left behind."""
-    from serve.jobs.artifacts import ArtifactStore
+    """The data dir is a small disk of its own (the job database is elsewhere, so the failure can
+    be recorded), filled to the last page. /health says `degraded`, naming the storage; a job fails
+    with insufficient_storage, saying so, and leaves no file: not when the MP4 finds the disk full,
+    nor when the MP4 fits and its thumbnail does not. The earlier video is still served, and with
+    room again the same service stores videos again."""
+    job = {"prompt": "full", "num_inference_steps": 1, "seed": 5}
+    with small_disk(tmp_path / "disk") as disk:
+        async with local_service(disk.path, database_url=f"sqlite+aiosqlite:///{tmp_path / 'cinevivid.db'}") as (service, c):
+            hh = await make_local_user(service)
 
-    async with local_service(tmp_path) as (service, c):
-        hh = await make_local_user(service)
-        real = ArtifactStore._write_atomic
+            async def run() -> dict:
+                r = await c.post("/v1/videos", json=job, headers=hh)
+                assert r.status_code == 200, r.text  # the job database has room: it is queued
+                return await wait_local(c, hh, r.json()["id"], {"completed", "failed"})
 
-        def full_on_thumbnail(path, data):
-            if path.suffix == ".jpg":
-                raise OSError(errno.ENOSPC, "No space left on device")
-            real(path, data)
+            async def health() -> dict:
+                r = await c.get("/health")
+                assert r.status_code == 200, r.text
+                return r.json()
 
-        service.artifacts._write_atomic = full_on_thumbnail
-        vid = (await c.post("/v1/videos", json={"prompt": "full", "num_inference_steps": 1}, headers=hh)).json()["id"]
-        v = await wait_local(c, hh, vid, {"completed", "failed"})
-        assert v["status"] == "failed", v
-        assert v["error"]["code"] == "insufficient_storage"
-        assert "disk is full" in v["error"]["message"] and "could not be stored" in v["error"]["message"]
-        assert not list((tmp_path / "videos").iterdir())  # no MP4, no thumbnail, no temp file
-        r = await c.get(f"/v1/videos/{vid}/content", headers=hh)
-        assert r.status_code == 409  # a failed video has no content
+            def assert_failed_for_the_disk(v: dict) -> None:
+                assert v["status"] == "failed", v
+                assert v["error"]["code"] == "insufficient_storage", v["error"]
+                assert v["error"]["message"] == ("the server's disk is full: the video was generated but could "
+                                                 "not be stored. Try again later.")
+
+            first = await run()
+            assert first["status"] == "completed", first
+            mp4 = (await c.get(f"/v1/videos/{first['id']}/content", headers=hh)).content
+            stored = disk.files("videos")
+            assert stored == sorted([f"{first['id']}.jpg", f"{first['id']}.mp4"])
+            assert (await health())["services"]["storage"]["status"] == "healthy"
+
+            disk.fill()
+            h = await health()
+            assert h["status"] == "degraded", h
+            assert h["services"]["storage"]["status"] == "unhealthy"
+            assert "No space left on device" in h["services"]["storage"]["detail"]
+            full = await run()
+            assert_failed_for_the_disk(full)
+            assert disk.files("videos") == stored  # no MP4, no thumbnail, no temp file
+            assert (await c.get(f"/v1/videos/{full['id']}/content", headers=hh)).status_code == 409
+            again = await c.get(f"/v1/videos/{first['id']}/content", headers=hh)  # reads need no room
+            assert again.status_code == 200 and again.content == mp4
+
+            # room for the MP4 (the same job, the same bytes) and not a page more: its thumbnail
+            # meets the full disk, and the MP4 already written goes too
+            disk.empty()
+            disk.fill(leave_bytes=len(mp4))
+            assert_failed_for_the_disk(await run())
+            assert disk.files("videos") == stored
+
+            disk.empty()
+            assert (await health())["status"] == "healthy"
+            assert not [n for n in disk.files() if n.startswith(".probe")]  # the health probes left nothing
+            assert (await run())["status"] == "completed"

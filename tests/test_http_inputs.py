@@ -6,6 +6,7 @@ from __future__ import annotations
 
 
 
+from full_disk import small_disk
 from tests.http_fixtures import *  # noqa: F401,F403
 from tests.http_fixtures import local_service, make_local_user, wait_local
 
@@ -81,16 +82,33 @@ async def test_ranges_and_a_download_racing_a_delete(http_env, tmp_path):
 
 
 async def test_a_full_disk_is_a_507_not_a_500(http_env, tmp_path):
-    async with local_service(tmp_path) as (service, c):
-        h = await make_local_user(service)
-        store = service.store
+    """The data dir, with the job database in it (the default), on a small disk of its own filled
+    to the last page: SQLite's own "database or disk is full" on a write is a 507
+    insufficient_storage in the error envelope, and nothing is saved; reads still work, a wrong API
+    key or password is still a 401 (its failure goes uncounted), /health says `degraded`. With room again, the
+    same request is queued and its video made."""
+    with small_disk(tmp_path / "disk") as disk:
+        async with local_service(disk.path) as (service, c):
+            h = await make_local_user(service)
+            assert (await c.get("/v1/videos", headers=h)).json()["data"] == []
+            disk.fill()
+            job = {"prompt": "x", "num_inference_steps": 1}
+            for route, body in (("/v1/videos", job), ("/generate/text-to-video", job), ("/v1/api-keys", {"name": "k"})):
+                r = await c.post(route, json=body, headers=h)
+                e = _err(r, 507, "insufficient_storage")
+                assert e == {"code": "insufficient_storage", "param": None,
+                             "message": "the server's storage is full; nothing was saved. Try again later."}, route
+                assert r.headers["retry-after"] == "60"
+            assert (await c.get("/v1/videos", headers=h)).json()["data"] == []  # nothing was queued
+            assert len((await c.get("/v1/api-keys", headers=h)).json()["data"]) == 1  # nor a key made
+            # a refused key or password is still a 401, not a 507: its failure goes uncounted
+            _err(await c.get("/v1/videos", headers={"Authorization": "Bearer cv-not-a-key"}), 401, "invalid_api_key")
+            _err(await c.post("/auth/login", json={"username": "nobody", "password": "wrong"}), 401)
+            health = (await c.get("/health")).json()
+            assert health["status"] == "degraded" and health["services"]["storage"]["status"] == "unhealthy", health
 
-        async def full(*args, **kwargs):
-            raise OSError(28, "No space left on device")  # what the OS says when the disk is full
-
-        real, store.create = store.create, full
-        try:
-            e = _err(await c.post("/v1/videos", json={"prompt": "x"}, headers=h), 507, "insufficient_storage")
-            assert "storage is full" in e["message"]
-        finally:
-            store.create = real
+            disk.empty()
+            ok = await c.post("/v1/videos", json=job, headers=h)
+            assert ok.status_code == 200, ok.text
+            assert (await wait_local(c, h, ok.json()["id"], {"completed", "failed"}))["status"] == "completed"
+            assert (await c.get("/health")).json()["status"] == "healthy"
