@@ -44,19 +44,29 @@ def test_tree_has_every_documented_command():
 
 
 @pytest.mark.parametrize("path", list(COMMANDS), ids=lambda p: " ".join(p) or "cinevivid")
-def test_help(path):
+def test_help(path, capsys):
     parser, line = COMMANDS[path]
     assert parser.description and "\n" not in parser.description.strip(), path
     if path:
         assert line and line.strip(), f"{path} has no line in its parent's --help"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    r = subprocess.run([sys.executable, "-m", "serve.ops.cli", *path, "--help"], capture_output=True, text=True,
-                       env=env, cwd=ROOT, timeout=120)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.startswith(f"usage: cinevivid {' '.join(path)}".rstrip())
-    assert " ".join(parser.description.split()) in " ".join(r.stdout.split())
+    with pytest.raises(SystemExit) as exited:
+        main([*path, "--help"])
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: cinevivid {' '.join(path)}".rstrip())
+    assert " ".join(parser.description.split()) in " ".join(out.split())
     if path in HTTP_COMMANDS:
-        assert "$CINEVIVID_URL" in r.stdout and "$CINEVIVID_API_KEY" in r.stdout
+        assert "$CINEVIVID_URL" in out and "$CINEVIVID_API_KEY" in out
+
+
+def test_the_entry_point_runs():
+    """The installed `cinevivid` script (pyproject's [project.scripts]) starts and answers --help."""
+    script = Path(sys.executable).parent / "cinevivid"
+    assert script.exists(), f"no {script}: install the package (pip install -e .)"
+    r = subprocess.run([str(script), "--help"], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("usage: cinevivid") and build_parser().description in r.stdout
 
 
 @pytest.mark.parametrize("path", HTTP_COMMANDS, ids=" ".join)
