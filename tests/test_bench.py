@@ -1,6 +1,7 @@
 """The benchmark and load-test tooling itself: bench_gpu's code path runs on the CPU (tiny config)
 and its CineVivid run equals diffusers'; the Locust shape is bounded; the runner's summary reads
-Locust's CSV. No timings are asserted."""
+Locust's CSV; a few seconds of headless Locust against the session's HTTP app send requests of every
+user mix and none fails. No timings are asserted."""
 
 from __future__ import annotations
 
@@ -91,6 +92,37 @@ def test_locustfile_defines_the_user_mixes():
         "    assert c.weight >= 1 and c.wait_time is not None\n"
         "    print(c.__name__)\n")
     assert out.split() == ["CreatorUser", "PollerUser", "BrowserUser"]
+
+
+def test_a_short_headless_locust_run_against_the_app_sends_requests_and_none_fail(http_env, tmp_path):
+    """`python -m loadtests.run_locust --host ... --api-key ...` (Locust in its own process, as an
+    operator runs it) for a few seconds against the session's HTTP app, every user mix at once:
+    Locust's own stats (its JSON and CSV files) count requests on each mix's routes, and no failure."""
+    import csv
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    _need_locust()
+    root = Path(__file__).resolve().parents[1]
+    prefix = tmp_path / "locust"
+    # 5 users, weights 1:3:1: one CreatorUser, three PollerUsers, one BrowserUser; tiny one-step jobs
+    cmd = [sys.executable, "-m", "loadtests.run_locust", "--host", http_env.url, "--api-key", http_env.user().api_key,
+           "-u", "5", "-r", "5", "-t", "6s", "--steps", "1", "--stop-timeout", "5", "--prefix", str(prefix)]
+    proc = subprocess.run(cmd, cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    stats = json.loads(Path(f"{prefix}.json").read_text())  # Locust's own, one entry per route
+    requests = {f"{s['method']} {s['name']}" if not s["name"].startswith(s["method"]) else s["name"]:
+                s["num_requests"] for s in stats}
+    assert sum(requests.values()) > 0
+    assert {s["name"]: s["num_failures"] for s in stats if s["num_failures"]} == {}, proc.stdout[-3000:]
+    for route in ("POST /v1/videos", "GET /v1/videos/{id}", "GET /v1/videos"):  # the creator, pollers, browser
+        assert requests.get(route, 0) > 0, (route, requests)
+    total = {r["Name"]: r for r in csv.DictReader(open(f"{prefix}_stats.csv"))}["Aggregated"]
+    assert int(total["Request Count"]) > 0 and int(total["Failure Count"]) == 0  # (written a moment apart)
+    assert list(csv.DictReader(open(f"{prefix}_failures.csv"))) == []
 
 
 def test_runner_summary_reads_locust_csv(tmp_path):
