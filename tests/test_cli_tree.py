@@ -17,6 +17,8 @@ from client import cli as client_cli
 from client.http import APIError, AsyncCineVividClient, CineVividClient, iter_events
 from serve.ops.cli import build_parser, main
 
+pytestmark = pytest.mark.fast  # the fast tier (make test)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

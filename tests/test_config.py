@@ -14,6 +14,8 @@ from ray import serve
 from serve.config import AppArgs
 from serve.ops.deploy import deploy_serve_config, load_serve_config, validate_serve_config
 
+pytestmark = pytest.mark.fast  # the fast tier (make test)
+
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ["serve_config.yaml", *sorted(glob.glob("configs/*.yaml", root_dir=ROOT))]
 

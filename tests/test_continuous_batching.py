@@ -74,6 +74,7 @@ def assert_close(got: np.ndarray, want: np.ndarray) -> None:
 
 # -- exactness -----------------------------------------------------------------------------------
 
+@pytest.mark.fast
 @pytest.mark.parametrize("cfg_batch", [False, True])
 def test_two_jobs_with_their_own_schedules_equal_their_solo_runs(pipe, embeds, cfg_batch):
     log_a, log_b = [], []

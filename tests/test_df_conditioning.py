@@ -130,6 +130,7 @@ def test_image_to_video_equals_diffusers_df_i2v_pipeline(pipes, name):
     assert pipes["df"].transformer.config.num_frame_per_block == 1
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("name", list(V2V_CASES))
 def test_video_extension_equals_diffusers_df_v2v_pipeline(pipes, name):
     case = V2V_CASES[name]

@@ -62,6 +62,7 @@ def run_loop(pipe, case: dict, **job_kw) -> tuple[DFJob, np.ndarray]:
     return job, to_float_frames(video)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("name", list(CASES))
 def test_frames_equal_diffusers_df_pipeline(df_pipeline, name):
     case = CASES[name]

@@ -11,6 +11,8 @@ from serve.contracts import GenerationSpec
 from serve.errors import InvalidSpecError
 from serve.pipeline.spec import resolve_spec
 
+pytestmark = pytest.mark.fast  # the fast tier (make test)
+
 TINY = ModelConfig()  # the embedded default: windows of 65 frames carrying 17, up to 401 frames
 DF_PRESET = ModelConfig(name="df", num_frames=97, max_frames=1457, max_width=960, max_height=960,
                         diffusion_forcing=DiffusionForcingConfig(mode="always", base_num_frames=97))

@@ -5,9 +5,12 @@ whole video up to its playable point."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from serve.media.fmp4 import FragmentedPreview
 from tests.media_probe import decode_rgb_frames, probe_mp4
+
+pytestmark = pytest.mark.fast  # the fast tier (make test)
 
 
 def test_preview_grows_by_whole_fragments_with_the_audio_so_far():

@@ -11,6 +11,8 @@ from PIL import Image
 
 from media_probe import probe_mp4
 
+pytestmark = pytest.mark.fast  # the fast tier (make test)
+
 SETTINGS = dict(width=96, height=64, num_frames=9, num_inference_steps=3)
 
 

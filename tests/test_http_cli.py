@@ -53,6 +53,7 @@ def test_admin_cli_users_and_keys(http_env):
     assert cli(http_env.data_dir, "keys", "create", "no-such-user").returncode == 1
 
 
+@pytest.mark.fast
 def test_generate_with_progress_and_videos_commands(http_env, alice, tmp_path):
     out = tmp_path / "fox.mp4"
     base = ["--server", http_env.url, "--api-key", alice.api_key]

@@ -23,6 +23,7 @@ MEDIUM = {"prompt": "medium", "size": "128x128", "num_frames": 17, "num_inferenc
 
 
 
+@pytest.mark.fast
 def test_sse_progress_goes_up_one_event_per_step_and_ends_completed(http_env, alice):
     r = httpx.post(f"{http_env.url}/v1/videos", json={"prompt": "sse", "num_inference_steps": 6}, headers=alice.headers)
     vid = r.json()["id"]
@@ -55,6 +56,7 @@ def test_task_routes(http_env, alice):
     assert info["name"] == "CineVivid" and "POST /v1/videos" in info["endpoints"]
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("action", ["cancel", "delete"])
 async def test_cancel_and_delete_free_the_slot(http_env, tmp_path, action):
     async with local_service(tmp_path, dispatcher={"max_concurrent_jobs": 1}) as (service, c):
@@ -179,6 +181,7 @@ def test_health_of_the_deployed_app(http_env):
     assert {"database", "storage", "text_encoder", "transformer", "vae", "gpu"} <= set(body["services"])
 
 
+@pytest.mark.fast
 def test_the_http_port_is_served_by_haproxy(http_env):
     """Requests reach the Ingress replica through HAProxy, not Serve's Python proxy (serve_env)."""
     import psutil

@@ -12,6 +12,8 @@ import pytest
 
 from tests.http_fixtures import *  # noqa: F401,F403
 
+pytestmark = pytest.mark.fast  # the fast tier (make test)
+
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 

@@ -126,6 +126,7 @@ def test_condition_refuses_an_image_of_another_size(pipe):
 
 # -- the loop against the pipeline ---------------------------------------------------------------
 
+@pytest.mark.fast
 @pytest.mark.parametrize("guidance_scale", [5.0, 1.0])
 def test_frames_equal_diffusers_i2v_pipeline(pipe, embeds, guidance_scale):
     job, = run(pipe, [make_job(pipe, embeds, IMAGE, guidance_scale)], guidance_scale)

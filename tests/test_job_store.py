@@ -16,7 +16,7 @@ from serve.jobs.store import JobStore
 from pg_server import new_database
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=[pytest.param("sqlite", marks=pytest.mark.fast), "postgresql"])
 async def store(request, tmp_path):
     if request.param == "sqlite":
         url = f"sqlite+aiosqlite:///{tmp_path / 'jobs.db'}"

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.fast  # the fast tier (make test)
+
 ROOT = Path(__file__).resolve().parents[1]
 SERVE = ROOT / "serve"
 

@@ -91,6 +91,7 @@ def fresh(pipe, embeds, adapters):
     return get
 
 
+@pytest.mark.fast
 def test_adapter_reproduces_diffusers_pipeline_with_lora(pipe, embeds, loras, fresh):
     # diffusers: the pipeline loads the LoRA folder itself, on its own copy of the transformer
     from diffusers import SkyReelsV2Pipeline

@@ -15,6 +15,8 @@ from serve.contracts import GenerationInputs, GenerationSpec
 from serve.errors import InvalidSpecError
 from serve.media.prepare import prepare_job
 
+pytestmark = pytest.mark.fast  # the fast tier (make test)
+
 T2V = ModelConfig(name="t2v")
 I2V = ModelConfig(name="i2v", pipeline="i2v", width=48, height=32)
 DF = ModelConfig(name="df", pipeline="df", diffusion_forcing=DiffusionForcingConfig(

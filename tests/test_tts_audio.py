@@ -11,6 +11,8 @@ from serve.media.mp4 import encode_mp4
 
 from media_probe import probe_mp4
 
+pytestmark = pytest.mark.fast  # the fast tier (make test)
+
 RATE = 22050
 
 

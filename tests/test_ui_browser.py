@@ -131,6 +131,7 @@ def test_ui_files_are_served_offline_and_safely(http_env):
 
 
 # ---- in the browser ----
+@pytest.mark.fast
 def test_sign_in_generate_watch_play_download_delete(http_env, ui, artifacts_dir):
     from playwright.sync_api import expect
 
