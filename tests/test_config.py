@@ -14,12 +14,11 @@ from ray import serve
 from serve.config import AppArgs
 from serve.ops.deploy import deploy_serve_config, load_serve_config, validate_serve_config
 
-pytestmark = pytest.mark.fast  # the fast tier (make test)
-
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ["serve_config.yaml", *sorted(glob.glob("configs/*.yaml", root_dir=ROOT))]
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("path", CONFIGS)
 def test_every_config_validates_against_the_app_args(path):
     apps = validate_serve_config(load_serve_config(ROOT / path))
@@ -30,6 +29,7 @@ def test_every_config_validates_against_the_app_args(path):
         assert args.model.num_frames <= args.model.max_frames
 
 
+@pytest.mark.fast
 def test_gpu_presets_use_fractional_gpus_and_bounded_queues():
     for path in CONFIGS[1:]:
         (args,) = validate_serve_config(load_serve_config(ROOT / path)).values()
@@ -42,6 +42,7 @@ def test_gpu_presets_use_fractional_gpus_and_bounded_queues():
             assert getattr(d, stage).max_queued_requests < 10_000
 
 
+@pytest.mark.fast
 def test_a_bad_arg_is_rejected_naming_it():
     config = load_serve_config(ROOT / "serve_config.yaml")
     config["applications"][0]["args"]["deployments"]["transformer"]["num_replicas"] = 2  # + autoscaling
@@ -51,6 +52,7 @@ def test_a_bad_arg_is_rejected_naming_it():
         AppArgs.model_validate({"model": {"max_widht": 10}})
 
 
+@pytest.mark.fast
 def test_a_bad_ingress_setting_fails_at_deploy_time_naming_it():
     config = load_serve_config(ROOT / "serve_config.yaml")
     config["applications"][0]["args"]["ingress"] = {"limits": {"max_upload_bytes": 0}}
@@ -102,6 +104,7 @@ def test_serve_config_overrides_take_effect(ray_cluster):
         serve.delete("overrides")
 
 
+@pytest.mark.fast
 def test_a_partial_stage_override_keeps_that_stages_defaults():
     args = AppArgs.model_validate({"deployments": {"ingress": {"ray_actor_options": {"num_cpus": 0.1}}}})
     assert args.deployments.ingress.ray_actor_options.num_cpus == 0.1
@@ -109,6 +112,7 @@ def test_a_partial_stage_override_keeps_that_stages_defaults():
     assert args.deployments.ingress.max_queued_requests == 512
 
 
+@pytest.mark.fast
 def test_serve_env_defaults_do_not_override_the_environment(tmp_path):
     from serve.ops.serve_env import SERVE_ENV, apply_serve_env
 
@@ -123,6 +127,7 @@ def test_serve_env_defaults_do_not_override_the_environment(tmp_path):
     shutil.rmtree(Path(on["RAY_SERVE_HAPROXY_SOCKET_PATH"]).parent, ignore_errors=True)
 
 
+@pytest.mark.fast
 def test_each_cluster_gets_its_own_haproxy_files_and_ports(tmp_path):
     """Ray's HAProxy defaults (/tmp/haproxy-serve, ports 8404/9101) allow one cluster per machine."""
     from serve.ops.serve_env import apply_serve_env

@@ -14,9 +14,8 @@ import pytest
 from listeners import beyond_loopback, listening_sockets
 from session_procs import SESSION_ENV
 
-pytestmark = pytest.mark.fast
 
-
+@pytest.mark.fast
 def test_every_socket_of_the_session_cluster_is_on_loopback(http_env, ray_cluster):
     found = listening_sockets(SESSION_ENV, os.environ[SESSION_ENV])
     kinds = {name for *_, name in found}
@@ -25,7 +24,8 @@ def test_every_socket_of_the_session_cluster_is_on_loopback(http_env, ray_cluste
     assert not beyond_loopback(found), f"listening beyond loopback: {beyond_loopback(found)}"
 
 
-def test_the_session_cluster_reports_no_usage_statistics_and_wants_its_token(ray_cluster):
+@pytest.mark.fast
+def test_the_session_cluster_reports_no_usage_statistics(ray_cluster):
     import psutil
 
     ray_procs = []
@@ -38,13 +38,17 @@ def test_the_session_cluster_reports_no_usage_statistics_and_wants_its_token(ray
             ray_procs.append((proc.info["name"], env.get("RAY_USAGE_STATS_ENABLED"), " ".join(proc.cmdline())))
     assert {name for name, *_ in ray_procs} == {"gcs_server", "raylet"}, ray_procs
     assert all(flag == "0" for _, flag, _ in ray_procs), ray_procs
-    # a driver with the cluster's address but not its token is turned away
+
+
+def test_a_driver_without_the_cluster_token_is_refused(ray_cluster):
+    """A driver with the cluster's address but not its token is turned away (Ray's token auth)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH_")}
     script = f"import ray; ray.init(address={ray_cluster['address']!r}, log_to_driver=False); print('JOINED')"
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "JOINED" not in out.stdout, out.stdout + out.stderr[-2000:]
 
 
+@pytest.mark.fast
 def test_processes_left_by_a_dead_session_are_stopped_and_ours_are_not():
     """What an interrupted run left (its pytest gone) is stopped by the next session's sweep; a
     process of a live session (this one) is left alone until its own end."""
