@@ -4,18 +4,22 @@ the Ray dashboard on. One stack for the module:
 
 - the dashboard's Serve REST API lists the app's six deployments with RUNNING replicas, with the
   cluster's token (header, or the sign-in cookie), and refuses requests without it;
-- the README's "Using it from a Ray job" snippet runs as printed in a separate driver process;
+- the README's "Using it from a Ray job" snippet runs as printed in a separate driver process, and
+  as a Ray job sent with the README's `ray job submit` line after `eval "$(cinevivid env)"`;
 - `eval "$(cinevivid env)"` then a plain `ray.init()` joins the same cluster;
 - every socket the stack listens on is on the loopback address (the default config);
 - a client that trickles its request head or body is answered 408 and cut after the configured
   `http_front.request_timeout_s`; HAProxy's own answers to malformed requests;
-- a taken HTTP port is one clear line naming it and `--port`, with nothing left running; a second
-  stack (its own cache dir, `--port`) runs beside the first and stops without touching it;
+- a taken HTTP port is one clear line naming it and `--port`, with nothing left running;
+- last, a crash of the whole stack (every process of its cluster SIGKILLed, HAProxy included) with a
+  job running: `cinevivid up` again (same cache dir, config and data dir; `--port` over the config's)
+  is healthy, serves the earlier video, and the interrupted job completes;
 - `cinevivid down` leaves no process of that cluster.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -115,13 +119,15 @@ def stack(tmp_path_factory):
     http_port = free_port()
     config = small_config(base / "serve_config.yaml", base / "data", http_port)
     dashboard_port = free_port()
-    up = cinevivid(env, "up", "--detach", "--config", str(config), "--num-cpus", "8",
-                   "--dashboard-port", str(dashboard_port), "--timeout", "400", timeout=600)
+    up_args = ("up", "--detach", "--config", str(config), "--num-cpus", "8", "--dashboard-port", str(dashboard_port),
+               "--timeout", "400")
+    up = cinevivid(env, *up_args, timeout=600)
     state_path = cache_dir / "launcher.json"
     try:
+        # (the last test crashes this stack and starts it again: `down` below stops whichever runs)
         assert up.returncode == 0, up.stderr[-3000:]
         yield {"env": env, "cache_dir": cache_dir, "base": base, "stdout": up.stdout, "stderr": up.stderr,
-               "http_port": http_port, "config": config,
+               "http_port": http_port, "config": config, "data_dir": base / "data", "up_args": up_args,
                "dashboard_port": dashboard_port, "token": (cache_dir / "ray_auth_token").read_text().strip(),
                "token_path": cache_dir / "ray_auth_token"}
     finally:
@@ -200,6 +206,39 @@ def test_cinevivid_env_points_plain_ray_init_at_the_stack(stack):
                        cwd=stack["base"], env=stack["env"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.strip().splitlines()[-2:] == [str(sorted(DEPLOYMENTS)), "3"]
+
+
+def readme_job_lines() -> tuple[str, str]:
+    """The README's shell lines (after the snippet) that send a script as a Ray job: the `eval`
+    line, and the `ray job submit` command after "# or: " on the next one."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Using it from a Ray job"):]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    eval_line, ray_line = block.splitlines()[:2]
+    return eval_line.split("#", 1)[0].strip(), ray_line.split("# or: ", 1)[1].strip()
+
+
+def test_the_readme_snippet_runs_as_a_ray_job(stack):
+    """The README's two lines, as printed, in a user's shell with the virtualenv active, with the
+    snippet as my_job.py: the job runs in the cluster and succeeds, `ray job submit` prints its
+    output, and its fox.mp4 is where the README says."""
+    eval_line, submit = readme_job_lines()
+    assert eval_line == 'eval "$(cinevivid env)"' and submit.startswith("ray job submit "), (eval_line, submit)
+    work = stack["base"] / "job"
+    work.mkdir()
+    (work / "my_job.py").write_text(README_SNIPPET)
+    venv = str(Path(sys.executable).parent)  # an active virtualenv: its cinevivid, ray and python first
+    env = {**stack["env"], "PATH": os.pathsep.join([venv, stack["env"].get("PATH", "")])}
+    r = subprocess.run(["bash", "-c", f"{eval_line} && {submit}"], cwd=work, env=env, capture_output=True,
+                       text=True, timeout=600)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-3000:]
+    assert re.search(r"Job 'raysubmit_\w+' succeeded", out), out[-3000:]
+    assert re.search(r"^step ", r.stdout, re.M) and re.search(r"^result ", r.stdout, re.M), r.stdout[-3000:]
+    session_dir = Path(json.loads((stack["cache_dir"] / "launcher.json").read_text())["session_dir"])
+    (copy,) = [p.parent for p in session_dir.glob("runtime_resources/working_dir_files/_ray_pkg_*/my_job.py")]
+    with av.open(str(copy / "fox.mp4")) as c:
+        assert sum(1 for _ in c.decode(video=0)) == 9
 
 
 LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
@@ -320,30 +359,11 @@ def test_a_taken_port_is_one_clear_line_and_nothing_is_left(stack, tmp_path):
                      f"{stack['config']}); choose another with `cinevivid up --port PORT`"], r.stderr[-3000:]
     assert not started_processes(tmp_path / "cache")
     assert not (tmp_path / "cache" / "launcher.json").exists()
-
-
-def test_a_second_stack_runs_beside_the_first(stack, tmp_path):
+    # a stack of another cache dir would have had its own Ray temp dir (where `ray start` records
+    # "the current cluster"), so the two would not trip over each other
     from serve.ops.launcher import ray_temp_dir
 
-    cache_dir, port = tmp_path / "cache", free_port()
-    # (a stack of its own all the same, only smaller: what is shared, if anything, is the launcher's business)
-    config = small_config(tmp_path / "serve_config.yaml", tmp_path / "data", stack["http_port"], one_model=True)
-    env = clean_env(cache_dir)
-    up = cinevivid(env, "up", "--detach", "--config", str(config), "--port", str(port), "--num-cpus", "8",
-                   "--no-dashboard", "--timeout", "400", timeout=600)
-    try:
-        assert up.returncode == 0, up.stderr[-3000:]
-        assert up.stdout.strip() == f"http://127.0.0.1:{port}"  # --port over the config's (taken) port
-        assert ray_temp_dir(cache_dir) != ray_temp_dir(stack["cache_dir"])
-        for p in (port, stack["http_port"]):
-            assert httpx.get(f"http://127.0.0.1:{p}/health", timeout=30).json()["status"] == "healthy"
-        assert not beyond_loopback(listening_sockets(cache_dir))
-    finally:
-        down = cinevivid(env, "down", timeout=300)
-    assert down.returncode == 0, down.stderr[-3000:]
-    assert_none_left(cache_dir)
-    assert httpx.get(f"http://127.0.0.1:{stack['http_port']}/health", timeout=30).json()["status"] == "healthy"
-    assert started_processes(stack["cache_dir"])  # the first stack still runs
+    assert ray_temp_dir(tmp_path / "cache") != ray_temp_dir(stack["cache_dir"])
 
 
 def test_a_failed_ray_start_leaves_nothing_running(tmp_path):
@@ -382,3 +402,73 @@ def test_dashboard_flags():
     default = _dashboard_flags(DashboardOptions())
     assert default[:2] == ["--include-dashboard=true", "--dashboard-host=127.0.0.1"]
     assert int(default[2].split("=")[1]) > 0
+
+
+# ---- LAST in the module: it crashes the stack and starts it again ------------------------------
+def kill_the_stack(cache_dir: Path, timeout_s: float = 60) -> set[str]:
+    """SIGKILL every process of the stack (its environment names the cache dir: Ray's processes,
+    the replicas, HAProxy), again until none is left; returns their names."""
+    names: set[str] = set()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        procs = []
+        for proc in psutil.process_iter(["pid", "name"]):
+            try:
+                if proc.environ().get("CINEVIVID_CACHE_DIR") == str(cache_dir):
+                    proc.kill()
+                    procs.append(proc)
+                    names.add(proc.info["name"])
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+        if not procs:
+            return names
+        psutil.wait_procs(procs, timeout=10)
+    raise AssertionError(f"still running: {started_processes(cache_dir)}")
+
+
+def test_a_whole_stack_crash_then_up_again_serves_the_old_video_and_finishes_the_job(stack):
+    import shutil
+
+    from serve.ops.cluster_record import read_state
+    from tests.http_fixtures import HttpEnv, wait_for_status
+
+    data_dir = stack["data_dir"]
+    url = f"http://127.0.0.1:{stack['http_port']}"
+    user = HttpEnv(url, data_dir, f"sqlite+aiosqlite:///{data_dir / 'cinevivid.db'}").user()
+
+    def submit(body: dict) -> str:
+        r = httpx.post(f"{url}/v1/videos", json=body, headers=user.headers, timeout=30)
+        assert r.status_code == 200, r.text
+        return r.json()["id"]
+
+    done = submit({"prompt": "before the crash", "num_inference_steps": 2, "seed": 1})
+    assert wait_for_status(url, user.headers, done, {"completed", "failed"}, 300)["status"] == "completed"
+    video = httpx.get(f"{url}/v1/videos/{done}/content", headers=user.headers, timeout=30).content
+    running = submit({"prompt": "the crash", "num_inference_steps": 60, "seed": 2})
+    assert wait_for_status(url, user.headers, running, {"in_progress", "completed", "failed"}, 300)["status"] \
+        == "in_progress"
+
+    old = read_state(stack["cache_dir"])
+    killed = kill_the_stack(stack["cache_dir"])
+    assert {"gcs_server", "raylet", "haproxy"} <= killed, killed
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{url}/health", timeout=5)
+
+    port = free_port()  # the same config, cache dir and data dir; the HTTP port from --port
+    up = cinevivid(stack["env"], *stack["up_args"], "--port", str(port), timeout=600)
+    stale = old.get("haproxy_dir")  # the killed stack's HAProxy folder: nobody stopped it to remove it
+    if stale and Path(stale).name.startswith("cvhap-") and stale != read_state(stack["cache_dir"]).get("haproxy_dir"):
+        shutil.rmtree(stale, ignore_errors=True)
+    assert up.returncode == 0, up.stderr[-3000:]
+    assert up.stdout.strip() == f"http://127.0.0.1:{port}"  # --port over the config's
+    stack["http_port"], url = port, f"http://127.0.0.1:{port}"
+    assert httpx.get(f"{url}/health", timeout=30).json()["status"] == "healthy"
+    again = httpx.get(f"{url}/v1/videos/{done}/content", headers=user.headers, timeout=30)
+    assert again.status_code == 200 and again.content == video
+    # the crashed run's lease names the dead cluster: it is re-queued once the lease expires
+    finished = wait_for_status(url, user.headers, running, {"completed", "failed"}, 600)
+    assert finished["status"] == "completed", finished
+    content = httpx.get(f"{url}/v1/videos/{running}/content", headers=user.headers, timeout=30)
+    assert content.status_code == 200
+    with av.open(io.BytesIO(content.content)) as c:
+        assert sum(1 for _ in c.decode(video=0)) > 0
