@@ -95,7 +95,14 @@ def ray_cluster(tiny_model_dir):
 
     from serve.ops.launcher import start_local_cluster, stop_local_cluster
 
-    state = start_local_cluster(num_cpus=16)
+    from fake_elevenlabs import session_cluster_key
+
+    os.environ.update(session_cluster_key())  # the cluster's processes get the test key ...
+    try:
+        state = start_local_cluster(num_cpus=16)
+    finally:
+        for key in session_cluster_key():  # ... and nothing else this session starts does
+            os.environ.pop(key, None)
     try:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})

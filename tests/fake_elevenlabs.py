@@ -36,12 +36,13 @@ from starlette.routing import Route
 TEST_API_KEY = "sk-test-cinevivid-3b9e1f04c6d2a8e75f10"
 
 
-def install_test_key() -> str:
-    """Put TEST_API_KEY in this process' environment, so the Ray cluster started later (and so
-    every TTS replica) inherits it, as a node's environment gives it in production. Call at import
-    time of a test module, before the session's Ray cluster starts. Returns the key."""
-    os.environ["ELEVENLABS_API_KEY"] = TEST_API_KEY
-    return TEST_API_KEY
+def session_cluster_key() -> dict[str, str]:
+    """The environment the session cluster is started with (tests/conftest.py), as a node's
+    environment gives the key in production: every process of that cluster has TEST_API_KEY, and
+    the apps that use ElevenLabs point `tts.elevenlabs_base_url` at a FakeElevenLabs. The pytest
+    process itself keeps no key, so no stack it starts in a subprocess (`cinevivid up`) has one.
+    (Not Ray's per-deployment runtime_env: Ray's runtime_env agent writes its env_vars to its log.)"""
+    return {"ELEVENLABS_API_KEY": TEST_API_KEY}
 
 
 PCM_RATES = {8000, 16000, 22050, 24000, 44100, 48000}

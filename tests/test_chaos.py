@@ -26,7 +26,7 @@ import pytest
 
 from client.http import iter_events
 from conftest import tiny_app_args
-from fake_elevenlabs import FakeElevenLabs, install_test_key
+from fake_elevenlabs import TEST_API_KEY, FakeElevenLabs
 from full_disk import small_disk
 from tests.http_fixtures import *  # noqa: F401,F403
 from serve.jobs.db import Database
@@ -35,7 +35,7 @@ from tests.http_fixtures import (SMALL, HttpEnv, http_ingress_args, local_servic
                                  wait_local)
 
 APP = "chaos"
-KEY = install_test_key()  # before the session's Ray cluster starts: the TTS replica inherits it
+KEY = TEST_API_KEY  # the session cluster's processes have it (conftest: session_cluster_key)
 JOB = {"prompt": "a storm over the sea", "size": "64x48", "num_frames": 9, "num_inference_steps": 6, "seed": 11,
        "voiceover": {"text": "Waves.", "provider": "elevenlabs"}}
 RAY_INTERNALS = re.compile(r"pid|ip[:=]|actor|ray|0x[0-9a-f]|[0-9a-f]{16}|\d+\.\d+\.\d+\.\d+", re.I)

@@ -22,12 +22,12 @@ import pytest
 
 from conftest import tiny_app_args
 from fake_elevenlabs import (INVALID_API_KEY, QUOTA_EXCEEDED, SERVER_ERROR, TOO_MANY_REQUESTS, FakeElevenLabs,
-                             install_test_key, voice_not_found)
+                             TEST_API_KEY, voice_not_found)
 from serve.errors import TTSError
 from media_probe import probe_mp4
 
 APP = "voiceover"
-KEY = install_test_key()
+KEY = TEST_API_KEY  # the session cluster's processes have it (conftest: session_cluster_key)
 GEORGE = "JBFqnCBsd6RMkjVDRZzb"
 SMALL = dict(width=64, height=48, num_frames=9, fps=8, num_inference_steps=2, seed=7)
 
@@ -47,7 +47,7 @@ def app(ray_cluster, fake):
 
     import ray
 
-    assert os.environ.get("ELEVENLABS_API_KEY") == KEY
+    assert "ELEVENLABS_API_KEY" not in os.environ  # the cluster's processes have it, not pytest's
     args = tiny_app_args(
         name=APP,
         tts={"providers": ["elevenlabs", "piper", "none"], "elevenlabs_base_url": fake.url,
@@ -55,7 +55,7 @@ def app(ray_cluster, fake):
     serve.run(build_app(args), name=APP, route_prefix=None)
     voices = serve.get_deployment_handle("TTS", app_name=APP).voices.remote().result()
     if not any(v["provider"] == "elevenlabs" for v in voices):
-        pytest.fail("the TTS replica has no ELEVENLABS_API_KEY: Ray was started before this module set it "
+        pytest.fail("the TTS replica has no ELEVENLABS_API_KEY (conftest: session_cluster_key) "
                     f"(cluster at {ray.get_runtime_context().gcs_address})")
     yield GeneratorClient(APP)
     serve.delete(APP)

@@ -13,13 +13,13 @@ import av
 import httpx
 import pytest
 
-from fake_elevenlabs import QUOTA_EXCEEDED, FakeElevenLabs, install_test_key
+from fake_elevenlabs import QUOTA_EXCEEDED, TEST_API_KEY, FakeElevenLabs
 from media_probe import probe_mp4
 from conftest import tiny_app_args
 from tests.http_fixtures import SMALL, HttpEnv, http_ingress_args, wait_for_status
 
 APP = "vohttp"
-KEY = install_test_key()
+KEY = TEST_API_KEY  # the session cluster's processes have it (conftest: session_cluster_key)
 
 
 @pytest.fixture(scope="module")
