@@ -86,16 +86,16 @@ def http_ingress_args(data_dir: Path, **overrides) -> dict:
 
 
 def deploy_http_app(name: str, data_dir: Path, http_url: str, ingress_deployment: dict | None = None,
-                    **ingress_overrides) -> None:
+                    levers: dict | None = None, **ingress_overrides) -> None:
     """Deploy the HTTP app as `name` (route prefix /name). `ingress_deployment` is laid over the
-    Ingress's Serve options (e.g. {"num_replicas": 2})."""
+    Ingress's Serve options (e.g. {"num_replicas": 2}); `levers` over the default levers."""
     from ray import serve
 
     from serve.app import build_app
 
     args = tiny_app_args(name=name, with_ingress=True, ingress=http_ingress_args(data_dir, **ingress_overrides),
                          deployments={"ingress": {**SMALL, **(ingress_deployment or {})}, "image_encoder": SMALL},
-                         **({"models": TINY_MODELS} if name == HTTP_APP else {}))
+                         **({"models": TINY_MODELS} if name == HTTP_APP else {}), **({"levers": levers} if levers else {}))
     serve.run(build_app(args), name=name, route_prefix=f"/{name}" if name != HTTP_APP else "/")
 
 
@@ -118,6 +118,18 @@ def deploy_session_http_app(ray_cluster: dict, session_dir: Path) -> HttpEnv:
     deploy_http_app(HTTP_APP, data_dir, ray_cluster["http_url"])
     wait_healthy(ray_cluster["http_url"])
     return HttpEnv(ray_cluster["http_url"], data_dir, f"sqlite+aiosqlite:///{data_dir / 'cinevivid.db'}")
+
+
+@contextlib.contextmanager
+def session_app_levers(http_env: HttpEnv, **levers):
+    """The session app with its live levers (serve.config.LIVE_LEVERS) changed for the duration: a
+    redeploy that only reconfigures the running replicas (their versions leave live levers out), then
+    the defaults again. For tests that need other live levers, instead of an app of their own."""
+    deploy_http_app(HTTP_APP, http_env.data_dir, http_env.url, levers=levers)
+    try:
+        yield
+    finally:
+        deploy_http_app(HTTP_APP, http_env.data_dir, http_env.url)
 
 
 @pytest.fixture

@@ -42,6 +42,8 @@ from serve.config import DashboardOptions
 from serve.errors import StackNotRunning
 from serve.ops.serve_env import free_port
 
+from listeners import beyond_loopback, listening_sockets
+
 ROOT = Path(__file__).resolve().parents[1]
 # serve_config.yaml's: the stages, one Transformer per model of its set, the I2V model's image encoder
 DEPLOYMENTS = {"TextEncoder", "Transformer", "Transformer-cinevivid-tiny-i2v", "Transformer-cinevivid-tiny-df",
@@ -241,45 +243,8 @@ def test_the_readme_snippet_runs_as_a_ray_job(stack):
         assert sum(1 for _ in c.decode(video=0)) == 9
 
 
-LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
-
-
-def listening_sockets(cache_dir: Path) -> list[tuple[str, int, str, str]]:
-    """(address, port, kind, process) of every socket the stack's processes listen on: TCP in
-    LISTEN, and UDP sockets not connected to a peer (they take datagrams from anyone)."""
-    names = {}
-    for proc in psutil.process_iter(["pid", "name"]):
-        try:
-            if proc.environ().get("CINEVIVID_CACHE_DIR") == str(cache_dir):
-                names[proc.pid] = proc.info["name"]
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
-    found = []
-    for conn in psutil.net_connections("inet"):
-        if conn.pid not in names:
-            continue
-        udp = conn.type == socket.SOCK_DGRAM
-        if (udp and not conn.raddr) or conn.status == psutil.CONN_LISTEN:
-            found.append((conn.laddr.ip, conn.laddr.port, "udp" if udp else "tcp", names[conn.pid]))
-    return found
-
-
-def beyond_loopback(found: list[tuple[str, int, str, str]]) -> list[tuple[str, int, str, str]]:
-    """The sockets not on loopback, less the one known exception: each Serve replica's
-    inter-deployment gRPC server, which Ray 2.60 binds to [::]:0 with no option to change it
-    (ray/serve/_private/replica.py, `_on_initialized`); it takes only calls with the cluster's token.
-    At most one per replica."""
-    exposed = [s for s in found if s[0] not in LOOPBACK]
-    per_replica: dict[str, int] = {}
-    for ip, _, kind, name in exposed:
-        if ip == "::" and kind == "tcp" and name.startswith("ray::ServeReplica:"):
-            per_replica[name] = per_replica.get(name, 0) + 1
-    known = {name for name, n in per_replica.items() if n == 1}
-    return [s for s in exposed if not (s[0] == "::" and s[3] in known)]
-
-
 def test_every_socket_of_the_default_stack_is_on_loopback(stack):
-    found = listening_sockets(stack["cache_dir"])
+    found = listening_sockets("CINEVIVID_CACHE_DIR", str(stack["cache_dir"]))
     kinds = {name for *_, name in found}
     # the sockets are those of a whole stack: GCS, raylet, HAProxy, the replicas' gRPC servers...
     assert {"gcs_server", "raylet", "haproxy"} <= kinds and len(found) >= 15, found

@@ -1,5 +1,7 @@
 """Exact speed levers on the Serve graph: request batching in the Transformer, CFG as one batched
-forward, the prompt-embedding cache. Each keeps the fidelity rule."""
+forward, the prompt-embedding cache. Each keeps the fidelity rule. They are live levers: the session
+app runs with them switched on for this module (a redeploy that reconfigures its replicas), and the
+"alone" runs go through the same app one at a time."""
 
 from __future__ import annotations
 
@@ -10,22 +12,20 @@ import pytest
 import torch
 from ray import serve
 
-from conftest import tiny_app_args
+from conftest import GRAPH_APP
+from tests.http_fixtures import session_app_levers
 
-APP = "exact-levers"
+APP = GRAPH_APP
+LEVERS = {"cfg_batch": True, "embedding_cache_size": 16, "batch_max_size": 4, "batch_wait_timeout_s": 0.2}
 SHAPE = dict(width=96, height=64, num_frames=9, num_inference_steps=3, guidance_scale=5.0)
 
 
 @pytest.fixture(scope="module")
-def levers_app(ray_cluster):
+def levers_app(http_env):
     from client.handle import GeneratorClient
-    from serve.app import build_app
 
-    args = tiny_app_args(name=APP, levers={"cfg_batch": True, "embedding_cache_size": 16,
-                                           "batch_max_size": 4, "batch_wait_timeout_s": 0.2})
-    serve.run(build_app(args), name=APP, route_prefix=None)
-    yield GeneratorClient(APP)
-    serve.delete(APP)
+    with session_app_levers(http_env, **LEVERS):
+        yield GeneratorClient(APP)
 
 
 def _handle(name):
@@ -75,19 +75,19 @@ async def test_embedding_cache_returns_identical_embeddings_and_skips_the_encode
     assert np.array_equal(first.prompt_embeds, second.prompt_embeds)
 
 
-async def test_step_level_batching_joins_mid_way_drops_a_cancelled_job_and_keeps_each_result(levers_app, graph_app):
+async def test_step_level_batching_joins_mid_way_drops_a_cancelled_job_and_keeps_each_result(levers_app, graph_app,
+                                                                                              http_env):
     """levers.continuous_batching switched on live (same app, a redeploy that changes only live levers):
     jobs with their own steps, guidance and seeds join the running batch between steps; one cancelled
-    mid-batch leaves it; every finished job's frames equal the same job run alone on another app."""
-    from serve.app import build_app
+    mid-batch leaves it; every finished job's frames equal the same job run alone afterwards."""
+    from tests.http_fixtures import deploy_http_app
 
-    args = tiny_app_args(name=APP, levers={"cfg_batch": True, "embedding_cache_size": 16, "batch_max_size": 4,
-                                           "batch_wait_timeout_s": 0.2, "continuous_batching": True})
-    serve.run(build_app(args), name=APP, route_prefix=None)
+    deploy_http_app(APP, http_env.data_dir, http_env.url, levers={**LEVERS, "continuous_batching": True})
     transformer = _handle("Transformer")
     stats = await transformer.stats.remote()  # received; in effect from the next batch boundary
     assert stats["levers"]["continuous_batching"] or stats["levers_pending"]
-    long = {"prompt": "a lighthouse at dusk", "seed": 5, "return_frames": True, **SHAPE, "num_inference_steps": 16}
+    long = {"prompt": "a lighthouse at dusk", "seed": 5, "return_frames": True, **SHAPE,
+            "num_inference_steps": 40}  # long enough for the others to arrive mid-way on a loaded box
     joiner = {"prompt": "a red kite", "seed": 6, "return_frames": True, **SHAPE, "num_inference_steps": 3,
               "guidance_scale": 1.0}
     doomed = {"prompt": "a job that is cancelled", "seed": 7, **SHAPE, "num_inference_steps": 16}
