@@ -693,12 +693,6 @@ class AppArgs(_Strict):
                 seen[n] = m.name
         return self
 
-    def find_model(self, name: str | None) -> ModelConfig | None:
-        """The model a request's `model` names (None: the default), or None when none has it."""
-        if name is None:
-            return self.models[0]
-        return next((m for m in self.models if name in m.all_names()), None)
-
 
 class Settings(BaseSettings):
     """Process settings from `CINEVIVID_*` environment variables."""

@@ -26,8 +26,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-BRANCHES = ("cond", "uncond", "cfg")
-
 
 @dataclass
 class _BranchState:
