@@ -17,8 +17,8 @@ from serve.errors import StageError
 from serve.contracts import PromptEmbeds
 from serve.pipeline.loading import resolve_subfolder, torch_device, torch_dtype
 from serve.pipeline.text_encoding import clean_prompt, encode_prompts
-from serve.pipeline.replica import replica_id, setup_replica_logging
-from serve.pipeline.threads import apply_torch_threads
+from serve.runtime.replica import replica_id, setup_replica_logging
+from serve.runtime.threads import apply_torch_threads
 
 logger = logging.getLogger(__name__)
 STAGE = "text_encoder"

@@ -29,15 +29,15 @@ from ray import serve
 
 from serve.config import LeversConfig, LivenessConfig, ModelConfig, validate_live_levers
 from serve.contracts import DecodedFrames, ProgressEvent
-from serve.pipeline.faults import chaos_pause, inject_fault
+from serve.runtime.faults import chaos_pause, inject_fault
 from serve.pipeline.vae_decode import (
     CausalDecodeSession, is_tiled, iter_decode, to_float_frames, video_to_uint8,
 )
 from serve.errors import StageError
 from serve.pipeline.levers import apply_levers, lever_state
 from serve.pipeline.loading import resolve_subfolder, torch_device, torch_dtype
-from serve.pipeline.replica import CallerWatch, replica_id, setup_replica_logging
-from serve.pipeline.threads import apply_torch_threads
+from serve.runtime.replica import CallerWatch, replica_id, setup_replica_logging
+from serve.runtime.threads import apply_torch_threads
 
 logger = logging.getLogger(__name__)
 STAGE = "vae"

@@ -235,7 +235,7 @@ class DeploymentOptions(_Strict):
     access_log: bool = True
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     # torch's intra-op threads in each replica of a model stage (text_encoder, transformer, vae);
-    # None or 0: the default of `serve.pipeline.threads.default_torch_threads` (on a CPU device all of
+    # None or 0: the default of `serve.runtime.threads.default_torch_threads` (on a CPU device all of
     # the node's cores, on a GPU the replica's num_cpus, at least 1). Not a Serve option: the stage
     # applies it at start (changing it restarts the replicas) and reports it in stats()["torch_threads"].
     torch_threads: int | None = Field(default=None, ge=0)
@@ -376,7 +376,7 @@ def validate_live_levers(stage: str, base: dict[str, Any], user_config: dict[str
 
 
 class LivenessConfig(_Strict):
-    """Work whose caller is gone, and outputs nobody fetches (`serve.pipeline.replica`)."""
+    """Work whose caller is gone, and outputs nobody fetches (`serve.runtime.replica`)."""
 
     # How often a stage with work in flight asks the GCS whether the callers of that work (the
     # Generator, for the stages; the Ingress, for the Generator) are still alive; a dead caller's

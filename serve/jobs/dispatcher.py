@@ -31,7 +31,7 @@ from serve.jobs.events import ProgressBroker
 from serve.jobs.generator_client import GeneratorClient
 from serve.jobs.metrics import JobMetrics
 from serve.jobs.store import JobStore
-from serve.pipeline.replica import GONE_STATES, actor_state, caller_id, cluster_tag
+from serve.runtime.replica import GONE_STATES, actor_state, caller_id, cluster_tag
 
 logger = logging.getLogger(__name__)
 _OWNER_ACTOR = re.compile(r" actor=([0-9a-f]+) ray=([0-9a-f]+)$")

@@ -6,7 +6,7 @@ the URL, and the Ray dashboard's with how to sign in to it with the cluster's to
 is on and bound to 127.0.0.1 unless --dashboard-host / --no-dashboard say otherwise). Without
 --detach it stays in the foreground and stops everything it started on Ctrl-C; with --detach it
 returns and leaves it running until `cinevivid down`. What it started is recorded in
-CINEVIVID_CACHE_DIR (serve.ops.cluster_record), for `down`, `cinevivid env` and
+CINEVIVID_CACHE_DIR (serve.runtime.cluster_record), for `down`, `cinevivid env` and
 GeneratorClient.connect().
 """
 
@@ -26,9 +26,9 @@ from pathlib import Path
 import httpx
 
 from serve.config import DEFAULT_DASHBOARD_PORT, DashboardOptions, HTTPFrontConfig
-from serve.ops.cluster_record import TOKEN_NAME, reachable as _reachable, read_state as _read_state
-from serve.ops.cluster_record import state_file as _state_file, use_loopback_cluster, use_token
-from serve.ops.cluster_record import write_state as _write_state
+from serve.runtime.cluster_record import TOKEN_NAME, reachable as _reachable, read_state as _read_state
+from serve.runtime.cluster_record import state_file as _state_file, use_loopback_cluster, use_token
+from serve.runtime.cluster_record import write_state as _write_state
 from serve.ops.serve_env import apply_serve_env, free_port
 
 DEFAULT_CONFIG = "serve_config.yaml"
@@ -481,7 +481,7 @@ def dashboard_options(args) -> DashboardOptions:
 def cmd_env(args) -> int:
     """`cinevivid env`: shell lines that point Ray (ray.init(), the ray CLI) at the stack's cluster."""
     from serve.errors import StackNotRunning
-    from serve.ops.cluster_record import ray_env, recorded_stack
+    from serve.runtime.cluster_record import ray_env, recorded_stack
 
     try:
         state = recorded_stack()
