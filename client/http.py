@@ -28,11 +28,11 @@ from typing import Any, AsyncIterator, Callable, Iterator
 import httpx
 from httpx_sse import ServerSentEvent, aconnect_sse, connect_sse
 
-from serve.contracts import TERMINAL_STATUSES
+from serve.contracts import DELETED, TERMINAL_STATUSES
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 # A job's event stream ends with a `status` event carrying one of these.
-END_STATUSES = (*TERMINAL_STATUSES, "deleted")
+END_STATUSES = (*TERMINAL_STATUSES, DELETED)
 
 
 class APIError(Exception):

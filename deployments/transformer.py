@@ -58,7 +58,9 @@ from serve.pipeline.denoising import DenoiseJob, DenoiseLoop, LoopSettings
 from serve.pipeline.diffusion_forcing import DFJob, DFRun, DFSettings, DiffusionForcingLoop
 from serve.runtime.faults import chaos_pause
 from serve.errors import GenerationCancelled, StageError
-from serve.contracts import DenoisedLatents, ProgressEvent, PromptEmbeds, ResolvedSpec, dit_tokens
+from serve.contracts import (
+    CALLER_GONE, CANCELLED, DenoisedLatents, ProgressEvent, PromptEmbeds, ResolvedSpec, dit_tokens,
+)
 from serve.pipeline.levers import apply_levers, lever_state
 from serve.pipeline.spec import DF_MODE
 from serve.pipeline.loading import resolve_subfolder, torch_device, torch_dtype
@@ -548,7 +550,7 @@ class Transformer:
     @staticmethod
     def _cancellation(ticket: _Ticket) -> dict:
         entry = {"job_id": ticket.job_id, "steps_after_cancel": ticket.steps_after_cancel,
-                 "reason": "cancelled" if ticket.caller_died_at is None else "caller_gone"}
+                 "reason": CANCELLED if ticket.caller_died_at is None else CALLER_GONE}
         if ticket.caller_died_at is not None:
             # steps that ended after the caller died: the one in flight, plus any run before the
             # death was noticed (at most one check interval)

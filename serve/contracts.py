@@ -30,6 +30,13 @@ QUEUED, IN_PROGRESS, COMPLETED, FAILED = "queued", "in_progress", "completed", "
 JOB_STATUSES = (QUEUED, IN_PROGRESS, COMPLETED, FAILED)
 ACTIVE_STATUSES = (QUEUED, IN_PROGRESS)
 TERMINAL_STATUSES = (COMPLETED, FAILED)
+# the pseudo-status of a progress event (and a client's end state) when the job's record is deleted
+DELETED = "deleted"
+# why a running job stops early: a user's cancel, its deletion, or (Transformer) its caller's death.
+# A cancelled job fails with the error code CANCELLED and the message CANCELLED_MESSAGE.
+CANCELLED, CALLER_GONE = "cancelled", "caller_gone"
+CANCEL_REASONS = (CANCELLED, DELETED, CALLER_GONE)
+CANCELLED_MESSAGE = "the job was cancelled"
 
 
 class VoiceoverSpec(BaseModel):

@@ -34,7 +34,7 @@ from serve.pipeline.lora import adapter_catalog
 from serve.api.sse import job_events
 from serve.api.throttle import FailedAuthThrottle, client_address, parse_networks
 from serve.api.ui import ui_asset, ui_index
-from serve.contracts import GenerationSpec
+from serve.contracts import COMPLETED, GenerationSpec
 from serve.errors import AuthError, CineVividError, InvalidSpecError, NotFound, PermissionDenied, RateLimited
 from serve.config import IngressConfig
 from serve.jobs.service import VERSION, JobService
@@ -275,11 +275,11 @@ async def video_content(request: Request) -> Response:
     if variant not in ("video", "thumbnail", "preview"):
         raise InvalidSpecError(f"variant must be 'video', 'thumbnail' or 'preview' (got {variant!r})",
                                param="variant")
-    if variant == "preview" and job["status"] != "completed":
+    if variant == "preview" and job["status"] != COMPLETED:
         return _preview_response(request, api, job)
     if variant == "preview":
         variant = "video"  # once completed, the preview is the finished video
-    if job["status"] != "completed":
+    if job["status"] != COMPLETED:
         raise CineVividError(f"video {job['id']} is {job['status']}; content exists once it is completed",
                              code="video_not_ready", status=409)
     path = job["video_path"] if variant == "video" else job["thumbnail_path"]

@@ -14,7 +14,9 @@ from typing import Any, Callable
 
 from sqlalchemy import and_, delete, func, insert, or_, select, update
 
-from serve.contracts import ACTIVE_STATUSES, COMPLETED, FAILED, IN_PROGRESS, JOB_STATUSES, QUEUED
+from serve.contracts import (
+    ACTIVE_STATUSES, CANCELLED, CANCELLED_MESSAGE, COMPLETED, FAILED, IN_PROGRESS, JOB_STATUSES, QUEUED,
+)
 from serve.errors import CineVividError, TooManyJobsError
 from serve.jobs.db import Database, jobs
 from serve.jobs.webhook_store import VIDEO_COMPLETED, VIDEO_FAILED, enqueue_job_event
@@ -153,7 +155,7 @@ class JobStore:
             if row is None:
                 return None
             if row["cancel_requested"]:
-                values = dict(status=FAILED, error_code="cancelled", error_message="the job was cancelled",
+                values = dict(status=FAILED, error_code=CANCELLED, error_message=CANCELLED_MESSAGE,
                               completed_at=now)
             else:
                 # a running job's claim counted one attempt (attempts >= 1 here)
@@ -206,7 +208,7 @@ class JobStore:
             if row is None:
                 return None
             if row["cancel_requested"]:
-                values = dict(status=FAILED, error_code="cancelled", error_message="the job was cancelled",
+                values = dict(status=FAILED, error_code=CANCELLED, error_message=CANCELLED_MESSAGE,
                               completed_at=now)
             elif row["attempts"] >= max_attempts:
                 values = dict(status=FAILED, error_code="max_attempts_exceeded", completed_at=now,
@@ -233,7 +235,7 @@ class JobStore:
                 return None
             if row.status == QUEUED:
                 await conn.execute(update(jobs).where(jobs.c.id == job_id).values(
-                    status=FAILED, error_code="cancelled", error_message="the job was cancelled",
+                    status=FAILED, error_code=CANCELLED, error_message=CANCELLED_MESSAGE,
                     completed_at=now, updated_at=now, cancel_requested=True))
                 hooks = await enqueue_job_event(conn, job_id, VIDEO_FAILED)
             elif row.status == IN_PROGRESS:
