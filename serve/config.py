@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import ipaddress
-import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -23,8 +22,14 @@ MODES = ("text-to-video", "image-to-video", "long-video", "extend")
 ELEVENLABS_KEY_ENV = "ELEVENLABS_API_KEY"
 
 
+# Where things listen and connect by default: this machine only; Serve's HTTP port; Ray's dashboard
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_HTTP_PORT = 8000
+DEFAULT_DASHBOARD_PORT = 8265  # Ray's
+
+
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("CINEVIVID_CACHE_DIR", Path.home() / ".cache" / "cinevivid"))
+    return Settings().cache_dir
 
 
 class _Strict(BaseModel):
@@ -625,14 +630,15 @@ class IngressConfig(_Strict):
         return self
 
     def resolved_mode(self) -> str:
-        return self.mode or os.environ.get("CINEVIVID_MODE", "embedded")
+        return self.mode or Settings().mode
 
     def resolved_data_dir(self) -> Path:
-        raw = self.data_dir or os.environ.get("CINEVIVID_DATA_DIR") or str(default_cache_dir() / "data")
+        settings = Settings()
+        raw = self.data_dir or settings.data_dir or str(settings.cache_dir / "data")
         return Path(raw).expanduser()
 
     def resolved_database_url(self) -> str:
-        url = self.database_url or os.environ.get("CINEVIVID_DATABASE_URL")
+        url = self.database_url or Settings().database_url
         if url:
             return url
         return f"sqlite+aiosqlite:///{self.resolved_data_dir() / 'cinevivid.db'}"
@@ -695,14 +701,26 @@ class AppArgs(_Strict):
 
 
 class Settings(BaseSettings):
-    """Process settings from `CINEVIVID_*` environment variables."""
+    """Process settings from `CINEVIVID_*` environment variables: every one the package reads, read
+    here (a fresh `Settings()` reads the environment as it is now). The names are contracts."""
 
     model_config = SettingsConfigDict(env_prefix="CINEVIVID_", extra="ignore")
 
-    cache_dir: Path = Field(default_factory=default_cache_dir)
-
-
-DEFAULT_DASHBOARD_PORT = 8265  # Ray's
+    # CINEVIVID_CACHE_DIR: the stack record, the data dir's default parent, Ray's temp dir key
+    cache_dir: Path = Field(default_factory=lambda: Path.home() / ".cache" / "cinevivid")
+    # CINEVIVID_MODE / _DATA_DIR / _DATABASE_URL: the ingress' defaults when its config leaves them unset
+    mode: str = "embedded"
+    data_dir: str | None = None
+    database_url: str | None = Field(default=None, repr=False)
+    # CINEVIVID_JWT_SECRET: the ingress' token secret (only from the environment, never logged)
+    jwt_secret: str = Field(default="", repr=False)
+    # CINEVIVID_APP_ARGS: a YAML/JSON file of AppArgs for `serve.app:app`
+    app_args: str | None = None
+    # CINEVIVID_SERVE_CONFIG: the Serve config `cinevivid up` deploys
+    serve_config: str | None = None
+    # CINEVIVID_URL / CINEVIVID_API_KEY: where the HTTP client and the CLI find the service, and the key
+    url: str | None = None
+    api_key: str | None = Field(default=None, repr=False)
 
 
 class DashboardOptions(_Strict):
@@ -712,6 +730,6 @@ class DashboardOptions(_Strict):
     auth guards it either way."""
 
     enabled: bool = True
-    host: str = "127.0.0.1"
+    host: str = DEFAULT_HOST
     # None: Ray's 8265 when free, else a free port (several clusters can run on one machine)
     port: int | None = Field(default=None, ge=1, le=65535)

@@ -17,7 +17,7 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 from sqlalchemy import func, insert, select, update
 
-from serve.config import IngressConfig
+from serve.config import IngressConfig, Settings
 from serve.errors import AuthError, CineVividError, ConfigurationError, ConflictError
 from serve.jobs.db import Database, api_keys, users
 
@@ -195,7 +195,7 @@ def load_jwt_secret(config: IngressConfig) -> str:
     """`CINEVIVID_JWT_SECRET`; required (>= 32 bytes) in production. In the embedded default a
     random secret is generated once and kept in the data dir, so every replica and restart
     agrees on it."""
-    secret = os.environ.get("CINEVIVID_JWT_SECRET", "")
+    secret = Settings().jwt_secret
     if secret:
         if config.resolved_mode() == "production" and len(secret.encode()) < MIN_JWT_SECRET_BYTES:
             raise ConfigurationError(
