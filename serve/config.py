@@ -13,6 +13,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator, NonNegativeFloat
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from serve.errors import InvalidSpecError
+from serve.frames import check_causal_block, check_df_window, check_frame_count
+
 TINY_MODEL_SOURCE = "embedded:tiny"
 # The embedded tiny models, by source: T2V (the default), I2V (with a tiny CLIP image encoder) and DF.
 TINY_SOURCES = {TINY_MODEL_SOURCE: "t2v", "embedded:tiny-i2v": "i2v", "embedded:tiny-df": "df"}
@@ -55,15 +58,12 @@ class DiffusionForcingConfig(_Strict):
     def _window(self):
         if self.base_num_frames > self.max_base_num_frames:
             raise ValueError("diffusion_forcing.base_num_frames must be <= max_base_num_frames")
-        for name in ("base_num_frames", "max_base_num_frames", "overlap_history"):
-            if (getattr(self, name) - 1) % 4:
-                raise ValueError(f"diffusion_forcing.{name} must be 4k+1")
-        base, overlap = (self.base_num_frames - 1) // 4 + 1, (self.overlap_history - 1) // 4 + 1
-        if overlap >= base:
-            raise ValueError("diffusion_forcing.overlap_history must be shorter than base_num_frames")
-        if base % self.causal_block_size or overlap % self.causal_block_size:
-            raise ValueError("diffusion_forcing.causal_block_size must divide the latent frames of "
-                             "base_num_frames and overlap_history ((frames - 1) / 4 + 1)")
+        try:  # the rules a request's DF fields meet (serve.frames), on the model's defaults
+            check_frame_count("max_base_num_frames", self.max_base_num_frames, minimum=5)
+            check_df_window(self.base_num_frames, self.overlap_history)
+            check_causal_block(self.base_num_frames, self.overlap_history, self.causal_block_size)
+        except InvalidSpecError as e:
+            raise ValueError(f"diffusion_forcing.{e.param}: {e.message}") from None
         return self
 
 

@@ -9,15 +9,12 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from serve.frames import VAE_TEMPORAL_FACTOR, latent_frames
+
 # -- geometry of the Wan VAE and DiT (every SkyReels-V2 model) ---------------------------------
 VAE_SPATIAL_FACTOR = 8  # pixels per latent row/column
-VAE_TEMPORAL_FACTOR = 4  # frames per latent frame after the first: num_frames = 4k + 1
 PATCH_SIZE = 2  # the DiT's spatial patch (1, 2, 2)
 SIZE_MULTIPLE = VAE_SPATIAL_FACTOR * PATCH_SIZE  # width and height are multiples of 16
-
-
-def latent_frames(num_frames: int) -> int:
-    return (num_frames - 1) // VAE_TEMPORAL_FACTOR + 1
 
 
 def dit_tokens(num_frames: int, height: int, width: int) -> int:

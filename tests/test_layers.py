@@ -1,8 +1,9 @@
 """The package's layers, checked: upper layers import lower ones, never the reverse, and a stage
 replica loads no database, auth or HTTP-server code.
 
-    serve.{config, errors, contracts}  <  serve.runtime  <  serve.pipeline, serve.media  <  serve.jobs
-        <  serve.api  <  serve.ops  <  deployments, client
+    serve.errors  <  serve.frames  <  serve.{config, contracts}  <  serve.runtime
+        <  serve.pipeline, serve.media  <  serve.jobs
+        <  serve.api  <  deployments, client  <  serve.app, serve.ops
 
 and no module of serve/, deployments/ or client/ sits on an import circle.
 """
@@ -20,19 +21,18 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SERVE = ROOT / "serve"
 
+GROUND = ("serve.config", "serve.errors", "serve.frames", "serve.contracts")
 # what each layer may import from the project (besides the standard library and third parties)
 ALLOWED = {
-    "serve.config": set(),
     "serve.errors": set(),
-    "serve.contracts": set(),
-    "serve.runtime": {"serve.config", "serve.errors", "serve.contracts", "serve.runtime"},
-    "serve.pipeline": {"serve.config", "serve.errors", "serve.contracts", "serve.runtime", "serve.pipeline"},
-    "serve.media": {"serve.config", "serve.errors", "serve.contracts", "serve.runtime", "serve.pipeline",
-                    "serve.media"},
-    "serve.jobs": {"serve.config", "serve.errors", "serve.contracts", "serve.runtime", "serve.pipeline",
-                   "serve.media", "serve.jobs"},
-    "serve.api": {"serve.config", "serve.errors", "serve.contracts", "serve.runtime", "serve.pipeline",
-                  "serve.media", "serve.jobs", "serve.api"},
+    "serve.frames": {"serve.errors"},
+    "serve.config": {"serve.errors", "serve.frames"},
+    "serve.contracts": {"serve.frames"},
+    "serve.runtime": {*GROUND, "serve.runtime"},
+    "serve.pipeline": {*GROUND, "serve.runtime", "serve.pipeline"},
+    "serve.media": {*GROUND, "serve.runtime", "serve.pipeline", "serve.media"},
+    "serve.jobs": {*GROUND, "serve.runtime", "serve.pipeline", "serve.media", "serve.jobs"},
+    "serve.api": {*GROUND, "serve.runtime", "serve.pipeline", "serve.media", "serve.jobs", "serve.api"},
 }
 # the libraries a stage replica must not load: database, migrations, password hashing, JWTs, forms
 SERVER_ONLY = ("sqlalchemy", "aiosqlite", "asyncpg", "alembic", "argon2", "jwt", "multipart")
@@ -111,9 +111,9 @@ def test_a_stage_replica_loads_no_database_auth_or_http_server_code():
 # a client reaches a stack through the contracts and the cluster record. Neither imports serve.app,
 # serve.ops (which build and drive them) or the other.
 TOP = {
-    "deployments": {"serve.config", "serve.errors", "serve.contracts", "serve.runtime", "serve.pipeline",
-                    "serve.media", "serve.jobs", "serve.api", "deployments"},
-    "client": {"serve.config", "serve.errors", "serve.contracts", "serve.runtime", "client"},
+    "deployments": {*GROUND, "serve.runtime", "serve.pipeline", "serve.media", "serve.jobs", "serve.api",
+                    "deployments"},
+    "client": {*GROUND, "serve.runtime", "client"},
 }
 
 

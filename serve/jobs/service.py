@@ -13,10 +13,11 @@ from typing import Any
 
 from serve.config import AppArgs, IngressConfig, ModelConfig, TTSConfig
 from serve.contracts import (
-    CANCELLED, COMPLETED, DELETED, FAILED, IN_PROGRESS, QUEUED, SIZE_MULTIPLE, VAE_TEMPORAL_FACTOR, GenerationInputs,
+    CANCELLED, COMPLETED, DELETED, FAILED, IN_PROGRESS, QUEUED, SIZE_MULTIPLE, GenerationInputs,
     GenerationSpec, ResolvedSpec,
 )
 from serve.errors import InvalidSpecError, NotFound
+from serve.frames import largest_frame_count
 from serve.jobs.artifacts import ArtifactStore
 from serve.jobs.db import Database
 from serve.jobs.dispatcher import Dispatcher
@@ -74,8 +75,7 @@ class JobService:
         defaults = {
             "width": min(limited.width, max(SIZE_MULTIPLE, limited.max_width // SIZE_MULTIPLE * SIZE_MULTIPLE)),
             "height": min(limited.height, max(SIZE_MULTIPLE, limited.max_height // SIZE_MULTIPLE * SIZE_MULTIPLE)),
-            "num_frames": min(limited.num_frames, (limited.max_frames - 1) // VAE_TEMPORAL_FACTOR
-                              * VAE_TEMPORAL_FACTOR + 1),
+            "num_frames": min(limited.num_frames, largest_frame_count(limited.max_frames)),
             "num_inference_steps": min(limited.num_inference_steps, limited.max_steps),
         }
         return limited.model_copy(update=defaults)

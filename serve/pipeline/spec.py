@@ -9,8 +9,9 @@ from typing import Sequence
 from serve.config import ModelConfig, TTSConfig
 from serve.errors import InvalidSpecError, UnknownModelError
 from serve.contracts import (
-    DF_FIELDS, SIZE_MULTIPLE, VAE_TEMPORAL_FACTOR, GenerationSpec, LoraSpec, ResolvedSpec, latent_frames,
+    DF_FIELDS, SIZE_MULTIPLE, VAE_TEMPORAL_FACTOR, GenerationSpec, LoraSpec, ResolvedSpec,
 )
+from serve.frames import check_causal_block, check_df_window, check_frame_count, is_frame_count
 
 # diffusers warns above this much added noise ("may cause inconsistencies"); SkyReels-V2 advises <= 50
 MAX_ADDNOISE_CONDITION = 60.0
@@ -87,7 +88,7 @@ def resolve_spec(spec: GenerationSpec, models: ModelConfig | Sequence[ModelConfi
                 param=name)
 
     frames = model.num_frames if spec.num_frames is None else spec.num_frames
-    if frames < 1 or (frames - 1) % VAE_TEMPORAL_FACTOR != 0:
+    if not is_frame_count(frames):
         raise InvalidSpecError(
             f"num_frames must be 4k+1 (1, 5, 9, ...), got {frames}", param="num_frames")
     if frames > model.max_frames:
@@ -135,12 +136,6 @@ def resolve_spec(spec: GenerationSpec, models: ModelConfig | Sequence[ModelConfi
     )
 
 
-def _frame_count(name: str, value: int, minimum: int = 1) -> None:
-    if value < minimum or (value - 1) % VAE_TEMPORAL_FACTOR != 0:
-        raise InvalidSpecError(f"{name} must be 4k+1 and at least {minimum} (e.g. 17, 37, 97), got {value}",
-                               param=name)
-
-
 # a request's mode -> the diffusion-forcing loop's (`serve.pipeline.diffusion_forcing.DFSettings.mode`)
 DF_MODE = {"text-to-video": "t2v", "image-to-video": "i2v", "extend": "v2v"}
 
@@ -161,29 +156,19 @@ def resolve_diffusion_forcing(spec: GenerationSpec, model: ModelConfig, frames: 
     if not (force or cfg.mode == "always" or frames > base or spec.sets_diffusion_forcing()):
         return {}
 
-    _frame_count("base_num_frames", base, minimum=5)
+    check_frame_count("base_num_frames", base, minimum=5)
     if base > cfg.max_base_num_frames:
         raise InvalidSpecError(f"base_num_frames must be at most {cfg.max_base_num_frames} for model "
                                f"{model.name}, got {base}", param="base_num_frames")
     overlap = cfg.overlap_history if spec.overlap_history is None else spec.overlap_history
-    _frame_count("overlap_history", overlap)
-    base_latent, overlap_latent = latent_frames(base), latent_frames(overlap)
-    if overlap_latent >= base_latent:
-        raise InvalidSpecError(f"overlap_history ({overlap}) must be shorter than base_num_frames ({base}) by "
-                               f"at least {VAE_TEMPORAL_FACTOR} frames", param="overlap_history")
+    check_df_window(base, overlap)
 
     ar_step = cfg.ar_step if spec.ar_step is None else spec.ar_step
     if not 0 <= ar_step <= model.max_steps:
         raise InvalidSpecError(f"ar_step must be between 0 (synchronous) and {model.max_steps}, got {ar_step}",
                                param="ar_step")
     block = cfg.causal_block_size if spec.causal_block_size is None else spec.causal_block_size
-    if block < 1:
-        raise InvalidSpecError(f"causal_block_size must be at least 1, got {block}", param="causal_block_size")
-    for name, value, latent in (("base_num_frames", base, base_latent), ("overlap_history", overlap, overlap_latent)):
-        if latent % block:
-            raise InvalidSpecError(
-                f"causal_block_size ({block}) must divide the latent frames of {name} ({value} frames = "
-                f"{latent} latent frames, (frames - 1) / 4 + 1)", param="causal_block_size")
+    check_causal_block(base, overlap, block)
     noise = cfg.addnoise_condition if spec.addnoise_condition is None else spec.addnoise_condition
     if not 0 <= noise <= MAX_ADDNOISE_CONDITION:
         raise InvalidSpecError(f"addnoise_condition must be between 0 and {MAX_ADDNOISE_CONDITION:g} "
