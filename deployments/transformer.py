@@ -57,7 +57,7 @@ from serve.pipeline.continuous import ContinuousBatch
 from serve.pipeline.denoising import DenoiseJob, DenoiseLoop, LoopSettings
 from serve.pipeline.diffusion_forcing import DFJob, DFRun, DFSettings, DiffusionForcingLoop
 from serve.runtime.faults import chaos_pause
-from serve.errors import GenerationCancelled, StageError
+from serve.errors import GenerationCancelled, StageError, StageOutOfMemory
 from serve.contracts import (
     CALLER_GONE, CANCELLED, DenoisedLatents, ProgressEvent, PromptEmbeds, ResolvedSpec, dit_tokens,
 )
@@ -386,7 +386,7 @@ class Transformer:
         (code out_of_memory) or "<task> failed: ..."; a CUDA error also marks the replica unhealthy."""
         if isinstance(exc, self._torch.OutOfMemoryError):
             logger.error("transformer OOM: %s", exc)
-            return StageError(f"out of memory {task} {where}", stage=STAGE, code="out_of_memory")
+            return StageOutOfMemory(f"out of memory {task} {where}", stage=STAGE)
         logger.error("transformer failed (%s)", task, exc_info=exc)
         if "CUDA error" in str(exc):
             self._fatal = str(exc)

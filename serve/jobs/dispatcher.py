@@ -26,8 +26,8 @@ from serve.contracts import (
     ResolvedSpec,
 )
 from serve.errors import (
-    CineVividError, GenerationCancelled, InsufficientStorage, JobLost, StageUnavailable, TTSError, is_disk_full,
-    replica_stopped, unwrap_error,
+    CineVividError, GenerationCancelled, InputsMissing, InsufficientStorage, JobLost, NoResult, StageUnavailable,
+    StorageError, TTSError, is_disk_full, replica_stopped, unwrap_error,
 )
 from serve.jobs.artifacts import ArtifactStore
 from serve.jobs.events import ProgressBroker
@@ -232,7 +232,7 @@ class Dispatcher:
                     continue
                 break
             if result is None:
-                raise CineVividError("the generator ended without a result", code="stage_failed")
+                raise NoResult("the generator ended without a result")
             video_path, thumb_path = await self._save_artifacts(job_id, result, log)
             heartbeat.cancel()
             ok = await self.store.complete(job_id, self.owner, video_path=video_path, thumbnail_path=thumb_path,
@@ -285,7 +285,7 @@ class Dispatcher:
                   "extend": ["source.mp4"]}[spec.mode]
         missing = [n for n in needed if n not in files]
         if missing:
-            raise CineVividError(f"the inputs of this job are gone ({', '.join(missing)})", code="inputs_missing")
+            raise InputsMissing(f"the inputs of this job are gone ({', '.join(missing)})")
         return GenerationInputs(image=_png_array(files.get("image.png")),
                                 last_image=_png_array(files.get("last_image.png")),
                                 video_mp4=files.get("source.mp4"))
@@ -312,7 +312,7 @@ class Dispatcher:
                     self.config.stage_retries)
         self.metrics.job_retries.labels(stage).inc()
         self._publish(job_id, type="status", status=IN_PROGRESS, progress=state["progress"], retry=retry,
-                      error=ErrorInfo(code="stage_unavailable",
+                      error=ErrorInfo(code=StageUnavailable.code,
                                       message=f"the {stage} replica stopped while running this job; "
                                               f"retrying from the start ({retry} of {self.config.stage_retries})"))
         await asyncio.sleep(self.config.stage_retry_backoff_s * 2 ** (retry - 1))
@@ -335,7 +335,7 @@ class Dispatcher:
                 raise InsufficientStorage("the server's disk is full: the video was generated but could not be "
                                           "stored. Try again later.") from exc
             log.error("job %s: the video could not be stored: %s", job_id, exc)
-            raise CineVividError("the server could not store the video", code="storage_error") from exc
+            raise StorageError("the server could not store the video") from exc
 
     async def _after_cancel(self, job_id: str, reason: str, log) -> None:
         if reason == "shutdown":
