@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from client.http import END_STATUSES, APIError, CineVividClient
+from serve.contracts import COMPLETED, DELETED, IN_PROGRESS
 
 
 def _client(args) -> CineVividClient:
@@ -82,8 +83,8 @@ def _submit_and_wait(args, submit) -> int:
                     bar.update(task, **progress_fields(kind, data))
                     if kind == "status" and data.get("status") in END_STATUSES:
                         final = data
-            if final is None or final.get("status") != "completed":
-                video = cv.get_video(vid) if (final or {}).get("status") != "deleted" else {"error": None}
+            if final is None or final.get("status") != COMPLETED:
+                video = cv.get_video(vid) if (final or {}).get("status") != DELETED else {"error": None}
                 err = video.get("error") or {}
                 print(f"error: {vid} did not complete: {err.get('code')}: {err.get('message')}", file=out)
                 return 1
@@ -118,7 +119,7 @@ def cmd_videos_get(args) -> int:
             v = cv.get_video(args.video_id)
             print(json.dumps(v, indent=2))
             if args.output:
-                if v["status"] != "completed" and not (args.variant == "preview" and v["status"] == "in_progress"):
+                if v["status"] != COMPLETED and not (args.variant == "preview" and v["status"] == IN_PROGRESS):
                     print(f"error: {args.video_id} is {v['status']}", file=sys.stderr)
                     return 1
                 cv.download(args.video_id, args.output, variant=args.variant)

@@ -127,7 +127,7 @@ class GeneratorClient:
         """Join the Ray cluster of the stack `cinevivid up` started (recorded in `cache_dir`,
         default CINEVIVID_CACHE_DIR) with its token, and call its app (default: the recorded one).
         Raises serve.errors.StackNotRunning, saying what to do, when there is no such stack."""
-        from serve.ops.cluster_record import connect
+        from serve.runtime.cluster_record import connect
 
         state = connect(cache_dir)
         return cls(app_name or state.get("app_name") or "cinevivid")

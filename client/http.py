@@ -19,7 +19,6 @@ with httpx-sse by `iter_events` / `aiter_events`, which also take a bare httpx c
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,11 +27,12 @@ from typing import Any, AsyncIterator, Callable, Iterator
 import httpx
 from httpx_sse import ServerSentEvent, aconnect_sse, connect_sse
 
-from serve.contracts import TERMINAL_STATUSES
+from serve.config import DEFAULT_HOST, DEFAULT_HTTP_PORT, Settings
+from serve.contracts import DELETED, TERMINAL_STATUSES
 
-DEFAULT_URL = "http://127.0.0.1:8000"
+DEFAULT_URL = f"http://{DEFAULT_HOST}:{DEFAULT_HTTP_PORT}"
 # A job's event stream ends with a `status` event carrying one of these.
-END_STATUSES = (*TERMINAL_STATUSES, "deleted")
+END_STATUSES = (*TERMINAL_STATUSES, DELETED)
 
 
 class APIError(Exception):
@@ -249,8 +249,9 @@ async def aiter_events(http: httpx.AsyncClient, video_id: str, *,
 
 # ---- the transports ---------------------------------------------------------------------------
 def _http_options(base_url: str | None, api_key: str | None, timeout: float, transport: Any) -> dict:
-    base_url = (base_url or os.environ.get("CINEVIVID_URL") or DEFAULT_URL).rstrip("/")
-    api_key = api_key or os.environ.get("CINEVIVID_API_KEY")
+    settings = Settings()
+    base_url = (base_url or settings.url or DEFAULT_URL).rstrip("/")
+    api_key = api_key or settings.api_key
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     return {"base_url": base_url, "headers": headers, "timeout": timeout, "transport": transport}
 

@@ -47,7 +47,7 @@ from serve.errors import (
 )
 from serve.media.fmp4 import FragmentedPreview
 from serve.media.mp4 import Mp4Writer, thumbnail_jpeg
-from serve.pipeline.replica import CallerWatch, caller_id, setup_replica_logging
+from serve.runtime.replica import CallerWatch, caller_id, setup_replica_logging
 from serve.media.prepare import prepare_job
 
 logger = logging.getLogger(__name__)

@@ -18,8 +18,8 @@ from ray import serve
 from serve.config import ModelConfig
 from serve.errors import StageError
 from serve.pipeline.loading import resolve_subfolder, torch_device, torch_dtype
-from serve.pipeline.replica import replica_id, setup_replica_logging
-from serve.pipeline.threads import apply_torch_threads
+from serve.runtime.replica import replica_id, setup_replica_logging
+from serve.runtime.threads import apply_torch_threads
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from ray.serve.handle import DeploymentHandle
 from serve.api.routes import create_app
 from serve.jobs.generator_client import HandleGeneratorClient
 from serve.jobs.service import JobService
-from serve.pipeline.replica import setup_replica_logging
+from serve.runtime.replica import setup_replica_logging
 
 logger = logging.getLogger(__name__)
 

@@ -13,12 +13,12 @@ import numpy as np
 from ray import serve
 
 from serve.config import ModelConfig, TextEncoderBatching, validate_live_levers
-from serve.errors import StageError
+from serve.errors import StageError, StageOutOfMemory
 from serve.contracts import PromptEmbeds
 from serve.pipeline.loading import resolve_subfolder, torch_device, torch_dtype
 from serve.pipeline.text_encoding import clean_prompt, encode_prompts
-from serve.pipeline.replica import replica_id, setup_replica_logging
-from serve.pipeline.threads import apply_torch_threads
+from serve.runtime.replica import replica_id, setup_replica_logging
+from serve.runtime.threads import apply_torch_threads
 
 logger = logging.getLogger(__name__)
 STAGE = "text_encoder"
@@ -107,8 +107,7 @@ class TextEncoder:
         try:
             embeds = await asyncio.to_thread(self._encode_in_thread, prompts)
         except self._torch.OutOfMemoryError as exc:
-            raise StageError(f"out of memory encoding {len(prompts)} prompts", stage=STAGE,
-                             code="out_of_memory") from exc
+            raise StageOutOfMemory(f"out of memory encoding {len(prompts)} prompts", stage=STAGE) from exc
         except Exception as exc:
             raise StageError(f"text encoding failed: {exc}", stage=STAGE) from exc
         return [embeds[i:i + 1] for i in range(len(prompts))]

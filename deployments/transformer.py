@@ -56,14 +56,16 @@ from serve.config import LeversConfig, LivenessConfig, ModelConfig, validate_liv
 from serve.pipeline.continuous import ContinuousBatch
 from serve.pipeline.denoising import DenoiseJob, DenoiseLoop, LoopSettings
 from serve.pipeline.diffusion_forcing import DFJob, DFRun, DFSettings, DiffusionForcingLoop
-from serve.pipeline.faults import chaos_pause
-from serve.errors import GenerationCancelled, StageError
-from serve.contracts import DenoisedLatents, ProgressEvent, PromptEmbeds, ResolvedSpec, dit_tokens
+from serve.runtime.faults import chaos_pause
+from serve.errors import GenerationCancelled, StageError, StageOutOfMemory
+from serve.contracts import (
+    CALLER_GONE, CANCELLED, DenoisedLatents, ProgressEvent, PromptEmbeds, ResolvedSpec, dit_tokens,
+)
 from serve.pipeline.levers import apply_levers, lever_state
 from serve.pipeline.spec import DF_MODE
 from serve.pipeline.loading import resolve_subfolder, torch_device, torch_dtype
-from serve.pipeline.replica import CallerWatch, replica_id as _replica_id, setup_replica_logging
-from serve.pipeline.threads import apply_torch_threads
+from serve.runtime.replica import CallerWatch, replica_id as _replica_id, setup_replica_logging
+from serve.runtime.threads import apply_torch_threads
 
 logger = logging.getLogger(__name__)
 STAGE = "transformer"
@@ -384,7 +386,7 @@ class Transformer:
         (code out_of_memory) or "<task> failed: ..."; a CUDA error also marks the replica unhealthy."""
         if isinstance(exc, self._torch.OutOfMemoryError):
             logger.error("transformer OOM: %s", exc)
-            return StageError(f"out of memory {task} {where}", stage=STAGE, code="out_of_memory")
+            return StageOutOfMemory(f"out of memory {task} {where}", stage=STAGE)
         logger.error("transformer failed (%s)", task, exc_info=exc)
         if "CUDA error" in str(exc):
             self._fatal = str(exc)
@@ -548,7 +550,7 @@ class Transformer:
     @staticmethod
     def _cancellation(ticket: _Ticket) -> dict:
         entry = {"job_id": ticket.job_id, "steps_after_cancel": ticket.steps_after_cancel,
-                 "reason": "cancelled" if ticket.caller_died_at is None else "caller_gone"}
+                 "reason": CANCELLED if ticket.caller_died_at is None else CALLER_GONE}
         if ticket.caller_died_at is not None:
             # steps that ended after the caller died: the one in flight, plus any run before the
             # death was noticed (at most one check interval)

@@ -14,7 +14,7 @@ from ray import serve
 from serve.contracts import VoiceoverSpec
 from serve.media.audio import SpeechAudio
 from serve.media.tts.service import TTSService
-from serve.pipeline.replica import setup_replica_logging
+from serve.runtime.replica import setup_replica_logging
 
 logger = logging.getLogger(__name__)
 

@@ -29,15 +29,15 @@ from ray import serve
 
 from serve.config import LeversConfig, LivenessConfig, ModelConfig, validate_live_levers
 from serve.contracts import DecodedFrames, ProgressEvent
-from serve.pipeline.faults import chaos_pause, inject_fault
+from serve.runtime.faults import chaos_pause, inject_fault
 from serve.pipeline.vae_decode import (
     CausalDecodeSession, is_tiled, iter_decode, to_float_frames, video_to_uint8,
 )
-from serve.errors import StageError
+from serve.errors import StageError, StageOutOfMemory
 from serve.pipeline.levers import apply_levers, lever_state
 from serve.pipeline.loading import resolve_subfolder, torch_device, torch_dtype
-from serve.pipeline.replica import CallerWatch, replica_id, setup_replica_logging
-from serve.pipeline.threads import apply_torch_threads
+from serve.runtime.replica import CallerWatch, replica_id, setup_replica_logging
+from serve.runtime.threads import apply_torch_threads
 
 logger = logging.getLogger(__name__)
 STAGE = "vae"
@@ -207,8 +207,7 @@ class VAEDecoder:
 
     def _stage_error(self, exc: BaseException, latents) -> StageError:
         if isinstance(exc, self._torch.OutOfMemoryError):
-            return StageError(f"out of memory decoding latents {tuple(latents.shape)}", stage=STAGE,
-                              code="out_of_memory")
+            return StageOutOfMemory(f"out of memory decoding latents {tuple(latents.shape)}", stage=STAGE)
         return StageError(f"decoding failed: {type(exc).__name__}: {exc}", stage=STAGE)
 
     async def decode(self, latents, return_float: bool = False) -> DecodedFrames:

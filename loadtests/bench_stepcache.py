@@ -1,5 +1,5 @@
 """Step cache backends compared at equal PSNR on CPU: the hand-written first-block cache
-(`serve.pipeline.step_cache.StepCache`) vs cache-dit's DBCache (`serve.pipeline.step_cache_dit`,
+(`serve.pipeline.step_cache.StepCache`) vs cache-dit's DBCache (`serve.pipeline.step_cache.dbcache`,
 Fn/Bn compute blocks, optional TaylorSeer), each swept over `step_cache_threshold`.
 
 The model is the tiny random-weight SkyReels-V2 (tokenizer, text encoder, VAE and scheduler of

@@ -50,14 +50,14 @@ BENCH_INGRESS = {
 
 def set_threads(threads: int | None = None) -> int:
     """torch's intra-op threads in this process (an in-process baseline such as diffusers' pipeline):
-    by default what a model stage gets by default (`serve.pipeline.threads`: the node's cores on a
+    by default what a model stage gets by default (`serve.runtime.threads`: the node's cores on a
     CPU). The replicas take theirs from the config, not from this process."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")
     import torch
 
-    from serve.pipeline.threads import default_torch_threads
+    from serve.runtime.threads import default_torch_threads
 
     threads = threads or default_torch_threads("cpu")
     torch.set_num_threads(threads)

@@ -12,13 +12,12 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from ray.serve import Application
 
-from serve.config import LIVE_LEVERS, AppArgs, validate_live_levers
+from serve.config import LIVE_LEVERS, AppArgs, Settings, validate_live_levers
 
 
 def parse_args(args: AppArgs | dict[str, Any] | None) -> AppArgs:
@@ -175,7 +174,7 @@ def build_app(args: AppArgs | dict[str, Any] | None = None,
 
 def default_app_args() -> AppArgs:
     """Args from CINEVIVID_APP_ARGS (a YAML/JSON file), else the embedded defaults."""
-    path = os.environ.get("CINEVIVID_APP_ARGS")
+    path = Settings().app_args
     if not path:
         return AppArgs()
     import yaml

@@ -6,13 +6,15 @@
 from __future__ import annotations
 
 import ipaddress
-import os
 import re
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator, NonNegativeFloat
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from serve.errors import InvalidSpecError
+from serve.frames import check_causal_block, check_df_window, check_frame_count
 
 TINY_MODEL_SOURCE = "embedded:tiny"
 # The embedded tiny models, by source: T2V (the default), I2V (with a tiny CLIP image encoder) and DF.
@@ -23,8 +25,14 @@ MODES = ("text-to-video", "image-to-video", "long-video", "extend")
 ELEVENLABS_KEY_ENV = "ELEVENLABS_API_KEY"
 
 
+# Where things listen and connect by default: this machine only; Serve's HTTP port; Ray's dashboard
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_HTTP_PORT = 8000
+DEFAULT_DASHBOARD_PORT = 8265  # Ray's
+
+
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("CINEVIVID_CACHE_DIR", Path.home() / ".cache" / "cinevivid"))
+    return Settings().cache_dir
 
 
 class _Strict(BaseModel):
@@ -50,15 +58,12 @@ class DiffusionForcingConfig(_Strict):
     def _window(self):
         if self.base_num_frames > self.max_base_num_frames:
             raise ValueError("diffusion_forcing.base_num_frames must be <= max_base_num_frames")
-        for name in ("base_num_frames", "max_base_num_frames", "overlap_history"):
-            if (getattr(self, name) - 1) % 4:
-                raise ValueError(f"diffusion_forcing.{name} must be 4k+1")
-        base, overlap = (self.base_num_frames - 1) // 4 + 1, (self.overlap_history - 1) // 4 + 1
-        if overlap >= base:
-            raise ValueError("diffusion_forcing.overlap_history must be shorter than base_num_frames")
-        if base % self.causal_block_size or overlap % self.causal_block_size:
-            raise ValueError("diffusion_forcing.causal_block_size must divide the latent frames of "
-                             "base_num_frames and overlap_history ((frames - 1) / 4 + 1)")
+        try:  # the rules a request's DF fields meet (serve.frames), on the model's defaults
+            check_frame_count("max_base_num_frames", self.max_base_num_frames, minimum=5)
+            check_df_window(self.base_num_frames, self.overlap_history)
+            check_causal_block(self.base_num_frames, self.overlap_history, self.causal_block_size)
+        except InvalidSpecError as e:
+            raise ValueError(f"diffusion_forcing.{e.param}: {e.message}") from None
         return self
 
 
@@ -235,7 +240,7 @@ class DeploymentOptions(_Strict):
     access_log: bool = True
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     # torch's intra-op threads in each replica of a model stage (text_encoder, transformer, vae);
-    # None or 0: the default of `serve.pipeline.threads.default_torch_threads` (on a CPU device all of
+    # None or 0: the default of `serve.runtime.threads.default_torch_threads` (on a CPU device all of
     # the node's cores, on a GPU the replica's num_cpus, at least 1). Not a Serve option: the stage
     # applies it at start (changing it restarts the replicas) and reports it in stats()["torch_threads"].
     torch_threads: int | None = Field(default=None, ge=0)
@@ -376,7 +381,7 @@ def validate_live_levers(stage: str, base: dict[str, Any], user_config: dict[str
 
 
 class LivenessConfig(_Strict):
-    """Work whose caller is gone, and outputs nobody fetches (`serve.pipeline.replica`)."""
+    """Work whose caller is gone, and outputs nobody fetches (`serve.runtime.replica`)."""
 
     # How often a stage with work in flight asks the GCS whether the callers of that work (the
     # Generator, for the stages; the Ingress, for the Generator) are still alive; a dead caller's
@@ -625,14 +630,15 @@ class IngressConfig(_Strict):
         return self
 
     def resolved_mode(self) -> str:
-        return self.mode or os.environ.get("CINEVIVID_MODE", "embedded")
+        return self.mode or Settings().mode
 
     def resolved_data_dir(self) -> Path:
-        raw = self.data_dir or os.environ.get("CINEVIVID_DATA_DIR") or str(default_cache_dir() / "data")
+        settings = Settings()
+        raw = self.data_dir or settings.data_dir or str(settings.cache_dir / "data")
         return Path(raw).expanduser()
 
     def resolved_database_url(self) -> str:
-        url = self.database_url or os.environ.get("CINEVIVID_DATABASE_URL")
+        url = self.database_url or Settings().database_url
         if url:
             return url
         return f"sqlite+aiosqlite:///{self.resolved_data_dir() / 'cinevivid.db'}"
@@ -693,22 +699,28 @@ class AppArgs(_Strict):
                 seen[n] = m.name
         return self
 
-    def find_model(self, name: str | None) -> ModelConfig | None:
-        """The model a request's `model` names (None: the default), or None when none has it."""
-        if name is None:
-            return self.models[0]
-        return next((m for m in self.models if name in m.all_names()), None)
-
 
 class Settings(BaseSettings):
-    """Process settings from `CINEVIVID_*` environment variables."""
+    """Process settings from `CINEVIVID_*` environment variables: every one the package reads, read
+    here (a fresh `Settings()` reads the environment as it is now). The names are contracts."""
 
     model_config = SettingsConfigDict(env_prefix="CINEVIVID_", extra="ignore")
 
-    cache_dir: Path = Field(default_factory=default_cache_dir)
-
-
-DEFAULT_DASHBOARD_PORT = 8265  # Ray's
+    # CINEVIVID_CACHE_DIR: the stack record, the data dir's default parent, Ray's temp dir key
+    cache_dir: Path = Field(default_factory=lambda: Path.home() / ".cache" / "cinevivid")
+    # CINEVIVID_MODE / _DATA_DIR / _DATABASE_URL: the ingress' defaults when its config leaves them unset
+    mode: str = "embedded"
+    data_dir: str | None = None
+    database_url: str | None = Field(default=None, repr=False)
+    # CINEVIVID_JWT_SECRET: the ingress' token secret (only from the environment, never logged)
+    jwt_secret: str = Field(default="", repr=False)
+    # CINEVIVID_APP_ARGS: a YAML/JSON file of AppArgs for `serve.app:app`
+    app_args: str | None = None
+    # CINEVIVID_SERVE_CONFIG: the Serve config `cinevivid up` deploys
+    serve_config: str | None = None
+    # CINEVIVID_URL / CINEVIVID_API_KEY: where the HTTP client and the CLI find the service, and the key
+    url: str | None = None
+    api_key: str | None = Field(default=None, repr=False)
 
 
 class DashboardOptions(_Strict):
@@ -718,6 +730,6 @@ class DashboardOptions(_Strict):
     auth guards it either way."""
 
     enabled: bool = True
-    host: str = "127.0.0.1"
+    host: str = DEFAULT_HOST
     # None: Ray's 8265 when free, else a free port (several clusters can run on one machine)
     port: int | None = Field(default=None, ge=1, le=65535)

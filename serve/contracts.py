@@ -9,15 +9,12 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from serve.frames import VAE_TEMPORAL_FACTOR, latent_frames
+
 # -- geometry of the Wan VAE and DiT (every SkyReels-V2 model) ---------------------------------
 VAE_SPATIAL_FACTOR = 8  # pixels per latent row/column
-VAE_TEMPORAL_FACTOR = 4  # frames per latent frame after the first: num_frames = 4k + 1
 PATCH_SIZE = 2  # the DiT's spatial patch (1, 2, 2)
 SIZE_MULTIPLE = VAE_SPATIAL_FACTOR * PATCH_SIZE  # width and height are multiples of 16
-
-
-def latent_frames(num_frames: int) -> int:
-    return (num_frames - 1) // VAE_TEMPORAL_FACTOR + 1
 
 
 def dit_tokens(num_frames: int, height: int, width: int) -> int:
@@ -30,6 +27,13 @@ QUEUED, IN_PROGRESS, COMPLETED, FAILED = "queued", "in_progress", "completed", "
 JOB_STATUSES = (QUEUED, IN_PROGRESS, COMPLETED, FAILED)
 ACTIVE_STATUSES = (QUEUED, IN_PROGRESS)
 TERMINAL_STATUSES = (COMPLETED, FAILED)
+# the pseudo-status of a progress event (and a client's end state) when the job's record is deleted
+DELETED = "deleted"
+# why a running job stops early: a user's cancel, its deletion, or (Transformer) its caller's death.
+# A cancelled job fails with the error code CANCELLED and the message CANCELLED_MESSAGE.
+CANCELLED, CALLER_GONE = "cancelled", "caller_gone"
+CANCEL_REASONS = (CANCELLED, DELETED, CALLER_GONE)
+CANCELLED_MESSAGE = "the job was cancelled"
 
 
 class VoiceoverSpec(BaseModel):

@@ -46,11 +46,32 @@ def _rebuild(cls, message, param, code, status, stage, retry_after_s=None):
 
 
 # -- the request ------------------------------------------------------------------------------
-class InvalidSpecError(CineVividError):
-    """The request is invalid; raised before any model work. `param` names the field."""
+class InvalidRequest(CineVividError):
+    """A request the server refuses as it is (a bad cursor, a bad field of an admin call)."""
 
     code = "invalid_request"
     status = 400
+
+
+class InvalidJSON(CineVividError):
+    code = "invalid_json"
+    status = 400
+
+
+class InvalidForm(CineVividError):
+    code = "invalid_form"
+    status = 400
+
+
+class VideoNotReady(CineVividError):
+    """The video (or its preview, or the video to extend) has no content to serve yet."""
+
+    code = "video_not_ready"
+    status = 409
+
+
+class InvalidSpecError(InvalidRequest):
+    """The request is invalid; raised before any model work. `param` names the field."""
 
 
 class UnknownModelError(InvalidSpecError):
@@ -76,6 +97,26 @@ class AuthError(CineVividError):
     status = 401
 
 
+class MissingCredentials(AuthError):
+    code = "missing_credentials"
+
+
+class InvalidCredentials(AuthError):
+    code = "invalid_credentials"
+
+
+class InvalidToken(AuthError):
+    code = "invalid_token"
+
+
+class TokenExpired(AuthError):
+    code = "token_expired"
+
+
+class ApiKeyRevoked(AuthError):
+    code = "api_key_revoked"
+
+
 class PermissionDenied(CineVividError):
     code = "permission_denied"
     status = 403
@@ -84,6 +125,14 @@ class PermissionDenied(CineVividError):
 class ConflictError(CineVividError):
     code = "conflict"
     status = 409
+
+
+class ApiKeyLimitReached(ConflictError):
+    code = "api_key_limit_reached"
+
+
+class TooManyWebhooks(ConflictError):
+    code = "too_many_webhooks"
 
 
 class RateLimited(CineVividError):
@@ -123,6 +172,34 @@ class StageUnavailable(StageError):
     status = 503
 
 
+class StageOutOfMemory(StageError):
+    code = "out_of_memory"
+
+
+class NoResult(CineVividError):
+    """The Generator's stream ended without a result."""
+
+    code = StageError.code
+
+
+class InputsMissing(CineVividError):
+    """A queued job's stored inputs (reference image, video to extend) are gone."""
+
+    code = "inputs_missing"
+
+
+class StorageError(CineVividError):
+    """The finished video could not be stored (not a full disk: that is InsufficientStorage)."""
+
+    code = "storage_error"
+
+
+class MaxAttemptsExceeded(CineVividError):
+    """A job whose replicas kept dying: failed after its last attempt (a job record's error code)."""
+
+    code = "max_attempts_exceeded"
+
+
 class InsufficientStorage(CineVividError):
     """The server's disk is full: a file (an artifact) or the database could not be written."""
 
@@ -150,6 +227,57 @@ class TTSError(CineVividError):
 
     code = "tts_failed"
     status = 502
+
+
+class TTSProviderError(TTSError):
+    code = "tts_provider_error"
+
+
+class TTSInvalidApiKey(TTSError):
+    code = "tts_invalid_api_key"
+
+
+class TTSVoiceNotFound(TTSError):
+    code = "tts_voice_not_found"
+    status = 400
+
+
+class TTSInvalidRequest(TTSError):
+    code = "tts_invalid_request"
+    status = 422
+
+
+class TTSProviderUnavailable(TTSError):
+    code = "tts_provider_unavailable"
+    status = 503
+
+
+class TTSQuotaExceeded(TTSError):
+    code = "tts_quota_exceeded"
+    status = 503
+
+
+class TTSRateLimited(TTSError):
+    code = "tts_rate_limited"
+    status = 429
+
+
+class TTSTimeout(TTSError):
+    code = "tts_timeout"
+    status = 504
+
+
+class VoiceoverTooLong(TTSError):
+    """The speech lasts longer than the video and voiceover.fit is "error"."""
+
+    code = "voiceover_too_long"
+    status = 422
+
+
+class UnknownVoice(InvalidSpecError):
+    """A voice-over voice the provider does not have (checked at submission)."""
+
+    code = TTSVoiceNotFound.code
 
 
 # -- operations -------------------------------------------------------------------------------

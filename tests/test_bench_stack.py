@@ -8,7 +8,7 @@ from pathlib import Path
 
 from loadtests.stack import stack_config, set_threads
 from serve.ops.deploy import load_serve_config, validate_serve_config
-from serve.pipeline.threads import default_torch_threads, node_cpus
+from serve.runtime.threads import default_torch_threads, node_cpus
 
 ROOT = Path(__file__).resolve().parent.parent
 

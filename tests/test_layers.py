@@ -1,7 +1,11 @@
 """The package's layers, checked: upper layers import lower ones, never the reverse, and a stage
 replica loads no database, auth or HTTP-server code.
 
-    serve.{config, errors, contracts}  <  serve.pipeline, serve.media  <  serve.jobs  <  serve.api  <  serve.ops
+    serve.errors  <  serve.frames  <  serve.{config, contracts}  <  serve.runtime
+        <  serve.pipeline, serve.media  <  serve.jobs
+        <  serve.api  <  deployments, client  <  serve.app, serve.ops
+
+and no module of serve/, deployments/ or client/ sits on an import circle.
 """
 
 from __future__ import annotations
@@ -19,16 +23,18 @@ pytestmark = pytest.mark.fast  # the fast tier (make test)
 ROOT = Path(__file__).resolve().parents[1]
 SERVE = ROOT / "serve"
 
+GROUND = ("serve.config", "serve.errors", "serve.frames", "serve.contracts")
 # what each layer may import from the project (besides the standard library and third parties)
 ALLOWED = {
-    "serve.config": set(),
     "serve.errors": set(),
-    "serve.contracts": set(),
-    "serve.pipeline": {"serve.config", "serve.errors", "serve.contracts", "serve.pipeline"},
-    "serve.media": {"serve.config", "serve.errors", "serve.contracts", "serve.pipeline", "serve.media"},
-    "serve.jobs": {"serve.config", "serve.errors", "serve.contracts", "serve.pipeline", "serve.media", "serve.jobs"},
-    "serve.api": {"serve.config", "serve.errors", "serve.contracts", "serve.pipeline", "serve.media", "serve.jobs",
-                  "serve.api"},
+    "serve.frames": {"serve.errors"},
+    "serve.config": {"serve.errors", "serve.frames"},
+    "serve.contracts": {"serve.frames"},
+    "serve.runtime": {*GROUND, "serve.runtime"},
+    "serve.pipeline": {*GROUND, "serve.runtime", "serve.pipeline"},
+    "serve.media": {*GROUND, "serve.runtime", "serve.pipeline", "serve.media"},
+    "serve.jobs": {*GROUND, "serve.runtime", "serve.pipeline", "serve.media", "serve.jobs"},
+    "serve.api": {*GROUND, "serve.runtime", "serve.pipeline", "serve.media", "serve.jobs", "serve.api"},
 }
 # the libraries a stage replica must not load: database, migrations, password hashing, JWTs, forms
 SERVER_ONLY = ("sqlalchemy", "aiosqlite", "asyncpg", "alembic", "argon2", "jwt", "multipart")
@@ -101,3 +107,64 @@ def test_a_stage_replica_loads_no_database_auth_or_http_server_code():
            or m.startswith(("serve.api", "serve.jobs", "serve.ops"))]
     assert not bad, f"a stage replica would load: {bad}"
     assert "deployments.transformer" in loaded and "serve.pipeline.denoising" in loaded
+
+
+# the two packages above serve's layers: a deployment wraps pipeline/media/jobs/api code for Serve;
+# a client reaches a stack through the contracts and the cluster record. Neither imports serve.app,
+# serve.ops (which build and drive them) or the other.
+TOP = {
+    "deployments": {*GROUND, "serve.runtime", "serve.pipeline", "serve.media", "serve.jobs", "serve.api",
+                    "deployments"},
+    "client": {*GROUND, "serve.runtime", "client"},
+}
+
+
+@pytest.mark.parametrize("package", sorted(TOP))
+def test_deployments_and_client_import_only_what_is_below_them(package):
+    files = sorted((ROOT / package).rglob("*.py"))
+    assert files, package
+    bad = [f"{module_name(path)} imports {imported}"
+           for path in files for imported in project_imports(path)
+           if imported.split(".")[0] != "loadtests" and not _allowed(imported, TOP[package])]
+    assert not bad, "layer rule broken:\n" + "\n".join(bad)
+
+
+def _module_graph() -> dict[str, set[str]]:
+    files = [p for pkg in ("serve", "deployments", "client") for p in sorted((ROOT / pkg).rglob("*.py"))]
+    modules = {module_name(p): p for p in files}
+    graph = {}
+    for name, path in modules.items():
+        # `from a.b import c` names module a.b.c when c is a module, else a name in a.b
+        graph[name] = {m for m in project_imports(path) if m in modules and m != name}
+    return graph
+
+
+def test_no_import_circles():
+    graph = _module_graph()
+    index, low, stack, on_stack, circles = {}, {}, [], set(), []
+
+    def visit(v):  # Tarjan's strongly connected components
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                circles.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    assert not circles, f"import circles: {circles}"

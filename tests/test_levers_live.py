@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from ray import serve
 
 from serve.ops.deploy import deploy_serve_config, load_serve_config
-from serve.pipeline.threads import node_cpus
+from serve.runtime.threads import node_cpus
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = "live-levers"

@@ -1,5 +1,5 @@
 """The step cache's backends in process on the tiny model: cache-dit's DBCache
-(`serve.pipeline.step_cache_dit.CacheDitStepCache`) beside the hand-written first-block cache, and
+(`serve.pipeline.step_cache.dbcache.CacheDitStepCache`) beside the hand-written first-block cache, and
 `make_step_cache(levers)`, the factory the deployment calls.
 
 cache-dit at threshold 0 reproduces diffusers' SkyReelsV2Pipeline frames (max |Δ| ≤ 1e-5); with a
@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from serve.config import LeversConfig
 from serve.pipeline.step_cache import StepCache, make_step_cache
-from serve.pipeline.step_cache_dit import CacheDitStepCache
+from serve.pipeline.step_cache.dbcache import CacheDitStepCache
 from test_levers import decode, embeds, loop_latents, pipe, pipeline_frames, psnr  # noqa: F401 (pipe, embeds: fixtures)
 
 

@@ -26,7 +26,7 @@ from client.http import CineVividClient
 from media_probe import probe_mp4
 from serve.ops.admin import add_user, create_key
 from serve.ops.launcher import _stop_cluster
-from serve.ops.cluster_record import LOOPBACK_ENV
+from serve.runtime.cluster_record import LOOPBACK_ENV
 from serve.ops.serve_env import HAPROXY_FILES, HAPROXY_PORTS, apply_serve_env, free_port
 
 ROOT = Path(__file__).resolve().parents[1]

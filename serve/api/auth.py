@@ -17,8 +17,11 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 from sqlalchemy import func, insert, select, update
 
-from serve.config import IngressConfig
-from serve.errors import AuthError, CineVividError, ConfigurationError, ConflictError
+from serve.config import IngressConfig, Settings
+from serve.errors import (
+    ApiKeyLimitReached, ApiKeyRevoked, AuthError, ConfigurationError, ConflictError,
+    InvalidCredentials, InvalidRequest, InvalidToken, MissingCredentials, TokenExpired,
+)
 from serve.jobs.db import Database, api_keys, users
 
 JWT_ALGORITHM = "HS256"
@@ -77,8 +80,7 @@ class Authenticator:
         if role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}")
         if not username or len(username) > 128:
-            raise CineVividError("username must be 1..128 characters", code="invalid_request",
-                                 status=400, param="username")
+            raise InvalidRequest("username must be 1..128 characters", param="username")
         pw_hash = await asyncio.to_thread(hash_password, password)
         row = {"id": f"user_{uuid.uuid4().hex}", "username": username, "password_hash": pw_hash,
                "role": role, "disabled": False, "created_at": time.time()}
@@ -98,7 +100,7 @@ class Authenticator:
         user = await self.get_user_by_name(username)
         ok = await asyncio.to_thread(verify_password, user["password_hash"] if user else self._dummy_hash, password)
         if not user or not ok or user["disabled"]:
-            raise AuthError("invalid username or password", code="invalid_credentials")
+            raise InvalidCredentials("invalid username or password")
         return {"access_token": self.issue_token(user), "token_type": "bearer", "expires_in": self.token_ttl_s}
 
     # ---- tokens ----
@@ -113,9 +115,9 @@ class Authenticator:
             return jwt.decode(token, self._secret, algorithms=[JWT_ALGORITHM], issuer=self.issuer,
                               options={"require": ["exp", "iat", "sub"]})
         except jwt.ExpiredSignatureError:
-            raise AuthError("the access token has expired", code="token_expired") from None
+            raise TokenExpired("the access token has expired") from None
         except jwt.PyJWTError:
-            raise AuthError("the access token is invalid", code="invalid_token") from None
+            raise InvalidToken("the access token is invalid") from None
 
     # ---- API keys ----
     async def create_api_key(self, user_id: str, name: str = "", *, max_active: int | None = None) -> dict:
@@ -131,8 +133,8 @@ class Authenticator:
                 have = (await conn.execute(select(func.count()).select_from(api_keys).where(
                     api_keys.c.user_id == user_id, api_keys.c.revoked_at.is_(None)))).scalar_one()
                 if have >= max_active:
-                    raise ConflictError(f"you have {have} active API keys; the limit is {max_active}. Revoke one "
-                                        "(DELETE /v1/api-keys/{id}) first", code="api_key_limit_reached")
+                    raise ApiKeyLimitReached(f"you have {have} active API keys; the limit is {max_active}. "
+                                             "Revoke one (DELETE /v1/api-keys/{id}) first")
             await conn.execute(insert(api_keys).values(**row))
         return {**_key_view(row), "key": key}
 
@@ -154,19 +156,18 @@ class Authenticator:
     # ---- authentication ----
     async def authenticate(self, authorization: str | None) -> Principal:
         if not authorization:
-            raise AuthError("missing credentials: send 'Authorization: Bearer <token or API key>'",
-                            code="missing_credentials")
+            raise MissingCredentials("missing credentials: send 'Authorization: Bearer <token or API key>'")
         scheme, _, credential = authorization.partition(" ")
         credential = credential.strip()
         if scheme.lower() != "bearer" or not credential:
-            raise AuthError("the Authorization header must be 'Bearer <token or API key>'", code="invalid_token")
+            raise InvalidToken("the Authorization header must be 'Bearer <token or API key>'")
         if credential.startswith(API_KEY_PREFIX):
             return await self._authenticate_key(credential)
         claims = self.decode_token(credential)
         async with self.db.read() as conn:
             user = (await conn.execute(select(users).where(users.c.id == claims["sub"]))).mappings().first()
         if not user or user["disabled"]:
-            raise AuthError("the token's user does not exist or is disabled", code="invalid_token")
+            raise InvalidToken("the token's user does not exist or is disabled")
         return Principal(user["id"], user["username"], user["role"], via="jwt")
 
     async def _authenticate_key(self, key: str) -> Principal:
@@ -177,11 +178,11 @@ class Authenticator:
                 .join(users, users.c.id == api_keys.c.user_id)
                 .where(api_keys.c.key_hash == hash_api_key(key)))).mappings().first()
         if not row:
-            raise AuthError("invalid API key", code="invalid_api_key")
+            raise AuthError("invalid API key")
         if row["revoked_at"] is not None:
-            raise AuthError("this API key has been revoked", code="api_key_revoked")
+            raise ApiKeyRevoked("this API key has been revoked")
         if row["disabled"]:
-            raise AuthError("this API key's user is disabled", code="invalid_api_key")
+            raise AuthError("this API key's user is disabled")
         return Principal(row["user_id"], row["username"], row["role"], via="api_key", key_id=row["id"])
 
 
@@ -195,7 +196,7 @@ def load_jwt_secret(config: IngressConfig) -> str:
     """`CINEVIVID_JWT_SECRET`; required (>= 32 bytes) in production. In the embedded default a
     random secret is generated once and kept in the data dir, so every replica and restart
     agrees on it."""
-    secret = os.environ.get("CINEVIVID_JWT_SECRET", "")
+    secret = Settings().jwt_secret
     if secret:
         if config.resolved_mode() == "production" and len(secret.encode()) < MIN_JWT_SECRET_BYTES:
             raise ConfigurationError(

@@ -25,7 +25,7 @@ import numpy as np
 
 from serve.api.requests import spec_from_openai
 from serve.contracts import COMPLETED, GenerationInputs, ResolvedSpec
-from serve.errors import CineVividError, InvalidSpecError, NotFound
+from serve.errors import InvalidSpecError, NotFound, VideoNotReady
 from serve.jobs.service import JobService
 
 
@@ -97,8 +97,8 @@ async def extension_job(service: JobService, user_id: str, req, upload: bytes | 
         if job is None:
             raise NotFound(f"no video with id {ref['id']!r}", param="video")
         if job["status"] != COMPLETED or not job["video_path"]:
-            raise CineVividError(f"video {ref['id']} is {job['status']}; only a completed video can be extended",
-                                 code="video_not_ready", status=409, param="video")
+            raise VideoNotReady(f"video {ref['id']} is {job['status']}; only a completed video can be extended",
+                                param="video")
         source, source_id = Path(job["video_path"]), job["id"]
     from serve.media.inputs import probe_video
 

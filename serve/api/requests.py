@@ -13,7 +13,7 @@ from starlette.requests import Request
 
 from serve.config import ModelConfig
 from serve.contracts import SIZE_MULTIPLE, VAE_TEMPORAL_FACTOR, GenerationSpec
-from serve.errors import CineVividError, InvalidSpecError, PayloadTooLarge
+from serve.errors import CineVividError, InvalidForm, InvalidJSON, InvalidSpecError, PayloadTooLarge
 
 # A request body nests objects and lists at most this deep (the deepest real one, a voice-over
 # inside a video request, is 2); deeper is a 400, whatever the parser could take.
@@ -21,7 +21,7 @@ MAX_JSON_DEPTH = 16
 
 
 def _bad_json(message: str) -> CineVividError:
-    return CineVividError(message, code="invalid_json", status=400)
+    return InvalidJSON(message)
 
 
 def check_structure(data: Any) -> None:
@@ -66,8 +66,7 @@ async def read_body(request: Request, model: type[BaseModel], *, allow_empty: bo
         raw = await request.body()
         if not raw.strip():
             if not allow_empty:
-                raise CineVividError("the request body is empty; send a JSON object", code="invalid_json",
-                                     status=400)
+                raise InvalidJSON("the request body is empty; send a JSON object")
             data = {}
         else:
             try:
@@ -89,7 +88,7 @@ async def _read_form(request: Request):
     except PayloadTooLarge:
         raise
     except Exception as exc:  # noqa: BLE001 - malformed multipart
-        raise CineVividError(f"malformed form body: {exc}", code="invalid_form", status=400) from None
+        raise InvalidForm(f"malformed form body: {exc}") from None
 
 
 async def read_body_with_files(request: Request, model: type[BaseModel], file_fields: tuple[str, ...],

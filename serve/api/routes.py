@@ -34,8 +34,10 @@ from serve.pipeline.lora import adapter_catalog
 from serve.api.sse import job_events
 from serve.api.throttle import FailedAuthThrottle, client_address, parse_networks
 from serve.api.ui import ui_asset, ui_index
-from serve.contracts import GenerationSpec
-from serve.errors import AuthError, CineVividError, InvalidSpecError, NotFound, PermissionDenied, RateLimited
+from serve.contracts import COMPLETED, GenerationSpec
+from serve.errors import (
+    AuthError, InvalidSpecError, NotFound, PermissionDenied, RateLimited, VideoNotReady,
+)
 from serve.config import IngressConfig
 from serve.jobs.service import VERSION, JobService
 
@@ -275,13 +277,12 @@ async def video_content(request: Request) -> Response:
     if variant not in ("video", "thumbnail", "preview"):
         raise InvalidSpecError(f"variant must be 'video', 'thumbnail' or 'preview' (got {variant!r})",
                                param="variant")
-    if variant == "preview" and job["status"] != "completed":
+    if variant == "preview" and job["status"] != COMPLETED:
         return _preview_response(request, api, job)
     if variant == "preview":
         variant = "video"  # once completed, the preview is the finished video
-    if job["status"] != "completed":
-        raise CineVividError(f"video {job['id']} is {job['status']}; content exists once it is completed",
-                             code="video_not_ready", status=409)
+    if job["status"] != COMPLETED:
+        raise VideoNotReady(f"video {job['id']} is {job['status']}; content exists once it is completed")
     path = job["video_path"] if variant == "video" else job["thumbnail_path"]
     if not path:
         raise NotFound(f"the {variant} of video {job['id']} is missing from storage", param="variant")
@@ -295,8 +296,8 @@ def _preview_response(request: Request, api: "Api", job: dict) -> Response:
     state = api.service.artifacts.preview_state(job["id"])
     path = api.service.artifacts.preview_paths(job["id"])[0]
     if state is None or not path.exists():
-        raise CineVividError(f"video {job['id']} is {job['status']} and has no playable part yet (a preview exists "
-                             f"for long videos once their first window is done)", code="video_not_ready", status=409)
+        raise VideoNotReady(f"video {job['id']} is {job['status']} and has no playable part yet (a preview exists "
+                             f"for long videos once their first window is done)")
     headers = {"Cache-Control": "no-store", "X-Video-Status": job["status"],
                "X-Windows-Done": str(state["windows_done"]), "X-Windows-Total": str(state["windows_total"]),
                "X-Playable-Seconds": f"{state['playable_s']:g}"}
@@ -304,8 +305,7 @@ def _preview_response(request: Request, api: "Api", job: dict) -> Response:
         return file_response(request, str(path), "video/mp4", f"{job['id']}.preview.mp4",
                              f"preview of video {job['id']}", size_limit=state["bytes"], headers=headers)
     except NotFound:  # the job ended between the two reads: its preview is gone
-        raise CineVividError(f"video {job['id']} just ended; fetch it again", code="video_not_ready",
-                             status=409) from None
+        raise VideoNotReady(f"video {job['id']} just ended; fetch it again") from None
 
 
 async def video_events(request: Request) -> Response:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from typing import AsyncIterator
 
-from serve.contracts import TERMINAL_STATUSES, ErrorInfo, ProgressEvent
+from serve.contracts import DELETED, TERMINAL_STATUSES, ErrorInfo, ProgressEvent
 from serve.jobs.service import JobService
 
 
@@ -41,7 +41,7 @@ async def job_events(service: JobService, job: dict, keepalive_s: float = 15.0) 
         return sse_frame(ev.model_copy(update={"progress": last_progress, "id": job_id}))
 
     def deleted() -> bytes:
-        return sse_frame(ProgressEvent(type="status", id=job_id, status="deleted", progress=last_progress))
+        return sse_frame(ProgressEvent(type="status", id=job_id, status=DELETED, progress=last_progress))
 
     poll = service.config.dispatcher.poll_interval_s
     try:
@@ -76,7 +76,7 @@ async def job_events(service: JobService, job: dict, keepalive_s: float = 15.0) 
                     yield b": keepalive\n\n"
                 continue
             idle = 0.0
-            if ev.status == "deleted":
+            if ev.status == DELETED:
                 yield deleted()
                 return
             yield emit(ev)

@@ -21,17 +21,20 @@ import time
 import uuid
 
 from serve.config import DispatcherConfig, TTSConfig
-from serve.contracts import FAILED, ErrorInfo, GenerationInputs, ProgressEvent, ResolvedSpec
+from serve.contracts import (
+    CANCELLED, CANCELLED_MESSAGE, COMPLETED, DELETED, FAILED, IN_PROGRESS, ErrorInfo, GenerationInputs, ProgressEvent,
+    ResolvedSpec,
+)
 from serve.errors import (
-    CineVividError, GenerationCancelled, InsufficientStorage, JobLost, StageUnavailable, TTSError, is_disk_full,
-    replica_stopped, unwrap_error,
+    CineVividError, GenerationCancelled, InputsMissing, InsufficientStorage, JobLost, NoResult, StageUnavailable,
+    StorageError, TTSError, is_disk_full, replica_stopped, unwrap_error,
 )
 from serve.jobs.artifacts import ArtifactStore
 from serve.jobs.events import ProgressBroker
 from serve.jobs.generator_client import GeneratorClient
 from serve.jobs.metrics import JobMetrics
 from serve.jobs.store import JobStore
-from serve.pipeline.replica import GONE_STATES, actor_state, caller_id, cluster_tag
+from serve.runtime.replica import GONE_STATES, actor_state, caller_id, cluster_tag
 
 logger = logging.getLogger(__name__)
 _OWNER_ACTOR = re.compile(r" actor=([0-9a-f]+) ray=([0-9a-f]+)$")
@@ -124,7 +127,7 @@ class Dispatcher:
     def running_ids(self) -> list[str]:
         return list(self._running)
 
-    def cancel_local(self, job_id: str, reason: str = "cancelled") -> bool:
+    def cancel_local(self, job_id: str, reason: str = CANCELLED) -> bool:
         """Stop a job running on this replica now (cancel / delete). False if it is not here."""
         task = self._running.get(job_id)
         if task is None:
@@ -198,7 +201,7 @@ class Dispatcher:
         log = logging.LoggerAdapter(logger, {"job_id": job_id})
         started = time.time()
         log.info("job %s: claimed (attempt %d) by %s", job_id, job["attempts"], self.owner)
-        self._publish(job_id, type="status", status="in_progress", progress=0)
+        self._publish(job_id, type="status", status=IN_PROGRESS, progress=0)
         stream = None
         state = {"progress": 0, "stage": None, "last_write": 0.0, "dirty": False}
         heartbeat = asyncio.create_task(self._heartbeat(job_id, state))
@@ -229,7 +232,7 @@ class Dispatcher:
                     continue
                 break
             if result is None:
-                raise CineVividError("the generator ended without a result", code="stage_failed")
+                raise NoResult("the generator ended without a result")
             video_path, thumb_path = await self._save_artifacts(job_id, result, log)
             heartbeat.cancel()
             ok = await self.store.complete(job_id, self.owner, video_path=video_path, thumbnail_path=thumb_path,
@@ -240,7 +243,7 @@ class Dispatcher:
             await self._safe(self.artifacts.delete_inputs(job_id))
             elapsed = time.time() - started
             self.metrics.observe_result(result, elapsed)
-            self._publish(job_id, type="status", status="completed", progress=100)
+            self._publish(job_id, type="status", status=COMPLETED, progress=100)
             log.info("job %s: completed in %.2fs (%d bytes)%s", job_id, elapsed, len(result.mp4),
                      f" after {retries} retr{'ies' if retries != 1 else 'y'}" if retries else "")
         except asyncio.CancelledError:
@@ -251,12 +254,12 @@ class Dispatcher:
         except JobLost:
             self._cancel_stream(stream)
             log.info("job %s: no longer owned here (deleted or re-queued); stopped", job_id)
-            self._publish(job_id, type="status", status="deleted", progress=state["progress"])
+            self._publish(job_id, type="status", status=DELETED, progress=state["progress"])
         except Exception as exc:  # noqa: BLE001 - every failure ends as a failed record
             self._cancel_stream(stream)
             err = unwrap_error(exc)
             if isinstance(err, GenerationCancelled):
-                await self._after_cancel(job_id, "cancelled", log)
+                await self._after_cancel(job_id, CANCELLED, log)
             else:
                 code = getattr(err, "code", "internal_error")
                 message = getattr(err, "message", None) or str(err) or type(err).__name__
@@ -265,7 +268,7 @@ class Dispatcher:
                 if await self._safe(self.store.fail(job_id, self.owner, code=code, message=message, param=param)):
                     await self._safe(self.artifacts.delete_inputs(job_id))
                 self.metrics.observe_failure(code, tts_provider=self._tts_provider(job, err))
-                self._publish(job_id, type="status", status="failed", progress=state["progress"],
+                self._publish(job_id, type="status", status=FAILED, progress=state["progress"],
                               error=ErrorInfo(code=code, message=message, param=param))
         finally:
             heartbeat.cancel()
@@ -282,7 +285,7 @@ class Dispatcher:
                   "extend": ["source.mp4"]}[spec.mode]
         missing = [n for n in needed if n not in files]
         if missing:
-            raise CineVividError(f"the inputs of this job are gone ({', '.join(missing)})", code="inputs_missing")
+            raise InputsMissing(f"the inputs of this job are gone ({', '.join(missing)})")
         return GenerationInputs(image=_png_array(files.get("image.png")),
                                 last_image=_png_array(files.get("last_image.png")),
                                 video_mp4=files.get("source.mp4"))
@@ -308,8 +311,8 @@ class Dispatcher:
         log.warning("job %s: the %s replica stopped; retry %d of %d from the start", job_id, stage, retry,
                     self.config.stage_retries)
         self.metrics.job_retries.labels(stage).inc()
-        self._publish(job_id, type="status", status="in_progress", progress=state["progress"], retry=retry,
-                      error=ErrorInfo(code="stage_unavailable",
+        self._publish(job_id, type="status", status=IN_PROGRESS, progress=state["progress"], retry=retry,
+                      error=ErrorInfo(code=StageUnavailable.code,
                                       message=f"the {stage} replica stopped while running this job; "
                                               f"retrying from the start ({retry} of {self.config.stage_retries})"))
         await asyncio.sleep(self.config.stage_retry_backoff_s * 2 ** (retry - 1))
@@ -332,23 +335,23 @@ class Dispatcher:
                 raise InsufficientStorage("the server's disk is full: the video was generated but could not be "
                                           "stored. Try again later.") from exc
             log.error("job %s: the video could not be stored: %s", job_id, exc)
-            raise CineVividError("the server could not store the video", code="storage_error") from exc
+            raise StorageError("the server could not store the video") from exc
 
     async def _after_cancel(self, job_id: str, reason: str, log) -> None:
         if reason == "shutdown":
             status = await self._safe(self.store.release(job_id, self.owner))
             log.info("job %s: released at shutdown (no attempt spent); now %s", job_id, status)
             return
-        if reason == "deleted":
+        if reason == DELETED:
             log.info("job %s: deleted while running; stopped", job_id)
-            self._publish(job_id, type="status", status="deleted")
+            self._publish(job_id, type="status", status=DELETED)
             return
-        await self._safe(self.store.fail(job_id, self.owner, code="cancelled", message="the job was cancelled"))
+        await self._safe(self.store.fail(job_id, self.owner, code=CANCELLED, message=CANCELLED_MESSAGE))
         await self._safe(self.artifacts.delete_inputs(job_id))
-        self.metrics.observe_failure("cancelled")
+        self.metrics.observe_failure(CANCELLED)
         log.info("job %s: cancelled", job_id)
-        self._publish(job_id, type="status", status="failed",
-                      error=ErrorInfo(code="cancelled", message="the job was cancelled"))
+        self._publish(job_id, type="status", status=FAILED,
+                      error=ErrorInfo(code=CANCELLED, message=CANCELLED_MESSAGE))
 
     def _tts_provider(self, job: dict, err: BaseException) -> str | None:
         """The voice-over provider of a job that failed in its TTS stage (else None): the one the
@@ -422,7 +425,7 @@ class Dispatcher:
         if res is None:
             raise JobLost()
         if res["cancel_requested"]:
-            self._cancel_reason[job_id] = "cancelled"
+            self._cancel_reason[job_id] = CANCELLED
             raise GenerationCancelled("the job was cancelled")
 
     async def _heartbeat(self, job_id: str, state: dict) -> None:
@@ -433,10 +436,10 @@ class Dispatcher:
             try:
                 await self._write_progress(job_id, state)
             except JobLost:
-                self.cancel_local(job_id, "deleted")
+                self.cancel_local(job_id, DELETED)
                 return
             except GenerationCancelled:
-                self.cancel_local(job_id, "cancelled")
+                self.cancel_local(job_id, CANCELLED)
                 return
             except Exception:  # noqa: BLE001 - the DB may be briefly unavailable; retry
                 logger.warning("job %s: lease renewal failed", job_id, exc_info=True)

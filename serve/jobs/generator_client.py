@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any, AsyncIterator, Protocol
 
 from serve.contracts import GenerationInputs, ProgressEvent, ResolvedSpec
-from serve.pipeline.replica import caller_id
+from serve.runtime.replica import caller_id
 
 
 class GeneratorClient(Protocol):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from serve.contracts import GenerationResult
+from serve.contracts import COMPLETED, FAILED, GenerationResult
 from serve.jobs.node_metrics import DiskCollector, NvmlGpuCollector
 
 JOB_BUCKETS = (0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600)
@@ -61,7 +61,7 @@ class JobMetrics:
     def observe_result(self, result: GenerationResult, elapsed_s: float) -> None:
         """A completed job: its duration, each stage's, and its seconds per denoising step."""
         self.job_duration.observe(elapsed_s)
-        self.jobs_finished.labels("completed", "").inc()
+        self.jobs_finished.labels(COMPLETED, "").inc()
         for t in result.timings:
             self.stage_duration.labels(t.stage).observe(max(0.0, t.seconds))
         denoise = result.timing("transformer")
@@ -73,7 +73,7 @@ class JobMetrics:
                 step_hist.observe(per_step)
 
     def observe_failure(self, code: str, *, tts_provider: str | None = None) -> None:
-        self.jobs_finished.labels("failed", code).inc()
+        self.jobs_finished.labels(FAILED, code).inc()
         if tts_provider is not None:
             self.tts_failures.labels(tts_provider, code).inc()
 

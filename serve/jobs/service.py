@@ -13,9 +13,11 @@ from typing import Any
 
 from serve.config import AppArgs, IngressConfig, ModelConfig, TTSConfig
 from serve.contracts import (
-    FAILED, IN_PROGRESS, QUEUED, SIZE_MULTIPLE, VAE_TEMPORAL_FACTOR, GenerationInputs, GenerationSpec, ResolvedSpec,
+    CANCELLED, COMPLETED, DELETED, FAILED, IN_PROGRESS, QUEUED, SIZE_MULTIPLE, GenerationInputs,
+    GenerationSpec, ResolvedSpec,
 )
 from serve.errors import InvalidSpecError, NotFound
+from serve.frames import largest_frame_count
 from serve.jobs.artifacts import ArtifactStore
 from serve.jobs.db import Database
 from serve.jobs.dispatcher import Dispatcher
@@ -73,8 +75,7 @@ class JobService:
         defaults = {
             "width": min(limited.width, max(SIZE_MULTIPLE, limited.max_width // SIZE_MULTIPLE * SIZE_MULTIPLE)),
             "height": min(limited.height, max(SIZE_MULTIPLE, limited.max_height // SIZE_MULTIPLE * SIZE_MULTIPLE)),
-            "num_frames": min(limited.num_frames, (limited.max_frames - 1) // VAE_TEMPORAL_FACTOR
-                              * VAE_TEMPORAL_FACTOR + 1),
+            "num_frames": min(limited.num_frames, largest_frame_count(limited.max_frames)),
             "num_inference_steps": min(limited.num_inference_steps, limited.max_steps),
         }
         return limited.model_copy(update=defaults)
@@ -205,9 +206,9 @@ class JobService:
         if job["status"] == FAILED:  # ended (in the queue, or before): its inputs are not needed any more
             await self.artifacts.delete_inputs(job_id)
         if before is not None and before["status"] == QUEUED and job["status"] == FAILED:
-            self.metrics.observe_failure("cancelled")  # failed here, in the queue (a running job: by its dispatcher)
+            self.metrics.observe_failure(CANCELLED)  # failed here, in the queue (a running job: by its dispatcher)
         if job["status"] == IN_PROGRESS:
-            if self.dispatcher.cancel_local(job_id, "cancelled"):
+            if self.dispatcher.cancel_local(job_id, CANCELLED):
                 await self._wait_not_running(job_id)
                 job = await self.store.get(job_id) or job
         logger.info("job %s: cancel requested by user %s; now %s", job_id, user_id, job["status"])
@@ -217,7 +218,7 @@ class JobService:
         job = await self.store.delete(job_id, user_id)
         if job is None:
             raise NotFound(f"no video with id {job_id!r}", param="video_id")
-        if self.dispatcher.cancel_local(job_id, "deleted"):
+        if self.dispatcher.cancel_local(job_id, DELETED):
             await self._wait_not_running(job_id)
         await self.artifacts.delete(job["video_path"], job["thumbnail_path"], *self.artifacts.paths(job_id),
                                     *self.artifacts.preview_paths(job_id))
@@ -232,11 +233,11 @@ class JobService:
 
     # ---- views ----
     def video_view(self, job: dict) -> dict:
-        return video_view(job, self.artifacts.preview_state(job["id"]) if job["status"] == "in_progress" else None)
+        return video_view(job, self.artifacts.preview_state(job["id"]) if job["status"] == IN_PROGRESS else None)
 
     def task_view(self, job: dict) -> dict:
         v = self.video_view(job)
-        done = job["status"] == "completed"
+        done = job["status"] == COMPLETED
         return {"task_id": job["id"], "status": job["status"], "progress": v["progress"], "stage": v["stage"],
                 "prompt": job["prompt"], "created_at": v["created_at"], "completed_at": v["completed_at"],
                 "error": v["error"], "has_audio": v["has_audio"],
@@ -308,6 +309,6 @@ class JobService:
 
     async def admin_stats(self) -> dict:
         counts = await self.store.counts_by_status()
-        return {"total_videos": counts.get("completed", 0), "active_users": await self.store.active_users(),
+        return {"total_videos": counts.get(COMPLETED, 0), "active_users": await self.store.active_users(),
                 "jobs_by_status": counts, "queue_depth": counts.get(QUEUED, 0),
                 "running_here": len(self.dispatcher.running_ids)}

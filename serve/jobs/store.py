@@ -14,8 +14,10 @@ from typing import Any, Callable
 
 from sqlalchemy import and_, delete, func, insert, or_, select, update
 
-from serve.contracts import ACTIVE_STATUSES, COMPLETED, FAILED, IN_PROGRESS, JOB_STATUSES, QUEUED
-from serve.errors import CineVividError, TooManyJobsError
+from serve.contracts import (
+    ACTIVE_STATUSES, CANCELLED, CANCELLED_MESSAGE, COMPLETED, FAILED, IN_PROGRESS, JOB_STATUSES, QUEUED,
+)
+from serve.errors import InvalidRequest, MaxAttemptsExceeded, TooManyJobsError
 from serve.jobs.db import Database, jobs
 from serve.jobs.webhook_store import VIDEO_COMPLETED, VIDEO_FAILED, enqueue_job_event
 
@@ -71,8 +73,7 @@ class JobStore:
                 seq = (await conn.execute(select(jobs.c.seq).where(
                     jobs.c.id == after, jobs.c.user_id == user_id))).scalar_one_or_none()
                 if seq is None:
-                    raise CineVividError(f"no video with id {after!r}", code="invalid_request",
-                                         status=400, param="after")
+                    raise InvalidRequest(f"no video with id {after!r}", param="after")
                 stmt = stmt.where(jobs.c.seq < seq if order == "desc" else jobs.c.seq > seq)
             stmt = stmt.order_by(jobs.c.seq.desc() if order == "desc" else jobs.c.seq.asc()).limit(limit + 1)
             rows = [dict(r) for r in (await conn.execute(stmt)).mappings().all()]
@@ -153,7 +154,7 @@ class JobStore:
             if row is None:
                 return None
             if row["cancel_requested"]:
-                values = dict(status=FAILED, error_code="cancelled", error_message="the job was cancelled",
+                values = dict(status=FAILED, error_code=CANCELLED, error_message=CANCELLED_MESSAGE,
                               completed_at=now)
             else:
                 # a running job's claim counted one attempt (attempts >= 1 here)
@@ -206,10 +207,10 @@ class JobStore:
             if row is None:
                 return None
             if row["cancel_requested"]:
-                values = dict(status=FAILED, error_code="cancelled", error_message="the job was cancelled",
+                values = dict(status=FAILED, error_code=CANCELLED, error_message=CANCELLED_MESSAGE,
                               completed_at=now)
             elif row["attempts"] >= max_attempts:
-                values = dict(status=FAILED, error_code="max_attempts_exceeded", completed_at=now,
+                values = dict(status=FAILED, error_code=MaxAttemptsExceeded.code, completed_at=now,
                               error_message=f"the job was interrupted {row['attempts']} time(s) and has used up "
                                             f"its {max_attempts} attempt(s); last interruption: {reason}")
             else:
@@ -233,7 +234,7 @@ class JobStore:
                 return None
             if row.status == QUEUED:
                 await conn.execute(update(jobs).where(jobs.c.id == job_id).values(
-                    status=FAILED, error_code="cancelled", error_message="the job was cancelled",
+                    status=FAILED, error_code=CANCELLED, error_message=CANCELLED_MESSAGE,
                     completed_at=now, updated_at=now, cancel_requested=True))
                 hooks = await enqueue_job_event(conn, job_id, VIDEO_FAILED)
             elif row.status == IN_PROGRESS:

@@ -26,7 +26,7 @@ from sqlalchemy import and_, delete, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from serve.config import WebhooksConfig
-from serve.errors import ConflictError, InvalidSpecError
+from serve.errors import InvalidSpecError, TooManyWebhooks
 from serve.jobs.db import Database, jobs, users, webhook_attempts, webhook_deliveries, webhook_endpoints
 from serve.jobs.views import video_view
 
@@ -145,9 +145,8 @@ class WebhookStore:
             have = (await conn.execute(select(func.count()).select_from(webhook_endpoints).where(
                 webhook_endpoints.c.user_id == user_id))).scalar_one()
             if have >= cap:
-                raise ConflictError(f"you have {have} webhook endpoints; the limit is {cap}. "
-                                    "Delete one (DELETE /v1/webhooks/{id}) first", code="too_many_webhooks",
-                                    param="url")
+                raise TooManyWebhooks(f"you have {have} webhook endpoints; the limit is {cap}. "
+                                      "Delete one (DELETE /v1/webhooks/{id}) first", param="url")
             await conn.execute(insert(webhook_endpoints).values(**row))
             owner = (await conn.execute(select(users.c.username).where(users.c.id == user_id))).scalar_one()
         return {**self._endpoint_view(row, owner), "secret": row["secret"]}

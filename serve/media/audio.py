@@ -12,7 +12,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from serve.errors import TTSError
+from serve.errors import TTSError, VoiceoverTooLong
 
 AAC_FRAME_SAMPLES = 1024
 DEFAULT_FADE_S = 0.05
@@ -90,10 +90,9 @@ def fit_audio(pcm: np.ndarray, sample_rate: int, duration_s: float, *,
     speech_s = len(speech) / sample_rate
     n = target_samples(duration_s, sample_rate, align)
     if fit == "error" and speech_s > duration_s:
-        raise TTSError(
+        raise VoiceoverTooLong(
             f"the voice-over ({provider}) lasts {speech_s:.2f}s but the video lasts {duration_s:.2f}s; "
-            "shorten the text, lengthen the video, or set voiceover.fit to \"trim\"",
-            code="voiceover_too_long", status=422, param="voiceover.text")
+            "shorten the text, lengthen the video, or set voiceover.fit to \"trim\"", param="voiceover.text")
     if len(speech) > n:  # longer than the video (or than its AAC-aligned length: < 1 frame)
         fade = max(1, min(int(round(fade_s * sample_rate)), n // 4 or 1))
         return fade_out(speech[:n], fade), speech_s, True

@@ -24,6 +24,7 @@ import numpy as np
 from serve.config import ModelConfig, TTSConfig
 from serve.contracts import SIZE_MULTIPLE, GenerationInputs, GenerationSpec, ResolvedSpec
 from serve.errors import InvalidSpecError
+from serve.frames import is_frame_count, largest_frame_count
 from serve.pipeline.spec import resolve_spec, select_model
 
 
@@ -101,12 +102,12 @@ def _extension_job(spec, inputs, models, tts, limits, source, extended_from):
                 f"are multiples of {SIZE_MULTIPLE} up to {model.max_width}x{model.max_height}", param="video")
     overlap = spec.overlap_history
     if overlap is None:  # the model's, or as much of a shorter video as makes 4k+1 frames
-        overlap = min(model.diffusion_forcing.overlap_history, (info.num_frames - 1) // 4 * 4 + 1)
+        overlap = min(model.diffusion_forcing.overlap_history, largest_frame_count(info.num_frames))
     if info.num_frames < overlap:
         raise InvalidSpecError(f"the video to extend has {info.num_frames} frames; extending it carries its last "
                                f"{overlap} (overlap_history)", param="video")
     new = spec.num_frames if spec.num_frames is not None else model.num_frames
-    if new < 5 or (new - 1) % 4:
+    if not is_frame_count(new, minimum=5):
         raise InvalidSpecError(f"num_frames (the new segment) must be 4k+1 and at least 5, got {new}",
                                param="num_frames")
     fps = spec.fps if spec.fps is not None else max(1, round(info.fps))

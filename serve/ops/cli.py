@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from typing import Callable
 
 from client import cli as client_cmds
 from client.http import DEFAULT_URL
+from serve.config import DEFAULT_DASHBOARD_PORT, DEFAULT_HOST, DEFAULT_HTTP_PORT, Settings
 from serve.ops import admin, kuberay, launcher, models
 
 
@@ -36,9 +36,10 @@ def _group(sub: argparse._SubParsersAction, name: str, summary: str) -> argparse
 
 def _server_args(p: argparse.ArgumentParser) -> None:
     """For the commands that talk to the HTTP API."""
-    p.add_argument("--server", default=os.environ.get("CINEVIVID_URL") or DEFAULT_URL, metavar="URL",
+    settings = Settings()
+    p.add_argument("--server", default=settings.url or DEFAULT_URL, metavar="URL",
                    help=f"the service's URL (default: $CINEVIVID_URL, else {DEFAULT_URL})")
-    p.add_argument("--api-key", default=os.environ.get("CINEVIVID_API_KEY"), metavar="KEY",
+    p.add_argument("--api-key", default=settings.api_key, metavar="KEY",
                    help="an API key, cv-... (default: $CINEVIVID_API_KEY)")
 
 
@@ -51,16 +52,16 @@ def _database_args(p: argparse.ArgumentParser) -> None:
 
 def dashboard_args(p: argparse.ArgumentParser) -> None:
     """The Ray dashboard of a cluster `up` (or `make run`) starts."""
-    p.add_argument("--dashboard-host", default="127.0.0.1", metavar="HOST",
-                   help="bind the Ray dashboard to this address (default: 127.0.0.1, this machine only)")
+    p.add_argument("--dashboard-host", default=DEFAULT_HOST, metavar="HOST",
+                   help=f"bind the Ray dashboard to this address (default: {DEFAULT_HOST}, this machine only)")
     p.add_argument("--dashboard-port", type=int, default=None, metavar="PORT",
-                   help="the Ray dashboard's port (default: 8265 if free, else a free one)")
+                   help=f"the Ray dashboard's port (default: {DEFAULT_DASHBOARD_PORT} if free, else a free one)")
     p.add_argument("--no-dashboard", action="store_true", help="start the Ray cluster without its dashboard")
 
 
 def _add_launcher(sub: argparse._SubParsersAction) -> None:
     up = _command(sub, "up", "start Ray if needed, deploy the Serve config, wait for /health", launcher.cmd_up)
-    up.add_argument("--config", default=os.environ.get("CINEVIVID_SERVE_CONFIG", launcher.DEFAULT_CONFIG),
+    up.add_argument("--config", default=Settings().serve_config or launcher.DEFAULT_CONFIG,
                     help=f"the Serve config file (default: $CINEVIVID_SERVE_CONFIG, else {launcher.DEFAULT_CONFIG})")
     up.add_argument("--detach", action="store_true", help="return once healthy, leaving it running")
     up.add_argument("--num-cpus", type=int, default=None, help="CPUs for a Ray cluster started here")
@@ -68,14 +69,14 @@ def _add_launcher(sub: argparse._SubParsersAction) -> None:
     up.add_argument("--address", default=None, help="use this running Ray cluster instead of starting one")
     up.add_argument("--replace", action="store_true", help="allow removing other Serve apps of that cluster")
     up.add_argument("--port", type=int, default=None, metavar="PORT",
-                    help="the HTTP port (default: http_options.port of the config, 8000)")
+                    help=f"the HTTP port (default: http_options.port of the config, {DEFAULT_HTTP_PORT})")
     up.add_argument("--host", default=None, metavar="HOST",
                     help="bind the HTTP port to this address (default: http_options.host of the config, "
-                         "127.0.0.1; 0.0.0.0 opens it to the network)")
+                         f"{DEFAULT_HOST}; 0.0.0.0 opens it to the network)")
     up.add_argument("--node-ip-address", default=None, metavar="IP",
                     help="make the Ray cluster started here reachable at IP so other nodes can join (its "
                          "ports then listen on every interface, guarded by the cluster token); default: "
-                         "127.0.0.1 only")
+                         f"{DEFAULT_HOST} only")
     dashboard_args(up)
 
     down = _command(sub, "down", "stop Serve (and the Ray cluster `up` started)", launcher.cmd_down)

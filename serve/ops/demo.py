@@ -16,7 +16,7 @@ from pathlib import Path
 from serve.ops.admin import add_user, create_key
 from serve.ops.cli import build_parser, dashboard_args
 from serve.errors import ConflictError
-from serve.ops.cluster_record import read_state
+from serve.runtime.cluster_record import read_state
 from serve.ops.launcher import DEFAULT_CONFIG, dashboard_lines, dashboard_options, up
 
 

@@ -42,8 +42,6 @@ ERRORS = {
           "the request did not arrive in time; the connection is closed"),
     500: ("Internal Server Error", "internal_error", "internal server error"),
 }
-# Ray's template maps these three to its plain-text 500 page; the same status, in the envelope
-RAY_500 = (502, 503, 504)
 
 
 def error_page(status: int) -> bytes:

@@ -34,6 +34,7 @@ from typing import Any
 import yaml
 
 from serve.app import deployment_plan
+from serve.config import DEFAULT_DASHBOARD_PORT, DEFAULT_HTTP_PORT
 from serve.ops.deploy import APP_IMPORT_PATH, load_serve_config, validate_serve_config
 from serve.ops.serve_env import SERVE_ENV
 
@@ -146,7 +147,7 @@ def _pod_template(container: dict[str, Any], data_pvc: str) -> dict[str, Any]:
 
 def _serve_config_for_kubernetes(config: dict[str, Any]) -> dict[str, Any]:
     http = {**(config.get("http_options") or {}), "host": "0.0.0.0"}
-    http.setdefault("port", 8000)
+    http.setdefault("port", DEFAULT_HTTP_PORT)
     out = {k: v for k, v in config.items() if k not in ("proxy_location", "http_options")}
     return {"proxy_location": "EveryNode", "http_options": http, **out}
 
@@ -170,7 +171,8 @@ def rayservice_manifest(config: dict[str, Any], *, name: str, image: str, ray_ve
     env = _env(secret)
     head = {
         "name": "ray-head", "image": image, "env": env,
-        "ports": [{"name": "gcs-server", "containerPort": 6379}, {"name": "dashboard", "containerPort": 8265},
+        "ports": [{"name": "gcs-server", "containerPort": 6379},
+                  {"name": "dashboard", "containerPort": DEFAULT_DASHBOARD_PORT},
                   {"name": "client", "containerPort": 10001}, {"name": "serve", "containerPort": port},
                   {"name": "metrics", "containerPort": 8080}],
         "resources": {"requests": {"cpu": "4", "memory": "16Gi"}, "limits": {"cpu": "4", "memory": "16Gi"}},

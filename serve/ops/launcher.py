@@ -6,7 +6,7 @@ the URL, and the Ray dashboard's with how to sign in to it with the cluster's to
 is on and bound to 127.0.0.1 unless --dashboard-host / --no-dashboard say otherwise). Without
 --detach it stays in the foreground and stops everything it started on Ctrl-C; with --detach it
 returns and leaves it running until `cinevivid down`. What it started is recorded in
-CINEVIVID_CACHE_DIR (serve.ops.cluster_record), for `down`, `cinevivid env` and
+CINEVIVID_CACHE_DIR (serve.runtime.cluster_record), for `down`, `cinevivid env` and
 GeneratorClient.connect().
 """
 
@@ -25,10 +25,10 @@ from pathlib import Path
 
 import httpx
 
-from serve.config import DEFAULT_DASHBOARD_PORT, DashboardOptions, HTTPFrontConfig
-from serve.ops.cluster_record import TOKEN_NAME, reachable as _reachable, read_state as _read_state
-from serve.ops.cluster_record import state_file as _state_file, use_loopback_cluster, use_token
-from serve.ops.cluster_record import write_state as _write_state
+from serve.config import DEFAULT_DASHBOARD_PORT, DEFAULT_HOST, DEFAULT_HTTP_PORT, DashboardOptions, HTTPFrontConfig
+from serve.runtime.cluster_record import TOKEN_NAME, reachable as _reachable, read_state as _read_state
+from serve.runtime.cluster_record import state_file as _state_file, use_loopback_cluster, use_token
+from serve.runtime.cluster_record import write_state as _write_state
 from serve.ops.serve_env import apply_serve_env, free_port
 
 DEFAULT_CONFIG = "serve_config.yaml"
@@ -97,7 +97,7 @@ def _dashboard_flags(dashboard: DashboardOptions) -> list[str]:
         return ["--include-dashboard=false"]
     port = dashboard.port
     if port is None:
-        bind = "127.0.0.1" if dashboard.host in ("localhost", "0.0.0.0", "::") else dashboard.host
+        bind = DEFAULT_HOST if dashboard.host in ("localhost", "0.0.0.0", "::") else dashboard.host
         port = DEFAULT_DASHBOARD_PORT if _port_free(bind, DEFAULT_DASHBOARD_PORT) else free_port()
     return ["--include-dashboard=true", f"--dashboard-host={dashboard.host}", f"--dashboard-port={port}"]
 
@@ -125,7 +125,7 @@ def _network_flags(node_ip_address: str | None) -> list[str]:
     ports = [f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}"]
     if node_ip_address:
         return [f"--node-ip-address={node_ip_address}", *ports]
-    return ["--node-ip-address=127.0.0.1", *ports]
+    return [f"--node-ip-address={DEFAULT_HOST}", *ports]
 
 
 def _connect(address: str | None, *, start_if_missing: bool, num_cpus: int | None,
@@ -157,7 +157,7 @@ def _connect(address: str | None, *, start_if_missing: bool, num_cpus: int | Non
     elif not start_if_missing:
         raise ConnectionError("no cluster started by `cinevivid up` (pass --address to use another)")
     port = free_port()
-    host = node_ip_address or "127.0.0.1"
+    host = node_ip_address or DEFAULT_HOST
     state = {"address": f"{host}:{port}", "started_ray": True, "token_path": os.environ["RAY_AUTH_TOKEN_PATH"],
              "loopback": not node_ip_address, "ray_temp_dir": ray_temp_dir(),
              "haproxy_dir": os.path.dirname(os.environ.get("RAY_SERVE_HAPROXY_CONFIG_FILE_LOC", "")) or None}
@@ -261,14 +261,14 @@ def _stop_cluster(session_dir: str | None, gcs_port: int | None = None, mark: st
 
 def service_url(config: dict) -> str:
     http = config.get("http_options") or {}
-    host = http.get("host", "127.0.0.1")
-    host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    host = http.get("host", DEFAULT_HOST)
+    host = DEFAULT_HOST if host in ("0.0.0.0", "::") else host
     prefix = "/"
     for app in config.get("applications") or []:
         if app.get("import_path") == APP_IMPORT_PATH:
             prefix = app.get("route_prefix") or "/"
             break
-    return f"http://{host}:{http.get('port', 8000)}{prefix.rstrip('/')}"
+    return f"http://{host}:{http.get('port', DEFAULT_HTTP_PORT)}{prefix.rstrip('/')}"
 
 
 def wait_healthy(url: str, timeout_s: float) -> dict:
@@ -310,7 +310,7 @@ def dashboard_lines(state: dict) -> list[str]:
 def _http_options(config: dict, port: int | None, host: str | None) -> dict:
     """The config with --port / --host laid over its http_options; with no host anywhere,
     127.0.0.1 (Serve's own default with HAProxy is every interface)."""
-    http = {"host": "127.0.0.1", **(config.get("http_options") or {})}
+    http = {"host": DEFAULT_HOST, **(config.get("http_options") or {})}
     if port is not None:
         http["port"] = port
     if host is not None:
@@ -320,7 +320,7 @@ def _http_options(config: dict, port: int | None, host: str | None) -> dict:
 
 def _check_http_port(config: dict, config_path: str) -> None:
     http = config.get("http_options") or {}
-    host, port = http.get("host", "127.0.0.1"), int(http.get("port", 8000))
+    host, port = http.get("host", DEFAULT_HOST), int(http.get("port", DEFAULT_HTTP_PORT))
     if not _port_free("" if host in ("0.0.0.0", "::") else host, port):
         raise PortInUse(f"port {port} is in use on {host} (http_options.port of {config_path}); "
                         "choose another with `cinevivid up --port PORT`")
@@ -481,7 +481,7 @@ def dashboard_options(args) -> DashboardOptions:
 def cmd_env(args) -> int:
     """`cinevivid env`: shell lines that point Ray (ray.init(), the ray CLI) at the stack's cluster."""
     from serve.errors import StackNotRunning
-    from serve.ops.cluster_record import ray_env, recorded_stack
+    from serve.runtime.cluster_record import ray_env, recorded_stack
 
     try:
         state = recorded_stack()

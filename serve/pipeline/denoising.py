@@ -22,7 +22,7 @@ import torch
 
 from serve.contracts import VAE_SPATIAL_FACTOR, latent_frames
 from serve.errors import GenerationCancelled
-from serve.pipeline.faults import inject_fault
+from serve.runtime.faults import inject_fault
 
 
 def latent_shape(channels: int, num_frames: int, height: int, width: int) -> tuple[int, ...]:

@@ -82,7 +82,7 @@ import numpy as np
 
 from serve.contracts import VAE_SPATIAL_FACTOR, latent_frames
 from serve.errors import GenerationCancelled
-from serve.pipeline.faults import inject_fault
+from serve.runtime.faults import inject_fault
 
 # diffusers' fps conditioning (`inject_sample_info` models, e.g. SkyReels-V2-DF-1.3B): 16 fps -> 0, else 1
 FPS_16 = 16

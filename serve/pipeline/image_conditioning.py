@@ -21,8 +21,6 @@ import torch
 from serve.contracts import VAE_SPATIAL_FACTOR, VAE_TEMPORAL_FACTOR, latent_frames
 from serve.pipeline.vae_encode import encode, to_model_input
 
-MASK_CHANNELS = VAE_TEMPORAL_FACTOR  # the mask is folded 4 frames per latent frame
-
 
 def _pil(image_uint8: np.ndarray):
     import PIL.Image

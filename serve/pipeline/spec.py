@@ -9,8 +9,9 @@ from typing import Sequence
 from serve.config import ModelConfig, TTSConfig
 from serve.errors import InvalidSpecError, UnknownModelError
 from serve.contracts import (
-    DF_FIELDS, SIZE_MULTIPLE, VAE_TEMPORAL_FACTOR, GenerationSpec, LoraSpec, ResolvedSpec, latent_frames,
+    DF_FIELDS, SIZE_MULTIPLE, VAE_TEMPORAL_FACTOR, GenerationSpec, LoraSpec, ResolvedSpec,
 )
+from serve.frames import check_causal_block, check_df_window, check_frame_count, is_frame_count
 
 # diffusers warns above this much added noise ("may cause inconsistencies"); SkyReels-V2 advises <= 50
 MAX_ADDNOISE_CONDITION = 60.0
@@ -46,8 +47,41 @@ def resolve_spec(spec: GenerationSpec, models: ModelConfig | Sequence[ModelConfi
     """`image_size` (width, height) of the reference image: when the request sets neither width
     nor height, a portrait image turns the model's default landscape size portrait (and the
     other way round), as SkyReels-V2 does."""
+    # 1. The model, the prompts and the LoRA adapter (whose defaults come before the model's)
     model = select_model(spec, models)
     mode = spec.mode or "text-to-video"
+    negative = _check_prompts(spec, model)
+    lora, adapter_defaults = _resolve_lora(spec, model)
+
+    # 2. Size, length and sampling
+    width, height = _resolve_size(spec, model, image_size)
+    frames = _resolve_num_frames(spec, model)
+    sampling = _resolve_sampling(spec, model, adapter_defaults)
+
+    # 3. Voice-over, the last frame, diffusion forcing
+    voiceover = spec.voiceover
+    if voiceover is not None:
+        from serve.pipeline.voiceover import validate_voiceover
+
+        voiceover = validate_voiceover(voiceover, tts or TTSConfig())
+
+    if has_last_image and model.pipeline == "i2v":
+        raise InvalidSpecError(f"model {model.name} does not take a last frame (an I2V model starts from one image); "
+                               "the DF models do", param="last_frame")
+    df = resolve_diffusion_forcing(spec, model, frames, force=mode != "text-to-video" and model.pipeline == "df",
+                                   df_mode=DF_MODE[mode], last_image=has_last_image)
+
+    seed = spec.seed if spec.seed is not None else secrets.randbelow(2**31)
+    return ResolvedSpec(
+        prompt=spec.prompt, negative_prompt=negative, model=model.name, width=width, height=height,
+        num_frames=frames, seed=seed, voiceover=voiceover, lora=lora, return_frames=spec.return_frames, mode=mode,
+        has_last_image=has_last_image, extended_from_video_id=extended_from_video_id,
+        source_num_frames=source_num_frames, **sampling, **df,
+    )
+
+
+def _check_prompts(spec: GenerationSpec, model: ModelConfig) -> str:
+    """Check the prompt and the negative prompt; returns the negative prompt (the model's by default)."""
     prompt = (spec.prompt or "").strip()
     if not prompt:
         raise InvalidSpecError("prompt must not be empty", param="prompt")
@@ -59,20 +93,27 @@ def resolve_spec(spec: GenerationSpec, models: ModelConfig | Sequence[ModelConfi
         raise InvalidSpecError(
             f"negative_prompt is {len(negative)} characters; the limit is {model.max_prompt_chars}",
             param="negative_prompt")
+    return negative
 
-    lora, adapter_defaults = None, {}
-    if spec.lora is not None:
-        from serve.pipeline.lora import adapter_catalog
 
-        catalog = adapter_catalog(model)
-        adapter = catalog.get(spec.lora.name)
-        if adapter is None:
-            raise InvalidSpecError(f"unknown LoRA adapter {spec.lora.name!r} for model {model.name}; it has "
-                                   + (", ".join(repr(n) for n in sorted(catalog)) if catalog else "none"),
-                                   param="lora")
-        lora = LoraSpec(name=adapter.name, scale=adapter.scale if spec.lora.scale is None else spec.lora.scale)
-        adapter_defaults = adapter.request_defaults()  # e.g. a step-distilled adapter's 4 steps, guidance 1
+def _resolve_lora(spec: GenerationSpec, model: ModelConfig) -> tuple[LoraSpec | None, dict]:
+    """The request's LoRA adapter (checked against the model's catalog) and its request defaults."""
+    if spec.lora is None:
+        return None, {}
+    from serve.pipeline.lora import adapter_catalog
 
+    catalog = adapter_catalog(model)
+    adapter = catalog.get(spec.lora.name)
+    if adapter is None:
+        raise InvalidSpecError(f"unknown LoRA adapter {spec.lora.name!r} for model {model.name}; it has "
+                               + (", ".join(repr(n) for n in sorted(catalog)) if catalog else "none"),
+                               param="lora")
+    lora = LoraSpec(name=adapter.name, scale=adapter.scale if spec.lora.scale is None else spec.lora.scale)
+    return lora, adapter.request_defaults()  # e.g. a step-distilled adapter's 4 steps, guidance 1
+
+
+def _resolve_size(spec: GenerationSpec, model: ModelConfig, image_size: tuple[int, int] | None) -> tuple[int, int]:
+    """Width and height: the request's, else the model's (turned to the reference image's orientation)."""
     width = model.width if spec.width is None else spec.width
     height = model.height if spec.height is None else spec.height
     if image_size is not None and spec.width is None and spec.height is None \
@@ -85,16 +126,23 @@ def resolve_spec(spec: GenerationSpec, models: ModelConfig | Sequence[ModelConfi
             raise InvalidSpecError(
                 f"{name} must be between {model.min_size} and {upper} for model {model.name}, got {value}",
                 param=name)
+    return width, height
 
+
+def _resolve_num_frames(spec: GenerationSpec, model: ModelConfig) -> int:
     frames = model.num_frames if spec.num_frames is None else spec.num_frames
-    if frames < 1 or (frames - 1) % VAE_TEMPORAL_FACTOR != 0:
+    if not is_frame_count(frames):
         raise InvalidSpecError(
             f"num_frames must be 4k+1 (1, 5, 9, ...), got {frames}", param="num_frames")
     if frames > model.max_frames:
         raise InvalidSpecError(
             f"num_frames must be at most {model.max_frames} for model {model.name}, got {frames}",
             param="num_frames")
+    return frames
 
+
+def _resolve_sampling(spec: GenerationSpec, model: ModelConfig, adapter_defaults: dict) -> dict:
+    """Steps, guidance, fps and flow shift: the request's, else the adapter's, else the model's."""
     steps = spec.num_inference_steps if spec.num_inference_steps is not None else adapter_defaults.get("num_inference_steps", model.num_inference_steps)
     if not 1 <= steps <= model.max_steps:
         raise InvalidSpecError(
@@ -112,33 +160,7 @@ def resolve_spec(spec: GenerationSpec, models: ModelConfig | Sequence[ModelConfi
     shift = spec.flow_shift if spec.flow_shift is not None else adapter_defaults.get("flow_shift", model.flow_shift)
     if not 0 < shift <= 100:
         raise InvalidSpecError(f"flow_shift must be in (0, 100], got {shift}", param="flow_shift")
-
-    voiceover = spec.voiceover
-    if voiceover is not None:
-        from serve.pipeline.voiceover import validate_voiceover
-
-        voiceover = validate_voiceover(voiceover, tts or TTSConfig())
-
-    if has_last_image and model.pipeline == "i2v":
-        raise InvalidSpecError(f"model {model.name} does not take a last frame (an I2V model starts from one image); "
-                               "the DF models do", param="last_frame")
-    df = resolve_diffusion_forcing(spec, model, frames, force=mode != "text-to-video" and model.pipeline == "df",
-                                   df_mode=DF_MODE[mode], last_image=has_last_image)
-
-    seed = spec.seed if spec.seed is not None else secrets.randbelow(2**31)
-    return ResolvedSpec(
-        prompt=spec.prompt, negative_prompt=negative, model=model.name, width=width, height=height,
-        num_frames=frames, fps=fps, num_inference_steps=steps, guidance_scale=float(guidance),
-        flow_shift=float(shift), seed=seed, voiceover=voiceover, lora=lora, return_frames=spec.return_frames, mode=mode,
-        has_last_image=has_last_image, extended_from_video_id=extended_from_video_id,
-        source_num_frames=source_num_frames, **df,
-    )
-
-
-def _frame_count(name: str, value: int, minimum: int = 1) -> None:
-    if value < minimum or (value - 1) % VAE_TEMPORAL_FACTOR != 0:
-        raise InvalidSpecError(f"{name} must be 4k+1 and at least {minimum} (e.g. 17, 37, 97), got {value}",
-                               param=name)
+    return {"num_inference_steps": steps, "guidance_scale": float(guidance), "fps": fps, "flow_shift": float(shift)}
 
 
 # a request's mode -> the diffusion-forcing loop's (`serve.pipeline.diffusion_forcing.DFSettings.mode`)
@@ -161,29 +183,19 @@ def resolve_diffusion_forcing(spec: GenerationSpec, model: ModelConfig, frames: 
     if not (force or cfg.mode == "always" or frames > base or spec.sets_diffusion_forcing()):
         return {}
 
-    _frame_count("base_num_frames", base, minimum=5)
+    check_frame_count("base_num_frames", base, minimum=5)
     if base > cfg.max_base_num_frames:
         raise InvalidSpecError(f"base_num_frames must be at most {cfg.max_base_num_frames} for model "
                                f"{model.name}, got {base}", param="base_num_frames")
     overlap = cfg.overlap_history if spec.overlap_history is None else spec.overlap_history
-    _frame_count("overlap_history", overlap)
-    base_latent, overlap_latent = latent_frames(base), latent_frames(overlap)
-    if overlap_latent >= base_latent:
-        raise InvalidSpecError(f"overlap_history ({overlap}) must be shorter than base_num_frames ({base}) by "
-                               f"at least {VAE_TEMPORAL_FACTOR} frames", param="overlap_history")
+    check_df_window(base, overlap)
 
     ar_step = cfg.ar_step if spec.ar_step is None else spec.ar_step
     if not 0 <= ar_step <= model.max_steps:
         raise InvalidSpecError(f"ar_step must be between 0 (synchronous) and {model.max_steps}, got {ar_step}",
                                param="ar_step")
     block = cfg.causal_block_size if spec.causal_block_size is None else spec.causal_block_size
-    if block < 1:
-        raise InvalidSpecError(f"causal_block_size must be at least 1, got {block}", param="causal_block_size")
-    for name, value, latent in (("base_num_frames", base, base_latent), ("overlap_history", overlap, overlap_latent)):
-        if latent % block:
-            raise InvalidSpecError(
-                f"causal_block_size ({block}) must divide the latent frames of {name} ({value} frames = "
-                f"{latent} latent frames, (frames - 1) / 4 + 1)", param="causal_block_size")
+    check_causal_block(base, overlap, block)
     noise = cfg.addnoise_condition if spec.addnoise_condition is None else spec.addnoise_condition
     if not 0 <= noise <= MAX_ADDNOISE_CONDITION:
         raise InvalidSpecError(f"addnoise_condition must be between 0 and {MAX_ADDNOISE_CONDITION:g} "

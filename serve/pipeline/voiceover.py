@@ -9,7 +9,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from serve.config import ELEVENLABS_KEY_ENV, TTSConfig
-from serve.errors import InvalidSpecError
+from serve.errors import InvalidSpecError, UnknownVoice
 from serve.contracts import VoiceoverSpec
 
 # Voice ids (ElevenLabs: 20 alphanumerics; piper: en_US-joe-medium) or display names. The id goes
@@ -77,8 +77,7 @@ def validate_voiceover(voiceover: VoiceoverSpec, tts: TTSConfig, *,
     voice = voiceover.voice
     if voice is not None:
         if not _VOICE_RE.match(voice) or ".." in voice or not voice.strip():
-            raise InvalidSpecError(f"voiceover.voice {voice!r} is not a valid voice id or name",
-                                   param="voiceover.voice", code="tts_voice_not_found")
+            raise UnknownVoice(f"voiceover.voice {voice!r} is not a valid voice id or name", param="voiceover.voice")
         provider = explicit_provider(voiceover, tts)
         known: set[str] | None = None
         if provider == "piper":
@@ -88,9 +87,8 @@ def validate_voiceover(voiceover: VoiceoverSpec, tts: TTSConfig, *,
             known |= {k.lower() for k in known}
         if known is not None and voice not in known and voice.lower() not in known:
             shown = sorted(known)[:20]
-            raise InvalidSpecError(f"voice {voice!r} is not a {provider} voice on this server; "
-                                   f"see GET /v1/voices (e.g. {shown})",
-                                   param="voiceover.voice", code="tts_voice_not_found")
+            raise UnknownVoice(f"voice {voice!r} is not a {provider} voice on this server; "
+                               f"see GET /v1/voices (e.g. {shown})", param="voiceover.voice")
     if voiceover.provider is None and tts.default_provider != "auto":
         voiceover = voiceover.model_copy(update={"provider": tts.default_provider})
     return voiceover

@@ -21,7 +21,10 @@ import numpy as np
 
 from serve.media.audio import pcm16_to_float, resample
 from serve.config import ELEVENLABS_KEY_ENV
-from serve.errors import TTSError
+from serve.errors import (
+    TTSError, TTSInvalidApiKey, TTSInvalidRequest, TTSProviderError, TTSQuotaExceeded, TTSRateLimited, TTSTimeout,
+    TTSVoiceNotFound,
+)
 from serve.media.tts.base import Speech, TTSBackend, VoiceInfo
 
 logger = logging.getLogger(__name__)
@@ -81,8 +84,8 @@ class ElevenLabsBackend(TTSBackend):
                 break
             except TTSError as exc:
                 wait = exc.retry_after_s
-                if exc.code != "tts_rate_limited" or attempt >= self._max_retries:
-                    if exc.code == "tts_rate_limited" and attempt:
+                if not isinstance(exc, TTSRateLimited) or attempt >= self._max_retries:
+                    if isinstance(exc, TTSRateLimited) and attempt:
                         exc.message = f"{exc.message} (gave up after {attempt + 1} attempts)"
                         exc.args = (exc.message,)
                     raise
@@ -98,8 +101,7 @@ class ElevenLabsBackend(TTSBackend):
                 await asyncio.sleep(delay)
         pcm, rate = self._decode(data)
         if pcm.size == 0:
-            raise TTSError(f"elevenlabs: returned no audio for voice {voice_id!r}", code="tts_provider_error",
-                           status=502)
+            raise TTSProviderError(f"elevenlabs: returned no audio for voice {voice_id!r}")
         return Speech(pcm=resample(pcm, rate, self._sample_rate), sample_rate=self._sample_rate, voice=voice_id)
 
     async def _convert_once(self, voice_id: str, text: str) -> bytes:
@@ -114,11 +116,10 @@ class ElevenLabsBackend(TTSBackend):
         except ApiError as exc:
             raise self._map_api_error(exc, voice_id) from None
         except (TimeoutError, httpx.TimeoutException):
-            raise TTSError(f"elevenlabs: no answer within {self._timeout_s:g}s (timeout)", code="tts_timeout",
-                           status=504) from None
+            raise TTSTimeout(f"elevenlabs: no answer within {self._timeout_s:g}s (timeout)") from None
         except httpx.HTTPError as exc:
-            raise TTSError(f"elevenlabs: could not reach {self.base_url}: {type(exc).__name__}: "
-                           f"{self._scrub(str(exc))}", code="tts_provider_error", status=502) from None
+            raise TTSProviderError(f"elevenlabs: could not reach {self.base_url}: {type(exc).__name__}: "
+                                   f"{self._scrub(str(exc))}") from None
 
     def _decode(self, data: bytes) -> tuple[np.ndarray, int]:
         fmt = self._output_format
@@ -143,11 +144,9 @@ class ElevenLabsBackend(TTSBackend):
         except ApiError as exc:
             raise self._map_api_error(exc, None) from None
         except (TimeoutError, httpx.TimeoutException):
-            raise TTSError(f"elevenlabs: listing voices took longer than {self._timeout_s:g}s (timeout)",
-                           code="tts_timeout", status=504) from None
+            raise TTSTimeout(f"elevenlabs: listing voices took longer than {self._timeout_s:g}s (timeout)") from None
         except httpx.HTTPError as exc:
-            raise TTSError(f"elevenlabs: could not reach {self.base_url}: {type(exc).__name__}",
-                           code="tts_provider_error", status=502) from None
+            raise TTSProviderError(f"elevenlabs: could not reach {self.base_url}: {type(exc).__name__}") from None
         self._voices = [VoiceInfo(voice_id=v.voice_id, name=v.name or v.voice_id, provider=self.name)
                         for v in response.voices]
         self._voices_at = time.monotonic()
@@ -179,19 +178,18 @@ class ElevenLabsBackend(TTSBackend):
         headers = {k.lower(): v for k, v in (exc.headers or {}).items()}
         ds = (detail_status or "").lower()
         if status == 401 and "quota" in ds:
-            return TTSError(what, code="tts_quota_exceeded", status=503)
+            return TTSQuotaExceeded(what)
         if status in (401, 403):
-            return TTSError(what, code="tts_invalid_api_key", status=502)
+            return TTSInvalidApiKey(what)
         if status == 404 or (status == 400 and "voice" in ds):
-            return TTSError(f"{what} (voice {voice_id!r})" if voice_id else what, code="tts_voice_not_found",
-                            status=400, param="voiceover.voice")
+            return TTSVoiceNotFound(f"{what} (voice {voice_id!r})" if voice_id else what, param="voiceover.voice")
         if status == 402 or "quota" in ds:
-            return TTSError(what, code="tts_quota_exceeded", status=503)
+            return TTSQuotaExceeded(what)
         if status in (400, 422):
-            return TTSError(what, code="tts_invalid_request", status=422, param="voiceover")
+            return TTSInvalidRequest(what, param="voiceover")
         if status == 429:
-            return TTSError(what, code="tts_rate_limited", status=429, retry_after_s=_retry_after(headers))
-        return TTSError(what, code="tts_provider_error", status=502)
+            return TTSRateLimited(what, retry_after_s=_retry_after(headers))
+        return TTSProviderError(what)
 
 
 def _detail(body: Any) -> tuple[str | None, str | None]:
@@ -251,7 +249,6 @@ def _decode_with_pyav(data: bytes) -> tuple[np.ndarray, int]:
                 pieces.append(out.to_ndarray().reshape(-1))
             rate = stream.codec_context.sample_rate
     except Exception as exc:
-        raise TTSError(f"elevenlabs: could not decode the audio it returned: {type(exc).__name__}",
-                       code="tts_provider_error", status=502) from None
+        raise TTSProviderError(f"elevenlabs: could not decode the audio it returned: {type(exc).__name__}") from None
     pcm = np.concatenate(pieces).astype(np.float32) if pieces else np.zeros(0, np.float32)
     return pcm, rate

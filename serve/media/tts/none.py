@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from serve.errors import TTSError
+from serve.errors import TTSInvalidRequest
 from serve.media.tts.base import Speech, TTSBackend, VoiceInfo
 
 
@@ -15,8 +15,7 @@ class NoneBackend(TTSBackend):
 
     async def synthesize(self, text: str, voice: str | None = None) -> Speech:
         # The Generator does not call the TTS stage for provider "none"; reaching here is a bug.
-        raise TTSError("the 'none' TTS backend produces no audio", code="tts_invalid_request", status=422,
-                       param="voiceover.provider")
+        raise TTSInvalidRequest("the 'none' TTS backend produces no audio", param="voiceover.provider")
 
     async def voices(self) -> list[VoiceInfo]:
         return []

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from serve.media.audio import resample
-from serve.errors import TTSError
+from serve.errors import TTSError, TTSInvalidRequest, TTSProviderError, TTSVoiceNotFound
 from serve.media.tts.base import Speech, TTSBackend, VoiceInfo
 
 logger = logging.getLogger(__name__)
@@ -37,11 +37,10 @@ def resolve_voice_files(voice: str) -> tuple[str, Path, Path]:
     if path.suffix == ".onnx" and path.is_file():
         config = Path(f"{path}.json")
         if not config.is_file():
-            raise TTSError(f"piper: voice config {config} not found next to {path}", code="tts_provider_error",
-                           status=500)
+            raise TTSProviderError(f"piper: voice config {config} not found next to {path}", status=500)
         return path.name.removesuffix(".onnx"), path, config
-    raise TTSError(f"piper: unknown voice {voice!r}; the embedded voice is {BUNDLED_VOICE!r} "
-                   "or give a path to a local .onnx voice", code="tts_voice_not_found", status=500)
+    raise TTSVoiceNotFound(f"piper: unknown voice {voice!r}; the embedded voice is {BUNDLED_VOICE!r} "
+                           "or give a path to a local .onnx voice", status=500)
 
 
 class PiperBackend(TTSBackend):
@@ -84,19 +83,19 @@ class PiperBackend(TTSBackend):
 
     async def synthesize(self, text: str, voice: str | None = None) -> Speech:
         if voice is not None and voice != self._voice_id:
-            raise TTSError(f"piper: voice {voice!r} not found; available: [{self._voice_id!r}]",
-                           code="tts_voice_not_found", status=400, param="voiceover.voice")
+            raise TTSVoiceNotFound(f"piper: voice {voice!r} not found; available: [{self._voice_id!r}]",
+                                   param="voiceover.voice")
         async with self._lock:
             try:
                 pcm, rate = await asyncio.to_thread(self._synthesize_blocking, text)
             except TTSError:
                 raise
             except Exception as exc:  # onnxruntime / espeak failures
-                raise TTSError(f"piper: synthesis failed: {type(exc).__name__}: {exc}",
-                               code="tts_provider_error", status=500) from None
+                raise TTSProviderError(f"piper: synthesis failed: {type(exc).__name__}: {exc}",
+                                       status=500) from None
         if pcm.size == 0 or not np.any(np.abs(pcm) > 1e-4):
-            raise TTSError("piper: the text produced no speech (nothing pronounceable)",
-                           code="tts_invalid_request", status=422, param="voiceover.text")
+            raise TTSInvalidRequest("piper: the text produced no speech (nothing pronounceable)",
+                                    param="voiceover.text")
         return Speech(pcm=resample(pcm, rate, self._sample_rate), sample_rate=self._sample_rate,
                       voice=self._voice_id)
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from serve.media.audio import SpeechAudio, fit_audio
 from serve.config import TTSConfig
-from serve.errors import InvalidSpecError, TTSError
+from serve.errors import InvalidSpecError, TTSError, TTSInvalidRequest, TTSProviderUnavailable
 from serve.contracts import VoiceoverSpec
 from serve.media.tts.base import TTSBackend, VoiceInfo
 from serve.config import ELEVENLABS_KEY_ENV
@@ -56,10 +56,10 @@ class TTSService:
         if backend is not None:
             return backend
         if provider == "elevenlabs" and "elevenlabs" in self.config.providers:
-            raise TTSError(f"elevenlabs: not available on this server: no API key is configured ({ELEVENLABS_KEY_ENV})",
-                           code="tts_provider_unavailable", status=503, param="voiceover.provider")
-        raise TTSError(f"voice-over provider {provider!r} is not enabled; enabled: {self.config.providers}",
-                       code="tts_invalid_request", status=400, param="voiceover.provider")
+            raise TTSProviderUnavailable(f"elevenlabs: not available on this server: no API key is configured "
+                                         f"({ELEVENLABS_KEY_ENV})", param="voiceover.provider")
+        raise TTSInvalidRequest(f"voice-over provider {provider!r} is not enabled; enabled: {self.config.providers}",
+                                status=400, param="voiceover.provider")
 
     async def synthesize(self, voiceover: VoiceoverSpec | Mapping[str, Any], duration_s: float,
                          job_id: str = "-") -> SpeechAudio:

@@ -2,7 +2,7 @@
 the first `Fn` blocks probe, the middle blocks are skipped, the last `Bn` blocks always run) with an
 optional TaylorSeer calibrator (the skipped blocks' residual is extrapolated by a first-order Taylor
 step from the last two computed steps instead of reused as is). Called by `DenoiseLoop` exactly like
-`serve.pipeline.step_cache.StepCache`: `cache(transformer, latents, timestep, embeds, branch)`,
+`serve.pipeline.step_cache.first_block.StepCache`: `cache(transformer, latents, timestep, embeds, branch)`,
 `reset(num_steps=)`, `select(idx)`, `stats()`.
 
 How cache-dit is used here. cache-dit normally patches a whole pipeline (`cache_dit.enable_cache`):
@@ -17,8 +17,8 @@ without patching the transformer (its plain forward stays as it was, for the dif
 and the compiled blocks): one `CachedContextManager`, and per branch ("cond", "uncond", "cfg") one
 cache-dit context (`enable_separate_cfg=False`: each branch is its own step sequence) and one
 `UnifiedBlocks(transformer.blocks, forward_pattern=Pattern_3)` bound to it. Per call it runs
-the transformer's prologue (patch/condition embedding, `step_cache._embed`), cache-dit's cached
-blocks, and the epilogue (`step_cache._unpatchify`): the same ops as the plain forward, so
+the transformer's prologue (patch/condition embedding, `dit_forward.embed`), cache-dit's cached
+blocks, and the epilogue (`dit_forward.unpatchify`): the same ops as the plain forward, so
 threshold 0 reproduces it exactly.
 
 Settings mapped onto `DBCacheConfig`: `threshold` -> `residual_diff_threshold` (cache-dit's relative
@@ -43,7 +43,7 @@ import logging
 
 import torch
 
-from serve.pipeline.step_cache import _embed, _supported, _unpatchify
+from serve.pipeline.step_cache.dit_forward import embed, supported, unpatchify
 
 logger = logging.getLogger(__name__)
 
@@ -208,18 +208,18 @@ class CacheDitStepCache:
     @torch.no_grad()
     def __call__(self, transformer, latents: torch.Tensor, timestep: torch.Tensor, embeds: torch.Tensor,
                  branch: str, image_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        if not _supported(transformer):  # diffusion forcing configs: no caching, plain forward
+        if not supported(transformer):  # diffusion forcing configs: no caching, plain forward
             self._plain[branch] = self._plain.get(branch, 0) + 1
             self.total_computed += 1
             extra = {} if image_embeds is None else {"encoder_hidden_states_image": image_embeds}
             return transformer(hidden_states=latents, timestep=timestep, encoder_hidden_states=embeds,
                                return_dict=False, **extra)[0]
         blocks = self._cached_blocks(transformer, branch)
-        hidden, enc, timestep_proj, rotary, temb = _embed(transformer, latents, timestep, embeds, image_embeds)
+        hidden, enc, timestep_proj, rotary, temb = embed(transformer, latents, timestep, embeds, image_embeds)
         before = len(self._context(branch).get_cached_steps())
         hidden = blocks(hidden, enc, timestep_proj, rotary, None)
         if len(self._context(branch).get_cached_steps()) > before:
             self.total_skipped += 1
         else:
             self.total_computed += 1
-        return _unpatchify(transformer, hidden, temb, latents.shape)
+        return unpatchify(transformer, hidden, temb, latents.shape)

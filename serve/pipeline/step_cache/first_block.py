@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-BRANCHES = ("cond", "uncond", "cfg")
+from serve.pipeline.step_cache.dit_forward import embed, relative_change, supported, unpatchify
 
 
 @dataclass
@@ -113,13 +113,13 @@ class StepCache:
         st = self._states.setdefault(branch, _BranchState())
         step = st.step
         st.step += 1
-        if not _supported(transformer):  # diffusion forcing configs: no caching, plain forward
+        if not supported(transformer):  # diffusion forcing configs: no caching, plain forward
             self._count(st, computed=True)
             extra = {} if image_embeds is None else {"encoder_hidden_states_image": image_embeds}
             return transformer(hidden_states=latents, timestep=timestep, encoder_hidden_states=embeds,
                                return_dict=False, **extra)[0]
 
-        hidden, enc, timestep_proj, rotary, temb = _embed(transformer, latents, timestep, embeds, image_embeds)
+        hidden, enc, timestep_proj, rotary, temb = embed(transformer, latents, timestep, embeds, image_embeds)
         blocks = transformer.blocks
         head_in = hidden
         hidden = blocks[0](hidden, enc, timestep_proj, rotary, None)
@@ -128,7 +128,7 @@ class StepCache:
         skip = False
         if st.head_residual is not None and st.head_residual.shape == head_residual.shape:
             # recorded at every threshold (threshold 0 = a probe that never skips: calibration)
-            change = _relative_change(head_residual, st.head_residual)
+            change = relative_change(head_residual, st.head_residual)
             st.last_change = change
             st.changes.append(change)
             skip = (self.threshold > 0 and change < self.threshold and st.tail_residual is not None
@@ -148,7 +148,7 @@ class StepCache:
             st.tail_residual = hidden - head_out
             st.consecutive_skips = 0
             self._count(st, computed=True)
-        return _unpatchify(transformer, hidden, temb, latents.shape)
+        return unpatchify(transformer, hidden, temb, latents.shape)
 
     def _count(self, st: _BranchState, computed: bool) -> None:
         if computed:
@@ -157,67 +157,3 @@ class StepCache:
         else:
             st.skipped += 1
             self.total_skipped += 1
-
-
-def _supported(transformer) -> bool:
-    """T2V and I2V configs (the image embeddings only add to the blocks' context); not the
-    diffusion forcing ones (causal blocks, fps conditioning, per-frame timesteps)."""
-    cfg = transformer.config
-    return getattr(cfg, "num_frame_per_block", 1) <= 1 and not getattr(cfg, "inject_sample_info", False)
-
-
-def _relative_change(current: torch.Tensor, previous: torch.Tensor) -> float:
-    """max over batch rows of mean|current - previous| / mean|previous|."""
-    cur = current.float().flatten(1)
-    prev = previous.float().flatten(1)
-    num = (cur - prev).abs().mean(dim=1)
-    den = prev.abs().mean(dim=1).clamp_min(1e-12)
-    return float((num / den).max())
-
-
-def _embed(transformer, hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image=None):
-    """The T2V/I2V prologue of `SkyReelsV2Transformer3DModel.forward`, the same ops in the same order
-    (I2V: the projected image embeddings go before the text in the blocks' context)."""
-    rotary_emb = transformer.rope(hidden_states)
-    hidden = transformer.patch_embedding(hidden_states)
-    hidden = hidden.flatten(2).transpose(1, 2)
-    temb, timestep_proj, enc, image = transformer.condition_embedder(timestep, encoder_hidden_states,
-                                                                     encoder_hidden_states_image)
-    timestep_proj = timestep_proj.unflatten(-1, (6, -1))
-    if image is not None:
-        enc = torch.concat([image, enc], dim=1)
-    return hidden, enc, timestep_proj, rotary_emb, temb
-
-
-def _unpatchify(transformer, hidden, temb, shape):
-    """The epilogue of `SkyReelsV2Transformer3DModel.forward` (2-D temb: T2V)."""
-    batch_size, _, num_frames, height, width = shape
-    p_t, p_h, p_w = transformer.config.patch_size
-    shift, scale = (transformer.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
-    shift = shift.to(hidden.device)
-    scale = scale.to(hidden.device)
-    hidden = (transformer.norm_out(hidden.float()) * (1 + scale) + shift).type_as(hidden)
-    hidden = transformer.proj_out(hidden)
-    hidden = hidden.reshape(batch_size, num_frames // p_t, height // p_h, width // p_w, p_t, p_h, p_w, -1)
-    hidden = hidden.permute(0, 7, 1, 4, 2, 5, 3, 6)
-    return hidden.flatten(6, 7).flatten(4, 5).flatten(2, 3)
-
-
-def make_step_cache(levers):
-    """The step cache `levers` (a `serve.config.LeversConfig`) asks for, or None when it is off
-    (`step_cache_threshold` 0). `step_cache_backend` "first_block": `StepCache`; "cache_dit":
-    `serve.pipeline.step_cache_dit.CacheDitStepCache` with `cache_dit_fn`/`cache_dit_bn`/
-    `cache_dit_taylorseer`. Both take the same `threshold` measure and the same warmup (1 step),
-    max consecutive skips (3) and computed last step. What the deployment builds its `DenoiseLoop` with."""
-    threshold = float(getattr(levers, "step_cache_threshold", 0.0) or 0.0)
-    if threshold <= 0:
-        return None
-    backend = getattr(levers, "step_cache_backend", "first_block")
-    if backend == "first_block":
-        return StepCache(threshold=threshold)
-    if backend == "cache_dit":
-        from serve.pipeline.step_cache_dit import CacheDitStepCache
-
-        return CacheDitStepCache(threshold=threshold, fn=levers.cache_dit_fn, bn=levers.cache_dit_bn,
-                                 taylorseer=levers.cache_dit_taylorseer)
-    raise ValueError(f"unknown step_cache_backend {backend!r}")

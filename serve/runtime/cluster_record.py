@@ -16,7 +16,7 @@ import socket
 import sys
 from pathlib import Path
 
-from serve.config import default_cache_dir
+from serve.config import DEFAULT_HOST, default_cache_dir
 from serve.errors import StackNotRunning
 
 RECORD_NAME = "launcher.json"
@@ -48,7 +48,7 @@ def write_state(state: dict, cache_dir: str | Path | None = None) -> None:
 def reachable(address: str) -> bool:
     host, _, port = address.rpartition(":")
     try:
-        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=2):
+        with socket.create_connection((host or DEFAULT_HOST, int(port)), timeout=2):
             return True
     except (OSError, ValueError):
         return False

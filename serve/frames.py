@@ -1,0 +1,54 @@
+"""The frame rules of the Wan VAE, in one place: a video has 4k+1 frames (the first frame is its own
+latent frame, then one per 4), and the diffusion-forcing window rules built on it. The app's config
+checks a model's defaults with them at deploy time, spec resolution a request's values.
+"""
+
+from __future__ import annotations
+
+from serve.errors import InvalidSpecError
+
+VAE_TEMPORAL_FACTOR = 4  # frames per latent frame after the first: num_frames = 4k + 1
+
+
+def latent_frames(num_frames: int) -> int:
+    """Latent frames of a 4k+1-frame video: (frames - 1) / 4 + 1."""
+    return (num_frames - 1) // VAE_TEMPORAL_FACTOR + 1
+
+
+def is_frame_count(num_frames: int, minimum: int = 1) -> bool:
+    """A valid frame count: 4k+1 and at least `minimum`."""
+    return num_frames >= minimum and (num_frames - 1) % VAE_TEMPORAL_FACTOR == 0
+
+
+def largest_frame_count(limit: int) -> int:
+    """The largest 4k+1 frame count not above `limit` (>= 1)."""
+    return (limit - 1) // VAE_TEMPORAL_FACTOR * VAE_TEMPORAL_FACTOR + 1
+
+
+def check_frame_count(name: str, value: int, minimum: int = 1) -> None:
+    if not is_frame_count(value, minimum):
+        raise InvalidSpecError(f"{name} must be 4k+1 and at least {minimum} (e.g. 17, 37, 97), got {value}",
+                               param=name)
+
+
+def check_df_window(base_num_frames: int, overlap_history: int) -> None:
+    """A diffusion-forcing window: base_num_frames 4k+1 (>= 5), overlap_history 4k+1 and at least one
+    latent frame shorter. Raises InvalidSpecError naming the field."""
+    check_frame_count("base_num_frames", base_num_frames, minimum=5)
+    check_frame_count("overlap_history", overlap_history)
+    if latent_frames(overlap_history) >= latent_frames(base_num_frames):
+        raise InvalidSpecError(f"overlap_history ({overlap_history}) must be shorter than base_num_frames "
+                               f"({base_num_frames}) by at least {VAE_TEMPORAL_FACTOR} frames",
+                               param="overlap_history")
+
+
+def check_causal_block(base_num_frames: int, overlap_history: int, causal_block_size: int) -> None:
+    """causal_block_size (>= 1) divides the latent frames of base_num_frames and of overlap_history."""
+    if causal_block_size < 1:
+        raise InvalidSpecError(f"causal_block_size must be at least 1, got {causal_block_size}",
+                               param="causal_block_size")
+    for name, value in (("base_num_frames", base_num_frames), ("overlap_history", overlap_history)):
+        if latent_frames(value) % causal_block_size:
+            raise InvalidSpecError(
+                f"causal_block_size ({causal_block_size}) must divide the latent frames of {name} ({value} frames = "
+                f"{latent_frames(value)} latent frames, (frames - 1) / 4 + 1)", param="causal_block_size")
