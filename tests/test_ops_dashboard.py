@@ -394,7 +394,7 @@ def kill_the_stack(cache_dir: Path, timeout_s: float = 60) -> set[str]:
 def test_a_whole_stack_crash_then_up_again_serves_the_old_video_and_finishes_the_job(stack):
     import shutil
 
-    from serve.ops.cluster_record import read_state
+    from serve.runtime.cluster_record import read_state
     from tests.http_fixtures import HttpEnv, wait_for_status
 
     data_dir = stack["data_dir"]
