@@ -51,8 +51,16 @@ def pytest_sessionstart(session):
 
 
 def pytest_unconfigure(config):
-    """Last: whatever the session started and did not stop (interrupted, failed teardown) goes."""
+    """Last: whatever the session started and did not stop (interrupted, failed teardown) goes, and
+    so do its folders (its data and Ray's logs), unless CINEVIVID_KEEP_TEST_DIR=1 keeps them to read."""
     session_procs.sweep_own()
+    if os.environ.get("CINEVIVID_KEEP_TEST_DIR") != "1":
+        import shutil
+
+        from serve.ops.launcher import ray_temp_dir
+
+        shutil.rmtree(ray_temp_dir(), ignore_errors=True)
+        shutil.rmtree(_SESSION_DIR, ignore_errors=True)
 
 
 from pg_server import postgres_server  # noqa: E402,F401 (session fixture: a throwaway PostgreSQL)

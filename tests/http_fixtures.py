@@ -159,15 +159,17 @@ def wait_for_status(url: str, headers: dict, video_id: str, statuses: set[str], 
 
 @contextlib.asynccontextmanager
 async def local_service(tmp_path: Path, generator_app: str = HTTP_APP, **ingress_overrides):
-    """The same HTTP app in this process (its own database and limits), driving the deployed
-    Generator of app `generator_app` through a real Serve handle. Yields (service, httpx.AsyncClient)."""
+    """The same HTTP app in this process (its own database and limits; its data in `tmp_path`, or in
+    a `data_dir=` override), driving the deployed Generator of app `generator_app` through a real
+    Serve handle. Yields (service, httpx.AsyncClient)."""
     from serve.config import AppArgs
     from serve.jobs.generator_client import HandleGeneratorClient
     from serve.api.routes import create_app
     from serve.jobs.service import JobService
 
+    data_dir = ingress_overrides.pop("data_dir", tmp_path)
     args = AppArgs.model_validate(tiny_app_args(name=HTTP_APP, with_ingress=True,
-                                                ingress=http_ingress_args(tmp_path, **ingress_overrides)))
+                                                ingress=http_ingress_args(data_dir, **ingress_overrides)))
     service = JobService(args, HandleGeneratorClient.for_app(generator_app))
     app = create_app(service)
     async with app.router.lifespan_context(app):
