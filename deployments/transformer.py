@@ -36,6 +36,10 @@ slices the worker runs what else is waiting - one batch of pending jobs, then th
 job's slice (round-robin) - so a short job submitted during a long one waits at most about one
 slice. The DF job's state stays in its `DFRun` between slices, so its latents are exactly those of
 an uninterrupted run.
+
+All three (request batches, the continuous batch, DF slices) run the same denoising step
+(`serve.pipeline.denoise_step`), so `levers.cfg_batch` (conditional and unconditional rows in one
+transformer call) applies to each, DF included; `job_tokens` there is the one token cost.
 """
 
 from __future__ import annotations
