@@ -36,6 +36,10 @@ slices the worker runs what else is waiting - one batch of pending jobs, then th
 job's slice (round-robin) - so a short job submitted during a long one waits at most about one
 slice. The DF job's state stays in its `DFRun` between slices, so its latents are exactly those of
 an uninterrupted run.
+
+All three (request batches, the continuous batch, DF slices) run the same denoising step
+(`serve.pipeline.denoise_step`), so `levers.cfg_batch` (conditional and unconditional rows in one
+transformer call) applies to each, DF included; `job_tokens` there is the one token cost.
 """
 
 from __future__ import annotations
@@ -54,12 +58,13 @@ from ray import serve
 
 from serve.config import LeversConfig, LivenessConfig, ModelConfig, validate_live_levers
 from serve.pipeline.continuous import ContinuousBatch
+from serve.pipeline.denoise_step import job_tokens
 from serve.pipeline.denoising import DenoiseJob, DenoiseLoop, LoopSettings
 from serve.pipeline.diffusion_forcing import DFJob, DFRun, DFSettings, DiffusionForcingLoop
 from serve.runtime.faults import chaos_pause
 from serve.errors import GenerationCancelled, StageError, StageOutOfMemory
 from serve.contracts import (
-    CALLER_GONE, CANCELLED, DenoisedLatents, ProgressEvent, PromptEmbeds, ResolvedSpec, dit_tokens,
+    CALLER_GONE, CANCELLED, DenoisedLatents, ProgressEvent, PromptEmbeds, ResolvedSpec,
 )
 from serve.pipeline.levers import apply_levers, lever_state
 from serve.pipeline.spec import DF_MODE
@@ -77,11 +82,6 @@ class _Output:
     a diffusion-forcing job, whose windows went out one by one."""
 
     ref: ray.ObjectRef | None
-
-
-def job_tokens(spec: ResolvedSpec) -> int:
-    """DiT sequence length of one job (x2 with guidance): what the token budget counts."""
-    return dit_tokens(spec.num_frames, spec.height, spec.width) * (2 if spec.do_cfg else 1)
 
 
 @dataclass(eq=False)  # tickets are told apart by identity: comparing fields would compare numpy arrays
@@ -291,13 +291,13 @@ class Transformer:
         if first.spec.is_diffusion_forcing:  # a DF job runs alone (in slices: `_advance_df`)
             self._pending = self._pending[1:]
             return [first]
-        key = first.spec.shape_key()
+        key = first.spec.request_batch_key()
         batch, budget = [first], self.levers.batch_token_budget - job_tokens(first.spec)
         for ticket in self._pending[1:]:
             if len(batch) >= self.levers.batch_max_size:
                 break
             cost = job_tokens(ticket.spec)
-            if ticket.spec.shape_key() == key and cost <= budget:
+            if ticket.spec.request_batch_key() == key and cost <= budget:
                 batch.append(ticket)
                 budget -= cost
         self._pending = [t for t in self._pending if t not in batch]
@@ -507,7 +507,7 @@ class Transformer:
                               flow_shift=spec.flow_shift, fps=spec.fps, base_num_frames=spec.base_num_frames,
                               overlap_history=spec.overlap_history, ar_step=spec.ar_step,
                               causal_block_size=spec.causal_block_size,
-                              addnoise_condition=spec.addnoise_condition)
+                              addnoise_condition=spec.addnoise_condition, cfg_batch=self.levers.cfg_batch)
         ticket.events.put_nowait(self._started_event())
         self.batches_run.append(1)
         logger.info("[job %s] diffusion forcing: %d frames in windows of %d", ticket.job_id, spec.num_frames,

@@ -160,8 +160,10 @@ class ResolvedSpec(BaseModel):
         """(adapter, scale), or None: what a batch must share besides its shape."""
         return (self.lora.name, self.lora.scale) if self.lora is not None else None
 
-    def shape_key(self) -> tuple:
-        """Jobs with the same key can be denoised as one batch (DF jobs run alone)."""
+    def request_batch_key(self) -> tuple:
+        """Jobs with the same key can be denoised as one request-level batch, in lockstep: the same
+        shape AND the same schedule (steps, guidance, shift) and adapter (DF jobs run alone).
+        Step-level batching only needs the shapes: `serve.pipeline.continuous.step_batch_key`."""
         return (self.model, self.mode, self.has_last_image, self.width, self.height, self.num_frames,
                 self.num_inference_steps, self.guidance_scale, self.flow_shift, self.lora_key,
                 *(getattr(self, name) for name in DF_FIELDS))

@@ -133,9 +133,9 @@ def test_jobs_with_different_adapters_never_share_a_batch():
     model = ModelConfig(lora={"adapters_dir": "embedded"})
     a, b, none = (resolve_spec(GenerationSpec(prompt="x", seed=1, **({"lora": {"name": n}} if n else {})), model)
                   for n in ("style-a", "style-b", None))
-    assert len({a.shape_key(), b.shape_key(), none.shape_key()}) == 3
+    assert len({a.request_batch_key(), b.request_batch_key(), none.request_batch_key()}) == 3
     scaled = resolve_spec(GenerationSpec(prompt="x", seed=1, lora={"name": "style-a", "scale": 0.3}), model)
-    assert scaled.shape_key() != a.shape_key()
+    assert scaled.request_batch_key() != a.request_batch_key()
     with pytest.raises(InvalidSpecError, match="style-a") as err:
         resolve_spec(GenerationSpec(prompt="x", lora={"name": "nope"}), model)
     assert err.value.param == "lora"

@@ -20,7 +20,7 @@ already padded to a fixed length), so a job's latents equal those of `DenoiseLoo
 up to the rounding of batched matmuls (CPU fp32: max |d| <= 1e-5, see
 tests/test_continuous_batching.py).
 
-What "the same shape" means (`shape_key`): width, height, num_frames; I2V or T2V; for I2V the
+What "the same shape" means (`step_batch_key`): width, height, num_frames; I2V or T2V; for I2V the
 number of images (first, or first and last) and the image token shape; and the prompt embeddings'
 (length, dim). The text encoder pads every prompt to `max_sequence_length` (512 in this codebase,
 `text_encoding.encode_prompts`), so the length is per model; a job whose length differs is refused,
@@ -30,10 +30,13 @@ Not used here, by design:
 - the step cache (`loop.step_cache`): its reuse decisions and residuals are per batch and per
   schedule, which a batch whose members sit at different steps does not have. Continuous batching
   and the step cache are exclusive - the caller picks one; the engine's forwards bypass the cache
-  (`DenoiseLoop._forward(..., use_step_cache=False)`) even if the loop has one.
+  (`use_step_cache=False`) even if the loop has one.
 - diffusion forcing (per-frame timesteps, windows): `serve.pipeline.diffusion_forcing`.
 
-Faults (`loop.fault`) are raised from the same `DenoiseLoop._forward` as in `run`. An exception in
+The step is `serve.pipeline.denoise_step`'s, as in `DenoiseLoop.run`: the job's tensors
+(`prepare_job`), its scheduler (`make_scheduler`), the guider (`ClassifierFreeGuidance`, per-row
+guidance scales) over the loop's `TransformerForward`, so faults (`loop.fault`) are raised from the
+same model call. An exception in
 `step()` leaves every active job in the batch (nothing was changed for any of them before the model
 calls); the caller fails them and calls `abort()` to empty the batch.
 
@@ -51,8 +54,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from serve.contracts import dit_tokens
-from serve.pipeline.denoising import DenoiseJob, DenoiseLoop, LoopSettings, initial_latents, latent_shape
+from serve.pipeline.denoise_step import (
+    ClassifierFreeGuidance, JobTensors, ModelInput, check_jobs, drop_cancelled, job_tokens, prepare_job,
+)
+from serve.pipeline.denoising import DenoiseJob, DenoiseLoop, LoopSettings
+
+__all__ = ["ContinuousBatch", "job_tokens", "shape_key", "step_batch_key"]
 
 
 @dataclass(eq=False)
@@ -63,17 +70,9 @@ class _Running:
     settings: LoopSettings
     scheduler: object
     timesteps: torch.Tensor
-    latents: torch.Tensor  # (1, C, T, h, w), fp32
-    cond: torch.Tensor  # (1, L, D), loop dtype
-    uncond: torch.Tensor | None  # (1, L, D) when cfg
-    condition: torch.Tensor | None = None  # I2V: (1, 4 + C, T, h, w), fp32
-    images: torch.Tensor | None = None  # I2V: (n, tokens, D), loop dtype
+    tensors: JobTensors  # latents (1, C, T, h, w) fp32, embeddings, I2V condition and images
     index: int = 0  # steps done
     tokens: int = 0  # what it counts against the token budget
-
-    @property
-    def cfg(self) -> bool:
-        return self.settings.guidance_scale > 1.0
 
     @property
     def total(self) -> int:
@@ -84,18 +83,17 @@ class _Running:
         return self.timesteps[self.index]
 
 
-def job_tokens(settings: LoopSettings) -> int:
-    """DiT sequence length of one job, x2 with guidance: what the token budget counts."""
-    cfg = settings.guidance_scale > 1.0
-    return dit_tokens(settings.num_frames, settings.height, settings.width) * (2 if cfg else 1)
-
-
-def shape_key(job: DenoiseJob, settings: LoopSettings) -> tuple:
-    """What must be equal for two jobs to share a transformer call (see the module doc)."""
+def step_batch_key(job: DenoiseJob, settings: LoopSettings) -> tuple:
+    """What must be equal for two jobs to share a transformer call at one step (see the module doc):
+    their tensors' shapes, not their schedules (`ResolvedSpec.request_batch_key` is the stricter key
+    of request-level batching, where the jobs also share one schedule)."""
     prompt = tuple(np.shape(job.prompt_embeds)[1:])
     i2v = job.condition is not None
     images = tuple(np.shape(job.image_embeds)) if job.image_embeds is not None else None
     return (settings.width, settings.height, settings.num_frames, i2v, images, prompt)
+
+
+shape_key = step_batch_key  # the former name
 
 
 class ContinuousBatch:
@@ -146,7 +144,7 @@ class ContinuousBatch:
     def refusal(self, job: DenoiseJob, settings: LoopSettings) -> str | None:
         """Why `job` cannot join now (None: it can)."""
         if self._running:
-            if shape_key(job, settings) != self._key:
+            if step_batch_key(job, settings) != self._key:
                 return "a different shape from the running batch"
             if len(self._running) >= self.max_size:
                 return f"the batch is full ({self.max_size} jobs)"
@@ -166,31 +164,13 @@ class ContinuousBatch:
         if why is not None:
             raise ValueError(f"the job cannot join: {why}")
         loop = self.loop
-        i2v = loop._check_jobs([job])
-        cfg = settings.guidance_scale > 1.0
-        if cfg and job.negative_prompt_embeds is None:
-            raise ValueError("a job with guidance > 1 needs negative_prompt_embeds")
-        tcfg = loop.transformer.config
-        channels = tcfg.out_channels if i2v else tcfg.in_channels
-        shape = latent_shape(channels, settings.num_frames, settings.height, settings.width)
-        latents = initial_latents(job.seed, shape, loop.device)
-        cond = torch.from_numpy(np.array(job.prompt_embeds)).to(loop.device, loop.dtype)
-        uncond = None
-        if cfg:
-            uncond = torch.from_numpy(np.array(job.negative_prompt_embeds)).to(loop.device, loop.dtype)
-        condition = images = None
-        if i2v:
-            condition = torch.from_numpy(np.array(job.condition, dtype=np.float32)).to(loop.device)
-            if condition.shape[2:] != latents.shape[2:]:
-                raise ValueError(f"condition is {tuple(condition.shape[2:])} latents, the video {tuple(shape[2:])}")
-            images = torch.from_numpy(np.array(job.image_embeds)).to(loop.device, loop.dtype)
-        scheduler = loop.make_scheduler(settings.flow_shift)
-        scheduler.set_timesteps(settings.num_inference_steps, device=loop.device)
+        i2v = check_jobs(loop.transformer.config, [job])
+        tensors = prepare_job(loop.transformer.config, job, settings, i2v, loop.device, loop.dtype)
+        scheduler = loop.make_scheduler(settings.flow_shift, settings.num_inference_steps)
         if not self._running:
-            self._key = shape_key(job, settings)
+            self._key = step_batch_key(job, settings)
         self._running.append(_Running(job=job, settings=settings, scheduler=scheduler,
-                                      timesteps=scheduler.timesteps, latents=latents, cond=cond, uncond=uncond,
-                                      condition=condition, images=images, tokens=job_tokens(settings)))
+                                      timesteps=scheduler.timesteps, tensors=tensors, tokens=job_tokens(settings)))
 
     def abort(self) -> list[DenoiseJob]:
         """Empties the batch (after a failed step): the jobs that were in it, without results."""
@@ -214,22 +194,17 @@ class ContinuousBatch:
             self._stepping = False
 
     def _step(self) -> list[DenoiseJob]:
-        left: list[DenoiseJob] = []
-        keep = []
-        for r in self._running:
-            if r.job.is_cancelled():
-                r.job.cancelled = True
-                left.append(r.job)
-            else:
-                keep.append(r)
+        gone, kept = drop_cancelled(self._running, lambda r: r.job)
+        left: list[DenoiseJob] = [r.job for r in gone]
+        keep = [self._running[k] for k in kept]
         self._running = keep
         if not keep:
             self._key = None
             return left
 
         noise_preds = self._predict(keep)
-        for r, noise_pred in zip(keep, noise_preds):
-            r.latents = r.scheduler.step(noise_pred, r.t, r.latents, return_dict=False)[0]
+        for k, r in enumerate(keep):
+            r.tensors.latents = r.scheduler.step(noise_preds[k:k + 1], r.t, r.tensors.latents, return_dict=False)[0]
             r.index += 1
         self.loop.steps_run += 1
         self.steps_run += 1
@@ -239,7 +214,7 @@ class ContinuousBatch:
         still = []
         for r in keep:
             if r.index >= r.total:
-                r.job.result = r.latents.float().cpu().numpy().copy()
+                r.job.result = r.tensors.latents.float().cpu().numpy().copy()
                 left.append(r.job)
             else:
                 still.append(r)
@@ -248,56 +223,19 @@ class ContinuousBatch:
             self._key = None
         return left
 
-    def _predict(self, running: list[_Running]) -> list[torch.Tensor]:
-        """Each job's guided noise prediction for its current timestep, (1, C, T, h, w) each."""
+    def _predict(self, running: list[_Running]) -> torch.Tensor:
+        """The guided noise prediction of every job for its own timestep, (B, C, T, h, w)."""
         loop = self.loop
-        i2v = running[0].condition is not None
-        n = len(running)
-        cfg_rows = [r for r in running if r.cfg]
-
-        def inputs(rows: list[_Running]):
-            if i2v:
-                latent_input = torch.cat([torch.cat([r.latents, r.condition], dim=1) for r in rows]).to(loop.dtype)
-                image_input = torch.cat([r.images for r in rows])
-            else:
-                latent_input = torch.cat([r.latents for r in rows]).to(loop.dtype)
-                image_input = None
-            timestep = torch.stack([r.t for r in rows])
-            return latent_input, timestep, image_input
-
-        latent_input, timestep, image_input = inputs(running)
-        cond = torch.cat([r.cond for r in running])
-        uncond_pred = None
-        if cfg_rows and self.cfg_batch:
-            u_latent, u_timestep, u_images = inputs(cfg_rows)
-            uncond = torch.cat([r.uncond for r in cfg_rows])
-            both = loop._forward(torch.cat([latent_input, u_latent]), torch.cat([timestep, u_timestep]),
-                                 torch.cat([cond, uncond]), "cfg",
-                                 image_embeds=torch.cat([image_input, u_images]) if i2v else None,
-                                 use_step_cache=False)
-            self.rows_run += n + len(cfg_rows)
-            cond_pred, uncond_pred = both[:n], both[n:]
-        else:
-            cond_pred = loop._forward(latent_input, timestep, cond, "cond", image_embeds=image_input,
-                                      use_step_cache=False)
-            self.rows_run += n
-            if cfg_rows:
-                if len(cfg_rows) == n:  # the same rows: reuse the inputs
-                    u_latent, u_timestep, u_images = latent_input, timestep, image_input
-                else:
-                    u_latent, u_timestep, u_images = inputs(cfg_rows)
-                uncond = torch.cat([r.uncond for r in cfg_rows])
-                uncond_pred = loop._forward(u_latent, u_timestep, uncond, "uncond", image_embeds=u_images,
-                                            use_step_cache=False)
-                self.rows_run += len(cfg_rows)
-
-        preds = []
-        u = 0
-        for k, r in enumerate(running):
-            pred = cond_pred[k:k + 1]
-            if r.cfg:
-                noise_uncond = uncond_pred[u:u + 1]
-                u += 1
-                pred = noise_uncond + r.settings.guidance_scale * (pred - noise_uncond)
-            preds.append(pred)
-        return preds
+        i2v = running[0].tensors.condition is not None
+        parts = [r.tensors for r in running]
+        latents = torch.cat([torch.cat([p.latents, p.condition], dim=1) if i2v else p.latents for p in parts])
+        inp = ModelInput(latents=latents.to(loop.dtype), timestep=torch.stack([r.t for r in running]),
+                         image_embeds=torch.cat([p.images for p in parts]) if i2v else None)
+        scales = [r.settings.guidance_scale for r in running]
+        cond = torch.cat([p.cond for p in parts])
+        guided = [p.uncond for p, g in zip(parts, scales) if g > 1.0]
+        uncond = torch.cat(guided) if guided else None
+        guider = ClassifierFreeGuidance(batch_cond_uncond=self.cfg_batch)
+        noise_pred = guider(loop.forward, inp, cond, uncond, scales, use_step_cache=False)
+        self.rows_run += len(running) + len(guided)
+        return noise_pred

@@ -82,7 +82,9 @@ import numpy as np
 
 from serve.contracts import VAE_SPATIAL_FACTOR, latent_frames
 from serve.errors import GenerationCancelled
-from serve.runtime.faults import inject_fault
+from serve.pipeline.denoise_step import (
+    ClassifierFreeGuidance, ModelInput, TransformerForward, latent_channels, make_scheduler, model_dtype, to_device,
+)
 
 # diffusers' fps conditioning (`inject_sample_info` models, e.g. SkyReels-V2-DF-1.3B): 16 fps -> 0, else 1
 FPS_16 = 16
@@ -235,6 +237,7 @@ class DFSettings:
     # "t2v" (text), "i2v" (an image as the first frame), "v2v" (extend a video): see the module docstring
     mode: DFMode = "t2v"
     last_image: bool = False  # "i2v": the job has `end_latents`, the last window ends on them
+    cfg_batch: bool = False  # the conditional and unconditional calls as one batch (`levers.cfg_batch`)
 
     def plan(self) -> WindowPlan:
         return plan_windows(self.num_frames, self.base_num_frames, self.overlap_history, self.causal_block_size,
@@ -278,16 +281,16 @@ class DiffusionForcingLoop:
         self.transformer = transformer
         self.scheduler_config = dict(scheduler_config)
         self.device = device
-        self.fault = fault
-        self.dtype = getattr(transformer, "dtype", None) or next(transformer.parameters()).dtype
+        self.dtype = model_dtype(transformer)
+        self.forward = TransformerForward(transformer, fault=fault)  # the same model call as the T2V loops
         self.steps_run = 0
 
-    def _scheduler(self, flow_shift: float, num_inference_steps: int):
-        from diffusers import UniPCMultistepScheduler
+    @property
+    def fault(self) -> str | None:
+        return self.forward.fault
 
-        scheduler = UniPCMultistepScheduler.from_config(self.scheduler_config, flow_shift=flow_shift)
-        scheduler.set_timesteps(num_inference_steps, device=self.device)
-        return scheduler
+    def _scheduler(self, flow_shift: float, num_inference_steps: int):
+        return make_scheduler(self.scheduler_config, flow_shift, num_inference_steps, self.device)
 
     def total_steps(self, s: DFSettings) -> int:
         """Transformer iterations over all windows (what `on_step`'s `total` counts)."""
@@ -309,12 +312,6 @@ class DiffusionForcingLoop:
             step_matrix[:, -plan.end_latent_frames:] = 0
             update_mask[:, -plan.end_latent_frames:] = False
         return step_matrix, update_mask, intervals
-
-    def _forward(self, latents, timestep, embeds, fps_embeds):
-        if self.fault:
-            inject_fault(self.fault)
-        return self.transformer(hidden_states=latents, timestep=timestep, encoder_hidden_states=embeds,
-                                enable_diffusion_forcing=True, fps=fps_embeds, return_dict=False)[0]
 
     def run(self, job: DFJob, s: DFSettings) -> None:
         """Fills `job.result` with the whole video's normalised fp32 latents (1, C, T, h, w) (when
@@ -354,9 +351,12 @@ class DFRun:
 
         # 2. The prompt embeddings, once for every window
         self.do_cfg = s.guidance_scale > 1.0
-        self.cond = torch.from_numpy(np.array(job.prompt_embeds)).to(loop.device, loop.dtype)
-        self.uncond = (torch.from_numpy(np.array(job.negative_prompt_embeds)).to(loop.device, loop.dtype)
-                       if self.do_cfg else None)
+        if self.do_cfg and job.negative_prompt_embeds is None:
+            raise ValueError("a job with guidance > 1 needs negative_prompt_embeds")
+        self.cond = to_device(job.prompt_embeds, loop.device, loop.dtype)
+        self.uncond = to_device(job.negative_prompt_embeds, loop.device, loop.dtype) if self.do_cfg else None
+        # the same guider as the T2V loops: two calls, or one CFG batch
+        self.guider = ClassifierFreeGuidance(batch_cond_uncond=s.cfg_batch)
         self.fps_embeds = [0 if s.fps == FPS_16 else 1] * self.cond.shape[0]
         self.generator = torch.Generator().manual_seed(job.seed)  # the pipeline's generator: every window's noise
         self.noise_generator = torch.Generator().manual_seed(addnoise_seed(job.seed))
@@ -371,10 +371,8 @@ class DFRun:
 
     def _conditions(self, plan: WindowPlan, job: DFJob, s: DFSettings):
         """The job's condition and end latents as tensors, checked against the mode."""
-        import torch
-
         h, w = s.height // VAE_SPATIAL_FACTOR, s.width // VAE_SPATIAL_FACTOR
-        channels = self.loop.transformer.config.in_channels
+        channels = latent_channels(self.loop.transformer.config, i2v=False)  # the DF model's noise channels
 
         def tensor(name: str, latents, frames: int):
             if frames == 0:
@@ -384,7 +382,7 @@ class DFRun:
             if latents is None or tuple(latents.shape) != (1, channels, frames, h, w):
                 raise ValueError(f"a {s.mode} job needs {name} of shape {(1, channels, frames, h, w)}, got "
                                  f"{None if latents is None else tuple(latents.shape)}")
-            return torch.from_numpy(np.array(latents, dtype=np.float32)).to(self.loop.device)
+            return to_device(np.asarray(latents, dtype=np.float32), self.loop.device)
 
         if plan.end_latent_frames and plan.window_latent_frames[-1] % s.causal_block_size:
             raise ValueError(f"the last window with the end frame has {plan.window_latent_frames[-1]} latent frames, "
@@ -424,7 +422,8 @@ class DFRun:
         size, prefix = plan.window_latent_frames[k], plan.prefix_latent_frames[k]
         end = plan.end_latent_frames if k == plan.num_windows - 1 else 0
         h, w = s.height // VAE_SPATIAL_FACTOR, s.width // VAE_SPATIAL_FACTOR
-        latents = randn_tensor((1, loop.transformer.config.in_channels, size - end, h, w), generator=self.generator,
+        latents = randn_tensor((1, latent_channels(loop.transformer.config, i2v=False), size - end, h, w),
+                               generator=self.generator,
                                device=loop.device, dtype=torch.float32)
         if prefix > 0:
             given = self.condition if k == 0 else self.carried_over
@@ -458,10 +457,8 @@ class DFRun:
             noise = torch.randn(carried.shape, generator=self.noise_generator, dtype=carried.dtype)
             model_input[:, :, start:prefix] = carried * (1.0 - factor) + noise.to(loop.device) * factor
             timestep[:, start:prefix] = s.addnoise_condition
-        noise_pred = loop._forward(model_input, timestep, self.cond, self.fps_embeds)
-        if self.do_cfg:
-            noise_uncond = loop._forward(model_input, timestep, self.uncond, self.fps_embeds)
-            noise_pred = noise_uncond + s.guidance_scale * (noise_pred - noise_uncond)
+        inp = ModelInput(latents=model_input, timestep=timestep, fps=self.fps_embeds)
+        noise_pred = self.guider(loop.forward, inp, self.cond, self.uncond, [s.guidance_scale] * latents.shape[0])
         for idx in range(start, end):
             if update_mask[i][idx].item():
                 latents[:, :, idx] = self.schedulers[idx].step(
