@@ -44,14 +44,9 @@ def _tagged(predicate) -> list[psutil.Process]:
 
 
 def _stop(procs: list[psutil.Process]) -> int:
-    for proc in procs:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            proc.terminate()
-    _, alive = psutil.wait_procs(procs, timeout=5)
-    for proc in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            proc.kill()
-    psutil.wait_procs(alive, timeout=5)
+    from serve.ops.launcher import stop_processes
+
+    stop_processes(procs, timeout_s=5)
     return len(procs)
 
 

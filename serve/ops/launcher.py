@@ -247,16 +247,23 @@ def _stop_cluster(session_dir: str | None, gcs_port: int | None = None, mark: st
                 found.update((c.pid, c) for c in proc.children(recursive=True) if c.pid != os.getpid())
         if not found:
             break
-        procs = list(found.values())
-        for proc in procs:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                proc.terminate()
-        _, alive = psutil.wait_procs(procs, timeout=10)
-        for proc in alive:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                proc.kill()
+        stop_processes(list(found.values()))
         stopped.update(found)
     return len(stopped)
+
+
+def stop_processes(procs: list, timeout_s: float = 10) -> None:
+    """SIGTERM each of `procs` (psutil.Process), then SIGKILL those still alive after `timeout_s`."""
+    import psutil
+
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=timeout_s)
+    for proc in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    psutil.wait_procs(alive, timeout=timeout_s)
 
 
 def service_url(config: dict) -> str:
