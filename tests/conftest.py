@@ -35,6 +35,13 @@ os.environ.pop("ELEVENLABS_API_KEY", None)
 # The tests run behind the same HTTP front as production (HAProxy, see serve/ops/serve_env.py), with a
 # short drain so replaced ingress replicas don't hold up the suite.
 os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "0.5")
+# Serve's router asks a replica for its queue length within 0.1 s (backing off to 1 s) and, for a
+# multiplexed request (a LoRA adapter), prefers the replicas holding the model for 1-2 s; on a busy
+# 2-core box a probe that misses its deadline sends the request elsewhere. Deadlines a loaded test
+# machine meets keep routing what Serve means it to be (tests/test_lora_graph.py asserts it).
+os.environ.setdefault("RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S", "1.0")
+os.environ.setdefault("RAY_SERVE_MAX_QUEUE_LENGTH_RESPONSE_DEADLINE_S", "5.0")
+os.environ.setdefault("RAY_SERVE_MULTIPLEXED_MODEL_ID_MATCHING_TIMEOUT_S", "5.0")
 from serve.ops.serve_env import apply_serve_env, free_port  # noqa: E402
 
 apply_serve_env()
