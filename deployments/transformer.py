@@ -67,7 +67,6 @@ from serve.contracts import (
     CALLER_GONE, CANCELLED, DenoisedLatents, ProgressEvent, PromptEmbeds, ResolvedSpec,
 )
 from serve.pipeline.levers import apply_levers, lever_state
-from serve.pipeline.spec import DF_MODE
 from serve.pipeline.loading import resolve_subfolder, torch_device, torch_dtype
 from serve.runtime.replica import CallerWatch, replica_id as _replica_id, setup_replica_logging
 from serve.runtime.threads import apply_torch_threads
@@ -377,9 +376,7 @@ class Transformer:
         return ProgressEvent(type="stage", stage=STAGE, stage_status="started", replica=_replica_id())
 
     def _settings(self, spec: ResolvedSpec) -> LoopSettings:
-        return LoopSettings(width=spec.width, height=spec.height, num_frames=spec.num_frames,
-                            num_inference_steps=spec.num_inference_steps, guidance_scale=spec.guidance_scale,
-                            flow_shift=spec.flow_shift, cfg_batch=self.levers.cfg_batch)
+        return LoopSettings.from_spec(spec, cfg_batch=self.levers.cfg_batch)
 
     def _model_error(self, exc: BaseException, task: str, where: str) -> StageError:
         """A model failure as the typed stage error the caller gets: "out of memory <task> <where>"
@@ -501,13 +498,7 @@ class Transformer:
                     keep_result=False,
                     condition_latents=ticket.conditioning.get("condition_latents"),
                     end_latents=ticket.conditioning.get("end_latents"))
-        settings = DFSettings(mode=DF_MODE[spec.mode], last_image=spec.has_last_image,
-                              width=spec.width, height=spec.height, num_frames=spec.num_frames,
-                              num_inference_steps=spec.num_inference_steps, guidance_scale=spec.guidance_scale,
-                              flow_shift=spec.flow_shift, fps=spec.fps, base_num_frames=spec.base_num_frames,
-                              overlap_history=spec.overlap_history, ar_step=spec.ar_step,
-                              causal_block_size=spec.causal_block_size,
-                              addnoise_condition=spec.addnoise_condition, cfg_batch=self.levers.cfg_batch)
+        settings = DFSettings.from_spec(spec, cfg_batch=self.levers.cfg_batch)
         ticket.events.put_nowait(self._started_event())
         self.batches_run.append(1)
         logger.info("[job %s] diffusion forcing: %d frames in windows of %d", ticket.job_id, spec.num_frames,
