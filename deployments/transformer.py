@@ -56,7 +56,7 @@ from dataclasses import dataclass, field
 import ray
 from ray import serve
 
-from serve.config import LeversConfig, LivenessConfig, ModelConfig, validate_live_levers
+from serve.config import LeversConfig, LivenessConfig, ModelConfig
 from serve.pipeline.continuous import ContinuousBatch
 from serve.pipeline.denoise_step import job_tokens
 from serve.pipeline.denoising import DenoiseJob, DenoiseLoop, LoopSettings
@@ -66,7 +66,7 @@ from serve.errors import GenerationCancelled, StageError, StageOutOfMemory
 from serve.contracts import (
     CALLER_GONE, CANCELLED, DenoisedLatents, ProgressEvent, PromptEmbeds, ResolvedSpec,
 )
-from serve.pipeline.levers import apply_levers, lever_state
+from serve.pipeline.levers import PendingLevers, apply_levers, lever_state
 from serve.pipeline.loading import resolve_subfolder, torch_device, torch_dtype
 from serve.runtime.replica import CallerWatch, replica_id as _replica_id, setup_replica_logging
 from serve.runtime.threads import apply_torch_threads
@@ -125,9 +125,7 @@ class Transformer:
         self.device = torch_device(self.model_cfg)
         self.torch_threads = apply_torch_threads(torch_threads, self.device, STAGE)
         self._torch = torch
-        self._next_levers: LeversConfig | None = None  # from reconfigure(), applied between batches
-        self._levers_lock = threading.Lock()
-        self.reconfigures = 0
+        self._pending_levers = PendingLevers(STAGE)  # from reconfigure(), applied between batches
         transformer = SkyReelsV2Transformer3DModel.from_pretrained(
             resolve_subfolder(self.model_cfg, "transformer"), torch_dtype=torch_dtype(self.model_cfg.dtype))
         transformer = transformer.to(self.device).eval()
@@ -192,19 +190,15 @@ class Transformer:
         (its live levers, `serve.config.LIVE_LEVERS["transformer"]`). A bad value raises here and
         changes nothing; good values take effect at the next batch boundary (a batch in flight
         finishes with the levers it started with)."""
-        new = validate_live_levers(STAGE, self.levers.live_for(STAGE), user_config)
-        with self._levers_lock:
-            self._next_levers = new
-        self.reconfigures += 1
+        new = self._pending_levers.receive(self.levers, user_config)
         logger.info("live levers received (in effect from the next batch): %s", new.live_for(STAGE))
 
     def _apply_pending_levers(self) -> None:
         """Called by the worker between batches (the denoising thread is idle): swap in the new levers."""
-        with self._levers_lock:
-            new, self._next_levers = self._next_levers, None
-        if new is None:
+        levers = self._pending_levers.take(self.levers)
+        if levers is None:
             return
-        self.levers = self.levers.model_copy(update=new.live_for(STAGE))
+        self.levers = levers
         self._set_step_cache(self.levers)
         logger.info("live levers in effect: %s", self.levers.live_for(STAGE))
 
@@ -562,7 +556,7 @@ class Transformer:
                                "rows_run": self._cbatch.rows_run, "joined_mid_batch": self.continuous_joined,
                                "max_active": self.continuous_max_active},
                 "levers": {**lever_state(transformer=self.loop.transformer), **self.levers.live_for(STAGE)},
-                "levers_pending": self._next_levers is not None, "reconfigures": self.reconfigures,
+                "levers_pending": self._pending_levers.pending, "reconfigures": self._pending_levers.received,
                 "torch_threads": self.torch_threads, "replica_id": _replica_id(),
                 "step_cache": cache.stats() if cache is not None and hasattr(cache, "stats") else None}
 
