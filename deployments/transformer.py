@@ -50,6 +50,7 @@ import functools
 import logging
 import threading
 import time
+import types
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -141,24 +142,9 @@ class Transformer:
             from serve.pipeline.lora import AdapterCache
 
             self.adapters = AdapterCache.from_config(transformer, self.model_cfg)
-
-            async def register_adapter(adapter_id: str) -> str:
-                if adapter_id not in self.adapters.adapters:
-                    # the request layer lists adapters_dir on each request (serve.pipeline.lora.adapter_catalog):
-                    # an adapter added there since this replica started is found by resolving again
-                    from serve.pipeline.lora import resolve_adapters
-
-                    try:
-                        found = await asyncio.to_thread(resolve_adapters, self.model_cfg)
-                    except ValueError as exc:
-                        raise StageError(f"LoRA adapter {adapter_id!r}: {exc}", stage=STAGE) from exc
-                    self.adapters.adapters = found  # one reference swap: the denoising thread reads it
-                if adapter_id not in self.adapters.adapters:
-                    raise StageError(f"unknown LoRA adapter {adapter_id!r}", stage=STAGE)
-                return adapter_id  # the weights load on the denoising thread, before the job's first step
-
-            self._register_adapter = serve.multiplexed(
-                max_num_models_per_replica=self.model_cfg.lora.max_loaded)(register_adapter)
+            # Serve's method form of `@serve.multiplexed`, applied here because the limit is the model's
+            self._register_adapter = types.MethodType(serve.multiplexed(
+                max_num_models_per_replica=self.model_cfg.lora.max_loaded)(type(self)._register_adapter), self)
         self.adapter_jobs: dict[str, int] = {}  # jobs run per adapter on this replica (observability)
         # long video: the same transformer, window by window (no step cache, no batching)
         self.df_loop = DiffusionForcingLoop(transformer, scheduler.config, self.device, fault=fault)
@@ -183,6 +169,23 @@ class Transformer:
         self.continuous_joined = 0  # jobs that joined a running continuous batch mid-way (after its first step)
         self.continuous_max_active = 0
         logger.info("transformer ready on %s (%s)", self.device, self.model_cfg.dtype)
+
+    async def _register_adapter(self, adapter_id: str) -> str:
+        """Serve's multiplexed loader (wrapped in `__init__`): checks that the model has the adapter; the
+        weights load on the denoising thread, before the job's first step (`AdapterCache.activate`)."""
+        if adapter_id not in self.adapters.adapters:
+            # the request layer lists adapters_dir on each request (serve.pipeline.lora.adapter_catalog):
+            # an adapter added there since this replica started is found by resolving again
+            from serve.pipeline.lora import resolve_adapters
+
+            try:
+                found = await asyncio.to_thread(resolve_adapters, self.model_cfg)
+            except ValueError as exc:
+                raise StageError(f"LoRA adapter {adapter_id!r}: {exc}", stage=STAGE) from exc
+            self.adapters.adapters = found  # one reference swap: the denoising thread reads it
+        if adapter_id not in self.adapters.adapters:
+            raise StageError(f"unknown LoRA adapter {adapter_id!r}", stage=STAGE)
+        return adapter_id
 
     # -- live levers (Serve user_config) --------------------------------------------------------
     def reconfigure(self, user_config: dict | None) -> None:
