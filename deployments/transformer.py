@@ -50,13 +50,14 @@ import functools
 import logging
 import threading
 import time
+import types
 from collections import deque
 from dataclasses import dataclass, field
 
 import ray
 from ray import serve
 
-from serve.config import LeversConfig, LivenessConfig, ModelConfig, validate_live_levers
+from serve.config import LeversConfig, LivenessConfig, ModelConfig
 from serve.pipeline.continuous import ContinuousBatch
 from serve.pipeline.denoise_step import job_tokens
 from serve.pipeline.denoising import DenoiseJob, DenoiseLoop, LoopSettings
@@ -66,8 +67,7 @@ from serve.errors import GenerationCancelled, StageError, StageOutOfMemory
 from serve.contracts import (
     CALLER_GONE, CANCELLED, DenoisedLatents, ProgressEvent, PromptEmbeds, ResolvedSpec,
 )
-from serve.pipeline.levers import apply_levers, lever_state
-from serve.pipeline.spec import DF_MODE
+from serve.pipeline.levers import PendingLevers, apply_levers, lever_state
 from serve.pipeline.loading import resolve_subfolder, torch_device, torch_dtype
 from serve.runtime.replica import CallerWatch, replica_id as _replica_id, setup_replica_logging
 from serve.runtime.threads import apply_torch_threads
@@ -126,9 +126,7 @@ class Transformer:
         self.device = torch_device(self.model_cfg)
         self.torch_threads = apply_torch_threads(torch_threads, self.device, STAGE)
         self._torch = torch
-        self._next_levers: LeversConfig | None = None  # from reconfigure(), applied between batches
-        self._levers_lock = threading.Lock()
-        self.reconfigures = 0
+        self._pending_levers = PendingLevers(STAGE)  # from reconfigure(), applied between batches
         transformer = SkyReelsV2Transformer3DModel.from_pretrained(
             resolve_subfolder(self.model_cfg, "transformer"), torch_dtype=torch_dtype(self.model_cfg.dtype))
         transformer = transformer.to(self.device).eval()
@@ -144,24 +142,9 @@ class Transformer:
             from serve.pipeline.lora import AdapterCache
 
             self.adapters = AdapterCache.from_config(transformer, self.model_cfg)
-
-            async def register_adapter(adapter_id: str) -> str:
-                if adapter_id not in self.adapters.adapters:
-                    # the request layer lists adapters_dir on each request (serve.pipeline.lora.adapter_catalog):
-                    # an adapter added there since this replica started is found by resolving again
-                    from serve.pipeline.lora import resolve_adapters
-
-                    try:
-                        found = await asyncio.to_thread(resolve_adapters, self.model_cfg)
-                    except ValueError as exc:
-                        raise StageError(f"LoRA adapter {adapter_id!r}: {exc}", stage=STAGE) from exc
-                    self.adapters.adapters = found  # one reference swap: the denoising thread reads it
-                if adapter_id not in self.adapters.adapters:
-                    raise StageError(f"unknown LoRA adapter {adapter_id!r}", stage=STAGE)
-                return adapter_id  # the weights load on the denoising thread, before the job's first step
-
-            self._register_adapter = serve.multiplexed(
-                max_num_models_per_replica=self.model_cfg.lora.max_loaded)(register_adapter)
+            # Serve's method form of `@serve.multiplexed`, applied here because the limit is the model's
+            self._register_adapter = types.MethodType(serve.multiplexed(
+                max_num_models_per_replica=self.model_cfg.lora.max_loaded)(type(self)._register_adapter), self)
         self.adapter_jobs: dict[str, int] = {}  # jobs run per adapter on this replica (observability)
         # long video: the same transformer, window by window (no step cache, no batching)
         self.df_loop = DiffusionForcingLoop(transformer, scheduler.config, self.device, fault=fault)
@@ -187,25 +170,38 @@ class Transformer:
         self.continuous_max_active = 0
         logger.info("transformer ready on %s (%s)", self.device, self.model_cfg.dtype)
 
+    async def _register_adapter(self, adapter_id: str) -> str:
+        """Serve's multiplexed loader (wrapped in `__init__`): checks that the model has the adapter; the
+        weights load on the denoising thread, before the job's first step (`AdapterCache.activate`)."""
+        if adapter_id not in self.adapters.adapters:
+            # the request layer lists adapters_dir on each request (serve.pipeline.lora.adapter_catalog):
+            # an adapter added there since this replica started is found by resolving again
+            from serve.pipeline.lora import resolve_adapters
+
+            try:
+                found = await asyncio.to_thread(resolve_adapters, self.model_cfg)
+            except ValueError as exc:
+                raise StageError(f"LoRA adapter {adapter_id!r}: {exc}", stage=STAGE) from exc
+            self.adapters.adapters = found  # one reference swap: the denoising thread reads it
+        if adapter_id not in self.adapters.adapters:
+            raise StageError(f"unknown LoRA adapter {adapter_id!r}", stage=STAGE)
+        return adapter_id
+
     # -- live levers (Serve user_config) --------------------------------------------------------
     def reconfigure(self, user_config: dict | None) -> None:
         """Serve calls this at start and on each redeploy that changes the stage's `user_config`
         (its live levers, `serve.config.LIVE_LEVERS["transformer"]`). A bad value raises here and
         changes nothing; good values take effect at the next batch boundary (a batch in flight
         finishes with the levers it started with)."""
-        new = validate_live_levers(STAGE, self.levers.live_for(STAGE), user_config)
-        with self._levers_lock:
-            self._next_levers = new
-        self.reconfigures += 1
+        new = self._pending_levers.receive(self.levers, user_config)
         logger.info("live levers received (in effect from the next batch): %s", new.live_for(STAGE))
 
     def _apply_pending_levers(self) -> None:
         """Called by the worker between batches (the denoising thread is idle): swap in the new levers."""
-        with self._levers_lock:
-            new, self._next_levers = self._next_levers, None
-        if new is None:
+        levers = self._pending_levers.take(self.levers)
+        if levers is None:
             return
-        self.levers = self.levers.model_copy(update=new.live_for(STAGE))
+        self.levers = levers
         self._set_step_cache(self.levers)
         logger.info("live levers in effect: %s", self.levers.live_for(STAGE))
 
@@ -377,9 +373,7 @@ class Transformer:
         return ProgressEvent(type="stage", stage=STAGE, stage_status="started", replica=_replica_id())
 
     def _settings(self, spec: ResolvedSpec) -> LoopSettings:
-        return LoopSettings(width=spec.width, height=spec.height, num_frames=spec.num_frames,
-                            num_inference_steps=spec.num_inference_steps, guidance_scale=spec.guidance_scale,
-                            flow_shift=spec.flow_shift, cfg_batch=self.levers.cfg_batch)
+        return LoopSettings.from_spec(spec, cfg_batch=self.levers.cfg_batch)
 
     def _model_error(self, exc: BaseException, task: str, where: str) -> StageError:
         """A model failure as the typed stage error the caller gets: "out of memory <task> <where>"
@@ -501,13 +495,7 @@ class Transformer:
                     keep_result=False,
                     condition_latents=ticket.conditioning.get("condition_latents"),
                     end_latents=ticket.conditioning.get("end_latents"))
-        settings = DFSettings(mode=DF_MODE[spec.mode], last_image=spec.has_last_image,
-                              width=spec.width, height=spec.height, num_frames=spec.num_frames,
-                              num_inference_steps=spec.num_inference_steps, guidance_scale=spec.guidance_scale,
-                              flow_shift=spec.flow_shift, fps=spec.fps, base_num_frames=spec.base_num_frames,
-                              overlap_history=spec.overlap_history, ar_step=spec.ar_step,
-                              causal_block_size=spec.causal_block_size,
-                              addnoise_condition=spec.addnoise_condition, cfg_batch=self.levers.cfg_batch)
+        settings = DFSettings.from_spec(spec, cfg_batch=self.levers.cfg_batch)
         ticket.events.put_nowait(self._started_event())
         self.batches_run.append(1)
         logger.info("[job %s] diffusion forcing: %d frames in windows of %d", ticket.job_id, spec.num_frames,
@@ -571,7 +559,7 @@ class Transformer:
                                "rows_run": self._cbatch.rows_run, "joined_mid_batch": self.continuous_joined,
                                "max_active": self.continuous_max_active},
                 "levers": {**lever_state(transformer=self.loop.transformer), **self.levers.live_for(STAGE)},
-                "levers_pending": self._next_levers is not None, "reconfigures": self.reconfigures,
+                "levers_pending": self._pending_levers.pending, "reconfigures": self._pending_levers.received,
                 "torch_threads": self.torch_threads, "replica_id": _replica_id(),
                 "step_cache": cache.stats() if cache is not None and hasattr(cache, "stats") else None}
 

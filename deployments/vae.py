@@ -27,14 +27,14 @@ import numpy as np
 import ray
 from ray import serve
 
-from serve.config import LeversConfig, LivenessConfig, ModelConfig, validate_live_levers
+from serve.config import LeversConfig, LivenessConfig, ModelConfig
 from serve.contracts import DecodedFrames, ProgressEvent
 from serve.runtime.faults import chaos_pause, inject_fault
 from serve.pipeline.vae_decode import (
     CausalDecodeSession, is_tiled, iter_decode, to_float_frames, video_to_uint8,
 )
 from serve.errors import StageError, StageOutOfMemory
-from serve.pipeline.levers import apply_levers, lever_state
+from serve.pipeline.levers import PendingLevers, apply_levers, lever_state
 from serve.pipeline.loading import resolve_subfolder, torch_device, torch_dtype
 from serve.runtime.replica import CallerWatch, replica_id, setup_replica_logging
 from serve.runtime.threads import apply_torch_threads
@@ -56,8 +56,7 @@ class VAEDecoder:
         self.model_cfg = ModelConfig.model_validate(model)
         levers_cfg = LeversConfig.model_validate(levers or {})
         self.levers = levers_cfg
-        self._next_levers: LeversConfig | None = None  # from reconfigure(), applied before the next decode
-        self._levers_lock = threading.Lock()
+        self._pending_levers = PendingLevers(STAGE)  # from reconfigure(), applied before the next decode
         self.device = torch_device(self.model_cfg)
         self.torch_threads = apply_torch_threads(torch_threads, self.device, STAGE)
         self._torch = torch
@@ -78,18 +77,15 @@ class VAEDecoder:
         """Live levers (Serve's `user_config`, `LIVE_LEVERS["vae"]`): VAE tiling and its tile size,
         in effect from the next decode (one in progress finishes as it started). A bad value raises,
         changing nothing."""
-        new = validate_live_levers(STAGE, self.levers.live_for(STAGE), user_config)
-        with self._levers_lock:
-            self._next_levers = new
+        new = self._pending_levers.receive(self.levers, user_config)
         logger.info("live levers received (in effect from the next decode): %s", new.live_for(STAGE))
 
     def _apply_pending_levers(self) -> None:
         """Before a decode, under the decode lock: switch tiling on/off or change the tile size."""
-        with self._levers_lock:
-            new, self._next_levers = self._next_levers, None
-        if new is None:
+        levers = self._pending_levers.take(self.levers)
+        if levers is None:
             return
-        self.levers = self.levers.model_copy(update=new.live_for(STAGE))
+        self.levers = levers
         if self.levers.vae_tiling:
             apply_levers(None, self.vae, self.levers)
         elif getattr(self.vae, "use_tiling", False):
@@ -269,7 +265,7 @@ class VAEDecoder:
 
     def stats(self) -> dict:
         """What is in effect in this replica (read from the loaded VAE) and what it has done."""
-        return {"levers": lever_state(vae=self.vae), "levers_pending": self._next_levers is not None,
+        return {"levers": lever_state(vae=self.vae), "levers_pending": self._pending_levers.pending,
                 "decodes": self.decodes, "tiled_decodes": self.tiled_decodes, "torch_threads": self.torch_threads,
                 "torch_threads_in_use": self.threads_in_use, "replica_id": replica_id(),
                 "decode_sessions": len(self._sessions)}

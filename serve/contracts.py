@@ -97,6 +97,8 @@ class GenerationSpec(BaseModel):
 
 # the request fields of diffusion forcing
 DF_FIELDS = ("base_num_frames", "overlap_history", "ar_step", "causal_block_size", "addnoise_condition")
+# a request's mode -> the diffusion-forcing loop's (`serve.pipeline.diffusion_forcing.DFSettings.mode`)
+DF_MODE = {"text-to-video": "t2v", "image-to-video": "i2v", "extend": "v2v"}
 
 
 class ResolvedSpec(BaseModel):

@@ -178,9 +178,7 @@ def spec_from_openai(req, m: ModelConfig, default_fps: int | None = None) -> Gen
             raise InvalidSpecError(
                 f"seconds={req.seconds} needs {frames} frames at {fps} fps; this model allows at most "
                 f"{m.max_frames} frames ({(m.max_frames - 1) / fps:g} s)", param="seconds")
-    return GenerationSpec(prompt=req.prompt, negative_prompt=req.negative_prompt, model=req.model,
-                          width=width, height=height, num_frames=frames, fps=req.fps,
-                          num_inference_steps=req.num_inference_steps, guidance_scale=req.guidance_scale,
-                          seed=req.seed, voiceover=req.voiceover, lora=req.lora, base_num_frames=req.base_num_frames,
-                          overlap_history=req.overlap_history, ar_step=req.ar_step,
-                          causal_block_size=req.causal_block_size, addnoise_condition=req.addnoise_condition)
+    # every other field of the request that a GenerationSpec has (prompt, steps, guidance, seed, the
+    # DF knobs, ...) goes over as is: a new generation field needs no line here
+    fields = req.model_dump(include=set(GenerationSpec.model_fields), exclude={"width", "height", "num_frames"})
+    return GenerationSpec(**fields, width=width, height=height, num_frames=frames)

@@ -14,8 +14,8 @@ VAE side (de-normalise, decode, frames) is `serve.pipeline.vae_decode`.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
@@ -25,6 +25,9 @@ from serve.pipeline.denoise_step import (
     ClassifierFreeGuidance, ModelInput, TransformerForward, check_jobs, drop_cancelled, initial_latents,
     latent_shape, make_scheduler, model_dtype, prepare_job,
 )
+
+if TYPE_CHECKING:
+    from serve.contracts import ResolvedSpec
 
 __all__ = ["DenoiseJob", "DenoiseLoop", "LoopSettings", "clone_scheduler_config", "initial_latents",
            "latent_shape"]
@@ -55,7 +58,13 @@ class LoopSettings:
     num_inference_steps: int
     guidance_scale: float
     flow_shift: float
-    cfg_batch: bool = False
+    cfg_batch: bool = False  # a replica's lever (`levers.cfg_batch`), not a request's
+
+    @classmethod
+    def from_spec(cls, spec: ResolvedSpec, cfg_batch: bool = False) -> LoopSettings:
+        """The loop's settings of a job: every field but `cfg_batch` is the spec's field of that name."""
+        return cls(**{f.name: getattr(spec, f.name) for f in fields(cls) if f.name != "cfg_batch"},
+                   cfg_batch=cfg_batch)
 
 
 class DenoiseLoop:

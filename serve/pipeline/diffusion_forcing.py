@@ -75,12 +75,12 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Callable, Literal
 
 import numpy as np
 
-from serve.contracts import VAE_SPATIAL_FACTOR, latent_frames
+from serve.contracts import DF_MODE, VAE_SPATIAL_FACTOR, ResolvedSpec, latent_frames
 from serve.errors import GenerationCancelled
 from serve.pipeline.denoise_step import (
     ClassifierFreeGuidance, ModelInput, TransformerForward, latent_channels, make_scheduler, model_dtype, to_device,
@@ -238,6 +238,13 @@ class DFSettings:
     mode: DFMode = "t2v"
     last_image: bool = False  # "i2v": the job has `end_latents`, the last window ends on them
     cfg_batch: bool = False  # the conditional and unconditional calls as one batch (`levers.cfg_batch`)
+
+    @classmethod
+    def from_spec(cls, spec: ResolvedSpec, cfg_batch: bool = False) -> DFSettings:
+        """A DF job's settings: `mode` from the spec's mode (`serve.contracts.DF_MODE`), `last_image`
+        from `has_last_image`, `cfg_batch` the replica's lever; every other field is the spec's of that name."""
+        derived = {"mode": DF_MODE[spec.mode], "last_image": spec.has_last_image, "cfg_batch": cfg_batch}
+        return cls(**{f.name: getattr(spec, f.name) for f in fields(cls) if f.name not in derived}, **derived)
 
     def plan(self) -> WindowPlan:
         return plan_windows(self.num_frames, self.base_num_frames, self.overlap_history, self.causal_block_size,

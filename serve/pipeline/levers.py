@@ -18,14 +18,49 @@ Quality cost of each lever (measured in tests/test_levers.py and loadtests/bench
 from __future__ import annotations
 
 import logging
+import threading
 from collections import Counter
 from typing import Any
 
 import torch
 
+from serve.config import LeversConfig, validate_live_levers
 from serve.pipeline.loading import torch_dtype
 
 logger = logging.getLogger(__name__)
+
+
+class PendingLevers:
+    """A stage's live-levers handshake. Serve's `reconfigure()` (on its own thread) hands the stage's
+    `user_config` to `receive`, which validates it over the levers in effect (a bad value raises and
+    changes nothing) and keeps the result pending; the stage calls `take` at its own boundary (between
+    batches, before a decode), when nothing runs with the old levers, and applies what it gets back."""
+
+    def __init__(self, stage: str):
+        self.stage = stage
+        self._next: LeversConfig | None = None
+        self._lock = threading.Lock()
+        self.received = 0  # user_configs received (observability)
+
+    def receive(self, current: LeversConfig, user_config: dict | None) -> LeversConfig:
+        """`user_config` over the stage's live levers in `current`, validated and kept until `take`."""
+        new = validate_live_levers(self.stage, current.live_for(self.stage), user_config)
+        with self._lock:
+            self._next = new
+        self.received += 1
+        return new
+
+    def take(self, current: LeversConfig) -> LeversConfig | None:
+        """`current` with the pending live levers in, and nothing pending any more; None when none were."""
+        with self._lock:
+            new, self._next = self._next, None
+        if new is None:
+            return None
+        return current.model_copy(update=new.live_for(self.stage))
+
+    @property
+    def pending(self) -> bool:
+        return self._next is not None
 
 
 def main_dtype(module: torch.nn.Module) -> torch.dtype:

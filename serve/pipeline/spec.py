@@ -9,7 +9,7 @@ from typing import Sequence
 from serve.config import ModelConfig, TTSConfig
 from serve.errors import InvalidSpecError, UnknownModelError
 from serve.contracts import (
-    DF_FIELDS, SIZE_MULTIPLE, VAE_TEMPORAL_FACTOR, GenerationSpec, LoraSpec, ResolvedSpec,
+    DF_FIELDS, DF_MODE, SIZE_MULTIPLE, VAE_TEMPORAL_FACTOR, GenerationSpec, LoraSpec, ResolvedSpec,
 )
 from serve.frames import check_causal_block, check_df_window, check_frame_count, is_frame_count
 
@@ -161,10 +161,6 @@ def _resolve_sampling(spec: GenerationSpec, model: ModelConfig, adapter_defaults
     if not 0 < shift <= 100:
         raise InvalidSpecError(f"flow_shift must be in (0, 100], got {shift}", param="flow_shift")
     return {"num_inference_steps": steps, "guidance_scale": float(guidance), "fps": fps, "flow_shift": float(shift)}
-
-
-# a request's mode -> the diffusion-forcing loop's (`serve.pipeline.diffusion_forcing.DFSettings.mode`)
-DF_MODE = {"text-to-video": "t2v", "image-to-video": "i2v", "extend": "v2v"}
 
 
 def resolve_diffusion_forcing(spec: GenerationSpec, model: ModelConfig, frames: int, force: bool = False,
