@@ -4,7 +4,8 @@ builds it; the `Ingress` deployment serves it through Ray Serve, and it runs as 
 uvicorn.
 
 Authentication, the brute-force throttles and the per-user rate limit live here; the job service
-knows users only by id."""
+knows users only by id. Each route's auth (public, user, admin) is declared once, in `API_ROUTES`,
+and enforced from there (`authenticated`): an endpoint is called as `endpoint(request, user)`."""
 
 from __future__ import annotations
 
