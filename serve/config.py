@@ -425,58 +425,8 @@ class TTSConfig(_Strict):
 # field is left unset, the matching `CINEVIVID_*` environment variable fills it (database URL, data
 # dir, mode); secrets (`CINEVIVID_JWT_SECRET`) come only from the environment and are never logged.
 #
-#     args:
-#       ingress:
-#         database_url: postgresql+asyncpg://cv@db/cv  # default $CINEVIVID_DATABASE_URL, else SQLite in data_dir
-#         data_dir: /var/lib/cinevivid                 # default $CINEVIVID_DATA_DIR (artifacts, SQLite, JWT secret)
-#         limits:
-#           max_prompt_chars: 1000       # 400 invalid_request, param prompt        (None: the model's bound)
-#           max_frames: 33               # 400 invalid_request, param num_frames / seconds
-#           max_width: 128               # 400 invalid_request, param width / size
-#           max_height: 128              # 400 invalid_request, param height / size
-#           max_steps: 50                # 400 invalid_request, param num_inference_steps
-#           max_upload_bytes: 1000000    # 413 payload_too_large (any request body but multipart uploads;
-#                                        # a JSON body's data-URL images count here)
-#           max_image_bytes: 20000000    # 413, param input_reference / last_frame (POST /v1/videos, multipart)
-#           max_image_pixels: 40000000   # 400, param input_reference / last_frame: width x height
-#           max_image_side: 8192         # 400: width or height, pixels
-#           max_video_bytes: 200000000   # 413, param video (POST /v1/videos/extensions, an upload)
-#           max_video_frames: 2000       # 400, param video: a video to extend, frames
-#           max_video_side: 2048         # 400, param video: width or height, pixels
-#           max_concurrent_jobs_per_user: 4   # 429 too_many_active_jobs + Retry-After (queued + in_progress)
-#           rate_limit_per_minute: 600   # 429 rate_limit_exceeded + Retry-After (token bucket per user)
-#           rate_limit_burst: 120
-#           rate_limit_scope: cluster    # one bucket per user across ingress replicas (shared actor) | replica
-#           max_list_limit: 100          # 400 invalid_request, param limit (GET /v1/videos)
-#           max_api_keys_per_user: 20    # 409 api_key_limit_reached (POST /v1/api-keys; revoke one first)
-#           failed_auth:                 # 429 too_many_failed_attempts + Retry-After (serve.api.throttle)
-#             login_failures_per_username: 5
-#             login_failures_per_address: 20
-#             credential_failures_per_address: 20   # bad API keys / bearer tokens
-#             window_s: 900              # counts are forgotten after this long without a failure
-#             lockout_s: 60              # first lockout; doubles with each further attempt ...
-#             max_lockout_s: 900         # ... up to this
-#         trusted_proxies: [127.0.0.1, ::1]   # IPs/CIDRs whose X-Forwarded-For is believed (see IngressConfig)
-#         dispatcher:
-#           max_concurrent_jobs: 2       # jobs one ingress replica runs at once; the rest wait queued
-#           lease_seconds: 30            # claimed job's lease, renewed every lease/3 while it runs
-#           max_attempts: 3              # a job whose ingress crashed is re-queued until then, then failed
-#                                        # (a clean shutdown re-queues without spending one)
-#           poll_interval_s: 0.5         # look for queued / expired jobs this often
-#           stage_retries: 2             # re-runs of a job whose stage replica died mid-job, then
-#                                        # the job fails with error code stage_unavailable
-#           stage_retry_backoff_s: 1.0   # before the first re-run; doubles each time
-#         auth: {token_ttl_s: 3600}
-#         webhooks:
-#           max_endpoints_per_user: 10   # 409 too_many_webhooks, param url (POST /v1/webhooks)
-#           max_url_length: 2048         # 400 invalid_request, param url (also: http/https only, a host)
-#           max_attempts: 8              # a delivery is tried this often, then `failed`
-#           backoff_initial_s: 5         # wait after the 1st failed attempt; doubles each time ...
-#           backoff_max_s: 3600          # ... up to this
-#           timeout_s: 10                # one POST to an endpoint (connect + send + answer)
-#           poll_interval_s: 5.0         # look for due deliveries this often (finishing jobs here wake it)
-#           allowed_networks: null       # e.g. ["127.0.0.0/8"]: receivers only there (400 param url)
-#         poll_after_ms: 1000            # openai-poll-after-ms header: the SDK's poll() interval
+# Every field with its default and bounds: `cinevivid config --markdown` (docs/configuration.md)
+# or `cinevivid config --schema`, both generated from these models.
 #
 # The model's own bounds (`ModelConfig.max_*`) always apply; these can only narrow them.
 

@@ -148,3 +148,31 @@ def test_each_cluster_gets_its_own_haproxy_files_and_ports(tmp_path):
     shutil.rmtree("/tmp/cvhap-test", ignore_errors=True)
     with pytest.raises(ValueError, match="too long"):
         apply_serve_env({}, haproxy_dir=tmp_path / ("x" * 60))
+
+
+@pytest.mark.fast
+def test_configuration_page_matches_the_models():
+    """docs/configuration.md is generated from the pydantic models; it fails here when they drift
+    apart (regenerate it with the command the page names)."""
+    from serve.ops.config_doc import DOC_PATH, REGENERATE, render_markdown
+
+    page = (ROOT / DOC_PATH).read_text(encoding="utf-8")
+    assert page == render_markdown(), f"{DOC_PATH} is out of date with serve/config.py; run: {REGENERATE}"
+    assert REGENERATE in page
+    # every field of every section is on the page, the ingress webhooks' included
+    for field in AppArgs.model_fields:
+        assert f"| `{field}` |" in page, field
+    for field in type(AppArgs().ingress.webhooks).model_fields:
+        assert f"| `{field}` |" in page, field
+
+
+@pytest.mark.fast
+def test_config_schema_command_prints_the_app_args_schema(capsys):
+    import json
+
+    from serve.ops.cli import main
+
+    assert main(["config", "--schema"]) == 0
+    assert json.loads(capsys.readouterr().out) == AppArgs.model_json_schema()
+    assert main(["config", "--markdown"]) == 0
+    assert capsys.readouterr().out == (ROOT / "docs/configuration.md").read_text(encoding="utf-8")

@@ -137,3 +137,26 @@ def test_other_users_video_is_404_everywhere(http_env, alice, bob):
 def test_unknown_route_and_method(http_env, alice):
     _err(httpx.get(f"{http_env.url}/no/such/route", headers=alice.headers), 404, "not_found")
     _err(httpx.put(f"{http_env.url}/v1/videos", headers=alice.headers), 405, "method_not_allowed")
+
+
+def test_every_route_enforces_its_declared_auth(http_env, alice):
+    """Walk API_ROUTES: every route that is not public refuses a request without credentials
+    (401 in the envelope), and every admin route refuses a plain user (403)."""
+    import re
+
+    from serve.api.routes import API_ROUTES
+
+    checked = 0
+    for route in API_ROUTES:
+        if route.auth is None:
+            continue
+        path = re.sub(r"{(\w+)(:\w+)?}", "does-not-exist", route.path)
+        for method in route.methods:
+            r = httpx.request(method, f"{http_env.url}{path}")
+            _err(r, 401, "missing_credentials")
+            checked += 1
+            if route.auth == "admin":
+                _err(httpx.request(method, f"{http_env.url}{path}", headers=alice.headers), 403,
+                     "permission_denied")
+    assert checked >= 20
+    assert {r.auth for r in API_ROUTES} == {None, "user", "admin"}

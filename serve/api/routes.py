@@ -4,14 +4,15 @@ builds it; the `Ingress` deployment serves it through Ray Serve, and it runs as 
 uvicorn.
 
 Authentication, the brute-force throttles and the per-user rate limit live here; the job service
-knows users only by id."""
+knows users only by id. Each route's auth (public, user, admin) is declared once, in `API_ROUTES`,
+and enforced from there (`authenticated`): an endpoint is called as `endpoint(request, user)`."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Awaitable, Callable
 
 from dataclasses import dataclass
 
@@ -101,41 +102,69 @@ async def _admin(request: Request) -> Principal:
     return p
 
 
+async def _public(request: Request) -> None:
+    return None
+
+
+# What each `ApiRoute.auth` level asks of the caller before the endpoint runs: the caller it
+# passes on (None on a public route), or an error (401, 403, 429) in the envelope.
+AUTH_CHECKS: dict[str | None, Callable[[Request], Awaitable[Principal | None]]] = {
+    None: _public, "user": _principal, "admin": _admin,
+}
+
+
+def authenticated(route: "ApiRoute") -> Callable[[Request], Awaitable[Response]]:
+    """The route's endpoint behind the check its `auth` declares: every endpoint is called as
+    `endpoint(request, user)`, `user` the authenticated `Principal` (None on a public route)."""
+    try:
+        check = AUTH_CHECKS[route.auth]
+    except KeyError:
+        raise ValueError(f"route {route.path}: unknown auth level {route.auth!r} "
+                         f"(one of {sorted(map(str, AUTH_CHECKS))})") from None
+    endpoint = route.endpoint
+
+    async def checked(request: Request) -> Response:
+        return await endpoint(request, await check(request))
+
+    checked.__name__ = checked.__qualname__ = endpoint.__name__
+    return checked
+
+
 # ---- service ----
-async def root(request: Request) -> Response:
+async def root(request: Request, user: Principal | None) -> Response:
     api: Api = request.app.state.api
     return _json(m.ServiceInfo, {
         "name": "CineVivid", "version": VERSION, "model": api.service.model_cfg.name,
         "endpoints": sorted({f"{' '.join(sorted(r.methods))} {r.path}" for r in API_ROUTES})})
 
 
-async def health(request: Request) -> Response:
+async def health(request: Request, user: Principal | None) -> Response:
     api: Api = request.app.state.api
     h = await api.service.health()
     return _json(m.Health, h, status=503 if h["status"] == "unhealthy" else 200)
 
 
-async def metrics(request: Request) -> Response:
+async def metrics(request: Request, user: Principal | None) -> Response:
     api: Api = request.app.state.api
     with contextlib.suppress(Exception):
         await api.service.refresh_gauges()
     return Response(api.http_metrics.render(), media_type=api.http_metrics.content_type)
 
 
-async def openapi(request: Request) -> Response:
+async def openapi(request: Request, user: Principal | None) -> Response:
     from serve.api.openapi import build_openapi
 
     return JSONResponse(build_openapi(API_ROUTES, VERSION))
 
 
-async def docs(request: Request) -> Response:
+async def docs(request: Request, user: Principal | None) -> Response:
     from serve.api.openapi import DOCS_HTML
 
     return HTMLResponse(DOCS_HTML)
 
 
 # ---- auth ----
-async def login(request: Request) -> Response:
+async def login(request: Request, user: Principal | None) -> Response:
     api: Api = request.app.state.api
     req = await read_body(request, m.LoginRequest)
     address = api.client_address(request)
@@ -149,33 +178,29 @@ async def login(request: Request) -> Response:
     return _json(m.TokenResponse, token)
 
 
-async def create_key(request: Request) -> Response:
+async def create_key(request: Request, user: Principal) -> Response:
     api: Api = request.app.state.api
-    p = await _principal(request)
     req = await read_body(request, m.ApiKeyCreateRequest, allow_empty=True)
-    key = await api.auth.create_api_key(p.user_id, req.name, max_active=api.config.limits.max_api_keys_per_user)
+    key = await api.auth.create_api_key(user.user_id, req.name, max_active=api.config.limits.max_api_keys_per_user)
     return _json(m.ApiKeyCreated, key, status=201)
 
 
-async def list_keys(request: Request) -> Response:
+async def list_keys(request: Request, user: Principal) -> Response:
     api: Api = request.app.state.api
-    p = await _principal(request)
-    return _json(m.ApiKeyList, {"data": await api.auth.list_api_keys(p.user_id)})
+    return _json(m.ApiKeyList, {"data": await api.auth.list_api_keys(user.user_id)})
 
 
-async def revoke_key(request: Request) -> Response:
+async def revoke_key(request: Request, user: Principal) -> Response:
     api: Api = request.app.state.api
-    p = await _principal(request)
     key_id = request.path_params["key_id"]
-    if not await api.auth.revoke_api_key(key_id, p.user_id):
+    if not await api.auth.revoke_api_key(key_id, user.user_id):
         raise NotFound(f"no active API key with id {key_id!r}", param="key_id")
     return JSONResponse({"id": key_id, "object": "api_key", "revoked": True})
 
 
 # ---- OpenAI videos ----
-async def create_video(request: Request) -> Response:
+async def create_video(request: Request, user: Principal) -> Response:
     api: Api = request.app.state.api
-    p = await _principal(request)
     limits = api.config.limits
     req, uploads = await read_body_with_files(request, m.VideoCreateRequest, ("input_reference", "last_frame"),
                                               limits.max_image_bytes)
@@ -185,26 +210,24 @@ async def create_video(request: Request) -> Response:
     if image is None:
         if last is not None:
             raise InvalidSpecError("last_frame needs input_reference (the first frame) too", param="last_frame")
-        job = await api.service.submit(p.user_id, spec_from_openai(req, api.service.model_for(req.model)))
+        job = await api.service.submit(user.user_id, spec_from_openai(req, api.service.model_for(req.model)))
     else:
         resolved, files = await media.image_job(api.service, req, image, last)
-        job = await api.service.submit(p.user_id, resolved, input_files=files)
+        job = await api.service.submit(user.user_id, resolved, input_files=files)
     return _json(m.Video, api.service.video_view(job), headers={"openai-poll-after-ms": api.poll_after_ms})
 
 
-async def extend_video(request: Request) -> Response:
+async def extend_video(request: Request, user: Principal) -> Response:
     api: Api = request.app.state.api
-    p = await _principal(request)
     req, uploads = await read_body_with_files(request, m.VideoExtendRequest, ("video",),
                                               api.config.limits.max_video_bytes)
-    resolved, files = await media.extension_job(api.service, p.user_id, req, uploads.get("video"))
-    job = await api.service.submit(p.user_id, resolved, input_files=files)
+    resolved, files = await media.extension_job(api.service, user.user_id, req, uploads.get("video"))
+    job = await api.service.submit(user.user_id, resolved, input_files=files)
     return _json(m.Video, api.service.video_view(job), headers={"openai-poll-after-ms": api.poll_after_ms})
 
 
-async def list_models(request: Request) -> Response:
+async def list_models(request: Request, user: Principal) -> Response:
     api: Api = request.app.state.api
-    await _principal(request)
     data = [{"id": x.name, "aliases": x.aliases, "modes": x.modes(), "default": i == 0,
              "size": f"{x.width}x{x.height}", "max_size": f"{x.max_width}x{x.max_height}",
              "max_frames": x.max_frames, "fps": x.fps, "num_inference_steps": x.num_inference_steps,
@@ -214,16 +237,14 @@ async def list_models(request: Request) -> Response:
     return _json(m.ModelList, {"data": data})
 
 
-async def get_video(request: Request) -> Response:
+async def get_video(request: Request, user: Principal) -> Response:
     api: Api = request.app.state.api
-    p = await _principal(request)
-    job = await api.service.get_job(p.user_id, request.path_params["video_id"])
+    job = await api.service.get_job(user.user_id, request.path_params["video_id"])
     return _json(m.Video, api.service.video_view(job), headers={"openai-poll-after-ms": api.poll_after_ms})
 
 
-async def list_videos(request: Request) -> Response:
+async def list_videos(request: Request, user: Principal) -> Response:
     api: Api = request.app.state.api
-    p = await _principal(request)
     q = request.query_params
     order = q.get("order", "desc")
     if order not in ("asc", "desc"):
@@ -237,7 +258,7 @@ async def list_videos(request: Request) -> Response:
     after = q.get("after")
     if after is not None and not after:
         raise InvalidSpecError("after must be a video id (or left out)", param="after")
-    rows, has_more = await api.service.store.list(user_id=p.user_id, after=after,
+    rows, has_more = await api.service.store.list(user_id=user.user_id, after=after,
                                               limit=limit, order=order)
     data = [api.service.video_view(r) for r in rows]
     return _json(m.VideoList, {"data": data, "has_more": has_more,
@@ -245,34 +266,30 @@ async def list_videos(request: Request) -> Response:
                                "last_id": data[-1]["id"] if data else None})
 
 
-async def delete_video(request: Request) -> Response:
+async def delete_video(request: Request, user: Principal) -> Response:
     api: Api = request.app.state.api
-    p = await _principal(request)
-    job = await api.service.delete(p.user_id, request.path_params["video_id"])
+    job = await api.service.delete(user.user_id, request.path_params["video_id"])
     return _json(m.VideoDeleted, {"id": job["id"]})
 
 
-async def cancel_video(request: Request) -> Response:
+async def cancel_video(request: Request, user: Principal) -> Response:
     api: Api = request.app.state.api
-    p = await _principal(request)
-    job = await api.service.cancel(p.user_id, request.path_params["video_id"])
+    job = await api.service.cancel(user.user_id, request.path_params["video_id"])
     return _json(m.Video, api.service.video_view(job))
 
 
-async def remix_video(request: Request) -> Response:
+async def remix_video(request: Request, user: Principal) -> Response:
     api: Api = request.app.state.api
-    p = await _principal(request)
     video_id = request.path_params["video_id"]
-    await api.service.get_job(p.user_id, video_id)  # 404 before looking at the body
+    await api.service.get_job(user.user_id, video_id)  # 404 before looking at the body
     req = await read_body(request, m.VideoRemixRequest)
-    job = await api.service.remix(p.user_id, video_id, req.prompt)
+    job = await api.service.remix(user.user_id, video_id, req.prompt)
     return _json(m.Video, api.service.video_view(job), headers={"openai-poll-after-ms": api.poll_after_ms})
 
 
-async def video_content(request: Request) -> Response:
+async def video_content(request: Request, user: Principal) -> Response:
     api: Api = request.app.state.api
-    p = await _principal(request)
-    job = await api.service.get_job(p.user_id, request.path_params["video_id"])
+    job = await api.service.get_job(user.user_id, request.path_params["video_id"])
     variant = request.query_params.get("variant", "video")
     if variant not in ("video", "thumbnail", "preview"):
         raise InvalidSpecError(f"variant must be 'video', 'thumbnail' or 'preview' (got {variant!r})",
@@ -308,54 +325,48 @@ def _preview_response(request: Request, api: "Api", job: dict) -> Response:
         raise VideoNotReady(f"video {job['id']} just ended; fetch it again") from None
 
 
-async def video_events(request: Request) -> Response:
+async def video_events(request: Request, user: Principal) -> Response:
     api: Api = request.app.state.api
-    p = await _principal(request)
-    job = await api.service.get_job(p.user_id, request.path_params["video_id"])
+    job = await api.service.get_job(user.user_id, request.path_params["video_id"])
     return StreamingResponse(job_events(api.service, job), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-async def voices(request: Request) -> Response:
+async def voices(request: Request, user: Principal) -> Response:
     api: Api = request.app.state.api
-    await _principal(request)
     return _json(m.VoiceList, {"data": await api.service.generator.voices()})
 
 
 # ---- webhooks ----
-async def create_webhook(request: Request) -> Response:
+async def create_webhook(request: Request, user: Principal) -> Response:
     api: Api = request.app.state.api
-    p = await _principal(request)
     req = await read_body(request, m.WebhookEndpointCreateRequest, form_ok=False)
     endpoint = await api.service.webhook_store.create_endpoint(
-        user_id=p.user_id, url=req.url, events=list(req.events), description=req.description)
-    logger.info("webhook endpoint %s created by user %s", endpoint["id"], p.user_id)
+        user_id=user.user_id, url=req.url, events=list(req.events), description=req.description)
+    logger.info("webhook endpoint %s created by user %s", endpoint["id"], user.user_id)
     return _json(m.WebhookEndpointCreated, endpoint, status=201)
 
 
-async def list_webhooks(request: Request) -> Response:
+async def list_webhooks(request: Request, user: Principal) -> Response:
     api: Api = request.app.state.api
-    p = await _principal(request)
-    endpoints = await api.service.webhook_store.list_endpoints(None if p.is_admin else p.user_id)
+    endpoints = await api.service.webhook_store.list_endpoints(None if user.is_admin else user.user_id)
     return _json(m.WebhookEndpointList, {"data": endpoints})
 
 
-async def delete_webhook(request: Request) -> Response:
+async def delete_webhook(request: Request, user: Principal) -> Response:
     api: Api = request.app.state.api
-    p = await _principal(request)
     endpoint_id = request.path_params["webhook_id"]
-    if not await api.service.webhook_store.delete_endpoint(endpoint_id, None if p.is_admin else p.user_id):
+    if not await api.service.webhook_store.delete_endpoint(endpoint_id, None if user.is_admin else user.user_id):
         raise NotFound(f"no webhook endpoint with id {endpoint_id!r}", param="webhook_id")
-    logger.info("webhook endpoint %s deleted by user %s", endpoint_id, p.user_id)
+    logger.info("webhook endpoint %s deleted by user %s", endpoint_id, user.user_id)
     return _json(m.WebhookEndpointDeleted, {"id": endpoint_id})
 
 
-async def webhook_deliveries(request: Request) -> Response:
+async def webhook_deliveries(request: Request, user: Principal) -> Response:
     api: Api = request.app.state.api
-    p = await _principal(request)
     endpoint_id = request.path_params["webhook_id"]
     store = api.service.webhook_store
-    if await store.get_endpoint(endpoint_id, None if p.is_admin else p.user_id) is None:
+    if await store.get_endpoint(endpoint_id, None if user.is_admin else user.user_id) is None:
         raise NotFound(f"no webhook endpoint with id {endpoint_id!r}", param="webhook_id")
     rows = await store.list_deliveries(endpoint_id)
     data = [{**r, "video_id": r["job_id"], "next_attempt_at": r["next_attempt_at"] if r["status"] == "pending"
@@ -364,30 +375,26 @@ async def webhook_deliveries(request: Request) -> Response:
 
 
 # ---- original CineVivid routes ----
-async def text_to_video(request: Request) -> Response:
+async def text_to_video(request: Request, user: Principal) -> Response:
     api: Api = request.app.state.api
-    p = await _principal(request)
     req = await read_body(request, m.TextToVideoRequest, form_ok=False)
-    job = await api.service.submit(p.user_id, GenerationSpec.model_validate(req.model_dump(exclude_none=True)))
+    job = await api.service.submit(user.user_id, GenerationSpec.model_validate(req.model_dump(exclude_none=True)))
     return _json(m.TaskCreated, {"task_id": job["id"], "status": job["status"]}, status=202)
 
 
-async def get_task(request: Request) -> Response:
+async def get_task(request: Request, user: Principal) -> Response:
     api: Api = request.app.state.api
-    p = await _principal(request)
-    job = await api.service.get_job(p.user_id, request.path_params["task_id"])
+    job = await api.service.get_job(user.user_id, request.path_params["task_id"])
     return _json(m.Task, api.service.task_view(job))
 
 
-async def admin_stats(request: Request) -> Response:
+async def admin_stats(request: Request, user: Principal) -> Response:
     api: Api = request.app.state.api
-    await _admin(request)
     return _json(m.AdminStats, await api.service.admin_stats())
 
 
-async def cache_stats(request: Request) -> Response:
+async def cache_stats(request: Request, user: Principal) -> Response:
     api: Api = request.app.state.api
-    await _admin(request)
     return JSONResponse(await api.service.generator.model_info())
 
 
@@ -474,11 +481,13 @@ API_ROUTES = [
 
 def starlette_routes(api_routes: list[ApiRoute]) -> list[Route]:
     """One Starlette route per path, whatever its methods, so that a 405 answers with an `Allow`
-    header listing every method of the path."""
+    header listing every method of the path. Each endpoint runs behind its route's auth check
+    (`authenticated`): the table is the one place a route's auth is declared and enforced."""
     by_path: dict[str, dict[str, Callable]] = {}
     for r in api_routes:
+        endpoint = authenticated(r)
         for method in r.methods:
-            by_path.setdefault(r.path, {})[method] = r.endpoint
+            by_path.setdefault(r.path, {})[method] = endpoint
     routes = []
     for path, table in by_path.items():
         if len(set(table.values())) == 1:

@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import html
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 
 from serve.errors import NotFound
+
+if TYPE_CHECKING:
+    from serve.api.auth import Principal
 
 UI_DIR = Path(__file__).resolve().parent / "ui"
 INDEX = "index.html"
@@ -39,7 +43,7 @@ def _asset_table(folder: Path) -> dict[str, Path]:
 ASSETS = _asset_table(UI_DIR)
 
 
-async def ui_index(request: Request) -> Response:
+async def ui_index(request: Request, user: "Principal | None") -> Response:
     """The page. `<base href>` points at this UI's folder under the app's mount point, so the
     page's relative URLs resolve the same from `/ui` and `/ui/` and under a route prefix."""
     root = request.scope.get("root_path", "").rstrip("/")
@@ -48,10 +52,10 @@ async def ui_index(request: Request) -> Response:
     return HTMLResponse(page, headers=_HEADERS)
 
 
-async def ui_asset(request: Request) -> Response:
+async def ui_asset(request: Request, user: "Principal | None") -> Response:
     name = request.path_params["asset"]
     if name in ("", INDEX):
-        return await ui_index(request)
+        return await ui_index(request, user)
     path = ASSETS.get(name)
     if path is None:
         raise NotFound(f"no UI file {name!r}", param="path")

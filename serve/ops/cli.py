@@ -1,6 +1,7 @@
 """The `cinevivid` command line: the whole argparse tree, composed here. The commands' handlers
 live with what they drive: `serve.ops.launcher` (up, down), `serve.ops.kuberay` (kuberay),
-`serve.ops.admin` (users, keys), `serve.ops.models` (models), `client.cli` (generate, videos).
+`serve.ops.admin` (users, keys), `serve.ops.models` (models), `serve.ops.config_doc` (config),
+`client.cli` (generate, videos).
 
     python -m serve.ops.cli --help          # or the `cinevivid` entry point
 """
@@ -15,7 +16,7 @@ from typing import Callable
 from client import cli as client_cmds
 from client.http import DEFAULT_URL
 from serve.config import DEFAULT_DASHBOARD_PORT, DEFAULT_HOST, DEFAULT_HTTP_PORT, Settings
-from serve.ops import admin, kuberay, launcher, models
+from serve.ops import admin, config_doc, kuberay, launcher, models
 
 
 def _command(sub: argparse._SubParsersAction, name: str, summary: str,
@@ -131,6 +132,17 @@ def _add_admin(sub: argparse._SubParsersAction) -> None:
     _database_args(kl)
 
 
+def _add_config(sub: argparse._SubParsersAction) -> None:
+    c = _command(sub, "config", "print the app's configuration reference, generated from its pydantic models",
+                 config_doc.cmd_config,
+                 epilog=f"Regenerate the manual's page with: {config_doc.REGENERATE}")
+    what = c.add_mutually_exclusive_group(required=True)
+    what.add_argument("--schema", action="store_true",
+                      help="the JSON schema of serve_config.yaml's `args:` (AppArgs.model_json_schema())")
+    what.add_argument("--markdown", action="store_true",
+                      help=f"every field with its type, default and bounds, as Markdown ({config_doc.DOC_PATH})")
+
+
 def _add_models(sub: argparse._SubParsersAction) -> None:
     ms = _group(sub, "models", "model utilities")
     tiny = _command(ms, "make-tiny", "write the tiny random-weight SkyReels-V2 pipelines: T2V to PATH, I2V to "
@@ -219,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_launcher(sub)
     _add_kuberay(sub)
     _add_admin(sub)
+    _add_config(sub)
     _add_client(sub)
     return parser
 
