@@ -121,8 +121,7 @@ def ray_cluster(tiny_model_dir):
     try:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        yield {"address": state["address"], "http_port": port, "http_url": f"http://127.0.0.1:{port}",
-               "cache_dir": os.environ["CINEVIVID_CACHE_DIR"]}
+        yield {"address": state["address"], "http_port": port, "http_url": f"http://127.0.0.1:{port}"}
         serve.shutdown()
     finally:
         stop_local_cluster()

@@ -95,6 +95,9 @@ async def test_register_list_and_delete_endpoints_with_clear_errors(http_env, tm
         e = _err(await c.post("/v1/webhooks", json={"url": "http://192.0.2.10/hook"}, headers=alice),
                  400, "invalid_request", "url")
         assert "192.0.2.10" in e["message"] and "outside the networks" in e["message"], e
+        e = _err(await c.post("/v1/webhooks", json={"url": "http://a..b/hook"}, headers=alice),
+                 400, "invalid_request", "url")  # a name that cannot even be looked up
+        assert "does not resolve" in e["message"], e
         _err(await c.post("/v1/webhooks", json={"url": "https://example.com", "events": ["video.nope"]},
                           headers=alice), 422, "validation_error", "events.0")
         _err(await c.post("/v1/webhooks", json={"url": "https://example.com", "events": []}, headers=alice),

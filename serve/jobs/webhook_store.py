@@ -74,9 +74,8 @@ async def receiver_refusal(url: str, config: WebhooksConfig) -> str | None:
         return None
     parts = urlsplit(url)
     try:
-        infos = await asyncio.get_running_loop().getaddrinfo(parts.hostname, parts.port or 443,
-                                                            type=socket.SOCK_STREAM)
-    except OSError:
+        infos = await asyncio.get_running_loop().getaddrinfo(parts.hostname, None, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):  # UnicodeError: a name IDNA refuses (an empty or over-long label)
         return f"url's host {parts.hostname!r} does not resolve"
     addresses = sorted({info[4][0] for info in infos})
     if not config.allows(addresses):
