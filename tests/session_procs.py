@@ -55,12 +55,12 @@ def sweep_stale() -> int:
     return _stop(_tagged(lambda tag: tag != os.environ.get(SESSION_ENV) and not _alive(tag)))
 
 
-def sweep_own() -> int:
-    """Stop every process this session started that is still running. Returns how many."""
-    mine = os.environ.get(SESSION_ENV)
-    return _stop(_tagged(lambda tag: tag == mine)) if mine else 0
-
-
 def own_processes() -> list[psutil.Process]:
+    """The processes this session started that are still running."""
     mine = os.environ.get(SESSION_ENV)
     return _tagged(lambda tag: tag == mine) if mine else []
+
+
+def sweep_own() -> int:
+    """Stop every process this session started that is still running. Returns how many."""
+    return _stop(own_processes())
