@@ -48,8 +48,7 @@ from ray import serve
 
 from serve.contracts import GenerationInputs, GenerationResult, GenerationSpec, ProgressEvent
 from serve.errors import CineVividError, GenerationCancelled, OverloadedError, unwrap_error
-
-GENERATOR_DEPLOYMENT = "Generator"
+from serve.stages import GENERATOR
 
 
 def _typed(exc: BaseException) -> BaseException:
@@ -120,7 +119,7 @@ class GeneratorClient:
     """Sync and async calls to the Generator of a running CineVivid application."""
 
     def __init__(self, app_name: str = "cinevivid", handle=None):
-        self.handle = handle or serve.get_deployment_handle(GENERATOR_DEPLOYMENT, app_name=app_name)
+        self.handle = handle or serve.get_deployment_handle(GENERATOR.deployment, app_name=app_name)
 
     @classmethod
     def connect(cls, app_name: str | None = None, cache_dir: str | Path | None = None) -> "GeneratorClient":

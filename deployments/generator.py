@@ -4,7 +4,7 @@
 with the result (`stream`, called with `handle.options(stream=True)`). No users, no database.
 
   TextEncoder.encode ──(DeploymentResponse, chained)──> Transformer.denoise (stream: steps)
-      ──(ObjectRef of latents)──> VAEDecoder.decode_stream (chunks of frames)
+      ──(ObjectRef of latents)──> VAECodec.decode_stream (Serve name VAEDecoder; chunks of frames)
       ──> H.264 encoded as the chunks arrive, + AAC from TTS (started first), mux
 
 Every stage call carries `caller=` (this replica's Ray actor id), so a stage drops the work of a
@@ -48,6 +48,7 @@ from serve.errors import (
 from serve.media.fmp4 import FragmentedPreview
 from serve.media.mp4 import Mp4Writer, thumbnail_jpeg
 from serve.runtime.replica import CallerWatch, caller_id, setup_replica_logging
+from serve.stages import GENERATOR, INGRESS, model_of_deployment, stage_of_deployment
 from serve.media.prepare import prepare_job
 
 logger = logging.getLogger(__name__)
@@ -60,14 +61,12 @@ IDLE_GC_DELAY_S = 1.0
 
 # progress (0-100) at the end of each part of the graph
 ENCODE_DONE, DENOISE_DONE, DECODE_DONE = 5.0, 90.0, 96.0
-# Serve deployment name -> stage name, for /health
-STAGE_OF_DEPLOYMENT = {"TextEncoder": "text_encoder", "Transformer": "transformer", "VAEDecoder": "vae",
-                       "TTS": "tts", "Generator": "generator", "ImageEncoder": "image_encoder"}
 
 
 def _stage_of(deployment: str) -> str | None:
-    """The stage of a Serve deployment name (every model's "Transformer-<model>" is the transformer)."""
-    return STAGE_OF_DEPLOYMENT.get(deployment.split("-", 1)[0])
+    """The stage name of a Serve deployment name (every model's "Transformer-<model>" is the transformer)."""
+    stage = stage_of_deployment(deployment)
+    return stage.name if stage is not None else None
 
 
 def _raise_typed(exc: BaseException, stage: str, job_id: str = "-") -> None:
@@ -129,7 +128,7 @@ class _Run:
         return end
 
 
-@serve.deployment(name="Generator")
+@serve.deployment(name=GENERATOR.deployment)
 class Generator:
     def __init__(self, text_encoder: DeploymentHandle, transformers: dict[str, DeploymentHandle] | DeploymentHandle,
                  vae: DeploymentHandle, tts: DeploymentHandle | None, models: list[dict] | dict,
@@ -539,10 +538,10 @@ class Generator:
             deployments = app.deployments if app else {}
             for name, d in deployments.items():
                 stage = _stage_of(name)
-                if stage is None or name == "Ingress":
+                if stage is None or name == INGRESS.deployment:
                     continue
-                if "-" in name:  # another model's Transformer: "transformer:<model>"
-                    stage = f"{stage}:{name.split('-', 1)[1]}"
+                if (model := model_of_deployment(name)) is not None:  # another model's Transformer
+                    stage = f"{stage}:{model}"
                 healthy = str(d.status).endswith("HEALTHY") and not str(d.status).endswith("UNHEALTHY")
                 out[stage] = {"status": "healthy" if healthy else "unhealthy",
                               "detail": f"{d.status}: {d.message}".strip(": ")}

@@ -19,12 +19,13 @@ from serve.config import ModelConfig
 from serve.errors import StageError
 from serve.pipeline.loading import resolve_subfolder, torch_device, torch_dtype
 from serve.runtime.replica import replica_id, setup_replica_logging
+from serve.stages import IMAGE_ENCODER
 from serve.runtime.threads import apply_torch_threads
 
 logger = logging.getLogger(__name__)
 
 
-@serve.deployment(name="ImageEncoder")
+@serve.deployment(name=IMAGE_ENCODER.deployment)
 class ImageEncoder:
     def __init__(self, model: dict, torch_threads: int | None = None):
         import torch

@@ -10,14 +10,15 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from serve.api.routes import create_app
-from serve.jobs.generator_client import HandleGeneratorClient
+from serve.jobs.generation_backend import GeneratorHandleBackend
 from serve.jobs.service import JobService
 from serve.runtime.replica import setup_replica_logging
+from serve.stages import INGRESS
 
 logger = logging.getLogger(__name__)
 
 
-@serve.deployment(name="Ingress")
+@serve.deployment(name=INGRESS.deployment)
 @serve.ingress()
 class Ingress:
     def __init__(self, generator: DeploymentHandle, app_args: dict):
@@ -27,7 +28,7 @@ class Ingress:
         # believes X-Forwarded-For only from `trusted_proxies` (serve.api.throttle.client_address).
         os.environ["FORWARDED_ALLOW_IPS"] = ""
         # Configuration errors (e.g. no JWT secret in production mode) fail the deployment here.
-        self.service = JobService(app_args, HandleGeneratorClient(generator))
+        self.service = JobService(app_args, GeneratorHandleBackend(generator))
         self.http_app = create_app(self.service)  # (not `app`: Serve's ASGI wrapper owns that name)
 
     def __serve_build_asgi_app__(self):

@@ -18,6 +18,7 @@ from serve.contracts import PromptEmbeds
 from serve.pipeline.loading import resolve_subfolder, torch_device, torch_dtype
 from serve.pipeline.text_encoding import clean_prompt, encode_prompts
 from serve.runtime.replica import replica_id, setup_replica_logging
+from serve.stages import TEXT_ENCODER
 from serve.runtime.threads import apply_torch_threads
 
 logger = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ class EmbeddingCache:
             self._items.popitem(last=False)
 
 
-@serve.deployment(name="TextEncoder")
+@serve.deployment(name=TEXT_ENCODER.deployment)
 class TextEncoder:
     def __init__(self, model: dict, batching: dict | None = None, embedding_cache_size: int = 0,
                  torch_threads: int | None = None):

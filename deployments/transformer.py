@@ -70,6 +70,7 @@ from serve.contracts import (
 from serve.pipeline.levers import PendingLevers, apply_levers, lever_state
 from serve.pipeline.loading import resolve_subfolder, torch_device, torch_dtype
 from serve.runtime.replica import CallerWatch, replica_id as _replica_id, setup_replica_logging
+from serve.stages import TRANSFORMER
 from serve.runtime.threads import apply_torch_threads
 
 logger = logging.getLogger(__name__)
@@ -110,7 +111,7 @@ class _DFRunning:
     run: DFRun | None = None  # made on the worker thread at its first slice
 
 
-@serve.deployment(name="Transformer")
+@serve.deployment(name=TRANSFORMER.deployment)
 class Transformer:
     def __init__(self, model: dict, levers: dict | None = None, fault: str | None = None,
                  liveness: dict | None = None, chaos_delay_s: float = 0.0, torch_threads: int | None = None):

@@ -15,13 +15,14 @@ from serve.contracts import VoiceoverSpec
 from serve.media.audio import SpeechAudio
 from serve.media.tts.service import TTSService
 from serve.runtime.replica import setup_replica_logging
+from serve.stages import TTS as TTS_STAGE
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["TTS", "SpeechAudio"]
 
 
-@serve.deployment(name="TTS")
+@serve.deployment(name=TTS_STAGE.deployment)
 class TTS:
     def __init__(self, tts_config: dict | None = None, chaos_delay_s: float = 0.0):
         setup_replica_logging()

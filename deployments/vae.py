@@ -1,5 +1,7 @@
-"""VAEDecoder deployment: de-normalise latents (`latents * std + mean`), `vae.decode`, and
-post-process to frames: uint8 (F, H, W, 3), plus the float32 [0, 1] frames when asked.
+"""The VAE stage: `VAECodec`, deployed under the Serve name "VAEDecoder" (`serve.stages.VAE`).
+
+It decodes — de-normalise latents (`latents * std + mean`), `vae.decode`, and post-process to
+frames: uint8 (F, H, W, 3), plus the float32 [0, 1] frames when asked.
 
 `decode_stream` yields a "stage started" `ProgressEvent`, then the frames chunk by chunk as the Wan
 VAE decodes them (1 frame, then 4 per latent frame), so the Generator encodes the MP4 while the
@@ -13,7 +15,11 @@ causal cache carries over from part to part, so the frames are those of one deco
 latents, and memory does not grow with the video. The session is opened by part 0 and closed by
 the last part; one left idle for `SESSION_IDLE_S` (its job went away) is dropped. Every part of a
 session must reach the replica that holds it: true with one VAE replica (the default); with several,
-a part that lands elsewhere fails with a clear error (sticky routing is not done yet)."""
+a part that lands elsewhere fails with a clear error (sticky routing is not done yet).
+
+It also encodes: `encode` (the frames of a video to extend) and `i2v_condition` (an I2V job's image
+latents) run the VAE's encoder; hence the class name, while the Serve name stays the one users'
+configs, dashboards and scripts already use."""
 
 from __future__ import annotations
 
@@ -37,6 +43,7 @@ from serve.errors import StageError, StageOutOfMemory
 from serve.pipeline.levers import PendingLevers, apply_levers, lever_state
 from serve.pipeline.loading import resolve_subfolder, torch_device, torch_dtype
 from serve.runtime.replica import CallerWatch, replica_id, setup_replica_logging
+from serve.stages import VAE
 from serve.runtime.threads import apply_torch_threads
 
 logger = logging.getLogger(__name__)
@@ -44,8 +51,8 @@ STAGE = "vae"
 SESSION_IDLE_S = 900.0  # a decode session (diffusion forcing) unused this long is dropped
 
 
-@serve.deployment(name="VAEDecoder")
-class VAEDecoder:
+@serve.deployment(name=VAE.deployment)
+class VAECodec:
     def __init__(self, model: dict, levers: dict | None = None, fault: str | None = None,
                  liveness: dict | None = None, chaos_delay_s: float = 0.0, torch_threads: int | None = None):
         import torch

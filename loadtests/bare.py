@@ -17,12 +17,12 @@ from serve.config import AppArgs
 
 
 def build_bare_app(app_name: str, app_args: AppArgs | dict | None = None):
-    from serve.jobs.generator_client import HandleGeneratorClient
+    from serve.jobs.generation_backend import GeneratorHandleBackend
     from serve.api.routes import create_app
     from serve.jobs.service import JobService
 
     args = app_args if isinstance(app_args, AppArgs) else AppArgs.model_validate(app_args or {"name": app_name})
-    return create_app(JobService(args, HandleGeneratorClient.for_app(app_name)))
+    return create_app(JobService(args, GeneratorHandleBackend.for_app(app_name)))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,6 +32,7 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from serve.stages import GENERATOR, TRANSFORMER
 
 MODES = {
     "none": lambda a: {"batch_max_size": 1, "continuous_batching": False},
@@ -87,8 +88,8 @@ def main(argv: list[str] | None = None) -> int:
 
     with local_stack() as stack:
         result["stack_deviations"] = stack.deviations
-        gen = GeneratorClient(handle=serve.get_deployment_handle("Generator", app_name=stack.app))
-        transformer = serve.get_deployment_handle("Transformer", app_name=stack.app)
+        gen = GeneratorClient(handle=serve.get_deployment_handle(GENERATOR.deployment, app_name=stack.app))
+        transformer = serve.get_deployment_handle(TRANSFORMER.deployment, app_name=stack.app)
 
         def set_mode(mode: str) -> None:
             levers = MODES[mode](a)

@@ -28,6 +28,7 @@ import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from serve.stages import GENERATOR, TEXT_ENCODER, TRANSFORMER
 
 # The long job: 8 windows of 17 frames (5 latent frames) carrying 5 (2 latent) = 101 frames, guidance 6
 LONG = dict(prompt="a long walk along the coast at dawn", negative_prompt="blurry, low quality", seed=21,
@@ -66,9 +67,9 @@ async def _measure(app: str, runs: int) -> dict:
     import numpy as np
     from ray import serve
 
-    generator = serve.get_deployment_handle("Generator", app_name=app)
-    encoder = serve.get_deployment_handle("TextEncoder", app_name=app)
-    transformer = serve.get_deployment_handle("Transformer", app_name=app)
+    generator = serve.get_deployment_handle(GENERATOR.deployment, app_name=app)
+    encoder = serve.get_deployment_handle(TEXT_ENCODER.deployment, app_name=app)
+    transformer = serve.get_deployment_handle(TRANSFORMER.deployment, app_name=app)
     long_spec, long_embeds = await _prepare(generator, encoder, LONG)
     short_spec, short_embeds = await _prepare(generator, encoder, SHORT)
     await _denoise(transformer, short_spec, short_embeds, "warm-up")

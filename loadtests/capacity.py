@@ -43,12 +43,15 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from serve.stages import GENERATOR, INGRESS
+
 HERE = Path(__file__).resolve().parent
 OUT_DIR = Path("loadtests/results/capacity")
 # Serve's per-deployment queue metrics (Ray 2.60 names, with Ray's `ray_` prefix on the export port)
 QUEUED = "ray_serve_deployment_queued_queries"
 ONGOING = "ray_serve_replica_processing_queries"
-NOT_STAGES = ("Ingress", "Generator")  # hold a job from dispatch to the end: their queues grow with any stage's
+# hold a job from dispatch to the end: their queues grow with any stage's
+NOT_STAGES = (INGRESS.deployment, GENERATOR.deployment)
 JOB_QUEUE = "job queue (DB)"
 
 

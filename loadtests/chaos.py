@@ -26,8 +26,9 @@ import time
 from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
+from serve.stages import GENERATOR, TEXT_ENCODER, TRANSFORMER, VAE
 
-VICTIMS = ["TextEncoder", "Transformer", "VAEDecoder", "Generator"]
+VICTIMS = [TEXT_ENCODER.deployment, TRANSFORMER.deployment, VAE.deployment, GENERATOR.deployment]
 TERMINAL = ("completed", "failed")
 
 

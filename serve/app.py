@@ -18,6 +18,7 @@ from typing import Any
 from ray.serve import Application
 
 from serve.config import LIVE_LEVERS, AppArgs, Settings, validate_live_levers
+from serve.stages import GENERATOR, IMAGE_ENCODER, INGRESS, TEXT_ENCODER, TRANSFORMER, TTS, VAE, Stage
 
 
 def parse_args(args: AppArgs | dict[str, Any] | None) -> AppArgs:
@@ -46,7 +47,7 @@ def _over(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 def transformer_deployment_name(args: AppArgs, model_name: str) -> str:
     """The Serve deployment of a model's Transformer: "Transformer" for the default (first) model,
     "Transformer-<name>" for each other model of the set."""
-    return "Transformer" if model_name == args.models[0].name else f"Transformer-{model_name}"
+    return TRANSFORMER.deployment_for(None if model_name == args.models[0].name else model_name)
 
 
 def deployment_plan(args: AppArgs, serve_overrides: dict[str, dict] | None = None) -> dict[str, dict[str, Any]]:
@@ -55,17 +56,17 @@ def deployment_plan(args: AppArgs, serve_overrides: dict[str, dict] | None = Non
     and Serve's own per-deployment overrides on top (an override's `num_replicas` drops autoscaling,
     as in Serve)."""
     d = args.deployments
-    plan: dict[str, dict[str, Any]] = {"TextEncoder": d.text_encoder.serve_options()}
+    plan: dict[str, dict[str, Any]] = {TEXT_ENCODER.deployment: d.text_encoder.serve_options()}
     for m in args.models:
         plan[transformer_deployment_name(args, m.name)] = _over(d.transformer.serve_options(), m.transformer_deployment)
-    plan["VAEDecoder"] = d.vae.serve_options()
+    plan[VAE.deployment] = d.vae.serve_options()
     if any(m.pipeline == "i2v" for m in args.models):
-        plan["ImageEncoder"] = d.image_encoder.serve_options()
+        plan[IMAGE_ENCODER.deployment] = d.image_encoder.serve_options()
     if uses_tts(args):
-        plan["TTS"] = d.tts.serve_options()
-    plan["Generator"] = d.generator.serve_options()
+        plan[TTS.deployment] = d.tts.serve_options()
+    plan[GENERATOR.deployment] = d.generator.serve_options()
     if args.with_ingress:
-        plan["Ingress"] = d.ingress.serve_options()
+        plan[INGRESS.deployment] = d.ingress.serve_options()
     for name, over in (serve_overrides or {}).items():
         if name in plan:
             plan[name] = _over(plan[name], over)
@@ -85,21 +86,24 @@ def code_fingerprint() -> str:
     return h.hexdigest()[:16]
 
 
-def _stage(deployment, stage: str, args: AppArgs, name: str, plan: dict[str, dict[str, Any]], *init_args,
+def _stage(stage: Stage, args: AppArgs, plan: dict[str, dict[str, Any]], *init_args, serve_name: str | None = None,
            **init_kwargs):
-    """Bind one stage as deployment `name`, with its Serve options from `plan` (`deployment_plan`).
-    Its live levers (`LIVE_LEVERS[stage]`) go in Serve's `user_config` (a `user_config` in the config
-    file's `deployments:` entry is laid over them and validated here, so a bad value fails the deploy before any replica sees it); its version is a hash of the code and of
-    what needs a restart (the constructor args, live levers left out), so a redeploy that changes only
-    the live levers reconfigures the running replicas instead of replacing them."""
+    """Bind `stage` (its class, imported from the registry's path) as deployment `serve_name` (by
+    default the stage's Serve name), with its Serve options from `plan` (`deployment_plan`).
+    Its live levers (`stage.live_levers`) go in Serve's `user_config` (a `user_config` in the config
+    file's `deployments:` entry is laid over them and validated here, so a bad value fails the deploy
+    before any replica sees it); its version is a hash of the code and of what needs a restart (the
+    constructor args, live levers left out), so a redeploy that changes only the live levers
+    reconfigures the running replicas instead of replacing them."""
+    name = serve_name or stage.deployment
     opts = dict(plan[name], name=name)
-    if stage in LIVE_LEVERS:
-        base = args.levers.live_for(stage)
-        opts["user_config"] = validate_live_levers(stage, base, opts.get("user_config")).live_for(stage)
-    stable = json.dumps([stage, code_fingerprint(), _without_live(init_args), _without_live(init_kwargs)],
+    if stage.live_levers:
+        base = args.levers.live_for(stage.name)
+        opts["user_config"] = validate_live_levers(stage.name, base, opts.get("user_config")).live_for(stage.name)
+    stable = json.dumps([stage.name, code_fingerprint(), _without_live(init_args), _without_live(init_kwargs)],
                         sort_keys=True, default=str)
     version = hashlib.sha256(stable.encode()).hexdigest()[:16]
-    return deployment.options(**opts).options(version=version, _internal=True).bind(*init_args, **init_kwargs)
+    return stage.load().options(**opts).options(version=version, _internal=True).bind(*init_args, **init_kwargs)
 
 
 def _without_live(value):
@@ -119,43 +123,33 @@ def build_generator(args: AppArgs, serve_overrides: dict[str, dict] | None = Non
     One text encoder and one VAE for every model of the set (all SkyReels-V2 models share UMT5 and
     the Wan VAE: they load from the first model's source), one Transformer per model, one CLIP
     image encoder when a model is an I2V one."""
-    from deployments.generator import Generator
-    from deployments.text_encoder import TextEncoder
-    from deployments.transformer import Transformer
-    from deployments.vae import VAEDecoder
-
     plan = deployment_plan(args, serve_overrides)
     model = args.model.model_dump(mode="json")
     levers = args.levers.model_dump(mode="json")
     liveness = args.liveness.model_dump(mode="json")
     d = args.deployments
-    text_encoder = _stage(TextEncoder, "text_encoder", args, "TextEncoder", plan,
+    text_encoder = _stage(TEXT_ENCODER, args, plan,
                           model, args.text_encoder_batching.model_dump(mode="json"),
                           torch_threads=d.text_encoder.torch_threads)
     transformers = {}
     for m in args.models:
         name = transformer_deployment_name(args, m.name)
-        transformers[m.name] = _stage(Transformer, "transformer", args, name, plan,
-                                      m.model_dump(mode="json"), levers, args.fault_injection.get("transformer"),
-                                      liveness, args.chaos_delay_s.get("transformer", 0.0),
-                                      torch_threads=d.transformer.torch_threads)
-    vae = _stage(VAEDecoder, "vae", args, "VAEDecoder", plan,
-                 model, levers, args.fault_injection.get("vae"), liveness, args.chaos_delay_s.get("vae", 0.0),
+        transformers[m.name] = _stage(TRANSFORMER, args, plan,
+                                      m.model_dump(mode="json"), levers, args.fault_injection.get(TRANSFORMER.name),
+                                      liveness, args.chaos_delay_s.get(TRANSFORMER.name, 0.0),
+                                      serve_name=name, torch_threads=d.transformer.torch_threads)
+    vae = _stage(VAE, args, plan,
+                 model, levers, args.fault_injection.get(VAE.name), liveness, args.chaos_delay_s.get(VAE.name, 0.0),
                  torch_threads=d.vae.torch_threads)
     image_encoder = None
-    if "ImageEncoder" in plan:
-        from deployments.image_encoder import ImageEncoder
-
+    if IMAGE_ENCODER.deployment in plan:
         i2v = next(m for m in args.models if m.pipeline == "i2v")
-        image_encoder = _stage(ImageEncoder, "image_encoder", args, "ImageEncoder", plan, i2v.model_dump(mode="json"),
+        image_encoder = _stage(IMAGE_ENCODER, args, plan, i2v.model_dump(mode="json"),
                                torch_threads=d.image_encoder.torch_threads)
     tts = None
-    if "TTS" in plan:
-        from deployments.tts import TTS
-
-        tts = _stage(TTS, "tts", args, "TTS", plan, args.tts.model_dump(mode="json"),
-                     args.chaos_delay_s.get("tts", 0.0))
-    return _stage(Generator, "generator", args, "Generator", plan,
+    if TTS.deployment in plan:
+        tts = _stage(TTS, args, plan, args.tts.model_dump(mode="json"), args.chaos_delay_s.get(TTS.name, 0.0))
+    return _stage(GENERATOR, args, plan,
                   text_encoder, transformers, vae, tts, [m.model_dump(mode="json") for m in args.models],
                   args.tts.model_dump(mode="json"), args.name, liveness, image_encoder)
 
@@ -166,9 +160,7 @@ def build_app(args: AppArgs | dict[str, Any] | None = None,
     generator = build_generator(args, serve_overrides)
     if not args.with_ingress:
         return generator
-    from deployments.ingress import Ingress
-
-    return _stage(Ingress, "ingress", args, "Ingress", deployment_plan(args, serve_overrides),
+    return _stage(INGRESS, args, deployment_plan(args, serve_overrides),
                   generator, args.model_dump(mode="json"))
 
 

@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator, NonNegativeFloat
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from serve.stages import GENERATOR, INGRESS, STAGES
 from serve.errors import InvalidSpecError
 from serve.frames import check_causal_block, check_df_window, check_frame_count
 
@@ -269,17 +270,10 @@ class DeploymentOptions(_Strict):
         return opts
 
 
-# Per-stage defaults; what a config gives for a stage is laid over these, so setting only
-# `ray_actor_options` for the ingress keeps its high concurrency limits.
-STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "text_encoder": {},
-    "transformer": {},
-    "vae": {},
-    "tts": {},
-    "image_encoder": {},
-    "generator": {"max_ongoing_requests": 16},
-    "ingress": {"max_ongoing_requests": 256, "max_queued_requests": 512},
-}
+# Per-stage defaults (`serve.stages`: each stage's `default_options`); what a config gives for a
+# stage is laid over these, so setting only `ray_actor_options` for the ingress keeps its high
+# concurrency limits.
+STAGE_DEFAULTS: dict[str, dict[str, Any]] = {s.name: dict(s.default_options) for s in STAGES}
 
 
 class DeploymentsConfig(_Strict):
@@ -288,15 +282,16 @@ class DeploymentsConfig(_Strict):
     vae: DeploymentOptions = Field(default_factory=DeploymentOptions)
     tts: DeploymentOptions = Field(default_factory=DeploymentOptions)
     image_encoder: DeploymentOptions = Field(default_factory=DeploymentOptions)  # when a model is "i2v"
-    generator: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(**STAGE_DEFAULTS["generator"]))
-    ingress: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(**STAGE_DEFAULTS["ingress"]))
+    generator: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(**GENERATOR.default_options))
+    ingress: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(**INGRESS.default_options))
 
     @model_validator(mode="after")
     def _threads_only_for_model_stages(self):
-        for stage in ("tts", "generator", "ingress"):
+        for stage in (s.name for s in STAGES if not s.runs_torch):
             if getattr(self, stage).torch_threads:
-                raise ValueError(f"deployments.{stage}.torch_threads: only the model stages (text_encoder, "
-                                 "transformer, vae, image_encoder) run torch (the tts stage: tts.piper_num_threads)")
+                torch_stages = ", ".join(s.name for s in STAGES if s.runs_torch)
+                raise ValueError(f"deployments.{stage}.torch_threads: only the model stages ({torch_stages}) "
+                                 "run torch (the tts stage: tts.piper_num_threads)")
         return self
 
     @model_validator(mode="before")
@@ -360,13 +355,7 @@ class LeversConfig(_Strict):
 # The levers each stage applies in `reconfigure()` (Serve's `user_config`), without reloading its
 # model: a redeploy (`cinevivid up` again, or `serve deploy`) that changes only these updates the
 # running replicas in place. The others (compile_transformer, dtypes) need a restart.
-LIVE_LEVERS: dict[str, tuple[str, ...]] = {
-    "text_encoder": ("embedding_cache_size",),
-    "transformer": ("cfg_batch", "step_cache_threshold", "batch_max_size", "batch_wait_timeout_s",
-                    "batch_token_budget", "df_yield_every", "continuous_batching", "step_cache_backend",
-                    "cache_dit_fn", "cache_dit_bn", "cache_dit_taylorseer"),
-    "vae": ("vae_tiling", "vae_tile_px", "vae_tile_stride_px"),
-}
+LIVE_LEVERS: dict[str, tuple[str, ...]] = {s.name: s.live_levers for s in STAGES if s.live_levers}
 
 
 def validate_live_levers(stage: str, base: dict[str, Any], user_config: dict[str, Any] | None) -> LeversConfig:

@@ -163,14 +163,14 @@ async def local_service(tmp_path: Path, generator_app: str = HTTP_APP, **ingress
     a `data_dir=` override), driving the deployed Generator of app `generator_app` through a real
     Serve handle. Yields (service, httpx.AsyncClient)."""
     from serve.config import AppArgs
-    from serve.jobs.generator_client import HandleGeneratorClient
+    from serve.jobs.generation_backend import GeneratorHandleBackend
     from serve.api.routes import create_app
     from serve.jobs.service import JobService
 
     data_dir = ingress_overrides.pop("data_dir", tmp_path)
     args = AppArgs.model_validate(tiny_app_args(name=HTTP_APP, with_ingress=True,
                                                 ingress=http_ingress_args(data_dir, **ingress_overrides)))
-    service = JobService(args, HandleGeneratorClient.for_app(generator_app))
+    service = JobService(args, GeneratorHandleBackend.for_app(generator_app))
     app = create_app(service)
     async with app.router.lifespan_context(app):
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://local",

@@ -10,6 +10,7 @@ import json
 import pytest
 
 from conftest import missing_tool
+from serve.stages import GENERATOR, TEXT_ENCODER, TRANSFORMER, VAE
 
 
 def test_bench_gpu_tiny_config_runs_and_matches_diffusers(tmp_path):
@@ -163,9 +164,10 @@ def _synthetic_steps():
         s = step_stats(jobs, st, now=1e6)
         tq = [0.3, 0.9, 3.5, 4.0][i]
         samples = [{"t": 0, "job_queue": [0, 0, 5, 12][i],
-                    "serve": {"Transformer": {"queued": 0.0, "ongoing": tq}, "TextEncoder": {"queued": 0.0, "ongoing": 0.1},
-                              "VAEDecoder": {"queued": 0.0, "ongoing": [0.1, 0.2, 0.6, 0.7][i]},
-                              "Generator": {"queued": 0.0, "ongoing": 4.0}}}] * 3
+                    "serve": {TRANSFORMER.deployment: {"queued": 0.0, "ongoing": tq},
+                              TEXT_ENCODER.deployment: {"queued": 0.0, "ongoing": 0.1},
+                              VAE.deployment: {"queued": 0.0, "ongoing": [0.1, 0.2, 0.6, 0.7][i]},
+                              GENERATOR.deployment: {"queued": 0.0, "ongoing": 4.0}}}] * 3
         s["queues"] = queue_summary(samples)
         s["reasons"] = saturation_reasons(s, max_p95_s=30.0)
         out.append(s)
@@ -188,7 +190,7 @@ def test_capacity_finds_the_saturation_step_and_stage(tmp_path):
     fluke[0]["reasons"] = ["p95 99 s > 30 s"]
     assert find_saturation(fluke)["index"] == 2
     stage = saturating_stage(steps, sat["index"])
-    assert stage["stage"] == "Transformer" and stage["mean"] == 3.5 and stage["first_busy_step"] == 3
+    assert stage["stage"] == TRANSFORMER.deployment and stage["mean"] == 3.5 and stage["first_busy_step"] == 3
     assert stage["job_queue"]["mean"] == 5
     assert next_rate(10, 1.5) == 15 and next_rate(10, 1.5, increment=5) == 15 and next_rate(20, 2) == 40
     assert percentile([1, 2, 3, 4], 50) == 2.5 and percentile([], 95) is None
@@ -196,7 +198,7 @@ def test_capacity_finds_the_saturation_step_and_stage(tmp_path):
             'handle="h1"} 2.0\nray_serve_deployment_queued_queries{application="cinevivid",deployment="Transformer",'
             'handle="h2"} 1.0\nray_serve_replica_processing_queries{application="cinevivid",deployment="Transformer",'
             'replica="r"} 4.0\nray_serve_replica_processing_queries{application="other",deployment="VAEDecoder"} 9\n')
-    assert parse_serve_queues(text, "cinevivid") == {"Transformer": {"queued": 3.0, "ongoing": 4.0}}
+    assert parse_serve_queues(text, "cinevivid") == {TRANSFORMER.deployment: {"queued": 3.0, "ongoing": 4.0}}
 
 
 def test_capacity_report_writes_png_json_and_markdown(tmp_path):

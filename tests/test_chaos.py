@@ -33,6 +33,7 @@ from serve.jobs.db import Database
 from serve.jobs.store import JobStore
 from tests.http_fixtures import (SMALL, HttpEnv, http_ingress_args, local_service, make_local_user, run_sync,
                                  wait_local)
+from serve.stages import GENERATOR, INGRESS, TRANSFORMER, TTS, VAE, stage_of_deployment
 
 APP = "chaos"
 KEY = TEST_API_KEY  # the session cluster's processes have it (conftest: session_cluster_key)
@@ -113,10 +114,10 @@ def _kill(deployment: str) -> None:
 # when to kill each deployment: an SSE event that says the job is inside that stage's call
 STEP = lambda kind, e: kind == "step"  # noqa: E731 - denoising (the TTS call is in its 2.5 s pause too)
 KILL_WHEN = {
-    "Transformer": STEP,
-    "VAEDecoder": lambda kind, e: kind == "stage" and e.get("stage") == "vae" and e.get("stage_status") == "started",
-    "TTS": STEP,
-    "Generator": STEP,
+    TRANSFORMER.deployment: STEP,
+    VAE.deployment: lambda kind, e: kind == "stage" and e.get("stage") == "vae" and e.get("stage_status") == "started",
+    TTS.deployment: STEP,
+    GENERATOR.deployment: STEP,
 }
 
 
@@ -175,7 +176,7 @@ def test_a_killed_stage_replica_is_retried_and_the_video_is_the_same(env, h, ref
     final = events[-1][1]
     assert final["status"] == "completed", events
     retries = [e for k, e in events if k == "status" and e.get("retry")]
-    stage = {"VAEDecoder": "vae"}.get(deployment, deployment.lower())
+    stage = stage_of_deployment(deployment).name
     assert [r["retry"] for r in retries] == [1], events
     assert retries[0]["status"] == "in_progress" and retries[0]["error"]["code"] == "stage_unavailable"
     assert f"the {stage} replica stopped" in retries[0]["error"]["message"]
@@ -195,7 +196,7 @@ def test_a_killed_ingress_replica_the_job_is_rerun_and_the_video_is_the_same(env
         for kind, _ in iter_events(http, vid):
             if kind == "step":
                 break
-    _kill("Ingress")
+    _kill(INGRESS.deployment)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
         try:
@@ -220,7 +221,7 @@ async def test_when_the_retries_run_out_the_job_fails_with_stage_unavailable(env
                              dispatcher={"stage_retries": 1, "stage_retry_backoff_s": 0.1}) as (service, c):
         hh = await make_local_user(service)
         vid = (await c.post("/v1/videos", json={**JOB, "voiceover": None}, headers=hh)).json()["id"]
-        victims, events = ["Transformer", "Generator"], []
+        victims, events = [TRANSFORMER.deployment, GENERATOR.deployment], []
         async for kind, e in _job_events(service, vid):
             events.append((kind, e))
             if kind == "step" and e["step"] == 1 and victims:

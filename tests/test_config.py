@@ -13,6 +13,7 @@ from ray import serve
 
 from serve.config import AppArgs
 from serve.ops.deploy import deploy_serve_config, load_serve_config, validate_serve_config
+from serve.stages import GENERATOR, TEXT_ENCODER, TRANSFORMER, VAE
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ["serve_config.yaml", *sorted(glob.glob("configs/*.yaml", root_dir=ROOT))]
@@ -79,23 +80,23 @@ def test_serve_config_overrides_take_effect(ray_cluster):
     # the default model alone, with a Transformer option of its own (`transformer_deployment`)
     app["args"]["models"] = [{**app["args"]["models"][0], "transformer_deployment": {"health_check_period_s": 7}}]
     app["args"]["deployments"]["vae"] = {"num_replicas": 2, "ray_actor_options": {"num_cpus": 0.15}}
-    app["deployments"] = [{"name": "TextEncoder", "ray_actor_options": {"num_cpus": 0.3}}]
+    app["deployments"] = [{"name": TEXT_ENCODER.deployment, "ray_actor_options": {"num_cpus": 0.3}}]
     config.pop("http_options")  # keep the session's Serve instance as it is
     config.pop("proxy_location")
     try:
         deploy_serve_config(config, wait_timeout_s=240)
         details = _deployment_details("overrides")
-        vae = details["VAEDecoder"]
+        vae = details[VAE.deployment]
         assert vae["deployment_config"]["num_replicas"] == 2
         assert sum(1 for r in vae["replicas"] if r["state"] == "RUNNING") == 2
         assert vae["deployment_config"]["ray_actor_options"]["num_cpus"] == 0.15
-        assert details["TextEncoder"]["deployment_config"]["ray_actor_options"]["num_cpus"] == 0.3
-        transformer = details["Transformer"]["deployment_config"]
+        assert details[TEXT_ENCODER.deployment]["deployment_config"]["ray_actor_options"]["num_cpus"] == 0.3
+        transformer = details[TRANSFORMER.deployment]["deployment_config"]
         assert transformer["max_queued_requests"] == 32
         assert transformer["autoscaling_config"]["max_replicas"] == 1
         assert transformer["graceful_shutdown_timeout_s"] == 300
         assert transformer["health_check_period_s"] == 7  # the model's own, over deployments.transformer
-        assert set(details) == {"TextEncoder", "Transformer", "VAEDecoder", "Generator"}
+        assert set(details) == {TEXT_ENCODER.deployment, TRANSFORMER.deployment, VAE.deployment, GENERATOR.deployment}
         from client.handle import GeneratorClient
 
         result = GeneratorClient("overrides").generate({"prompt": "override check", "num_inference_steps": 1})

@@ -11,6 +11,7 @@ import time
 import numpy as np
 
 from serve.contracts import DenoisedLatents, ResolvedSpec
+from serve.stages import GENERATOR, TEXT_ENCODER, TRANSFORMER
 
 # 8 windows of 4 latent frames carrying 2 (69 frames), 6 iterations per window
 LONG = dict(prompt="a long walk along the coast", negative_prompt="blurry", seed=21, width=32, height=32,
@@ -21,8 +22,8 @@ SHORT = dict(prompt="a short clip of a cat", seed=3, width=32, height=32, num_fr
 
 
 async def _prepare(stage_handle, spec: dict):
-    resolved = ResolvedSpec.model_validate(await stage_handle("Generator").check.remote(spec))
-    embeds = await stage_handle("TextEncoder").encode.remote(
+    resolved = ResolvedSpec.model_validate(await stage_handle(GENERATOR.deployment).check.remote(spec))
+    embeds = await stage_handle(TEXT_ENCODER.deployment).encode.remote(
         resolved.prompt, resolved.negative_prompt if resolved.do_cfg else None)
     return resolved, embeds
 
@@ -45,7 +46,7 @@ async def _denoise(stream, on_step=None) -> np.ndarray:
 
 
 async def test_short_job_runs_between_windows_of_a_long_one_and_leaves_it_unchanged(graph_app, stage_handle):
-    transformer = stage_handle("Transformer")
+    transformer = stage_handle(TRANSFORMER.deployment)
     long_spec, long_embeds = await _prepare(stage_handle, LONG)
     short_spec, short_embeds = await _prepare(stage_handle, SHORT)
     assert long_spec.is_diffusion_forcing and not short_spec.is_diffusion_forcing
@@ -75,7 +76,7 @@ async def test_short_job_runs_between_windows_of_a_long_one_and_leaves_it_unchan
 
 
 async def test_df_job_cancelled_mid_window_stops_within_one_step(graph_app, stage_handle):
-    transformer = stage_handle("Transformer")
+    transformer = stage_handle(TRANSFORMER.deployment)
     spec, embeds = await _prepare(stage_handle, LONG)
     before = await transformer.stats.remote()
     stream = transformer.options(stream=True).denoise.remote(embeds, spec, "df-cancelled")

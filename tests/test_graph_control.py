@@ -12,6 +12,7 @@ from ray import serve
 from serve.errors import GenerationCancelled, InvalidSpecError, StageError, UnknownModelError
 
 from conftest import GRAPH_APP, tiny_app_args
+from serve.stages import TEXT_ENCODER, TRANSFORMER
 
 
 def _wait_idle(transformer, timeout_s=30.0) -> dict:
@@ -25,7 +26,7 @@ def _wait_idle(transformer, timeout_s=30.0) -> dict:
 
 
 def test_cancel_stops_within_one_step_and_replicas_stay_healthy(graph_app, stage_handle):
-    transformer = stage_handle("Transformer")
+    transformer = stage_handle(TRANSFORMER.deployment)
     before = _wait_idle(transformer)
     steps = 100
     stream = graph_app.stream({"prompt": "a long slow pan", "seed": 9, "width": 128, "height": 128,
@@ -50,7 +51,7 @@ def test_cancel_stops_within_one_step_and_replicas_stay_healthy(graph_app, stage
 
 
 def test_leaving_a_stream_early_cancels_the_generation(graph_app, stage_handle):
-    transformer = stage_handle("Transformer")
+    transformer = stage_handle(TRANSFORMER.deployment)
     before = _wait_idle(transformer)
     for event in graph_app.stream({"prompt": "left early", "seed": 3, "width": 128, "height": 128,
                                    "num_frames": 17, "num_inference_steps": 100}):
@@ -62,7 +63,7 @@ def test_leaving_a_stream_early_cancels_the_generation(graph_app, stage_handle):
 
 
 async def test_concurrent_prompts_are_batched_and_match_unbatched(graph_app, stage_handle):
-    encoder = stage_handle("TextEncoder")
+    encoder = stage_handle(TEXT_ENCODER.deployment)
     prompts = [f"prompt number {i}, a cat on a wall" for i in range(6)]
     single = [await encoder.encode.remote(p) for p in prompts]
     sizes_before = len((await encoder.stats.remote())["batch_sizes"])
@@ -78,7 +79,7 @@ async def test_concurrent_prompts_are_batched_and_match_unbatched(graph_app, sta
 def test_embeddings_are_zero_after_the_real_tokens(stage_handle, tiny_model_dir):
     from transformers import AutoTokenizer
 
-    embeds = stage_handle("TextEncoder").encode.remote("a short prompt").result().prompt_embeds[0]
+    embeds = stage_handle(TEXT_ENCODER.deployment).encode.remote("a short prompt").result().prompt_embeds[0]
     tok = AutoTokenizer.from_pretrained(tiny_model_dir / "tokenizer")
     n = len(tok("a short prompt").input_ids)
     assert np.abs(embeds[:n]).sum(axis=1).min() > 0

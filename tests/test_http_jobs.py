@@ -16,6 +16,7 @@ from serve.jobs.store import JobStore
 from tests.http_fixtures import *  # noqa: F401,F403
 from tests.http_fixtures import wait_local
 from tests.http_fixtures import local_service, make_local_user, wait_for_status
+from serve.stages import GENERATOR
 
 HEAVY = {"prompt": "a long one", "size": "256x256", "num_frames": 65, "num_inference_steps": 100}
 MEDIUM = {"prompt": "medium", "size": "128x128", "num_frames": 17, "num_inference_steps": 12}
@@ -166,9 +167,9 @@ async def test_health_degraded_when_a_deployment_is_unhealthy(http_env, tmp_path
             # and when the Generator itself cannot be reached at all
             from ray.serve.handle import DeploymentHandle
 
-            from serve.jobs.generator_client import HandleGeneratorClient
+            from serve.jobs.generation_backend import GeneratorHandleBackend
 
-            service.generator = HandleGeneratorClient(DeploymentHandle("Generator", "no-such-app"))
+            service.generator = GeneratorHandleBackend(DeploymentHandle(GENERATOR.deployment, "no-such-app"))
             body = (await c.get("/health")).json()
             assert body["status"] == "degraded" and body["services"]["generator"]["status"] == "unhealthy"
     finally:

@@ -1,7 +1,7 @@
 """The package's layers, checked: upper layers import lower ones, never the reverse, and a stage
 replica loads no database, auth or HTTP-server code.
 
-    serve.errors  <  serve.frames  <  serve.{config, contracts}  <  serve.runtime
+    serve.{errors, stages}  <  serve.frames  <  serve.{config, contracts}  <  serve.runtime
         <  serve.pipeline, serve.media  <  serve.jobs
         <  serve.api  <  deployments, client  <  serve.app, serve.ops
 
@@ -23,12 +23,13 @@ pytestmark = pytest.mark.fast  # the fast tier (make test)
 ROOT = Path(__file__).resolve().parents[1]
 SERVE = ROOT / "serve"
 
-GROUND = ("serve.config", "serve.errors", "serve.frames", "serve.contracts")
+GROUND = ("serve.config", "serve.errors", "serve.frames", "serve.contracts", "serve.stages")
 # what each layer may import from the project (besides the standard library and third parties)
 ALLOWED = {
     "serve.errors": set(),
+    "serve.stages": set(),  # the stage registry: names, class paths, live levers, default options
     "serve.frames": {"serve.errors"},
-    "serve.config": {"serve.errors", "serve.frames"},
+    "serve.config": {"serve.errors", "serve.frames", "serve.stages"},
     "serve.contracts": {"serve.frames"},
     "serve.runtime": {*GROUND, "serve.runtime"},
     "serve.pipeline": {*GROUND, "serve.runtime", "serve.pipeline"},

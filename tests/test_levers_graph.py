@@ -17,6 +17,7 @@ import torch
 from ray import serve
 
 from conftest import tiny_app_args
+from serve.stages import TRANSFORMER, VAE
 
 SHAPE = dict(width=64, height=64, num_frames=9, num_inference_steps=10, guidance_scale=6.0)
 PROMPT, SEED = "a hot air balloon over a valley", 5
@@ -59,8 +60,8 @@ def test_step_cache_compile_and_vae_tiling_switched_on_in_config(ray_cluster, ex
     try:
         result = client.generate({"prompt": PROMPT, "negative_prompt": "", "seed": SEED, "return_frames": True,
                                   **SHAPE})
-        stats = serve.get_deployment_handle("Transformer", app_name=name).stats.remote().result()
-        vae = serve.get_deployment_handle("VAEDecoder", app_name=name).stats.remote().result()
+        stats = serve.get_deployment_handle(TRANSFORMER.deployment, app_name=name).stats.remote().result()
+        vae = serve.get_deployment_handle(VAE.deployment, app_name=name).stats.remote().result()
         value = psnr(result.frames, expected)
         _report(record_property, capsys, "step cache 0.2 + compile + VAE tiling + CFG batch", value)
         assert result.mp4 and result.frames.shape == expected.shape
@@ -80,8 +81,8 @@ def test_bf16_dit_switched_on_in_config(ray_cluster, expected, record_property, 
     try:
         result = client.generate({"prompt": PROMPT, "negative_prompt": "", "seed": SEED, "return_frames": True,
                                   **SHAPE})
-        levers = serve.get_deployment_handle("Transformer", app_name=name).stats.remote().result()["levers"]
-        vae = serve.get_deployment_handle("VAEDecoder", app_name=name).stats.remote().result()["levers"]
+        levers = serve.get_deployment_handle(TRANSFORMER.deployment, app_name=name).stats.remote().result()["levers"]
+        vae = serve.get_deployment_handle(VAE.deployment, app_name=name).stats.remote().result()["levers"]
         value = psnr(result.frames, expected)
         _report(record_property, capsys, "bf16 DiT + encoder, fp32 VAE", value)
         assert levers["transformer_dtype"] == "bfloat16" and levers["compiled_blocks"] == 0, levers

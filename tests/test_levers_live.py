@@ -20,10 +20,11 @@ from ray import serve
 
 from serve.ops.deploy import deploy_serve_config, load_serve_config
 from serve.runtime.threads import node_cpus
+from serve.stages import GENERATOR, TEXT_ENCODER, TRANSFORMER, VAE
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = "live-levers"
-STAGES = ("TextEncoder", "Transformer", "VAEDecoder", "Generator")
+STAGES = (TEXT_ENCODER.deployment, TRANSFORMER.deployment, VAE.deployment, GENERATOR.deployment)
 JOB = {"prompt": "a lighthouse in a storm", "negative_prompt": "", "width": 64, "height": 64, "num_frames": 9,
        "num_inference_steps": 10, "guidance_scale": 6.0}
 
@@ -68,8 +69,8 @@ def live_app(ray_cluster):
 
 def test_torch_threads_follow_the_config_and_default_to_the_nodes_cores(live_app):
     live_app.generate({**JOB, "num_inference_steps": 1})
-    assert _stats("Transformer")["torch_threads"] == 1  # deployments.transformer.torch_threads: 1
-    for deployment in ("TextEncoder", "VAEDecoder"):  # unset: on a CPU, every core of the node
+    assert _stats(TRANSFORMER.deployment)["torch_threads"] == 1  # deployments.transformer.torch_threads: 1
+    for deployment in (TEXT_ENCODER.deployment, VAE.deployment):  # unset: on a CPU, every core of the node
         stats = _stats(deployment)
         assert stats["torch_threads"] == node_cpus(), (deployment, stats)
         # and that is what torch uses in the thread that runs the model (not Ray's OMP_NUM_THREADS=1)
@@ -81,9 +82,9 @@ def test_a_lever_changed_by_redeploy_applies_to_running_replicas(live_app):
     assert first.mp4[4:8] == b"ftyp"
     before = _replica_ids()
     assert all(before.values()), before
-    transformer = _stats("Transformer")
+    transformer = _stats(TRANSFORMER.deployment)
     assert transformer["step_cache"] is None and transformer["levers"]["step_cache_threshold"] == 0.0
-    encoder = _stats("TextEncoder")
+    encoder = _stats(TEXT_ENCODER.deployment)
     assert encoder["levers"]["embedding_cache_size"] == 0 and encoder["cache_size"] == 0
 
     # a job in flight while the same config is deployed again with other levers
@@ -101,23 +102,23 @@ def test_a_lever_changed_by_redeploy_applies_to_running_replicas(live_app):
     # the next jobs run with the new levers
     live_app.generate(JOB)
     again = live_app.generate(JOB)  # same prompts: from the embedding cache now
-    transformer = _stats("Transformer")
+    transformer = _stats(TRANSFORMER.deployment)
     assert transformer["levers"]["step_cache_threshold"] == 0.2
     assert transformer["step_cache"]["skipped"] > 0, transformer["step_cache"]
-    encoder = _stats("TextEncoder")
+    encoder = _stats(TEXT_ENCODER.deployment)
     assert encoder["levers"]["embedding_cache_size"] == 8 and encoder["cache_hits"] >= 2, encoder
     assert again.mp4[4:8] == b"ftyp"
-    vae = _stats("VAEDecoder")
+    vae = _stats(VAE.deployment)
     assert vae["levers"]["vae_tiling"] and vae["levers"]["vae_tile_px"] == 32 and vae["tiled_decodes"] >= 1, vae
     assert _replica_ids() == before
 
     # and back: a smaller cache drops the oldest prompts, threshold 0 drops the step cache
     deploy_serve_config(_config(step_cache_threshold=0.0, embedding_cache_size=1), wait_timeout_s=240)
     live_app.generate({**JOB, "num_inference_steps": 2})
-    transformer, encoder = _stats("Transformer"), _stats("TextEncoder")
+    transformer, encoder = _stats(TRANSFORMER.deployment), _stats(TEXT_ENCODER.deployment)
     assert transformer["step_cache"] is None and transformer["levers"]["step_cache_threshold"] == 0.0
     assert encoder["cache_size"] == 1
-    assert not _stats("VAEDecoder")["levers"]["vae_tiling"]
+    assert not _stats(VAE.deployment)["levers"]["vae_tiling"]
     assert _replica_ids() == before
 
 
@@ -127,10 +128,11 @@ def test_a_bad_lever_value_fails_the_redeploy_and_leaves_the_app_running(live_ap
         deploy_serve_config(_config(step_cache_threshold=-1.0), wait_timeout_s=240)
     # Serve's own per-deployment user_config is checked the same way, before any replica sees it
     config = _config()
-    config["applications"][0]["deployments"] = [{"name": "Transformer", "user_config": {"batch_max_size": 0}}]
+    config["applications"][0]["deployments"] = [{"name": TRANSFORMER.deployment, "user_config": {"batch_max_size": 0}}]
     with pytest.raises(ValidationError, match="batch_max_size"):
         deploy_serve_config(config, wait_timeout_s=240)
-    config["applications"][0]["deployments"] = [{"name": "Transformer", "user_config": {"compile_transformer": True}}]
+    config["applications"][0]["deployments"] = [{"name": TRANSFORMER.deployment,
+                                                 "user_config": {"compile_transformer": True}}]
     with pytest.raises(ValueError, match="not live levers"):
         deploy_serve_config(config, wait_timeout_s=240)
     assert _replica_ids() == before

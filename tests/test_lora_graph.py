@@ -11,6 +11,7 @@ import torch
 from ray import serve
 
 from conftest import tiny_app_args
+from serve.stages import TRANSFORMER
 
 APP = "lora"
 SHAPE = dict(width=64, height=64, num_frames=9, num_inference_steps=3, guidance_scale=5.0)
@@ -86,7 +87,7 @@ async def test_frames_with_an_adapter_equal_diffusers_with_it_loaded(lora_app, g
 
 def _transformer_replicas() -> set[str]:
     details = serve.context._get_global_client().get_serve_details()["applications"][APP]["deployments"]
-    return {r["replica_id"] for r in details["Transformer"]["replicas"] if r["state"] == "RUNNING"}
+    return {r["replica_id"] for r in details[TRANSFORMER.deployment]["replicas"] if r["state"] == "RUNNING"}
 
 
 async def test_a_request_goes_to_the_replica_that_holds_its_adapter(lora_app):

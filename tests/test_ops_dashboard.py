@@ -43,11 +43,13 @@ from serve.errors import StackNotRunning
 from serve.ops.serve_env import free_port
 
 from listeners import beyond_loopback, listening_sockets
+from serve.stages import GENERATOR, IMAGE_ENCODER, INGRESS, TEXT_ENCODER, TRANSFORMER, TTS, VAE
 
 ROOT = Path(__file__).resolve().parents[1]
 # serve_config.yaml's: the stages, one Transformer per model of its set, the I2V model's image encoder
-DEPLOYMENTS = {"TextEncoder", "Transformer", "Transformer-cinevivid-tiny-i2v", "Transformer-cinevivid-tiny-df",
-               "ImageEncoder", "VAEDecoder", "TTS", "Generator", "Ingress"}
+DEPLOYMENTS = {TEXT_ENCODER.deployment, TRANSFORMER.deployment, TRANSFORMER.deployment_for("cinevivid-tiny-i2v"),
+               TRANSFORMER.deployment_for("cinevivid-tiny-df"), IMAGE_ENCODER.deployment, VAE.deployment,
+               TTS.deployment, GENERATOR.deployment, INGRESS.deployment}
 
 # The README's "Using it from a Ray job" snippet, exactly as printed there (and in client/handle.py).
 def readme_snippet() -> str:

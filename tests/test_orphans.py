@@ -22,6 +22,7 @@ from ray import serve
 
 from conftest import tiny_app_args
 from http_fixtures import SMALL, http_ingress_args, run_sync, wait_healthy
+from serve.stages import GENERATOR, INGRESS, TRANSFORMER
 
 APP = "orphans"
 # steps long enough (a few tenths of a second on a CPU) to count them against the 0.05 s check interval
@@ -74,7 +75,7 @@ def _wait_replaced(deployment: str, killed: str, timeout_s: float = 120.0) -> No
 
 
 def _transformer_stats() -> dict:
-    return serve.get_deployment_handle("Transformer", app_name=APP).stats.remote().result()
+    return serve.get_deployment_handle(TRANSFORMER.deployment, app_name=APP).stats.remote().result()
 
 
 def _wait_transformer(predicate, timeout_s: float = 60.0) -> dict:
@@ -89,13 +90,13 @@ def _wait_transformer(predicate, timeout_s: float = 60.0) -> dict:
 
 def test_a_killed_generator_s_denoising_stops_within_a_step(orphans):
     before = _transformer_stats()
-    generator = serve.get_deployment_handle("Generator", app_name=APP)
+    generator = serve.get_deployment_handle(GENERATOR.deployment, app_name=APP)
     stream = generator.options(stream=True).stream.remote(LONG, "orphan-of-generator")
     try:
         for event in stream:
             if event.type == "step" and event.step >= 3:
                 break
-        killed = _kill_replica("Generator")
+        killed = _kill_replica(GENERATOR.deployment)
     finally:
         with contextlib.suppress(Exception):
             stream.cancel()
@@ -114,9 +115,9 @@ def test_a_killed_generator_s_denoising_stops_within_a_step(orphans):
     assert stats["steps_run"] - before["steps_run"] < LONG["num_inference_steps"]
     assert "orphan-of-generator" not in stats["denoised"]
     assert stats["held_outputs"] == 0 and stats["watched_callers"] == 0
-    _wait_replaced("Generator", killed)
+    _wait_replaced(GENERATOR.deployment, killed)
     # the replacement serves the next request
-    result = serve.get_deployment_handle("Generator", app_name=APP).generate.remote(
+    result = serve.get_deployment_handle(GENERATOR.deployment, app_name=APP).generate.remote(
         {"prompt": "after the kill", "num_inference_steps": 2}).result(timeout_s=120)
     assert result.mp4[4:8] == b"ftyp"
 
@@ -138,7 +139,7 @@ def test_a_killed_ingress_s_jobs_are_taken_over_at_once_and_computed_once(orphan
             break
         assert video["status"] in ("queued", "in_progress") and time.monotonic() < deadline, video
         time.sleep(0.05)
-    killed = _kill_replica("Ingress")
+    killed = _kill_replica(INGRESS.deployment)
 
     deadline = time.monotonic() + 180  # far less than the 3600 s lease
     video = None
@@ -161,7 +162,7 @@ def test_a_killed_ingress_s_jobs_are_taken_over_at_once_and_computed_once(orphan
     assert stats["denoised"].count(video_id) == 1  # denoised once: the first run was stopped
     first, = [c for c in stats["cancellations"] if c["job_id"] == video_id]
     assert first["steps_after_cancel"] <= 1, first
-    _wait_replaced("Ingress", killed)
+    _wait_replaced(INGRESS.deployment, killed)
 
     # the replacement's dispatcher said what it did, in its replica log file, once per line
     logs = _ingress_logs()
@@ -194,7 +195,7 @@ def test_the_object_store_returns_to_its_idle_size_after_a_burst(orphans):
     spec = {"prompt": "burst", "width": 128, "height": 128, "num_frames": 33, "num_inference_steps": 1}
     _wait_transformer(lambda s: s["running"] == 0 and s["pending"] == 0 and s["held_outputs"] == 0)
     idle = _object_store_bytes(orphans["gcs"])
-    generator = serve.get_deployment_handle("Generator", app_name=APP)
+    generator = serve.get_deployment_handle(GENERATOR.deployment, app_name=APP)
 
     async def burst():
         return await asyncio.gather(*[generator.generate.remote({**spec, "seed": i}, f"burst-{i}")

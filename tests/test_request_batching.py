@@ -14,6 +14,7 @@ from ray import serve
 
 from conftest import GRAPH_APP
 from tests.http_fixtures import session_app_levers
+from serve.stages import TEXT_ENCODER, TRANSFORMER
 
 APP = GRAPH_APP
 LEVERS = {"cfg_batch": True, "embedding_cache_size": 16, "batch_max_size": 4, "batch_wait_timeout_s": 0.2}
@@ -45,10 +46,10 @@ def test_exact_levers_keep_frames_equal_to_diffusers(levers_app, tiny_model_dir)
 
 async def test_same_shape_jobs_run_as_one_batch_with_unbatched_results(levers_app, graph_app):
     prompts = [("a snail on a leaf", 1), ("a kite over a field", 2), ("a train in the hills", 3)]
-    before = (await _handle("Transformer").stats.remote())["batches_run"]
+    before = (await _handle(TRANSFORMER.deployment).stats.remote())["batches_run"]
     batched = await asyncio.gather(*[
         levers_app.agenerate({"prompt": p, "seed": s, "return_frames": True, **SHAPE}) for p, s in prompts])
-    after = (await _handle("Transformer").stats.remote())["batches_run"][len(before):]
+    after = (await _handle(TRANSFORMER.deployment).stats.remote())["batches_run"][len(before):]
     assert max(after) >= 2, after  # jobs shared a denoising batch
     for (prompt, seed), got in zip(prompts, batched):
         alone = await graph_app.agenerate({"prompt": prompt, "seed": seed, "return_frames": True, **SHAPE})
@@ -56,16 +57,16 @@ async def test_same_shape_jobs_run_as_one_batch_with_unbatched_results(levers_ap
 
 
 async def test_different_shapes_are_not_batched_together(levers_app):
-    before = len((await _handle("Transformer").stats.remote())["batches_run"])
+    before = len((await _handle(TRANSFORMER.deployment).stats.remote())["batches_run"])
     await asyncio.gather(
         levers_app.agenerate({"prompt": "small", "seed": 1, **SHAPE}),
         levers_app.agenerate({"prompt": "wide", "seed": 1, **{**SHAPE, "width": 128}}))
-    after = (await _handle("Transformer").stats.remote())["batches_run"][before:]
+    after = (await _handle(TRANSFORMER.deployment).stats.remote())["batches_run"][before:]
     assert after == [1, 1]
 
 
 async def test_embedding_cache_returns_identical_embeddings_and_skips_the_encoder(levers_app):
-    encoder = _handle("TextEncoder")
+    encoder = _handle(TEXT_ENCODER.deployment)
     first = await encoder.encode.remote("a unique prompt about a glass whale", None)
     calls = (await encoder.stats.remote())["encoder_calls"]
     second = await encoder.encode.remote("a unique prompt about a glass whale", None)
@@ -83,7 +84,7 @@ async def test_step_level_batching_joins_mid_way_drops_a_cancelled_job_and_keeps
     from tests.http_fixtures import deploy_http_app
 
     deploy_http_app(APP, http_env.data_dir, http_env.url, levers={**LEVERS, "continuous_batching": True})
-    transformer = _handle("Transformer")
+    transformer = _handle(TRANSFORMER.deployment)
     stats = await transformer.stats.remote()  # received; in effect from the next batch boundary
     assert stats["levers"]["continuous_batching"] or stats["levers_pending"]
     long = {"prompt": "a lighthouse at dusk", "seed": 5, "return_frames": True, **SHAPE,

@@ -12,6 +12,7 @@ from serve.media.mp4 import Mp4Writer, encode_mp4
 from serve.pipeline.vae_decode import iter_decode, to_float_frames, to_uint8, video_to_uint8
 
 from media_probe import decode_rgb_frames, probe_mp4, psnr
+from serve.stages import VAE
 
 # H.264 (crf 18, yuv420p: chroma at half resolution) keeps these frames at 33-40 dB; a frame out of order, a swapped
 # colour channel or a wrong size falls far below it.
@@ -119,7 +120,7 @@ def test_writer_refuses_what_it_cannot_encode():
 def test_vae_deployment_streams_the_frames_decode_returns(stage_handle, tiny_model_dir):
     from diffusers import AutoencoderKLWan
 
-    vae = stage_handle("VAEDecoder")
+    vae = stage_handle(VAE.deployment)
     latents = np.random.default_rng(2).standard_normal((1, 16, 3, 8, 8)).astype(np.float32)
     whole = vae.decode.remote(latents, True).result()
     items = list(vae.options(stream=True).decode_stream.remote(latents, True))

@@ -28,6 +28,7 @@ from serve.ops.admin import add_user, create_key
 from serve.ops.launcher import _stop_cluster
 from serve.runtime.cluster_record import LOOPBACK_ENV
 from serve.ops.serve_env import HAPROXY_FILES, HAPROXY_PORTS, apply_serve_env, free_port
+from serve.stages import GENERATOR, INGRESS, TEXT_ENCODER, TRANSFORMER, VAE
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = "cinevivid"
@@ -36,8 +37,8 @@ STEPS = 3
 # The Transformer needs `worker_node`, which only the second node has; every other stage asks for a
 # sliver of `head_node`, which only the head has. (Leaving them free to go anywhere raced: a small
 # replica could land on the worker first and take the CPU the Transformer needs.)
-TRANSFORMER = {"ray_actor_options": {"num_cpus": 1, "resources": {"worker_node": 1}},
-               "max_ongoing_requests": 4, "max_queued_requests": 16}
+TRANSFORMER_OPTIONS = {"ray_actor_options": {"num_cpus": 1, "resources": {"worker_node": 1}},
+                       "max_ongoing_requests": 4, "max_queued_requests": 16}
 WORKER_NODE_CPUS = 1
 HEAD_NODE_CPUS = 4
 
@@ -54,7 +55,7 @@ def serve_config(http_port: int) -> dict:
                 "model": {"name": "cinevivid-tiny", "source": "embedded:tiny", "width": 32, "height": 32,
                           "num_frames": 5, "fps": 8, "num_inference_steps": STEPS},
                 "tts": {"providers": ["none"], "default_provider": "none"},
-                "deployments": {"transformer": TRANSFORMER, "text_encoder": small, "vae": small,
+                "deployments": {"transformer": TRANSFORMER_OPTIONS, "text_encoder": small, "vae": small,
                                 "generator": {"ray_actor_options": {"num_cpus": 0.1, "resources": {"head_node": 0.01}}},
                                 "ingress": small},
             },
@@ -215,6 +216,7 @@ def test_transformer_replica_is_on_the_second_node_and_the_rest_on_the_head(two_
     for actor in state["actors"]:
         if actor["class_name"].startswith(f"ServeReplica:{APP}:"):
             replicas.setdefault(actor["class_name"].rsplit(":", 1)[1], []).append(actor["node_id"])
-    assert set(replicas) == {"TextEncoder", "Transformer", "VAEDecoder", "Generator", "Ingress"}, replicas
-    assert replicas.pop("Transformer") == [worker_node]
+    assert set(replicas) == {TEXT_ENCODER.deployment, TRANSFORMER.deployment, VAE.deployment, GENERATOR.deployment,
+                             INGRESS.deployment}, replicas
+    assert replicas.pop(TRANSFORMER.deployment) == [worker_node]
     assert all(nodes == [head_node] for nodes in replicas.values()), replicas

@@ -254,12 +254,12 @@ class ThreadedApp:
             from conftest import tiny_app_args
             from serve.api.routes import create_app
             from serve.config import AppArgs
-            from serve.jobs.generator_client import HandleGeneratorClient
+            from serve.jobs.generation_backend import GeneratorHandleBackend
             from serve.jobs.service import JobService
 
             args = AppArgs.model_validate(tiny_app_args(
                 name=HTTP_APP, with_ingress=True, ingress=http_ingress_args(self.data_dir, **self.overrides)))
-            app = create_app(JobService(args, HandleGeneratorClient.for_app(HTTP_APP)))
+            app = create_app(JobService(args, GeneratorHandleBackend.for_app(HTTP_APP)))
             self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", loop="asyncio",
                                                         access_log=False))
         except BaseException as exc:  # noqa: BLE001 - reported by stop()

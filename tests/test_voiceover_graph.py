@@ -25,6 +25,7 @@ from fake_elevenlabs import (INVALID_API_KEY, QUOTA_EXCEEDED, SERVER_ERROR, TOO_
                              TEST_API_KEY, voice_not_found)
 from serve.errors import TTSError
 from media_probe import probe_mp4
+from serve.stages import GENERATOR, TTS
 
 APP = "voiceover"
 KEY = TEST_API_KEY  # the session cluster's processes have it (conftest: session_cluster_key)
@@ -53,7 +54,7 @@ def app(ray_cluster, fake):
         tts={"providers": ["elevenlabs", "piper", "none"], "elevenlabs_base_url": fake.url,
              "elevenlabs_max_retries": 2, "elevenlabs_retry_backoff_s": 0.05, "elevenlabs_timeout_s": 10.0})
     serve.run(build_app(args), name=APP, route_prefix=None)
-    voices = serve.get_deployment_handle("TTS", app_name=APP).voices.remote().result()
+    voices = serve.get_deployment_handle(TTS.deployment, app_name=APP).voices.remote().result()
     if not any(v["provider"] == "elevenlabs" for v in voices):
         pytest.fail("the TTS replica has no ELEVENLABS_API_KEY (conftest: session_cluster_key) "
                     f"(cluster at {ray.get_runtime_context().gcs_address})")
@@ -190,7 +191,7 @@ def test_bad_voiceover_is_refused_before_model_work(app, clean):
 def test_voices_lists_both_backends(app):
     from ray import serve
 
-    voices = serve.get_deployment_handle("Generator", app_name=APP).voices.remote().result()
+    voices = serve.get_deployment_handle(GENERATOR.deployment, app_name=APP).voices.remote().result()
     assert {"voice_id": "en_US-joe-medium", "name": "Joe (en_US, medium)", "provider": "piper"} in voices
     assert {"voice_id": GEORGE, "name": "George", "provider": "elevenlabs"} in voices
 

@@ -31,7 +31,7 @@ from serve.errors import (
 )
 from serve.jobs.artifacts import ArtifactStore
 from serve.jobs.events import ProgressBroker
-from serve.jobs.generator_client import GeneratorClient
+from serve.jobs.generation_backend import GenerationBackend
 from serve.jobs.metrics import JobMetrics
 from serve.jobs.store import JobStore
 from serve.runtime.replica import GONE_STATES, actor_state, caller_id, cluster_tag
@@ -70,7 +70,7 @@ async def owner_is_gone(owner: str, cluster: str | None) -> bool:
 
 
 class Dispatcher:
-    def __init__(self, store: JobStore, generator: GeneratorClient, artifacts: ArtifactStore,
+    def __init__(self, store: JobStore, generator: GenerationBackend, artifacts: ArtifactStore,
                  broker: ProgressBroker, metrics: JobMetrics, config: DispatcherConfig,
                  tts_config: TTSConfig | None = None):
         self.store = store

@@ -22,7 +22,7 @@ from serve.jobs.artifacts import ArtifactStore
 from serve.jobs.db import Database
 from serve.jobs.dispatcher import Dispatcher
 from serve.jobs.events import ProgressBroker
-from serve.jobs.generator_client import GeneratorClient
+from serve.jobs.generation_backend import GenerationBackend
 from serve.jobs.metrics import JobMetrics
 from serve.jobs.store import JobStore, new_job_id
 from serve.jobs.views import video_view
@@ -38,7 +38,7 @@ VERSION = "0.1.0"
 
 
 class JobService:
-    def __init__(self, app_args: AppArgs | dict, generator: GeneratorClient):
+    def __init__(self, app_args: AppArgs | dict, generator: GenerationBackend):
         self.app_args = app_args if isinstance(app_args, AppArgs) else AppArgs.model_validate(app_args)
         self.config: IngressConfig = self.app_args.ingress
         self.generator = generator

@@ -128,11 +128,12 @@ def _network_flags(node_ip_address: str | None) -> list[str]:
     return [f"--node-ip-address={DEFAULT_HOST}", *ports]
 
 
-def _connect(address: str | None, *, start_if_missing: bool, num_cpus: int | None,
-             dashboard: DashboardOptions | None = None, node_ip_address: str | None = None) -> dict:
+def _join_or_start_cluster(address: str | None, *, start_if_missing: bool, num_cpus: int | None,
+                           dashboard: DashboardOptions | None = None, node_ip_address: str | None = None) -> dict:
     """Connect to the cluster `up` started (its address is kept in the state file) or to an
     explicit `address`; never to some other cluster that happens to run on this machine. Starts
-    a new head node on a free port when there is none. Returns the launcher state."""
+    a new head node on a free port when there is none and `start_if_missing`. Returns the launcher
+    state."""
     import ray
 
     state = _read_state()
@@ -364,7 +365,7 @@ def up(config_path: str = DEFAULT_CONFIG, *, address: str | None = None, num_cpu
     _prepare_auth(address)
     from ray import serve
 
-    state = _connect(address, start_if_missing=True, num_cpus=num_cpus, dashboard=dashboard,
+    state = _join_or_start_cluster(address, start_if_missing=True, num_cpus=num_cpus, dashboard=dashboard,
                      node_ip_address=node_ip_address)
     started_now = state.pop("started_now", False)
     try:
@@ -400,7 +401,7 @@ def start_local_cluster(num_cpus: int | None = None, dashboard: DashboardOptions
     deploys nothing. Set CINEVIVID_CACHE_DIR (where the record goes) and apply_serve_env() first.
     The test suite's session cluster is started with it. Returns the launcher state."""
     _prepare_auth(None)
-    state = _connect(None, start_if_missing=True, num_cpus=num_cpus,
+    state = _join_or_start_cluster(None, start_if_missing=True, num_cpus=num_cpus,
                      dashboard=dashboard or DashboardOptions(enabled=False))
     state.pop("started_now", None)
     return state
@@ -434,7 +435,7 @@ def down(address: str | None = None) -> None:
     from ray import serve
 
     try:
-        state = _connect(address, start_if_missing=False, num_cpus=None)
+        state = _join_or_start_cluster(address, start_if_missing=False, num_cpus=None)
     except ConnectionError as exc:
         print(f"nothing to stop: {exc}", file=sys.stderr)
         _state_file().unlink(missing_ok=True)

@@ -1,7 +1,9 @@
-"""How the job service reaches the generation graph: through the `Generator` deployment's Serve
-handle (`stream=True` for progress). Cancelling the stream stops the generation within a step, and
-so does this process dying: each call carries its Ray actor id (`caller=`), which the Generator
-watches."""
+"""How the job service reaches the generation graph (its `GenerationBackend`): through the
+`Generator` deployment's Serve handle (`stream=True` for progress). Cancelling the stream stops the
+generation within a step, and so does this process dying: each call carries its Ray actor id
+(`caller=`), which the Generator watches.
+
+Not to be confused with `client.handle.GeneratorClient`, the public client other Ray drivers use."""
 
 from __future__ import annotations
 
@@ -9,9 +11,10 @@ from typing import Any, AsyncIterator, Protocol
 
 from serve.contracts import GenerationInputs, ProgressEvent, ResolvedSpec
 from serve.runtime.replica import caller_id
+from serve.stages import GENERATOR
 
 
-class GeneratorClient(Protocol):
+class GenerationBackend(Protocol):
     def stream(self, spec: ResolvedSpec, job_id: str = "-",
                inputs: GenerationInputs | None = None) -> "GenerationStream": ...
     async def health(self) -> dict[str, dict[str, str]]: ...
@@ -24,8 +27,8 @@ class GenerationStream(Protocol):
     def cancel(self) -> None: ...
 
 
-class HandleGeneratorClient:
-    """A `GeneratorClient` over a Serve `DeploymentHandle` to the Generator deployment."""
+class GeneratorHandleBackend:
+    """The `GenerationBackend` over a Serve `DeploymentHandle` to the Generator deployment."""
 
     def __init__(self, handle):
         self.handle = handle
@@ -44,8 +47,8 @@ class HandleGeneratorClient:
         return await self.handle.model_info.remote()
 
     @classmethod
-    def for_app(cls, app_name: str, deployment: str = "Generator") -> "HandleGeneratorClient":
+    def for_app(cls, app_name: str) -> "GeneratorHandleBackend":
         """Reach a running app's Generator from outside it (e.g. the ingress app under bare uvicorn)."""
         from ray import serve
 
-        return cls(serve.get_deployment_handle(deployment, app_name=app_name))
+        return cls(serve.get_deployment_handle(GENERATOR.deployment, app_name=app_name))
