@@ -169,3 +169,26 @@ def test_no_import_circles():
         if v not in index:
             visit(v)
     assert not circles, f"import circles: {circles}"
+
+
+# modules whose functions stay short enough to read in one screen (issue 20: resolve_spec was 93 lines)
+SHORT_FUNCTIONS = {"serve/pipeline/spec.py": 60}
+
+
+def long_functions(path: Path, limit: int) -> list[str]:
+    """The functions (methods and nested ones too) of a file longer than `limit` lines, signature to last line."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    return [f"{path.name}:{node.lineno} {node.name} is {node.end_lineno - node.lineno + 1} lines"
+            for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.end_lineno - node.lineno + 1 > limit]
+
+
+@pytest.mark.parametrize("rel", sorted(SHORT_FUNCTIONS))
+def test_spec_resolution_is_made_of_short_functions(rel):
+    assert not long_functions(ROOT / rel, SHORT_FUNCTIONS[rel])
+
+
+def test_the_length_checker_sees_a_long_function(tmp_path):
+    fake = tmp_path / "m.py"
+    fake.write_text("def f():\n" + "    x = 1\n" * 60 + "\n\ndef g():\n    pass\n")
+    assert long_functions(fake, 60) == ["m.py:1 f is 61 lines"]
