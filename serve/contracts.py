@@ -29,10 +29,11 @@ ACTIVE_STATUSES = (QUEUED, IN_PROGRESS)
 TERMINAL_STATUSES = (COMPLETED, FAILED)
 # the pseudo-status of a progress event (and a client's end state) when the job's record is deleted
 DELETED = "deleted"
-# why a running job stops early: a user's cancel, its deletion, or (Transformer) its caller's death.
+# why a running job stops early: a user's cancel, its deletion, (Transformer) its caller's death, or
+# (dispatcher) the replica shutting down, which releases the job to the queue without spending an attempt.
 # A cancelled job fails with the error code CANCELLED and the message CANCELLED_MESSAGE.
-CANCELLED, CALLER_GONE = "cancelled", "caller_gone"
-CANCEL_REASONS = (CANCELLED, DELETED, CALLER_GONE)
+CANCELLED, CALLER_GONE, SHUTDOWN = "cancelled", "caller_gone", "shutdown"
+CANCEL_REASONS = (CANCELLED, DELETED, CALLER_GONE, SHUTDOWN)
 CANCELLED_MESSAGE = "the job was cancelled"
 
 

@@ -22,8 +22,8 @@ import uuid
 
 from serve.config import DispatcherConfig, TTSConfig
 from serve.contracts import (
-    CANCELLED, CANCELLED_MESSAGE, COMPLETED, DELETED, FAILED, IN_PROGRESS, ErrorInfo, GenerationInputs, ProgressEvent,
-    ResolvedSpec,
+    CANCEL_REASONS, CANCELLED, CANCELLED_MESSAGE, COMPLETED, DELETED, FAILED, IN_PROGRESS, SHUTDOWN, ErrorInfo,
+    GenerationInputs, ProgressEvent, ResolvedSpec,
 )
 from serve.errors import (
     CineVividError, GenerationCancelled, InputsMissing, InsufficientStorage, JobLost, NoResult, StageUnavailable,
@@ -103,7 +103,7 @@ class Dispatcher:
             await asyncio.gather(self._loop_task, return_exceptions=True)
         running = list(self._running.items())
         for job_id, task in running:
-            self._cancel_reason[job_id] = "shutdown"
+            self._cancel_reason[job_id] = SHUTDOWN
             task.cancel()
         await asyncio.gather(*(t for _, t in running), return_exceptions=True)
         logger.info("dispatcher %s stopped; released %d running job(s)", self.owner, len(running))
@@ -129,6 +129,8 @@ class Dispatcher:
 
     def cancel_local(self, job_id: str, reason: str = CANCELLED) -> bool:
         """Stop a job running on this replica now (cancel / delete). False if it is not here."""
+        if reason not in CANCEL_REASONS:
+            raise ValueError(f"unknown cancel reason {reason!r} (one of {CANCEL_REASONS})")
         task = self._running.get(job_id)
         if task is None:
             return False
@@ -247,7 +249,7 @@ class Dispatcher:
             log.info("job %s: completed in %.2fs (%d bytes)%s", job_id, elapsed, len(result.mp4),
                      f" after {retries} retr{'ies' if retries != 1 else 'y'}" if retries else "")
         except asyncio.CancelledError:
-            reason = self._cancel_reason.get(job_id, "shutdown")
+            reason = self._cancel_reason.get(job_id, SHUTDOWN)
             self._cancel_stream(stream)
             await self._after_cancel(job_id, reason, log)
             # a task cancelled by us ends here; do not propagate (nothing awaits it)
@@ -338,7 +340,7 @@ class Dispatcher:
             raise StorageError("the server could not store the video") from exc
 
     async def _after_cancel(self, job_id: str, reason: str, log) -> None:
-        if reason == "shutdown":
+        if reason == SHUTDOWN:
             status = await self._safe(self.store.release(job_id, self.owner))
             log.info("job %s: released at shutdown (no attempt spent); now %s", job_id, status)
             return
