@@ -285,6 +285,16 @@ class ConfigurationError(RuntimeError):
     """A startup error the operator must fix (e.g. a missing JWT secret in production)."""
 
 
+class LaunchError(RuntimeError):
+    """`cinevivid up` / `make run` cannot start the stack; the message is one line that says why
+    and what to do (the CLI prints it as is)."""
+
+
+class PortInUse(LaunchError):
+    """A port the stack needs is taken: the message names it, its holder when known, and the flag
+    that picks another."""
+
+
 class StackNotRunning(ConnectionError):
     """No CineVivid stack to connect to: `cinevivid up` recorded none in CINEVIVID_CACHE_DIR, or
     the Ray cluster it recorded no longer answers."""
