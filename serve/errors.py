@@ -74,6 +74,13 @@ class InvalidSpecError(InvalidRequest):
     """The request is invalid; raised before any model work. `param` names the field."""
 
 
+class VoiceProviderNotConfigured(InvalidSpecError):
+    """A voice-over asks for a provider the TTS stage cannot speak with (ElevenLabs without its API
+    key): refused at submission, naming voiceover.provider."""
+
+    code = "tts_provider_not_configured"
+
+
 class UnknownModelError(InvalidSpecError):
     code = "model_not_found"
     status = 404

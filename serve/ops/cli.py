@@ -109,8 +109,26 @@ def _add_launcher(sub: argparse._SubParsersAction) -> None:
     down.add_argument("--address", default=None,
                       help="the cluster to stop Serve on (default: the one `up` started)")
 
-    _command(sub, "env", "print shell exports that point ray.init() and the ray CLI at the stack `up` started",
-             "serve.ops.launcher:cmd_env", epilog='eval "$(cinevivid env)" sets RAY_ADDRESS, RAY_AUTH_MODE and RAY_AUTH_TOKEN_PATH.')
+    _command(sub, "env", "print shell exports that point ray.init() and the ray CLI at the stack `up` started, "
+             "and its paths", "serve.ops.stack_cmds:cmd_env",
+             epilog='eval "$(cinevivid env)" sets RAY_ADDRESS, RAY_AUTH_MODE and RAY_AUTH_TOKEN_PATH; the comment '
+                    "lines name the stack's session dir, logs, Prometheus service-discovery file and token.")
+    logs = _command(sub, "logs", "print the log folder of the stack `up` started (Ray's and Serve's logs)",
+                    "serve.ops.stack_cmds:cmd_logs", epilog="e.g. tail -f $(cinevivid logs --serve)/*.log")
+    logs.add_argument("--serve", action="store_true", help="Serve's folder (controller, replicas, HAProxy)")
+    logs.add_argument("--list", action="store_true", help="list the files instead")
+    prom = _command(sub, "prometheus-config", "print a Prometheus config that scrapes the stack `up` started",
+                    "serve.ops.stack_cmds:cmd_prometheus_config",
+                    epilog="configs/prometheus/prometheus.yml with this stack's HTTP port and Ray service-discovery "
+                           "file; e.g. cinevivid prometheus-config -o prometheus.yml")
+    prom.add_argument("-o", "--output", default=None, help="write it here (default: stdout)")
+    sub_ = _command(sub, "submit", "run a command as a Ray job on the stack `up` started (ray job submit, wired up)",
+                    "serve.ops.stack_cmds:cmd_submit",
+                    epilog="e.g. cinevivid submit -- python my_job.py: the cluster's address and token, the "
+                           "folder uploaded as the job's working dir, this virtualenv's python for `python`.")
+    sub_.add_argument("--working-dir", default=".", help="the folder Ray uploads as the job's (default: .)")
+    sub_.add_argument("--no-wait", action="store_true", help="return once submitted (ray job logs ID follows it)")
+    sub_.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- COMMAND ...", help="the job's command")
 
 
 def _add_kuberay(sub: argparse._SubParsersAction) -> None:

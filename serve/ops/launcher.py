@@ -144,7 +144,7 @@ def port_holder(port: int) -> str:
                 cmd = " ".join(proc.cmdline()) or proc.name()
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 return f"pid {conn.pid}"
-            return f"pid {conn.pid} ({cmd if len(cmd) <= 60 else cmd[:57] + '...'})"
+            return f"pid {conn.pid} ({cmd if len(cmd) <= 80 else cmd[:77] + '...'})"
     return ""
 
 
@@ -230,26 +230,32 @@ def _run_watched(cmd: list[str], env: dict, ports: dict[str, int]) -> tuple[int,
     fd, output = tempfile.mkstemp(prefix="cv-ray-start-", suffix=".log")
     with os.fdopen(fd, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-        lost = None
+        lost, unknown = None, {}
         while True:
             try:
                 code = proc.wait(timeout=WATCH_INTERVAL_S)
                 break
             except subprocess.TimeoutExpired:
-                lost = _foreign_listener(ports)
+                lost = _foreign_listener(ports, unknown)
                 if lost is not None:
                     proc.terminate()
                     code = proc.wait()
                     break
     if code != 0 and lost is None:
-        lost = _foreign_listener(ports)
-    if code == 0:
+        lost = _foreign_listener(ports, {flag: UNKNOWN_OWNER_POLLS for flag in ports})
+    if code == 0 or lost is not None:
         os.unlink(output)
     return code, lost, output
 
 
-def _foreign_listener(ports: dict[str, int]) -> str | None:
-    """The flag of the first of `ports` a process not of this cluster listens on, else None."""
+UNKNOWN_OWNER_POLLS = 3  # a listener with no visible process, seen this many times in a row, is foreign
+
+
+def _foreign_listener(ports: dict[str, int], unknown: dict[str, int]) -> str | None:
+    """The flag of the first of `ports` a process not of this cluster listens on, else None. A
+    listener whose process cannot be seen (another user's; or one of ours caught between creating
+    the socket and psutil's scan of /proc) counts once seen UNKNOWN_OWNER_POLLS times in a row
+    (`unknown`: flag -> times so far, kept by the caller)."""
     import psutil
 
     wanted = {port: flag for flag, port in ports.items()}
@@ -260,14 +266,22 @@ def _foreign_listener(ports: dict[str, int]) -> str | None:
     for conn in conns:
         if conn.status != psutil.CONN_LISTEN or not conn.laddr or conn.laddr.port not in wanted:
             continue
-        if conn.pid is None:  # another user's process
-            return wanted[conn.laddr.port]
+        flag = wanted[conn.laddr.port]
+        if conn.pid is None:
+            unknown[flag] = unknown.get(flag, 0) + 1
+            if unknown[flag] >= UNKNOWN_OWNER_POLLS:
+                return flag
+            continue
+        unknown.pop(flag, None)
         try:
             proc = psutil.Process(conn.pid)
-            if proc.environ().get(CLUSTER_MARK_ENV) != ray_temp_dir():
-                return wanted[conn.laddr.port]
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            cmdline = proc.cmdline()
+            environ = proc.environ()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
+        # ours: started with our mark, or its command line names our temp dir (the session dir in it)
+        if environ.get(CLUSTER_MARK_ENV) != ray_temp_dir() and not any(ray_temp_dir() in part for part in cmdline):
+            return flag
     return None
 
 
@@ -517,7 +531,8 @@ def up(config_path: str = DEFAULT_CONFIG, *, address: str | None = None, num_cpu
         raise
     started_now = state.pop("started_now", False)
     try:
-        state = {**state, "config": str(Path(config_path).resolve()), "app_name": app_name(config)}
+        state = {**state, "config": str(Path(config_path).resolve()), "app_name": app_name(config),
+                 "http_port": int(config["http_options"].get("port", DEFAULT_HTTP_PORT))}
         _write_state(state)
         # Deploying a config file replaces every Serve app in the cluster; refuse to drop apps this
         # config does not name unless asked to.
@@ -637,18 +652,3 @@ def cmd_down(args) -> int:
 def dashboard_options(args) -> DashboardOptions:
     """From the --dashboard-host / --dashboard-port / --no-dashboard flags (serve.ops.cli)."""
     return DashboardOptions(enabled=not args.no_dashboard, host=args.dashboard_host, port=args.dashboard_port)
-
-
-def cmd_env(args) -> int:
-    """`cinevivid env`: shell lines that point Ray (ray.init(), the ray CLI) at the stack's cluster."""
-    from serve.errors import StackNotRunning
-    from serve.runtime.cluster_record import ray_env, recorded_stack
-
-    try:
-        state = recorded_stack()
-    except StackNotRunning as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    for key, value in ray_env(state).items():
-        print(f"export {key}={shlex.quote(value)}")
-    return 0
