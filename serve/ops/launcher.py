@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import shlex
 import shutil
@@ -513,8 +514,8 @@ def up(config_path: str = DEFAULT_CONFIG, *, address: str | None = None, num_cpu
 
     config = _http_options(load_serve_config(config_path), port, host)
     if _will_start_ray(address):  # before anything starts
-        _check_http_port(config, config_path)
         check_port_choice((dashboard or DashboardOptions()).port, "--dashboard-port")
+        _check_http_port(config, config_path)
     # before Ray starts: `ray start` below passes the environment on to the cluster
     haproxy_before = os.environ.get("RAY_SERVE_HAPROXY_CONFIG_FILE_LOC")
     apply_serve_env(front=_front_config(config))
@@ -545,6 +546,8 @@ def up(config_path: str = DEFAULT_CONFIG, *, address: str | None = None, num_cpu
             raise LaunchError(f"this cluster runs other Serve apps {sorted(others)} that deploying {config_path} "
                                "would remove; pass --replace to do it anyway")
         print(f"deploying {config_path} ...", file=sys.stderr)
+        # this driver's Serve INFO lines ("Started Serve ...", "Deployed app ...") say what `up` says
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
         deploy_serve_config(config, wait_timeout_s=timeout_s)
         url = service_url(config)
         wait_healthy(url, timeout_s)

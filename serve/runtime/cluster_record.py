@@ -11,6 +11,7 @@ finds whichever cluster on the machine started last, and it does not know the to
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import sys
@@ -116,4 +117,6 @@ def connect(cache_dir: str | Path | None = None, log_to_driver: bool = False) ->
         if state.get("loopback"):
             use_loopback_cluster()
         ray.init(address=state["address"], logging_level="WARNING", log_to_driver=log_to_driver)
+        if not log_to_driver:  # nor this driver's own Serve INFO lines (its handle's router starting)
+            logging.getLogger("ray.serve").setLevel(logging.WARNING)
     return state
