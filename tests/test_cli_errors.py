@@ -286,3 +286,27 @@ def test_submit_wraps_ray_job_submit_for_the_stack():
     assert env["RAY_ADDRESS"] == "127.0.0.1:6379" and env["RAY_AUTH_TOKEN_PATH"] == STATE["token_path"]
     with pytest.raises(ValueError):
         submit_command(STATE, ["--"], working_dir=".")
+
+
+def test_lazy_handlers_resolve_and_copied_defaults_agree():
+    """Every command's handler ("module:function", imported when it runs) exists, and the defaults
+    the parser repeats so as not to import their modules equal the modules' own."""
+    import argparse
+    import importlib
+
+    from serve.ops import cli, config_doc, kuberay
+
+    def handlers(parser):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    if sub.get_default("func") is not None:
+                        yield sub.get_default("func").target
+                    yield from handlers(sub)
+
+    targets = set(handlers(cli.build_parser()))
+    assert len(targets) >= 20
+    for target in targets:
+        module, _, name = target.partition(":")
+        assert callable(getattr(importlib.import_module(module), name)), target
+    assert cli.GPUS_PER_WORKER == kuberay.GPUS_PER_WORKER and cli.CONFIG_DOC_PATH == config_doc.DOC_PATH
