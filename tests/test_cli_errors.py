@@ -310,3 +310,12 @@ def test_lazy_handlers_resolve_and_copied_defaults_agree():
         module, _, name = target.partition(":")
         assert callable(getattr(importlib.import_module(module), name)), target
     assert cli.GPUS_PER_WORKER == kuberay.GPUS_PER_WORKER and cli.CONFIG_DOC_PATH == config_doc.DOC_PATH
+
+
+def test_a_taken_dashboard_port_is_one_line(held_port, tmp_path):
+    """--dashboard-port PORT held by someone: one line naming it, its holder and the flag; no
+    `ray start` (nothing left running, no record)."""
+    line = one_error_line(cinevivid("up", "--dashboard-port", str(held_port), "--port", str(_free()),
+                                    cache_dir=tmp_path))
+    assert f"port {held_port}" in line and f"pid {os.getpid()}" in line and "--dashboard-port" in line
+    assert not (tmp_path / "launcher.json").exists()

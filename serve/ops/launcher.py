@@ -13,6 +13,7 @@ GeneratorClient.connect().
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import logging
 import os
@@ -82,23 +83,28 @@ def _init(address: str) -> str:
 
 
 def _port_free(host: str, port: int) -> bool:
+    return _bind_error(host, port) is None
+
+
+def _bind_error(host: str, port: int) -> OSError | None:
+    """Why (host, port) cannot be bound now, or None."""
     import socket
 
     with socket.socket() as sock:
         try:
             sock.bind((host, port))
-            return True
-        except OSError:
-            return False
+            return None
+        except OSError as exc:
+            return exc
 
 
 def _dashboard_flags(dashboard: DashboardOptions, port: int | None = None) -> list[str]:
     """`ray start` flags for the dashboard: on, at the given host and port (`port`: the one picked
-    by `_pick_dashboard_port`)."""
+    by `_pick_dashboard_port`, picked here when not given)."""
     if not dashboard.enabled:
         return ["--include-dashboard=false"]
     return ["--include-dashboard=true", f"--dashboard-host={dashboard.host}",
-            f"--dashboard-port={port or dashboard.port}"]
+            f"--dashboard-port={port or _pick_dashboard_port(dashboard)}"]
 
 
 def _dashboard_bind_host(dashboard: DashboardOptions) -> str:
@@ -179,9 +185,10 @@ def _ray_start(dashboard: DashboardOptions, node_ip_address: str | None, num_cpu
     cluster it is stopped within a second or two and started again with fresh ports (a port given
     by --dashboard-port is not swapped: that is a one-line error)."""
     lost: set[int] = set()
-    if dashboard.enabled and dashboard.port is not None \
-            and not _port_free(_dashboard_bind_host(dashboard), dashboard.port):
-        raise _port_in_use(dashboard.port, dashboard.host, "--dashboard-port")
+    if dashboard.enabled and dashboard.port is not None:
+        error = _bind_error(_dashboard_bind_host(dashboard), dashboard.port)
+        if error is not None and error.errno == errno.EADDRINUSE:  # (another error: Ray's to report)
+            raise _port_in_use(dashboard.port, dashboard.host, "--dashboard-port")
     # Ray gives its dashboard 60 s to come up; its ten subprocess modules take longer than that on
     # a small, busy machine, and `ray start` then fails. A value already in the environment wins.
     env = {"RAY_DASHBOARD_STARTUP_TIMEOUT_S": "300", **os.environ, CLUSTER_MARK_ENV: ray_temp_dir()}
