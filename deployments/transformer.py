@@ -298,10 +298,10 @@ class Transformer:
                     yield DenoisedLatents(ref=[event.ref])
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(ticket.released.wait(), self.liveness.output_hold_s)
-            except asyncio.CancelledError:
-                # The caller closing the stream once it has the output is how it releases the
-                # hold: the call finished. Serve logs any closed stream as CANCELLED; this one's
-                # access-log line says OK (see _ReleasedCallLog).
+            except (asyncio.CancelledError, GeneratorExit):
+                # The caller closing the stream once it has the output (at the yield above, or in
+                # the wait) is how it releases the hold: the call finished. Serve logs any closed
+                # stream as CANCELLED; this one's access-log line says OK (see _ReleasedCallLog).
                 self._released_log.finished(_request_id())
                 raise
             finally:
