@@ -119,8 +119,9 @@ def _request_id() -> str:
 class _ReleasedCallLog(logging.Filter):
     """A `denoise` call ends with its caller closing the stream once it holds the output: that is
     how the hold on the latents is released. Serve's access log calls every closed stream
-    CANCELLED; for these finished calls the line says OK, so a CANCELLED line means a job was
-    really cancelled. Keyed by Serve's request id (the access log's `request_id`)."""
+    CANCELLED; for a call that had produced its output (`finished`, marked when the hold starts)
+    the line says OK, so a CANCELLED line means a job was really cancelled before its output.
+    Keyed by Serve's request id (the access log's `request_id`)."""
 
     MAX_PENDING = 4096
 
@@ -291,19 +292,17 @@ class Transformer:
                     windows.append(event.ref)
                 yield event
             # Hold the latents (`event.ref`, or the windows') until the caller closes this stream, is
-            # gone, or the hold times out; then the refs are dropped and the objects freed.
+            # gone, or the hold times out; then the refs are dropped and the objects freed. The
+            # caller closing the stream now is how it releases the hold: the call has finished.
+            # Serve logs any closed stream CANCELLED (at once, before this generator hears of it);
+            # this one's access-log line says OK (see _ReleasedCallLog).
+            self._released_log.finished(_request_id())
             self.held_outputs += 1
             try:
                 if event.ref is not None:
                     yield DenoisedLatents(ref=[event.ref])
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(ticket.released.wait(), self.liveness.output_hold_s)
-            except (asyncio.CancelledError, GeneratorExit):
-                # The caller closing the stream once it has the output (at the yield above, or in
-                # the wait) is how it releases the hold: the call finished. Serve logs any closed
-                # stream as CANCELLED; this one's access-log line says OK (see _ReleasedCallLog).
-                self._released_log.finished(_request_id())
-                raise
             finally:
                 self.held_outputs -= 1
         finally:
