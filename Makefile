@@ -13,12 +13,17 @@ SPAWN_RATE ?= 5
 RUN_TIME ?= 60s
 LOCUST_ARGS ?=
 CAPACITY_ARGS ?=
-# e.g. RUN_ARGS="--dashboard-host 0.0.0.0 --dashboard-port 8266" or RUN_ARGS=--no-dashboard
+# the HTTP port of `make run` (default: serve_config.yaml's, 8000), e.g. make run PORT=8001
+PORT ?=
+# e.g. RUN_ARGS="--dashboard-host 0.0.0.0 --dashboard-port 8266" or RUN_ARGS=--no-dashboard (or --debug)
 RUN_ARGS ?=
 
 .PHONY: setup run stop test test-all loadtest capacity bench clean
 
+# After the install: the torch asked for with TORCH= is the one installed (installed now when it
+# differs), or it says loudly that it is not and fails.
 setup: $(VENV)/.installed
+	@$(BIN)/python -m serve.ops.torch_setup $(TORCH)
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,7 +34,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 run: setup
-	$(BIN)/python -m serve.ops.demo --out $(OUT) $(RUN_ARGS)
+	@$(BIN)/python -m serve.ops.demo --out $(OUT) $(if $(PORT),--port $(PORT)) $(RUN_ARGS)
 
 stop: setup
 	$(BIN)/cinevivid down

@@ -1,6 +1,8 @@
 """`cinevivid generate` and `cinevivid videos list|get|rm`: the HTTP client on the command line.
 The handlers here take the parsed arguments; their parsers are in `serve.ops.cli`.
-Server and key from --server/--api-key, which default to $CINEVIVID_URL/$CINEVIVID_API_KEY."""
+Server and key from --server/--api-key, which default to $CINEVIVID_URL/$CINEVIVID_API_KEY.
+Errors (the service unreachable, its error envelope, no key) propagate to `serve.ops.cli.main`,
+which prints them as one line."""
 
 from __future__ import annotations
 
@@ -13,9 +15,15 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from client.http import END_STATUSES, APIError, CineVividClient
 from serve.contracts import COMPLETED, DELETED, IN_PROGRESS
+from serve.errors import MissingCredentials
+
+NO_KEY = ("no API key: pass --api-key cv-... or set CINEVIVID_API_KEY (`make run` prints the demo user's key; "
+          "`cinevivid keys create NAME` makes one)")
 
 
 def _client(args) -> CineVividClient:
+    if not args.api_key:
+        raise MissingCredentials(NO_KEY, param="api_key")
     return CineVividClient(args.server, args.api_key)
 
 
@@ -70,40 +78,32 @@ def cmd_extend(args) -> int:
 def _submit_and_wait(args, submit) -> int:
     """Submit a video job (`submit(client)`), follow its progress, download it to `args.output`."""
     out = sys.stderr
-    try:
-        with _client(args) as cv:
-            video = submit(cv)
-            vid = video["id"]
-            print(f"{vid}: {video['status']} ({video['size']}, {video['seconds']} s, seed {video.get('seed')})",
-                  file=out)
-            final = None
-            with progress_bar(args.quiet) as bar:
-                task = bar.add_task(video["status"], total=100, step="")
-                for kind, data in cv.events(vid, timeout=args.timeout):
-                    bar.update(task, **progress_fields(kind, data))
-                    if kind == "status" and data.get("status") in END_STATUSES:
-                        final = data
-            if final is None or final.get("status") != COMPLETED:
-                video = cv.get_video(vid) if (final or {}).get("status") != DELETED else {"error": None}
-                err = video.get("error") or {}
-                print(f"error: {vid} did not complete: {err.get('code')}: {err.get('message')}", file=out)
-                return 1
-            path = cv.download(vid, args.output)
-            print(f"saved {path} ({path.stat().st_size} bytes)", file=out)
-            print(vid)
-    except APIError as exc:
-        print(f"error: {exc}", file=out)
-        return 1
+    with _client(args) as cv:
+        video = submit(cv)
+        vid = video["id"]
+        print(f"{vid}: {video['status']} ({video['size']}, {video['seconds']} s, seed {video.get('seed')})",
+              file=out)
+        final = None
+        with progress_bar(args.quiet) as bar:
+            task = bar.add_task(video["status"], total=100, step="")
+            for kind, data in cv.events(vid, timeout=args.timeout):
+                bar.update(task, **progress_fields(kind, data))
+                if kind == "status" and data.get("status") in END_STATUSES:
+                    final = data
+        if final is None or final.get("status") != COMPLETED:
+            video = cv.get_video(vid) if (final or {}).get("status") != DELETED else {"error": None}
+            err = video.get("error") or {}
+            print(f"error: {vid} did not complete: {err.get('code')}: {err.get('message')}", file=out)
+            return 1
+        path = cv.download(vid, args.output)
+        print(f"saved {path} ({path.stat().st_size} bytes)", file=out)
+        print(vid)
     return 0
 
 
 def cmd_videos_list(args) -> int:
-    try:
-        with _client(args) as cv:
-            rows = list(islice(cv.iter_videos(limit=min(args.limit, 100)), max(args.limit, 0)))
-    except APIError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    with _client(args) as cv:
+        rows = list(islice(cv.iter_videos(limit=min(args.limit, 100)), max(args.limit, 0)))
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -114,19 +114,15 @@ def cmd_videos_list(args) -> int:
 
 
 def cmd_videos_get(args) -> int:
-    try:
-        with _client(args) as cv:
-            v = cv.get_video(args.video_id)
-            print(json.dumps(v, indent=2))
-            if args.output:
-                if v["status"] != COMPLETED and not (args.variant == "preview" and v["status"] == IN_PROGRESS):
-                    print(f"error: {args.video_id} is {v['status']}", file=sys.stderr)
-                    return 1
-                cv.download(args.video_id, args.output, variant=args.variant)
-                print(f"saved {args.output}", file=sys.stderr)
-    except APIError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    with _client(args) as cv:
+        v = cv.get_video(args.video_id)
+        print(json.dumps(v, indent=2))
+        if args.output:
+            if v["status"] != COMPLETED and not (args.variant == "preview" and v["status"] == IN_PROGRESS):
+                print(f"error: {args.video_id} is {v['status']}", file=sys.stderr)
+                return 1
+            cv.download(args.video_id, args.output, variant=args.variant)
+            print(f"saved {args.output}", file=sys.stderr)
     return 0
 
 
@@ -137,7 +133,7 @@ def cmd_videos_rm(args) -> int:
             try:
                 cv.delete_video(vid)
                 print(f"deleted {vid}")
-            except APIError as exc:
-                print(f"error: {vid}: {exc}", file=sys.stderr)
+            except APIError as exc:  # the others are still tried
+                print(f"error: {vid}: {exc.code}: {exc.message} (HTTP {exc.status})", file=sys.stderr)
                 code = 1
     return code

@@ -122,13 +122,15 @@ class GeneratorClient:
         self.handle = handle or serve.get_deployment_handle(GENERATOR.deployment, app_name=app_name)
 
     @classmethod
-    def connect(cls, app_name: str | None = None, cache_dir: str | Path | None = None) -> "GeneratorClient":
+    def connect(cls, app_name: str | None = None, cache_dir: str | Path | None = None,
+                log_to_driver: bool = False) -> "GeneratorClient":
         """Join the Ray cluster of the stack `cinevivid up` started (recorded in `cache_dir`,
         default CINEVIVID_CACHE_DIR) with its token, and call its app (default: the recorded one).
-        Raises serve.errors.StackNotRunning, saying what to do, when there is no such stack."""
+        Raises serve.errors.StackNotRunning, saying what to do, when there is no such stack.
+        The replicas' log lines stay in their files unless `log_to_driver`."""
         from serve.runtime.cluster_record import connect
 
-        state = connect(cache_dir)
+        state = connect(cache_dir, log_to_driver=log_to_driver)
         return cls(app_name or state.get("app_name") or "cinevivid")
 
     # sync ---------------------------------------------------------------------------------------

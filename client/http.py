@@ -27,10 +27,9 @@ from typing import Any, AsyncIterator, Callable, Iterator
 import httpx
 from httpx_sse import ServerSentEvent, aconnect_sse, connect_sse
 
-from serve.config import DEFAULT_HOST, DEFAULT_HTTP_PORT, Settings
+from serve.config import DEFAULT_URL, Settings
 from serve.contracts import DELETED, TERMINAL_STATUSES
 
-DEFAULT_URL = f"http://{DEFAULT_HOST}:{DEFAULT_HTTP_PORT}"
 # A job's event stream ends with a `status` event carrying one of these.
 END_STATUSES = (*TERMINAL_STATUSES, DELETED)
 

@@ -554,6 +554,12 @@ class Generator:
             return []
         return await self.tts.voices.remote()
 
+    async def voice_catalog(self) -> dict | None:
+        """The TTS stage's providers that can speak and their voices (None: no TTS stage)."""
+        if self.tts is None:
+            return None
+        return await self.tts.catalog.remote()
+
     async def model_info(self) -> dict:
         from serve.pipeline.hub_cache import model_cache_stats
 

@@ -111,6 +111,47 @@ class _DFRunning:
     run: DFRun | None = None  # made on the worker thread at its first slice
 
 
+def _request_id() -> str:
+    from ray.serve.context import _get_serve_request_context
+
+    return _get_serve_request_context().request_id
+
+
+class _ReleasedCallLog(logging.Filter):
+    """A `denoise` call ends with its caller closing the stream once it holds the output: that is
+    how the hold on the latents is released. Serve's access log calls every closed stream
+    CANCELLED; for a call that had produced its output (`finished`, marked when the hold starts)
+    the line says OK, so a CANCELLED line means a job was really cancelled before its output.
+    Keyed by Serve's request id (the access log's `request_id`)."""
+
+    MAX_PENDING = 4096
+
+    def __init__(self):
+        super().__init__()
+        self._finished: dict[str, None] = {}
+
+    @classmethod
+    def install(cls) -> "_ReleasedCallLog":
+        from ray.serve._private.constants import SERVE_LOGGER_NAME
+
+        log = cls()
+        logging.getLogger(SERVE_LOGGER_NAME).addFilter(log)
+        return log
+
+    def finished(self, request_id: str) -> None:
+        if request_id:
+            self._finished[request_id] = None
+            while len(self._finished) > self.MAX_PENDING:
+                self._finished.pop(next(iter(self._finished)))
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        request_id = getattr(record, "request_id", None)
+        if request_id in self._finished and " CANCELLED " in (message := record.getMessage()):
+            del self._finished[request_id]
+            record.msg, record.args = message.replace(" CANCELLED ", " OK ", 1), ()
+        return True
+
+
 @serve.deployment(name=TRANSFORMER.deployment)
 class Transformer:
     def __init__(self, model: dict, levers: dict | None = None, fault: str | None = None,
@@ -118,6 +159,7 @@ class Transformer:
         import torch
 
         setup_replica_logging()
+        self._released_log = _ReleasedCallLog.install()
         from diffusers import SkyReelsV2Transformer3DModel, UniPCMultistepScheduler
 
         self.model_cfg = ModelConfig.model_validate(model)
@@ -251,7 +293,11 @@ class Transformer:
                     windows.append(event.ref)
                 yield event
             # Hold the latents (`event.ref`, or the windows') until the caller closes this stream, is
-            # gone, or the hold times out; then the refs are dropped and the objects freed.
+            # gone, or the hold times out; then the refs are dropped and the objects freed. The
+            # caller closing the stream now is how it releases the hold: the call has finished.
+            # Serve logs any closed stream CANCELLED (at once, before this generator hears of it);
+            # this one's access-log line says OK (see _ReleasedCallLog).
+            self._released_log.finished(_request_id())
             self.held_outputs += 1
             try:
                 if event.ref is not None:

@@ -40,5 +40,9 @@ class TTS:
         """[{voice_id, name, provider}] for every enabled backend."""
         return await self.service.voices()
 
+    async def catalog(self) -> dict[str, list[str] | None]:
+        """{provider: voice ids and names, or None if unknown} of the providers that can speak."""
+        return await self.service.catalog()
+
     async def check_health(self) -> None:
         await self.service.check_health()

@@ -30,6 +30,8 @@ ELEVENLABS_KEY_ENV = "ELEVENLABS_API_KEY"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_HTTP_PORT = 8000
 DEFAULT_DASHBOARD_PORT = 8265  # Ray's
+DEFAULT_URL = f"http://{DEFAULT_HOST}:{DEFAULT_HTTP_PORT}"
+DEFAULT_CONFIG = "serve_config.yaml"  # what `cinevivid up` / `make run` deploy
 
 
 def default_cache_dir() -> Path:

@@ -74,6 +74,13 @@ class InvalidSpecError(InvalidRequest):
     """The request is invalid; raised before any model work. `param` names the field."""
 
 
+class VoiceProviderNotConfigured(InvalidSpecError):
+    """A voice-over asks for a provider the TTS stage cannot speak with (ElevenLabs without its API
+    key): refused at submission, naming voiceover.provider."""
+
+    code = "tts_provider_not_configured"
+
+
 class UnknownModelError(InvalidSpecError):
     code = "model_not_found"
     status = 404
@@ -283,6 +290,16 @@ class UnknownVoice(InvalidSpecError):
 # -- operations -------------------------------------------------------------------------------
 class ConfigurationError(RuntimeError):
     """A startup error the operator must fix (e.g. a missing JWT secret in production)."""
+
+
+class LaunchError(RuntimeError):
+    """`cinevivid up` / `make run` cannot start the stack; the message is one line that says why
+    and what to do (the CLI prints it as is)."""
+
+
+class PortInUse(LaunchError):
+    """A port the stack needs is taken: the message names it, its holder when known, and the flag
+    that picks another."""
 
 
 class StackNotRunning(ConnectionError):

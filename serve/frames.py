@@ -52,3 +52,14 @@ def check_causal_block(base_num_frames: int, overlap_history: int, causal_block_
             raise InvalidSpecError(
                 f"causal_block_size ({causal_block_size}) must divide the latent frames of {name} ({value} frames = "
                 f"{latent_frames(value)} latent frames, (frames - 1) / 4 + 1)", param="causal_block_size")
+
+
+def df_window_count(num_frames: int, base_num_frames: int, overlap_history: int, *, extend: bool = False) -> int:
+    """How many windows a diffusion-forcing job runs (what `serve.pipeline.diffusion_forcing.plan_windows`
+    cuts, counted without torch, for the job views): one when the video fits one window (never for
+    an extension, `extend`), else one more per `base - overlap` latent frames past the first
+    window."""
+    total, base, overlap = latent_frames(num_frames), latent_frames(base_num_frames), latent_frames(overlap_history)
+    if not extend and num_frames <= base_num_frames:
+        return 1
+    return 1 + (total - base - 1) // (base - overlap) + 1

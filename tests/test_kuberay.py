@@ -21,6 +21,8 @@ from serve.ops.serve_env import SERVE_ENV
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = sorted((ROOT / "configs").glob("*.yaml"))
 CRD = Path(__file__).parent / "data" / "ray.io_rayservices.yaml"
+DOCKERFILE = ROOT / "configs" / "kuberay" / "Dockerfile"
+PVC = ROOT / "configs" / "kuberay" / "pvc-cinevivid-data.yaml"
 REGENERATE = ("for f in configs/*.yaml; do cinevivid kuberay --config $f "
               "-o configs/kuberay/$(basename $f); done")
 
@@ -58,7 +60,7 @@ def _manifest(path: Path) -> dict:
 
 def test_every_preset_has_a_manifest():
     assert PRESETS, "no presets in configs/"
-    committed = {p.name for p in (ROOT / "configs" / "kuberay").glob("*.yaml")}
+    committed = {p.name for p in (ROOT / "configs" / "kuberay").glob("*.yaml")} - {PVC.name}
     assert committed == {p.name for p in PRESETS}, f"configs/kuberay/ out of step with configs/; run: {REGENERATE}"
 
 
@@ -195,3 +197,75 @@ def test_bad_config_is_refused_with_the_field(tmp_path, capsys):
     assert "num_gpus" in err and "Traceback" not in err and not out.exists()
     with pytest.raises(ValueError, match="RayService name"):
         render(ROOT / "serve_config.yaml", name="Not_A_Name")
+
+
+# ---- the image and the volume the manifests need ------------------------------------------------
+def _manifests() -> list[dict]:
+    return [_manifest(ROOT / "configs" / "kuberay" / p.name) for p in PRESETS]
+
+
+def _claims(manifest: dict) -> set[str]:
+    cluster = manifest["spec"]["rayClusterConfig"]
+    pods = [cluster["headGroupSpec"]["template"], *(g["template"] for g in cluster.get("workerGroupSpecs") or [])]
+    return {v["persistentVolumeClaim"]["claimName"] for pod in pods for v in pod["spec"].get("volumes") or []
+            if "persistentVolumeClaim" in v}
+
+
+def _dockerfile(text: str):
+    import io
+
+    from dockerfile_parse import DockerfileParser
+
+    return DockerfileParser(fileobj=io.BytesIO(text.encode()))
+
+
+def _base_image(text: str) -> str:
+    """The FROM image with the ARG defaults declared before it substituted (as docker build does)."""
+    parser = _dockerfile(text)
+    args = {}
+    for ins in parser.structure:
+        if ins["instruction"] == "FROM":
+            break
+        if ins["instruction"] == "ARG" and "=" in ins["value"]:
+            key, _, value = ins["value"].partition("=")
+            args[key.strip()] = value.strip().strip('"')
+    parser_with_args = _dockerfile(text)
+    parser_with_args.build_args = args
+    return parser_with_args.baseimage
+
+
+def test_dockerfile_parses_and_builds_on_the_manifests_ray():
+    """configs/kuberay/Dockerfile parses, is based on Ray's image of the manifests' rayVersion,
+    installs CineVivid from the build context, and keeps Ray at that version."""
+    text = DOCKERFILE.read_text()
+    parser = _dockerfile(text)
+    instructions = [ins["instruction"] for ins in parser.structure]
+    assert instructions.count("FROM") == 1 and "RUN" in instructions
+    versions = {m["spec"]["rayClusterConfig"]["rayVersion"] for m in _manifests()}
+    assert len(versions) == 1, versions
+    (version,) = versions
+    base = _base_image(text)
+    assert base.startswith(f"rayproject/ray:{version}-py311-"), base
+    run = " ".join(ins["value"] for ins in parser.structure if ins["instruction"] == "RUN")
+    assert "pip install" in run and '"ray[serve]==${RAY_VERSION}"' in run
+    copied = " ".join(ins["value"] for ins in parser.structure if ins["instruction"] == "COPY")
+    for package in ("serve", "deployments", "client", "pyproject.toml"):
+        assert package in copied, f"the image does not get {package}"
+
+
+def test_dockerfile_check_can_fail():
+    """The base-image check reads the FROM line: another Ray version is seen."""
+    version = _manifests()[0]["spec"]["rayClusterConfig"]["rayVersion"]
+    text = DOCKERFILE.read_text()
+    assert f"ARG RAY_VERSION={version}\n" in text
+    other = _base_image(text.replace(f"ARG RAY_VERSION={version}\n", "ARG RAY_VERSION=1.0.0\n", 1))
+    assert other.startswith("rayproject/ray:1.0.0-") and not other.startswith(f"rayproject/ray:{version}-")
+
+
+def test_pvc_is_the_claim_the_manifests_mount():
+    pvc = yaml.safe_load(PVC.read_text())
+    assert (pvc["apiVersion"], pvc["kind"]) == ("v1", "PersistentVolumeClaim")
+    assert "ReadWriteMany" in pvc["spec"]["accessModes"]  # the head and every worker mount it
+    assert pvc["spec"]["resources"]["requests"]["storage"]
+    for manifest in _manifests():
+        assert _claims(manifest) == {pvc["metadata"]["name"]}

@@ -322,8 +322,10 @@ def test_a_taken_port_is_one_clear_line_and_nothing_is_left(stack, tmp_path):
     r = cinevivid(clean_env(tmp_path / "cache"), "up", "--detach", "--config", str(stack["config"]), timeout=120)
     assert r.returncode == 1
     lines = [line for line in r.stderr.splitlines() if line.strip()]
-    assert lines == [f"error: port {stack['http_port']} is in use on 127.0.0.1 (http_options.port of "
-                     f"{stack['config']}); choose another with `cinevivid up --port PORT`"], r.stderr[-3000:]
+    assert len(lines) == 1, r.stderr[-3000:]
+    # the port, who holds it (the stack's HAProxy), and the flag that picks another
+    assert lines[0].startswith(f"error: port {stack['http_port']} on 127.0.0.1 is in use by pid "), lines
+    assert "haproxy" in lines[0] and "pick another with --port PORT" in lines[0]
     assert not started_processes(tmp_path / "cache")
     assert not (tmp_path / "cache" / "launcher.json").exists()
     # a stack of another cache dir would have had its own Ray temp dir (where `ray start` records
@@ -334,13 +336,12 @@ def test_a_taken_port_is_one_clear_line_and_nothing_is_left(stack, tmp_path):
 
 
 def test_a_failed_ray_start_leaves_nothing_running(tmp_path):
-    # `ray start` starts the GCS, then fails on the dashboard's port: `up` stops what it left
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        r = cinevivid(clean_env(tmp_path), "up", "--detach", "--config", str(ROOT / "serve_config.yaml"),
-                      "--dashboard-port", str(taken.getsockname()[1]), timeout=300)
-    assert r.returncode == 1 and "`ray start` failed" in r.stderr, r.stderr[-3000:]
+    # `ray start` starts the GCS, then fails on the dashboard's address (not one of this machine):
+    # `up` stops what it left, in one line
+    r = cinevivid(clean_env(tmp_path), "up", "--detach", "--config", str(ROOT / "serve_config.yaml"),
+                  "--dashboard-host", "192.0.2.1", "--dashboard-port", str(free_port()), timeout=300)
+    lines = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert r.returncode == 1 and len(lines) == 1 and "`ray start` failed" in lines[0], r.stderr[-3000:]
     assert_none_left(tmp_path)
     assert not (tmp_path / "launcher.json").exists()
 

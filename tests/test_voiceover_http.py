@@ -124,6 +124,8 @@ def test_no_voiceover_no_audio(env, h):
     ({"text": "hi", "provider": "piper", "voice": "en_GB-nobody-low"}, 400),
     ({"text": "hi", "voice": "../../v1/user"}, 400),
     ({"text": "hi", "fit": "stretch"}, 422),
+    # ElevenLabs' voice list is known (the fake's): a voice not in it is refused at submission
+    ({"text": "hi", "provider": "elevenlabs", "voice": "Nobody At All"}, 400),
 ])
 def test_bad_voiceover_is_refused_before_any_work(env, h, fake, voiceover, status):
     fake.reset()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from serve.config import TTSConfig
-from serve.errors import InvalidSpecError
+from serve.errors import InvalidSpecError, UnknownVoice
 from serve.contracts import VoiceoverSpec
 from serve.pipeline.voiceover import resolve_provider, validate_voiceover
 
@@ -74,3 +74,59 @@ def test_an_explicit_default_is_filled_in():
     assert check(TTSConfig(default_provider="none"), text="hi").provider == "none"
     assert check(TTSConfig(default_provider="piper"), text="hi").provider == "piper"
     assert check(TTSConfig(), text="hi").provider is None  # "auto": the TTS stage decides
+
+
+def test_a_provider_the_tts_stage_cannot_speak_with_is_refused():
+    """`available`: what the TTS stage can speak with (its catalog); ElevenLabs without a key is not."""
+    from serve.errors import VoiceProviderNotConfigured
+
+    available = {"piper": ["en_US-joe-medium"], "none": []}
+    with pytest.raises(VoiceProviderNotConfigured) as info:
+        validate_voiceover(VoiceoverSpec(text="hi", provider="elevenlabs"), TTSConfig(), available=available)
+    assert info.value.param == "voiceover.provider" and info.value.status == 400
+    assert "ELEVENLABS_API_KEY" in info.value.message
+    with pytest.raises(VoiceProviderNotConfigured):  # the configured default, when it is elevenlabs
+        validate_voiceover(VoiceoverSpec(text="hi"), TTSConfig(default_provider="elevenlabs"), available=available)
+    # "auto" goes to piper then, as the stage does; its voice is checked as piper's
+    assert validate_voiceover(VoiceoverSpec(text="hi"), TTSConfig(), available=available).provider is None
+    with pytest.raises(UnknownVoice):
+        validate_voiceover(VoiceoverSpec(text="hi", voice="George"), TTSConfig(), available=available,
+                           known_voices=available)
+
+
+def test_auto_with_elevenlabs_available_checks_its_voice_list():
+    catalog = {"elevenlabs": ["JBFqnCBsd6RMkjVDRZzb", "George"], "piper": ["en_US-joe-medium"], "none": []}
+    ok = VoiceoverSpec(text="hi", voice="George")
+    assert validate_voiceover(ok, TTSConfig(), known_voices=catalog, available=catalog) == ok
+    with pytest.raises(UnknownVoice) as info:
+        validate_voiceover(VoiceoverSpec(text="hi", voice="Nobody"), TTSConfig(), known_voices=catalog,
+                           available=catalog)
+    assert info.value.param == "voiceover.voice"
+    # a provider whose list is unknown right now (None): the voice is passed on
+    unknown = {**catalog, "elevenlabs": None}
+    assert validate_voiceover(VoiceoverSpec(text="hi", voice="Nobody"), TTSConfig(), known_voices=unknown,
+                              available=unknown).voice == "Nobody"
+
+
+async def test_job_service_checks_the_voiceover_at_submission(tmp_path):
+    """JobService.submit refuses, before a job exists, a voice-over the TTS stage's catalog rules
+    out; without a catalog (no TTS stage) it passes it on."""
+    from serve.errors import VoiceProviderNotConfigured
+    from serve.jobs.service import JobService
+
+    class Generator:
+        def __init__(self, catalog):
+            self.catalog, self.calls = catalog, 0
+
+        async def voice_catalog(self):
+            self.calls += 1
+            return self.catalog
+
+    gen = Generator({"piper": ["en_US-joe-medium"], "none": []})
+    service = JobService({"ingress": {"data_dir": str(tmp_path)}}, gen)
+    with pytest.raises(VoiceProviderNotConfigured):
+        await service.check_voiceover(VoiceoverSpec(text="hi", provider="elevenlabs"))
+    await service.check_voiceover(VoiceoverSpec(text="hi", provider="piper"))
+    assert gen.calls == 1  # cached
+    await JobService({"ingress": {"data_dir": str(tmp_path)}}, Generator(None)).check_voiceover(
+        VoiceoverSpec(text="hi", provider="elevenlabs"))

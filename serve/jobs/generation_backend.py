@@ -19,6 +19,7 @@ class GenerationBackend(Protocol):
                inputs: GenerationInputs | None = None) -> "GenerationStream": ...
     async def health(self) -> dict[str, dict[str, str]]: ...
     async def voices(self) -> list[dict]: ...
+    async def voice_catalog(self) -> dict[str, list[str] | None] | None: ...
     async def model_info(self) -> dict[str, Any]: ...
 
 
@@ -45,6 +46,9 @@ class GeneratorHandleBackend:
 
     async def model_info(self) -> dict[str, Any]:
         return await self.handle.model_info.remote()
+
+    async def voice_catalog(self) -> dict[str, list[str] | None] | None:
+        return await self.handle.voice_catalog.remote()
 
     @classmethod
     def for_app(cls, app_name: str) -> "GeneratorHandleBackend":

@@ -56,6 +56,7 @@ class JobService:
         self.webhook_store = WebhookStore(self.db, self.config.webhooks)
         self.webhooks = WebhookWorker(self.webhook_store, self.config.webhooks, self.metrics)
         self.store.on_webhooks = self.webhooks.wake  # a job that finishes here is announced at once
+        self._voice_catalog: tuple[float, dict | None] | None = None  # (when, catalog), cached
         self._started = False
         self._migrate_task: asyncio.Task | None = None
         self._health_task: asyncio.Task | None = None
@@ -157,6 +158,29 @@ class JobService:
         """`inputs`: what `resolve_spec` takes about the job's image or source video."""
         return resolve_spec(spec, self.models, self.tts_cfg, **inputs)
 
+    VOICE_CATALOG_TTL_S = 30.0
+
+    async def check_voiceover(self, voiceover) -> None:
+        """Refuse, at submission, a voice-over the TTS stage could not speak: a provider it has not
+        configured (ElevenLabs without its key), or a voice its provider's list does not have. The
+        stage's catalog is cached for VOICE_CATALOG_TTL_S; when it cannot be had (no TTS stage, the
+        stage down) the voice-over is passed on and the stage decides, as before."""
+        from serve.pipeline.voiceover import validate_voiceover
+
+        now = time.monotonic()
+        if self._voice_catalog is None or now - self._voice_catalog[0] > self.VOICE_CATALOG_TTL_S:
+            catalog = None
+            fetch = getattr(self.generator, "voice_catalog", None)
+            if fetch is not None:
+                try:
+                    catalog = await asyncio.wait_for(fetch(), 10)
+                except Exception as exc:  # noqa: BLE001 - the stage decides at run time then
+                    logger.warning("voice catalog unavailable: %s", exc)
+            self._voice_catalog = (now, catalog)
+        catalog = self._voice_catalog[1]
+        if catalog is not None:
+            validate_voiceover(voiceover, self.tts_cfg, known_voices=catalog, available=catalog)
+
     # ---- jobs ----
     async def submit(self, user_id: str, spec: GenerationSpec | ResolvedSpec, *, remixed_from: str | None = None,
                      input_files: dict[str, bytes | Path] | None = None) -> dict:
@@ -164,6 +188,8 @@ class JobService:
         caller) and queue it. `input_files`: the job's inputs (see ArtifactStore.save_inputs),
         saved before the job exists and removed again if it cannot be queued."""
         resolved = spec if isinstance(spec, ResolvedSpec) else self.resolve(spec)
+        if resolved.voiceover is not None:
+            await self.check_voiceover(resolved.voiceover)
         job_id = new_job_id()
         if input_files:
             await self.artifacts.save_inputs(job_id, input_files)

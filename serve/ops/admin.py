@@ -92,12 +92,8 @@ def cmd_users_add(args) -> int:
         password = getpass.getpass(f"password for {args.name} (empty: generate one): ")
     generated = not password
     password = password or secrets.token_urlsafe(16)
-    try:
-        user = asyncio.run(add_user(args.name, password, admin=args.admin, database_url=args.database_url,
-                                    data_dir=args.data_dir))
-    except Exception as exc:  # noqa: BLE001
-        print(f"error: {getattr(exc, 'message', exc)}", file=sys.stderr)
-        return 1
+    user = asyncio.run(add_user(args.name, password, admin=args.admin, database_url=args.database_url,
+                                data_dir=args.data_dir))  # an error: one line, by serve.ops.cli.main
     print(f"created {user['role']} {user['username']} ({user['id']})")
     if generated:
         print(f"password: {password}")
@@ -111,12 +107,8 @@ def cmd_users_list(args) -> int:
 
 
 def cmd_keys_create(args) -> int:
-    try:
-        key = asyncio.run(create_key(args.name, args.key_name or "", database_url=args.database_url,
-                                     data_dir=args.data_dir))
-    except LookupError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    key = asyncio.run(create_key(args.name, args.key_name or "", database_url=args.database_url,
+                                 data_dir=args.data_dir))  # no such user: LookupError, one line
     print(f"key id: {key['id']}", file=sys.stderr)
     print(key["key"])
     return 0

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -58,12 +60,34 @@ def deploy_serve_config(config: dict[str, Any], wait_timeout_s: float | None = 3
     schema = ServeDeploySchema.model_validate(config)
     serve.start(proxy_location=schema.proxy_location, http_options=schema.http_options.model_dump(),
                 grpc_options=schema.grpc_options.model_dump())
-    serve.run_many([RunTarget(target=build_application(app), name=app.name, route_prefix=app.route_prefix)
-                    for app in schema.applications], wait_for_applications_running=False)
+    # run_many connects to the Serve just started with these options, and Serve then says "New
+    # http_options ... will not be applied" although they were: not said for our own start.
+    with _without_reconnect_notice():
+        serve.run_many([RunTarget(target=build_application(app), name=app.name, route_prefix=app.route_prefix)
+                        for app in schema.applications], wait_for_applications_running=False)
     names = [app.name for app in schema.applications]
     if wait_timeout_s is not None:
         wait_for_apps(names, wait_timeout_s)
     return names
+
+
+RECONNECT_NOTICE = "will not be applied"
+
+
+@contextlib.contextmanager
+def _without_reconnect_notice():
+    """Drop Serve's "Connecting to existing Serve app ... will not be applied" log line meanwhile."""
+    from ray.serve._private.constants import SERVE_LOGGER_NAME
+
+    serve_logger = logging.getLogger(SERVE_LOGGER_NAME)
+    def drop(record: logging.LogRecord) -> bool:
+        return RECONNECT_NOTICE not in record.getMessage()
+
+    serve_logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        serve_logger.removeFilter(drop)
 
 
 def wait_for_apps(names: list[str], timeout_s: float) -> None:

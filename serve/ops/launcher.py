@@ -13,7 +13,9 @@ GeneratorClient.connect().
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
+import logging
 import os
 import shlex
 import shutil
@@ -25,13 +27,14 @@ from pathlib import Path
 
 import httpx
 
-from serve.config import DEFAULT_DASHBOARD_PORT, DEFAULT_HOST, DEFAULT_HTTP_PORT, DashboardOptions, HTTPFrontConfig
+from serve.config import DEFAULT_CONFIG, DEFAULT_DASHBOARD_PORT, DEFAULT_HOST, DEFAULT_HTTP_PORT, DashboardOptions
+from serve.config import HTTPFrontConfig
 from serve.runtime.cluster_record import TOKEN_NAME, reachable as _reachable, read_state as _read_state
 from serve.runtime.cluster_record import state_file as _state_file, use_loopback_cluster, use_token
 from serve.runtime.cluster_record import write_state as _write_state
+from serve.errors import LaunchError, PortInUse
 from serve.ops.serve_env import apply_serve_env, free_port
 
-DEFAULT_CONFIG = "serve_config.yaml"
 APP_IMPORT_PATH = "serve.app:build_app"
 
 
@@ -80,30 +83,76 @@ def _init(address: str) -> str:
 
 
 def _port_free(host: str, port: int) -> bool:
+    return _bind_error(host, port) is None
+
+
+def _bind_error(host: str, port: int) -> OSError | None:
+    """Why (host, port) cannot be bound now, or None."""
     import socket
 
     with socket.socket() as sock:
         try:
             sock.bind((host, port))
-            return True
-        except OSError:
-            return False
+            return None
+        except OSError as exc:
+            return exc
 
 
-def _dashboard_flags(dashboard: DashboardOptions) -> list[str]:
-    """`ray start` flags for the dashboard: on, at the given host and port; without a port Ray's
-    8265 when it is free, else a free one (`ray start` gives up on a taken port)."""
+def _dashboard_flags(dashboard: DashboardOptions, port: int | None = None) -> list[str]:
+    """`ray start` flags for the dashboard: on, at the given host and port (`port`: the one picked
+    by `_pick_dashboard_port`, picked here when not given)."""
     if not dashboard.enabled:
         return ["--include-dashboard=false"]
-    port = dashboard.port
-    if port is None:
-        bind = DEFAULT_HOST if dashboard.host in ("localhost", "0.0.0.0", "::") else dashboard.host
-        port = DEFAULT_DASHBOARD_PORT if _port_free(bind, DEFAULT_DASHBOARD_PORT) else free_port()
-    return ["--include-dashboard=true", f"--dashboard-host={dashboard.host}", f"--dashboard-port={port}"]
+    return ["--include-dashboard=true", f"--dashboard-host={dashboard.host}",
+            f"--dashboard-port={port or _pick_dashboard_port(dashboard)}"]
 
 
-class PortInUse(RuntimeError):
-    """The HTTP port is taken: one line naming it and the option that picks another."""
+def _dashboard_bind_host(dashboard: DashboardOptions) -> str:
+    return DEFAULT_HOST if dashboard.host in ("localhost", "0.0.0.0", "::") else dashboard.host
+
+
+def _pick_dashboard_port(dashboard: DashboardOptions, taken: set[int] = frozenset()) -> int | None:
+    """The dashboard's port: --dashboard-port as given, else Ray's 8265 when it is free, else a free
+    one (several clusters can run on one machine). `taken`: ports lost to a race before."""
+    if not dashboard.enabled:
+        return None
+    if dashboard.port is not None:
+        return dashboard.port
+    if DEFAULT_DASHBOARD_PORT not in taken and _port_free(_dashboard_bind_host(dashboard), DEFAULT_DASHBOARD_PORT):
+        return DEFAULT_DASHBOARD_PORT
+    return free_port()
+
+
+# Ray's worker processes take their ports from this range (`ray start --min-worker-port/--max-worker-port`
+# defaults); a port we ask Ray to bind there can be taken by any worker.
+RAY_WORKER_PORTS = range(10002, 19999 + 1)
+
+
+def check_port_choice(port: int | None, flag: str) -> None:
+    """One line, before anything starts, for a port Ray's workers may take."""
+    if port is not None and port in RAY_WORKER_PORTS:
+        raise LaunchError(f"{flag} {port} is inside Ray's worker port range ({RAY_WORKER_PORTS.start}-"
+                          f"{RAY_WORKER_PORTS.stop - 1}), where any Ray worker may take it; pick a port outside it")
+
+
+def port_holder(port: int) -> str:
+    """Who listens on TCP `port`, as far as this user may know: "pid 123 (python3 -m http.server)",
+    else "" (another user's process, or nothing)."""
+    import psutil
+
+    try:
+        conns = psutil.net_connections(kind="tcp")
+    except (psutil.AccessDenied, OSError):
+        return ""
+    for conn in conns:
+        if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port and conn.pid:
+            try:
+                proc = psutil.Process(conn.pid)
+                cmd = " ".join(proc.cmdline()) or proc.name()
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                return f"pid {conn.pid}"
+            return f"pid {conn.pid} ({cmd if len(cmd) <= 80 else cmd[:77] + '...'})"
+    return ""
 
 
 def ray_temp_dir(cache_dir: str | Path | None = None) -> str:
@@ -115,17 +164,143 @@ def ray_temp_dir(cache_dir: str | Path | None = None) -> str:
     return f"/tmp/cvray-{os.getuid()}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
 
 
-def _network_flags(node_ip_address: str | None) -> list[str]:
+def _network_flags(node_ip_address: str | None, ports: dict[str, int]) -> list[str]:
     """`ray start` flags for where the cluster listens. By default on 127.0.0.1 only: with Ray's
     single-machine mode (LOOPBACK_ENV in the environment: the mode Ray uses on macOS and Windows)
     every Ray process (GCS, raylet, agents, workers' gRPC servers, the Ray
     Client server) bind to the loopback address, and no other node can join. With an address, the
     cluster is reachable there so other nodes can join; Ray's processes then listen on every
-    interface, and only the cluster's token guards them."""
-    ports = [f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}"]
-    if node_ip_address:
-        return [f"--node-ip-address={node_ip_address}", *ports]
-    return [f"--node-ip-address={DEFAULT_HOST}", *ports]
+    interface, and only the cluster's token guards them. `ports`: flag -> the port picked for it."""
+    return [f"--node-ip-address={node_ip_address or DEFAULT_HOST}", *(f"{flag}={port}" for flag, port in ports.items())]
+
+
+START_ATTEMPTS = 3  # `ray start` again with other ports when one it was given is taken meanwhile
+WATCH_INTERVAL_S = 1.0
+
+
+def _ray_start(dashboard: DashboardOptions, node_ip_address: str | None, num_cpus: int | None) -> int:
+    """Start the head node with `ray start`; returns its GCS port. Ports are picked free and only
+    bound later by Ray's processes, so another process (another stack, a test) may take one in
+    between: `ray start` is watched, and when one of its ports is taken by a process not of this
+    cluster it is stopped within a second or two and started again with fresh ports (a port given
+    by --dashboard-port is not swapped: that is a one-line error)."""
+    lost: set[int] = set()
+    if dashboard.enabled and dashboard.port is not None:
+        error = _bind_error(_dashboard_bind_host(dashboard), dashboard.port)
+        if error is not None and error.errno == errno.EADDRINUSE:  # (another error: Ray's to report)
+            raise _port_in_use(dashboard.port, dashboard.host, "--dashboard-port")
+    # Ray gives its dashboard 60 s to come up; its ten subprocess modules take longer than that on
+    # a small, busy machine, and `ray start` then fails. A value already in the environment wins.
+    env = {"RAY_DASHBOARD_STARTUP_TIMEOUT_S": "300", **os.environ, CLUSTER_MARK_ENV: ray_temp_dir()}
+    for attempt in range(1, START_ATTEMPTS + 1):
+        gcs_port = free_port()
+        dashboard_port = _pick_dashboard_port(dashboard, lost)
+        ports = {"--port": gcs_port, "--ray-client-server-port": free_port(),
+                 "--dashboard-agent-listen-port": free_port()}
+        # Our own temp dir, one per cache dir: `ray start` records "the current cluster" there, and
+        # a plain `ray.init()` elsewhere on this machine, or a second stack, would otherwise connect
+        # to (or trip over) ours.
+        cmd = [_ray_bin(), "start", "--head", f"--temp-dir={ray_temp_dir()}", "--disable-usage-stats",
+               *_dashboard_flags(dashboard, dashboard_port), *_network_flags(node_ip_address, ports),
+               # the stack's replicas ask for fractional CPUs; give small machines enough logical ones
+               f"--num-cpus={num_cpus or max(os.cpu_count() or 1, 8)}"]
+        print(f"starting a local Ray cluster: {' '.join(cmd[1:])}", file=sys.stderr)
+        watched = {**ports, **({"--dashboard-port": dashboard_port} if dashboard_port else {})}
+        code, lost_flag, output = _run_watched(cmd, env, watched)
+        if code == 0:
+            return gcs_port
+        stopped = _stop_failed_start(gcs_port)
+        if lost_flag is None:
+            raise LaunchError(f"`ray start` failed: {_last_error(output)} (stopped the {stopped} processes it had "
+                              f"started; its whole output: {output})")
+        port = watched[lost_flag]
+        if lost_flag == "--dashboard-port" and dashboard.port is not None:
+            raise _port_in_use(port, dashboard.host, "--dashboard-port")
+        lost.add(port)
+        holder = port_holder(port)
+        print(f"port {port} ({lost_flag}) was taken while Ray started{f' by {holder}' if holder else ''}; "
+              f"starting again with other ports ({attempt}/{START_ATTEMPTS})", file=sys.stderr)
+    raise LaunchError(f"`ray start` lost a port to another process {START_ATTEMPTS} times in a row; try again")
+
+
+def _port_in_use(port: int, host: str, flag: str) -> PortInUse:
+    holder = port_holder(port)
+    return PortInUse(f"port {port} on {host} is in use{f' by {holder}' if holder else ''}; pick another with "
+                     f"{flag} PORT")
+
+
+def _run_watched(cmd: list[str], env: dict, ports: dict[str, int]) -> tuple[int, str | None, str]:
+    """Run `ray start`, its output to a file; stop it as soon as a process outside this cluster
+    listens on one of `ports`. Returns (exit status, the flag of the port lost or None, the output
+    file)."""
+    import tempfile
+
+    fd, output = tempfile.mkstemp(prefix="cv-ray-start-", suffix=".log")
+    with os.fdopen(fd, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        lost, unknown = None, {}
+        while True:
+            try:
+                code = proc.wait(timeout=WATCH_INTERVAL_S)
+                break
+            except subprocess.TimeoutExpired:
+                lost = _foreign_listener(ports, unknown)
+                if lost is not None:
+                    proc.terminate()
+                    code = proc.wait()
+                    break
+    if code != 0 and lost is None:
+        lost = _foreign_listener(ports, {flag: UNKNOWN_OWNER_POLLS for flag in ports})
+    if code == 0 or lost is not None:
+        os.unlink(output)
+    return code, lost, output
+
+
+UNKNOWN_OWNER_POLLS = 3  # a listener with no visible process, seen this many times in a row, is foreign
+
+
+def _foreign_listener(ports: dict[str, int], unknown: dict[str, int]) -> str | None:
+    """The flag of the first of `ports` a process not of this cluster listens on, else None. A
+    listener whose process cannot be seen (another user's; or one of ours caught between creating
+    the socket and psutil's scan of /proc) counts once seen UNKNOWN_OWNER_POLLS times in a row
+    (`unknown`: flag -> times so far, kept by the caller)."""
+    import psutil
+
+    wanted = {port: flag for flag, port in ports.items()}
+    try:
+        conns = psutil.net_connections(kind="tcp")
+    except (psutil.AccessDenied, OSError):
+        return None
+    for conn in conns:
+        if conn.status != psutil.CONN_LISTEN or not conn.laddr or conn.laddr.port not in wanted:
+            continue
+        flag = wanted[conn.laddr.port]
+        if conn.pid is None:
+            unknown[flag] = unknown.get(flag, 0) + 1
+            if unknown[flag] >= UNKNOWN_OWNER_POLLS:
+                return flag
+            continue
+        unknown.pop(flag, None)
+        try:
+            proc = psutil.Process(conn.pid)
+            cmdline = proc.cmdline()
+            environ = proc.environ()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+        # ours: started with our mark, or its command line names our temp dir (the session dir in it)
+        if environ.get(CLUSTER_MARK_ENV) != ray_temp_dir() and not any(ray_temp_dir() in part for part in cmdline):
+            return flag
+    return None
+
+
+def _last_error(output: str) -> str:
+    """The last line of `ray start`'s output that says what went wrong."""
+    try:
+        lines = [line.strip() for line in Path(output).read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return "no output"
+    errors = [line for line in lines if "Error" in line or "error" in line or "failed" in line.lower()]
+    return (errors or lines or ["no output"])[-1]
 
 
 def _join_or_start_cluster(address: str | None, *, start_if_missing: bool, num_cpus: int | None,
@@ -157,29 +332,13 @@ def _join_or_start_cluster(address: str | None, *, start_if_missing: bool, num_c
                 raise ConnectionError(f"no Ray cluster at {target}") from None
     elif not start_if_missing:
         raise ConnectionError("no cluster started by `cinevivid up` (pass --address to use another)")
-    port = free_port()
     host = node_ip_address or DEFAULT_HOST
-    state = {"address": f"{host}:{port}", "started_ray": True, "token_path": os.environ["RAY_AUTH_TOKEN_PATH"],
+    state = {"started_ray": True, "token_path": os.environ["RAY_AUTH_TOKEN_PATH"],
              "loopback": not node_ip_address, "ray_temp_dir": ray_temp_dir(),
              "haproxy_dir": os.path.dirname(os.environ.get("RAY_SERVE_HAPROXY_CONFIG_FILE_LOC", "")) or None}
-    # Our own temp dir, one per cache dir: `ray start` records "the current cluster" there, and a
-    # plain `ray.init()` elsewhere on this machine, or a second stack, would otherwise connect to
-    # (or trip over) ours.
-    cmd = [_ray_bin(), "start", "--head", f"--port={port}", f"--temp-dir={ray_temp_dir()}",
-           "--disable-usage-stats", *_dashboard_flags(dashboard or DashboardOptions()),
-           *_network_flags(node_ip_address),
-           # the stack's replicas ask for fractional CPUs; give small machines enough logical ones
-           f"--num-cpus={num_cpus or max(os.cpu_count() or 1, 8)}"]
-    print(f"starting a local Ray cluster: {' '.join(cmd[1:])}", file=sys.stderr)
     if state["loopback"]:
         use_loopback_cluster()  # `ray start` below and this driver
-    # Ray gives its dashboard 60 s to come up; its ten subprocess modules take longer than that on
-    # a small, busy machine, and `ray start` then fails. A value already in the environment wins.
-    env = {"RAY_DASHBOARD_STARTUP_TIMEOUT_S": "300", **os.environ, CLUSTER_MARK_ENV: ray_temp_dir()}
-    if subprocess.run(cmd, stdout=subprocess.DEVNULL, env=env).returncode != 0:
-        stopped = _stop_failed_start(port)
-        raise RuntimeError(f"`ray start` failed (its error is above); stopped the {stopped} processes it had "
-                           "started")
+    state["address"] = f"{host}:{_ray_start(dashboard or DashboardOptions(), node_ip_address, num_cpus)}"
     state["dashboard_url"] = _init(state["address"])
     import ray._private.worker as worker
 
@@ -329,9 +488,11 @@ def _http_options(config: dict, port: int | None, host: str | None) -> dict:
 def _check_http_port(config: dict, config_path: str) -> None:
     http = config.get("http_options") or {}
     host, port = http.get("host", DEFAULT_HOST), int(http.get("port", DEFAULT_HTTP_PORT))
+    check_port_choice(port, "--port")
     if not _port_free("" if host in ("0.0.0.0", "::") else host, port):
-        raise PortInUse(f"port {port} is in use on {host} (http_options.port of {config_path}); "
-                        "choose another with `cinevivid up --port PORT`")
+        holder = port_holder(port)
+        raise PortInUse(f"port {port} on {host} is in use{f' by {holder}' if holder else ''}; pick another "
+                        f"with --port PORT (`make run PORT=...`, `cinevivid up --port ...`)")
 
 
 def _front_config(config: dict) -> HTTPFrontConfig:
@@ -351,25 +512,36 @@ def _will_start_ray(address: str | None) -> bool:
 
 def up(config_path: str = DEFAULT_CONFIG, *, address: str | None = None, num_cpus: int | None = None,
        timeout_s: float = 600.0, replace: bool = False, dashboard: DashboardOptions | None = None,
-       port: int | None = None, host: str | None = None, node_ip_address: str | None = None) -> str:
+       port: int | None = None, host: str | None = None, node_ip_address: str | None = None,
+       show_dashboard: bool = True) -> str:
     """Start (or reuse) the cluster, deploy, wait for /health; returns the service's URL. The Ray
     dashboard and network options apply to a cluster this call starts. If something fails after
-    this call started a cluster, it stops that cluster before raising."""
+    this call started a cluster, it stops that cluster and removes its HAProxy folder before
+    raising. `show_dashboard`: print where the dashboard is (`make run` prints it at its end)."""
     from serve.ops.deploy import deploy_serve_config, load_serve_config
 
     config = _http_options(load_serve_config(config_path), port, host)
-    if _will_start_ray(address):
-        _check_http_port(config, config_path)  # before anything starts
+    if _will_start_ray(address):  # before anything starts
+        check_port_choice((dashboard or DashboardOptions()).port, "--dashboard-port")
+        _check_http_port(config, config_path)
     # before Ray starts: `ray start` below passes the environment on to the cluster
+    haproxy_before = os.environ.get("RAY_SERVE_HAPROXY_CONFIG_FILE_LOC")
     apply_serve_env(front=_front_config(config))
+    made_haproxy_dir = haproxy_before is None and os.environ.get("RAY_SERVE_HAPROXY_CONFIG_FILE_LOC")
     _prepare_auth(address)
     from ray import serve
 
-    state = _join_or_start_cluster(address, start_if_missing=True, num_cpus=num_cpus, dashboard=dashboard,
-                     node_ip_address=node_ip_address)
+    try:
+        state = _join_or_start_cluster(address, start_if_missing=True, num_cpus=num_cpus, dashboard=dashboard,
+                                       node_ip_address=node_ip_address)
+    except BaseException:
+        if made_haproxy_dir:  # this call made it for the cluster it could not start
+            _remove_haproxy_dir(os.path.dirname(made_haproxy_dir))
+        raise
     started_now = state.pop("started_now", False)
     try:
-        state = {**state, "config": str(Path(config_path).resolve()), "app_name": app_name(config)}
+        state = {**state, "config": str(Path(config_path).resolve()), "app_name": app_name(config),
+                 "http_port": int(config["http_options"].get("port", DEFAULT_HTTP_PORT))}
         _write_state(state)
         # Deploying a config file replaces every Serve app in the cluster; refuse to drop apps this
         # config does not name unless asked to.
@@ -379,9 +551,11 @@ def up(config_path: str = DEFAULT_CONFIG, *, address: str | None = None, num_cpu
         except Exception:  # noqa: BLE001 - Serve not started yet
             others = set()
         if others and not replace:
-            raise RuntimeError(f"this cluster runs other Serve apps {sorted(others)} that deploying {config_path} "
+            raise LaunchError(f"this cluster runs other Serve apps {sorted(others)} that deploying {config_path} "
                                "would remove; pass --replace to do it anyway")
         print(f"deploying {config_path} ...", file=sys.stderr)
+        # this driver's Serve INFO lines ("Started Serve ...", "Deployed app ...") say what `up` says
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
         deploy_serve_config(config, wait_timeout_s=timeout_s)
         url = service_url(config)
         wait_healthy(url, timeout_s)
@@ -390,8 +564,9 @@ def up(config_path: str = DEFAULT_CONFIG, *, address: str | None = None, num_cpu
             n = _stop_started(state)
             print(f"`up` failed: stopped the Ray cluster it had started ({n} processes)", file=sys.stderr)
         raise
-    for line in dashboard_lines(state):
-        print(line, file=sys.stderr)
+    if show_dashboard:
+        for line in dashboard_lines(state):
+            print(line, file=sys.stderr)
     return url
 
 
@@ -422,11 +597,19 @@ def _stop_started(state: dict) -> int:
     ray.shutdown()
     n = _stop_cluster(state.get("session_dir"), int(state["address"].rpartition(":")[2]),
                       mark=state.get("ray_temp_dir"))
-    haproxy_dir = state.get("haproxy_dir")
-    if haproxy_dir and Path(haproxy_dir).name.startswith("cvhap-"):
-        shutil.rmtree(haproxy_dir, ignore_errors=True)
+    _remove_haproxy_dir(state.get("haproxy_dir"))
     _state_file().unlink(missing_ok=True)
     return n
+
+
+def _remove_haproxy_dir(haproxy_dir: str | None) -> None:
+    """Remove a HAProxy folder apply_serve_env made (a cvhap-* temp folder; never one set by hand)
+    and forget it in this process' environment."""
+    if haproxy_dir and Path(haproxy_dir).name.startswith("cvhap-"):
+        shutil.rmtree(haproxy_dir, ignore_errors=True)
+        for key, value in list(os.environ.items()):
+            if key.startswith("RAY_SERVE_HAPROXY_") and value.startswith(haproxy_dir):
+                del os.environ[key]
 
 
 def down(address: str | None = None) -> None:
@@ -452,13 +635,9 @@ def down(address: str | None = None) -> None:
 
 # ---- command handlers (their parsers are in serve.ops.cli) ----
 def cmd_up(args) -> int:
-    try:
-        url = up(args.config, address=args.address, num_cpus=args.num_cpus, timeout_s=args.timeout,
-                 replace=args.replace, dashboard=dashboard_options(args), port=args.port, host=args.host,
-                 node_ip_address=args.node_ip_address)
-    except Exception as exc:  # noqa: BLE001
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    url = up(args.config, address=args.address, num_cpus=args.num_cpus, timeout_s=args.timeout,
+             replace=args.replace, dashboard=dashboard_options(args), port=args.port, host=args.host,
+             node_ip_address=args.node_ip_address)  # an error: one line, by serve.ops.cli.main
     print(url)
     sys.stdout.flush()
     if args.detach:
@@ -484,18 +663,3 @@ def cmd_down(args) -> int:
 def dashboard_options(args) -> DashboardOptions:
     """From the --dashboard-host / --dashboard-port / --no-dashboard flags (serve.ops.cli)."""
     return DashboardOptions(enabled=not args.no_dashboard, host=args.dashboard_host, port=args.dashboard_port)
-
-
-def cmd_env(args) -> int:
-    """`cinevivid env`: shell lines that point Ray (ray.init(), the ray CLI) at the stack's cluster."""
-    from serve.errors import StackNotRunning
-    from serve.runtime.cluster_record import ray_env, recorded_stack
-
-    try:
-        state = recorded_stack()
-    except StackNotRunning as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    for key, value in ray_env(state).items():
-        print(f"export {key}={shlex.quote(value)}")
-    return 0

@@ -9,7 +9,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from serve.config import ELEVENLABS_KEY_ENV, TTSConfig
-from serve.errors import InvalidSpecError, UnknownVoice
+from serve.errors import InvalidSpecError, UnknownVoice, VoiceProviderNotConfigured
 from serve.contracts import VoiceoverSpec
 
 # Voice ids (ElevenLabs: 20 alphanumerics; piper: en_US-joe-medium) or display names. The id goes
@@ -54,11 +54,15 @@ def resolve_provider(voiceover: VoiceoverSpec, tts: TTSConfig, environ: Mapping[
 
 
 def validate_voiceover(voiceover: VoiceoverSpec, tts: TTSConfig, *,
-                       known_voices: Mapping[str, Iterable[str]] | None = None) -> VoiceoverSpec:
+                       known_voices: Mapping[str, Iterable[str] | None] | None = None,
+                       available: Iterable[str] | None = None) -> VoiceoverSpec:
     """Check text, provider and voice. `known_voices` (provider -> voice ids and names, e.g. from
-    a cached `GET /v1/voices`) lets an unknown ElevenLabs voice be refused here too; piper's
-    voice is always known. Returns the spec with `provider` filled in when the configured default
-    is explicit (so "none" skips the TTS stage); with "auto" the TTS stage resolves it."""
+    the TTS stage's catalog; None for a provider whose list is unknown) lets an unknown ElevenLabs
+    voice be refused here too; piper's voice is always known. `available`: the providers the TTS
+    stage can speak with now (elevenlabs only with its key); a voice-over that would go to another
+    is refused naming voiceover.provider, and "auto" is resolved as the stage will. Returns the
+    spec with `provider` filled in when the configured default is explicit (so "none" skips the
+    TTS stage); with "auto" the TTS stage resolves it."""
     text = voiceover.text.strip()
     if not text:
         raise InvalidSpecError("voiceover.text must not be empty", param="voiceover.text")
@@ -74,15 +78,24 @@ def validate_voiceover(voiceover: VoiceoverSpec, tts: TTSConfig, *,
         raise InvalidSpecError(
             f"the default voice-over provider {tts.default_provider!r} is not enabled; "
             f"choose one of {tts.providers}", param="voiceover.provider")
+    provider = explicit_provider(voiceover, tts)
+    if available is not None:
+        available = set(available)
+        # as the TTS stage resolves "auto": elevenlabs when it has the key, else piper
+        provider = resolve_provider(voiceover, tts, {ELEVENLABS_KEY_ENV: "-"} if "elevenlabs" in available else {})
+        if provider not in available:
+            why = f" (no {ELEVENLABS_KEY_ENV} is set for the TTS stage)" if provider == "elevenlabs" else ""
+            raise VoiceProviderNotConfigured(
+                f"voice-over provider {provider!r} is not configured on this server{why}; "
+                f"available: {sorted(available)}", param="voiceover.provider")
     voice = voiceover.voice
     if voice is not None:
         if not _VOICE_RE.match(voice) or ".." in voice or not voice.strip():
             raise UnknownVoice(f"voiceover.voice {voice!r} is not a valid voice id or name", param="voiceover.voice")
-        provider = explicit_provider(voiceover, tts)
         known: set[str] | None = None
         if provider == "piper":
             known = {piper_voice_id(tts)}
-        elif known_voices is not None and provider in known_voices:
+        elif known_voices is not None and known_voices.get(provider) is not None:
             known = set(known_voices[provider]) | ({tts.elevenlabs_voice} if provider == "elevenlabs" else set())
             known |= {k.lower() for k in known}
         if known is not None and voice not in known and voice.lower() not in known:

@@ -11,6 +11,7 @@ finds whichever cluster on the machine started last, and it does not know the to
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import sys
@@ -101,9 +102,12 @@ def ray_env(state: dict) -> dict[str, str]:
     return env
 
 
-def connect(cache_dir: str | Path | None = None) -> dict:
+def connect(cache_dir: str | Path | None = None, log_to_driver: bool = False) -> dict:
     """Connect this process to the Ray cluster of the stack `cinevivid up` runs (a no-op when Ray
-    is already initialised here). Returns the record (its "app_name" is the Serve app)."""
+    is already initialised here). Returns the record (its "app_name" is the Serve app).
+    `log_to_driver`: echo the cluster's worker logs (every replica's, other users' jobs included)
+    on this process' stdout, as a plain `ray.init()` does; off by default: they are in the files
+    `cinevivid logs` names."""
     import ray
 
     state = recorded_stack(cache_dir)
@@ -112,5 +116,7 @@ def connect(cache_dir: str | Path | None = None) -> dict:
             use_token(state["token_path"])
         if state.get("loopback"):
             use_loopback_cluster()
-        ray.init(address=state["address"], logging_level="WARNING")
+        ray.init(address=state["address"], logging_level="WARNING", log_to_driver=log_to_driver)
+        if not log_to_driver:  # nor this driver's own Serve INFO lines (its handle's router starting)
+            logging.getLogger("ray.serve").setLevel(logging.WARNING)
     return state

@@ -99,6 +99,19 @@ class TTSService:
                 out.append(VoiceInfo(voice_id=backend.default_voice, name="default", provider=name))
         return [v.model_dump() for v in out]
 
+    async def catalog(self) -> dict[str, list[str] | None]:
+        """What the request layer checks a voice-over against at submission: provider -> its voice
+        ids and names, for each provider that can speak on this replica (elevenlabs only with its
+        key); None for one that cannot list its voices right now (the voice is then not checked)."""
+        out: dict[str, list[str] | None] = {}
+        for name, backend in self.backends.items():
+            try:
+                out[name] = sorted({v for info in await backend.voices() for v in (info.voice_id, info.name) if v})
+            except TTSError as exc:
+                logger.warning("voice catalog: %s", exc)
+                out[name] = None
+        return out
+
     async def check_health(self) -> None:
         for backend in self.backends.values():
             await backend.check_health()
