@@ -222,18 +222,34 @@ def run_python(stack: DocsStack, block: Block, namespace: dict) -> None:
         os.environ.update(saved_env)
 
 
-def sybil_blocks(path: Path) -> list[Block]:
-    """The ```bash/```python blocks of a page that the suite runs, in page order, found by Sybil's
-    Markdown code-block parser (those marked `*Run by tests/...*` are left to that test)."""
-    parsers = [CodeBlockParser(language=lang) for lang in RUN_LANGUAGES]
+def _evaluate(example) -> None:
+    """Sybil's evaluator for a ```bash / ```python region: run it against the stack that the test put
+    in the page's namespace (`docs_stack`), python blocks in that namespace."""
+    block = example.region.block
+    stack = example.namespace["docs_stack"]
+    if block.language == "bash":
+        run_bash(stack, block)
+    else:
+        run_python(stack, block, example.namespace)
+
+
+def page_examples(path: Path) -> list:
+    """The ```bash/```python blocks of a page that the suite runs, in page order, as Sybil examples
+    (Sybil's Markdown code-block parser finds them; the examples of a page share its namespace).
+    Those marked `*Run by tests/...*` are left to that test."""
+    parsers = [CodeBlockParser(language=lang, evaluator=_evaluate) for lang in RUN_LANGUAGES]
     document = Sybil(parsers=parsers, path=str(path.parent)).parse(path)
     marked = {b.line: b for b in fenced_blocks(path)}
-    blocks = []
+    examples = []
     for example in document:
-        line = int(example.line)
-        block = marked.get(line)
-        if block is None or block.language not in RUN_LANGUAGES:
-            raise AssertionError(f"{path.name}:{line}: Sybil and the fence reader disagree")
+        block = marked.get(int(example.line))
+        if block is None or block.language not in RUN_LANGUAGES or block.source != example.parsed:
+            raise AssertionError(f"{path.name}:{example.line}: Sybil and the fence reader disagree")
+        example.region.block = block
         if block.run_by is None:
-            blocks.append(block)
-    return blocks
+            examples.append(example)
+    return examples
+
+
+def sybil_blocks(path: Path) -> list[Block]:
+    return [example.region.block for example in page_examples(path)]

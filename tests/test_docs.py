@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from docs_snippets import (ROOT, Block, DocsStack, SnippetFailed, block_problems, doc_pages, fenced_blocks,
-                           run_bash, run_python, sybil_blocks)
+                           page_examples, run_bash)
 
 PAGES = doc_pages()
 # The README's blocks are the quick start: fast. The manual's pages generate long videos, extensions,
@@ -22,9 +22,9 @@ FAST_PAGES = {"README.md"}
 
 def _cases():
     for page in PAGES:
-        for block in sybil_blocks(page):
+        for example in page_examples(page):
             marks = [pytest.mark.fast] if page.name in FAST_PAGES else []
-            yield pytest.param(block, id=block.where, marks=marks)
+            yield pytest.param(example, id=example.region.block.where, marks=marks)
 
 
 @pytest.fixture(scope="session")
@@ -33,15 +33,11 @@ def docs_stack(http_env, tmp_path_factory) -> DocsStack:
     return DocsStack(http_env.url, http_env.user().api_key, tmp_path_factory.mktemp("docs"))
 
 
-_namespaces: dict[Path, dict] = {}
-
-
-@pytest.mark.parametrize("block", list(_cases()))
-def test_snippet_runs(docs_stack, block: Block):
-    if block.language == "bash":
-        run_bash(docs_stack, block)
-    else:
-        run_python(docs_stack, block, _namespaces.setdefault(block.path, {"__name__": "__docs__"}))
+@pytest.mark.parametrize("example", list(_cases()))
+def test_snippet_runs(docs_stack, example):
+    """Sybil evaluates the block (tests/docs_snippets.py: _evaluate) in its page's namespace."""
+    example.namespace["docs_stack"] = docs_stack
+    example.evaluate()
 
 
 @pytest.mark.fast
@@ -185,14 +181,12 @@ def test_a_drifted_snippet_fails(docs_stack, tmp_path):
     """A throwaway page with drifted snippets: every one of them fails, and so do the checks."""
     page = tmp_path / "drifted.md"
     page.write_text(DRIFTED)
-    blocks = sybil_blocks(page)
-    assert [b.language for b in blocks] == ["bash", "bash", "python", "bash"]
-    for block in blocks:
+    examples = page_examples(page)
+    assert [e.region.block.language for e in examples] == ["bash", "bash", "python", "bash"]
+    for example in examples:  # as test_snippet_runs runs them
+        example.namespace["docs_stack"] = docs_stack
         with pytest.raises(SnippetFailed):
-            if block.language == "bash":
-                run_bash(docs_stack, block)
-            else:
-                run_python(docs_stack, block, {"__name__": "__docs__"})
+            example.evaluate()
     problems = block_problems(page)
     assert any("```text block must follow" in p for p in problems)
     assert any("command in a block with no language" in p for p in problems)
