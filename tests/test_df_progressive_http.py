@@ -62,7 +62,7 @@ def test_preview_of_a_running_long_video_grows_window_by_window(http_env, alice)
     final = httpx.get(f"{url}/v1/videos/{vid}/content", headers=h).content
     assert httpx.get(f"{url}/v1/videos/{vid}/content", params={"variant": "preview"}, headers=h).content == final
     assert len(decode_rgb_frames(final)) == 53
-    # the README's openai SDK example: the preview variant through extra_query
+    # docs/long-video.md's openai SDK example: the preview variant through extra_query
     import openai
 
     sdk = openai.OpenAI(base_url=f"{url}/v1", api_key=alice.api_key, max_retries=0, timeout=60)

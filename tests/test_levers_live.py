@@ -6,7 +6,7 @@ by `serve.ops.deploy.deploy_serve_config`).
   redeploy completes, the next job runs with the new levers. A bad lever value fails the redeploy,
   naming the field, and the running app is untouched.
 - Each model stage's torch thread count follows `deployments.<stage>.torch_threads`, and the default
-  on a CPU is the node's cores (what the README and serve_config.yaml say).
+  on a CPU is the node's cores (what docs/performance.md and serve_config.yaml say).
 """
 
 from __future__ import annotations

@@ -2,10 +2,10 @@
 --detach` in its own process (own CINEVIVID_CACHE_DIR, free ports, the embedded tiny model), with
 the Ray dashboard on. One stack for the module:
 
-- the dashboard's Serve REST API lists the app's six deployments with RUNNING replicas, with the
+- the dashboard's Serve REST API lists the app's nine deployments with RUNNING replicas, with the
   cluster's token (header, or the sign-in cookie), and refuses requests without it;
-- the README's "Using it from a Ray job" snippet runs as printed in a separate driver process, and
-  as a Ray job sent with the README's `ray job submit` line after `eval "$(cinevivid env)"`;
+- docs/operations.md's "Using it from a Ray job" snippet runs as printed in a separate driver
+  process, and as a Ray job sent with the page's `ray job submit` line after `eval "$(cinevivid env)"`;
 - `eval "$(cinevivid env)"` then a plain `ray.init()` joins the same cluster;
 - every socket the stack listens on is on the loopback address (the default config);
 - a client that trickles its request head or body is answered 408 and cut after the configured
@@ -51,10 +51,15 @@ DEPLOYMENTS = {TEXT_ENCODER.deployment, TRANSFORMER.deployment, TRANSFORMER.depl
                TRANSFORMER.deployment_for("cinevivid-tiny-df"), IMAGE_ENCODER.deployment, VAE.deployment,
                TTS.deployment, GENERATOR.deployment, INGRESS.deployment}
 
-# The README's "Using it from a Ray job" snippet, exactly as printed there (and in client/handle.py).
+# The page that documents Ray jobs; its blocks there are marked "Run by tests/test_ops_dashboard.py"
+# (tests/test_docs.py checks that this module reads the page).
+RAY_JOB_PAGE = ROOT / "docs/operations.md"
+
+
+# docs/operations.md's "Using it from a Ray job" snippet, exactly as printed there (and in client/handle.py).
 def readme_snippet() -> str:
-    """The first Python block of README.md's "Using it from a Ray job", exactly as printed."""
-    readme = (ROOT / "README.md").read_text()
+    """The first Python block of docs/operations.md's "Using it from a Ray job", exactly as printed."""
+    readme = RAY_JOB_PAGE.read_text()
     section = readme[readme.index("## Using it from a Ray job"):]
     return section.split("```python\n", 1)[1].split("```", 1)[0]
 
@@ -213,9 +218,9 @@ def test_cinevivid_env_points_plain_ray_init_at_the_stack(stack):
 
 
 def readme_job_lines() -> tuple[str, str]:
-    """The README's shell lines (after the snippet) that send a script as a Ray job: the `eval`
+    """The page's shell lines (after the snippet) that send a script as a Ray job: the `eval`
     line, and the `ray job submit` command after "# or: " on the next one."""
-    readme = (ROOT / "README.md").read_text()
+    readme = RAY_JOB_PAGE.read_text()
     section = readme[readme.index("## Using it from a Ray job"):]
     block = section.split("```bash\n", 1)[1].split("```", 1)[0]
     eval_line, ray_line = block.splitlines()[:2]
@@ -223,9 +228,9 @@ def readme_job_lines() -> tuple[str, str]:
 
 
 def test_the_readme_snippet_runs_as_a_ray_job(stack):
-    """The README's two lines, as printed, in a user's shell with the virtualenv active, with the
+    """The page's two lines, as printed, in a user's shell with the virtualenv active, with the
     snippet as my_job.py: the job runs in the cluster and succeeds, `ray job submit` prints its
-    output, and its fox.mp4 is where the README says."""
+    output, and its fox.mp4 is where the page says."""
     eval_line, submit = readme_job_lines()
     assert eval_line == 'eval "$(cinevivid env)"' and submit.startswith("ray job submit "), (eval_line, submit)
     work = stack["base"] / "job"

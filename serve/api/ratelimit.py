@@ -6,7 +6,7 @@ namespace), not the database. The limit is taken on *every* authenticated reques
 database that would be a write per request, and SQLite has a single writer (every request
 would queue behind every other one's commit and behind the job writes); even on PostgreSQL it
 is a row update and a WAL record per request for state that is worthless a minute later. The
-actor is one in-memory call (a fraction of a millisecond to about one, measured in the README),
+actor is one in-memory call (a fraction of a millisecond to about one, measured in docs/http-api.md),
 reachable from every replica on every node.
 
 It is a single point, so it is never allowed to fail a request: if a call fails or takes

@@ -211,7 +211,7 @@ def _add_client(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--fps", type=int, default=None, help="frames per second")
     g.add_argument("--negative-prompt", default=None, help="what the video should not show")
     g.add_argument("--model", default=None, help="the model to use (default: the service's)")
-    # long video by diffusion forcing (each defaults to the model's; see README "Long video")
+    # long video by diffusion forcing (each defaults to the model's; see docs/long-video.md)
     g.add_argument("--base-num-frames", type=int, default=None, help="long video: frames per window (4k+1)")
     g.add_argument("--overlap-history", type=int, default=None,
                    help="long video: frames each window carries over from the one before (4k+1)")

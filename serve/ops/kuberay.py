@@ -239,7 +239,7 @@ def render(config_path: str | Path, **kw: Any) -> str:
               f"# Needs: the image (CineVivid installed on rayproject/ray:{kw['ray_version']}), a Secret "
               f"`{kw.get('secret', 'cinevivid')}` (jwt-secret; optional database-url, elevenlabs-api-key),\n"
               f"# a ReadWriteMany PersistentVolumeClaim `{kw.get('data_pvc', 'cinevivid-data')}`. "
-              "See README.md, \"Kubernetes (KubeRay)\".\n")
+              "See docs/operations.md, \"Kubernetes (KubeRay)\".\n")
     return header + to_yaml(manifest)
 
 
