@@ -33,6 +33,15 @@ CPU = torch.device("cpu")
 W, H, F, STEPS = 64, 64, 9, 3
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model's tensors are too small for intra-op threads to pay (as tests/test_lora.py)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def pipe():
     return build_tiny_pipeline(0)
