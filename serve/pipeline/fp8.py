@@ -84,7 +84,7 @@ def quantize_fp8(transformer: torch.nn.Module, mode: Fp8Mode) -> int:
     layers hold float8 weights. `mode` comes from `fp8_mode` (the load path) or a test."""
     from torchao.quantization import quantize_
 
-    from serve.pipeline.levers import cast_model, main_dtype
+    from serve.pipeline.dtypes import cast_model, main_dtype
 
     if getattr(transformer, "_cinevivid_fp8", None):
         return fp8_linear_count(transformer)
