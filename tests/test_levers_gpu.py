@@ -172,12 +172,20 @@ def test_attention_backend_config_and_refusals(pipe):
     assert resolve_backend("auto", CPU) == "native"
     with pytest.raises(LeverUnavailable, match=r"'_native_cudnn' is not available on 'cpu'.*available: \['native'"):
         resolve_backend("_native_cudnn", CPU)
-    # on a GPU "auto" is the fastest exact one installed: cuDNN SDPA when no flash-attn package is
-    assert resolve_backend("auto", "cuda", capability=(9, 0)) in ("_flash_3", "flash", "_native_cudnn")
+    # on a GPU "auto" is the fastest exact one installed (torch's own SDPA dispatch when no flash-attn
+    # package is); a model doing diffusion forcing (masked attention) gets native, and is refused a
+    # backend that takes no mask
+    assert resolve_backend("auto", "cuda", capability=(9, 0)) in ("_flash_3", "flash", "native")
+    assert resolve_backend("auto", "cuda", capability=(9, 0), masked=True) == "native"
+    with pytest.raises(LeverUnavailable, match="takes no attention mask"):
+        resolve_backend("_native_cudnn", "cuda", capability=(9, 0), masked=True)
+    assert resolve_backend("_native_cudnn", "cuda", capability=(9, 0)) == "_native_cudnn"
     if "sage" not in available_backends("cuda", capability=(9, 0)):
         with pytest.raises(LeverUnavailable, match="'sage' is not available"):
             resolve_backend("sage", "cuda", capability=(9, 0))
     # through the load path: a model naming a backend the CPU cannot run is refused
     dit = copy.deepcopy(pipe.transformer)
     with pytest.raises(LeverUnavailable, match="_native_cudnn"):
-        apply_levers(dit, None, LeversConfig(), ModelConfig(attention_backend="_native_cudnn"))
+        apply_levers(dit, None, LeversConfig(), ModelConfig(attention_backend="_native_cudnn", diffusion_forcing=None))
+    with pytest.raises(LeverUnavailable, match="takes no attention mask"):  # the embedded default does DF
+        apply_levers(dit, None, LeversConfig(), ModelConfig(attention_backend="_native_flash"))

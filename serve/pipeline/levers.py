@@ -95,8 +95,9 @@ def apply_levers(transformer, vae, levers, model_cfg=None) -> dict:
     if transformer is not None and model_cfg is not None:
         from serve.pipeline.attention_backend import set_attention_backend
 
-        applied["attention_backend"] = set_attention_backend(transformer, model_cfg.attention_backend,
-                                                             _device_of(transformer))
+        applied["attention_backend"] = set_attention_backend(
+            transformer, model_cfg.attention_backend, _device_of(transformer),
+            masked=model_cfg.diffusion_forcing is not None)  # DF's causal blocks attend through a mask
     if transformer is not None and getattr(levers, "transformer_dtype", "model") == "fp8":
         from serve.pipeline.fp8 import fp8_mode, quantize_fp8
 
