@@ -174,7 +174,8 @@ class Transformer:
             resolve_subfolder(self.model_cfg, "transformer"), torch_dtype=torch_dtype(self.model_cfg.dtype))
         transformer = transformer.to(self.device).eval()
         scheduler = UniPCMultistepScheduler.from_pretrained(resolve_subfolder(self.model_cfg, "scheduler"))
-        apply_levers(transformer, None, self.levers)  # torch.compile when switched on
+        # attention backend, fp8 and torch.compile as configured (LeverUnavailable where the hardware has none)
+        apply_levers(transformer, None, self.levers, model_cfg=self.model_cfg)
         self.loop = DenoiseLoop(transformer, scheduler.config, self.device, fault=fault)
         self._set_step_cache(self.levers)
         # LoRA adapters (model.lora): loaded into this transformer on first use, switched per batch on

@@ -51,6 +51,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+from serve.errors import LeverUnavailable
 from serve.pipeline.loading import torch_dtype
 
 PROMPT = ("A cinematic shot of a red fox running through fresh snow in a pine forest at golden hour, "
@@ -73,6 +74,17 @@ UMT5_XXL = dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, 
                 feed_forward_proj="gated-gelu", dropout_rate=0.0)
 SCHEDULER = dict(prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=8.0)
 ALL_VARIANTS = ["diffusers", "cinevivid", "cfg_batch", "step_cache", "best", "compile", "vae_tiling"]
+# `--suite levers30` (issue 24): the models' own settings (540P, 97 frames, 30 steps, CFG 6), plain
+# diffusers against each lever alone and the best combination. The fp8 variants quantise the DiT in
+# place, so they run last (`order_variants`).
+SUITES = {
+    "levers30": dict(
+        config="1.3B,14B", steps=30, steps_14b=30,
+        variants=("diffusers,fp32,cinevivid,cfg_batch,attn=auto,step_cache=0.05,step_cache=0.1,step_cache=0.2,"
+                  "cache_dit=0.05,cache_dit=0.1,compile,vae_tiling,fp8,best_nocache,best"),
+        variants_14b="diffusers,cfg_batch,attn=auto,step_cache=0.1,compile,fp8,best_nocache,best"),
+}
+FP8_VARIANTS = ("fp8", "best_nocache", "best")  # variants that quantise the DiT (with --best-fp8 for the last two)
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 
@@ -265,6 +277,44 @@ def _num(x: float):
     return "inf" if math.isinf(x) else round(x, 2)
 
 
+def order_variants(variants: list[str], best_fp8: bool) -> list[str]:
+    """The variants in the order asked, except that those which quantise the DiT to fp8 (irreversibly,
+    in place) come after all the others."""
+    quantises = {"fp8"} | ({"best_nocache", "best"} if best_fp8 else set())
+    return sorted(variants, key=lambda v: v in quantises)
+
+
+def uncompile(transformer) -> None:
+    """Drop a regional compile (before the DiT's weights change type, or after a failed compile)."""
+    for b in getattr(transformer, "blocks", []):
+        b._compiled_call_impl = None
+    torch._dynamo.reset()
+
+
+def ensure_fp8(c: Components, device) -> dict:
+    """Quantise the DiT to fp8 as the lever does at load (once); LeverUnavailable where it cannot run."""
+    from serve.pipeline.fp8 import fp8_mode, quantize_fp8
+
+    mode = fp8_mode(device)
+    if not getattr(c.transformer, "_cinevivid_fp8", None):
+        uncompile(c.transformer)
+    return {"fp8_mode": mode, "fp8_linears": quantize_fp8(c.transformer, mode)}
+
+
+def run_fp32_diffusers(c: Components, s: SimpleNamespace, device, dtype: torch.dtype) -> dict:
+    """Plain diffusers with the DiT and the text encoder in float32 (the bf16 lever's reference), then
+    back to `dtype` (bf16 -> fp32 -> bf16 is lossless)."""
+    from serve.pipeline.levers import cast_model
+
+    cast_model(c.transformer, torch.float32)
+    c.text_encoder.to(torch.float32)
+    try:
+        return run_diffusers(c, s, device)
+    finally:
+        cast_model(c.transformer, dtype)
+        c.text_encoder.to(dtype)
+
+
 def pick_threshold(arg: str, changes: list[float] | None, fallback: float | None) -> float:
     if arg != "auto":
         return float(arg)
@@ -279,6 +329,9 @@ def pick_threshold(arg: str, changes: list[float] | None, fallback: float | None
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--suite", default=None, choices=sorted(SUITES),
+                    help="a named set of defaults: levers30 = 1.3B and 14B at 540P/97f/30 steps, each lever alone "
+                         "and the best combination (flags given explicitly still win)")
     ap.add_argument("--config", default="1.3B,14B", help="comma list of: tiny, 1.3B, 14B")
     ap.add_argument("--height", type=int, default=None, help="default 544 (tiny: 64)")
     ap.add_argument("--width", type=int, default=None, help="default 960 (tiny: 64)")
@@ -287,7 +340,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps-14b", type=int, default=4, help="denoising steps for 14B")
     ap.add_argument("--guidance", type=float, default=6.0)
     ap.add_argument("--max-len", type=int, default=512)
-    ap.add_argument("--variants", default=",".join(ALL_VARIANTS), help="variants for tiny/1.3B")
+    ap.add_argument("--variants", default=",".join(ALL_VARIANTS),
+                    help="variants for tiny/1.3B; also fp32, attn=<backend|auto>, step_cache=<threshold>, "
+                         "cache_dit=<threshold>, fp8, best_nocache")
     ap.add_argument("--variants-14b", default="diffusers,best", help="variants for 14B")
     ap.add_argument("--step-cache-threshold", default="auto",
                     help="float, or 'auto': 1.05 x median first-block change probed in the cfg_batch run")
@@ -299,14 +354,39 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default=None, choices=list(DTYPE_NAMES), help="DiT/encoder dtype (cuda: bfloat16, cpu: float32)")
     ap.add_argument("--encoder", default="umt5-xxl", choices=["umt5-xxl", "umt5-2layer"],
                     help="text encoder size (runs once per video; 2 layers saves build time)")
+    ap.add_argument("--best-attention", default="auto", help="attention backend of best/best_nocache")
+    ap.add_argument("--best-fp8", default="auto", choices=["auto", "on", "off"],
+                    help="fp8 DiT in best/best_nocache (auto: where the GPU runs it)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--budget-s", type=float, default=450.0, help="skip variants predicted to end past this")
     ap.add_argument("--compile-estimate-s", type=float, default=30.0,
                     help="for the budget: one regional compile + 1-step warm-up (26 s for 1.3B/14B on an H200)")
     ap.add_argument("--out", required=True, help="JSON result path")
     args = ap.parse_args(argv)
+    if args.suite:
+        given = {a.split("=")[0].lstrip("-").replace("-", "_") for a in (argv if argv is not None else sys.argv[1:])
+                 if a.startswith("--")}
+        for key, value in SUITES[args.suite].items():
+            if key not in given:
+                setattr(args, key, value)
 
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    real = [n.strip() for n in args.config.split(",") if n.strip() and n.strip() != "tiny"]
+    if device.type != "cuda" and real:
+        print(f"bench_gpu: {', '.join(real)} need a CUDA GPU (this run's device is {device.type}); "
+              "the CPU dry path of the same code is --config tiny", file=sys.stderr)
+        return 2
+    if args.best_fp8 == "auto":
+        from serve.errors import LeverUnavailable
+        from serve.pipeline.fp8 import fp8_mode
+
+        try:
+            fp8_mode(device)
+            best_fp8 = True
+        except LeverUnavailable:
+            best_fp8 = False
+    else:
+        best_fp8 = args.best_fp8 == "on"
     dtype = torch_dtype(args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     start = time.perf_counter()
     import diffusers
@@ -335,7 +415,8 @@ def main(argv: list[str] | None = None) -> int:
                             frames=args.frames or (9 if tiny else 97),
                             steps=args.steps_14b if name == "14B" else args.steps, guidance=args.guidance,
                             max_len=args.max_len)
-        variants = [v.strip() for v in (args.variants_14b if name == "14B" else args.variants).split(",") if v.strip()]
+        variants = order_variants([v.strip() for v in (args.variants_14b if name == "14B" else args.variants).split(",")
+                                   if v.strip()], best_fp8)
         from serve.pipeline.denoising import latent_shape
 
         lat = latent_shape(16, s.frames, s.height, s.width)
@@ -373,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
         for v in variants:
             elapsed = time.perf_counter() - start
             est = (baseline_s or 0) * (1.0 if v != "vae_tiling" else 0.6) + (
-                args.compile_estimate_s if v in ("compile", "best") and not compiled and not tiny else 0)
+                args.compile_estimate_s if v in ("compile", "best", "best_nocache") and not compiled and not tiny else 0)
             if baseline_s is not None and elapsed + est > args.budget_s:
                 entry["variants"][v] = {"skipped": f"predicted {est:.0f}s; {args.budget_s - elapsed:.0f}s left"}
                 log(f"{name}/{v}: skipped, over budget")
@@ -381,10 +462,40 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             log(f"{name}/{v}: running")
             rec: dict = {}
+            kind, _, arg = v.partition("=")
             try:
                 if v == "diffusers":
                     r = run_diffusers(c, s, device)
                 elif v == "cinevivid":
+                    r = run_cinevivid(c, s, device)
+                elif v == "fp32":
+                    r = run_fp32_diffusers(c, s, device, dtype)
+                elif kind == "attn":
+                    from serve.pipeline.attention_backend import set_attention_backend
+
+                    rec["attention_backend"] = set_attention_backend(c.transformer, arg or "auto", device)
+                    try:
+                        r = run_cinevivid(c, s, device)
+                    finally:
+                        c.transformer.set_attention_backend("native")
+                elif kind in ("step_cache", "cache_dit") and arg:
+                    from serve.config import LeversConfig
+                    from serve.pipeline.step_cache import make_step_cache
+
+                    th = float(arg)
+                    cache = make_step_cache(LeversConfig(
+                        step_cache_threshold=th, step_cache_backend="first_block" if kind == "step_cache" else "cache_dit",
+                        cache_dit_fn=args.cache_dit_fn, cache_dit_bn=args.cache_dit_bn,
+                        cache_dit_taylorseer=args.cache_dit_taylorseer))
+                    rec.update(threshold=th, step_cache_backend=kind.replace("step_cache", "first_block"))
+                    r = run_cinevivid(c, s, device, cache=cache)
+                    st = r.pop("step_cache")
+                    rec["forwards_computed"], rec["forwards_skipped"] = st["computed"], st["skipped"]
+                elif v == "fp8":
+                    if compiled:
+                        uncompile(c.transformer)
+                        compiled = False
+                    rec.update(ensure_fp8(c, device))
                     r = run_cinevivid(c, s, device)
                 elif v == "cfg_batch":
                     from serve.pipeline.step_cache import StepCache
@@ -392,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
                     probe = StepCache(threshold=0.0)
                     r = run_cinevivid(c, s, device, cfg_batch=True, cache=probe)
                     rec["probe_changes"] = r.pop("step_cache")["branches"]["cfg"]["changes"]
-                elif v in ("step_cache", "step_cache_dit", "compile", "best"):
+                elif v in ("step_cache", "step_cache_dit", "compile", "best", "best_nocache"):
                     cache = None
                     backend = "cache_dit" if v == "step_cache_dit" else args.step_cache_backend
                     if v in ("step_cache", "step_cache_dit", "best"):
@@ -410,7 +521,16 @@ def main(argv: list[str] | None = None) -> int:
                             cache_dit_taylorseer=args.cache_dit_taylorseer))
                         rec["threshold"] = th
                         rec["step_cache_backend"] = backend
-                    if v in ("compile", "best") and not compiled:
+                    if v in ("best", "best_nocache"):
+                        from serve.pipeline.attention_backend import set_attention_backend
+
+                        if best_fp8:
+                            if compiled and not getattr(c.transformer, "_cinevivid_fp8", None):
+                                uncompile(c.transformer)
+                                compiled = False
+                            rec.update(ensure_fp8(c, device))
+                        rec["attention_backend"] = set_attention_backend(c.transformer, args.best_attention, device)
+                    if v in ("compile", "best", "best_nocache") and not compiled:
                         from serve.pipeline.levers import compile_transformer
 
                         t0 = time.perf_counter()
@@ -440,13 +560,18 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 else:
                     raise ValueError(f"unknown variant {v}")
+            except LeverUnavailable as exc:  # the hardware cannot run this lever (fp8 on a CPU, ...)
+                rec["refused"] = exc.message
+                entry["variants"][v] = rec
+                log(f"{name}/{v}: refused: {exc.message}")
+                save()
+                continue
             except Exception as exc:  # record and go on with the other variants
                 rec["error"] = f"{type(exc).__name__}: {exc}"[:500]
                 entry["variants"][v] = rec
                 log(f"{name}/{v}: ERROR {rec['error']}")
-                if v in ("compile", "best") and compiled:
-                    for b in c.transformer.blocks:  # undo a compile that failed at run time
-                        b._compiled_call_impl = None
+                if v in ("compile", "best", "best_nocache") and compiled:
+                    uncompile(c.transformer)  # undo a compile that failed at run time
                     compiled = False
                 save()
                 continue
@@ -474,6 +599,10 @@ def main(argv: list[str] | None = None) -> int:
             log(f"{name}/{v}: " + ", ".join(f"{k}={x}" for k, x in rec.items() if k not in ("changes", "probe_changes")))
             save()
         entry.pop("_latents", None)
+        ref_step = entry["variants"].get("diffusers", {}).get("step_s")
+        nocache_step = entry["variants"].get("best_nocache", {}).get("step_s")
+        if ref_step and nocache_step:  # to compare with LightX2V's 1.9x per step (no step cache)
+            entry["per_step_speedup_no_step_cache"] = round(ref_step / nocache_step, 3)
         del c, ref
         r = None
         torch._dynamo.reset()  # compiled blocks hold references to the model
@@ -497,8 +626,8 @@ def print_summary(result: dict) -> None:
             print(f"{name:6} skipped: {e['skipped']}")
             continue
         for v, r in e["variants"].items():
-            if "error" in r or "skipped" in r:
-                print(f"{name:6} {v:11} {r.get('error') or r.get('skipped')}")
+            if "error" in r or "skipped" in r or "refused" in r:
+                print(f"{name:6} {v:11} {r.get('error') or r.get('skipped') or 'refused: ' + r['refused']}")
                 continue
             if v == "vae_tiling":
                 print(f"{name:6} {v:11} untiled {r['untiled_s']}s/{r['untiled_peak_gib']}GiB, tiled "
@@ -507,6 +636,9 @@ def print_summary(result: dict) -> None:
             print(f"{name:6} {v:11} {r['seconds']:8.2f} {r.get('step_s') or 0:7.3f} {r.get('dit_tflops') or r.get('dit_tflops_effective') or 0:8.1f} "
                   f"{str(r.get('peak_gib')):>8} {r.get('speedup_vs_ref', 1.0):8.2f} {str(r.get('psnr_db', 'ref')):>8} "
                   f"{str(r.get('forwards_skipped', '')):>8}")
+        if e.get("per_step_speedup_no_step_cache"):
+            print(f"{name:6} per-step speedup without the step cache (best_nocache vs diffusers): "
+                  f"{e['per_step_speedup_no_step_cache']}x")
     print(f"total {result.get('total_s')}s", flush=True)
 
 

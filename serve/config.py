@@ -70,6 +70,13 @@ class DiffusionForcingConfig(_Strict):
         return self
 
 
+# The attention backends a model may name (diffusers' `AttentionBackendName` values CineVivid
+# supports), "auto" first; those that are exact (all but sage: int8 QK) and approximate.
+ATTENTION_BACKENDS = ("auto", "native", "_native_cudnn", "_native_flash", "_native_efficient", "_native_math",
+                      "flash", "_flash_3", "flex", "sage")
+APPROXIMATE_ATTENTION_BACKENDS = frozenset({"sage"})
+
+
 # A LoRA adapter's name: what a request's `lora` names and PEFT's adapter name in the transformer.
 # No dots (torch module keys cannot hold them) and no slashes; starts with a letter or a digit.
 LORA_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
@@ -154,6 +161,11 @@ class ModelConfig(_Strict):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     vae_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "auto"  # "auto" -> cuda if available else cpu
+    # diffusers' attention dispatcher backend for this model's DiT (`set_attention_backend`), set once
+    # at load: "auto" picks the fastest exact one available (GPU: FlashAttention-3 on Hopper, then
+    # flash-attn 2, then cuDNN SDPA; CPU: native). "sage" (SageAttention, int8 QK) is approximate.
+    # One that is not installed or cannot run on the device is refused at load (LeverUnavailable).
+    attention_backend: Literal[ATTENTION_BACKENDS] = "auto"  # type: ignore[valid-type]
     max_sequence_length: int = Field(default=512, ge=1, le=4096)
     # defaults
     width: int = 64
@@ -322,6 +334,12 @@ class LeversConfig(_Strict):
     cache_dit_bn: int = Field(default=0, ge=0, le=64)
     cache_dit_taylorseer: bool = False
     vae_tiling: bool = False  # lower peak memory for big frames; tiles blend at seams
+    # the DiT's weights: "model" keeps each model's own `dtype`; "fp8" casts the DiT to bfloat16 and
+    # quantises the Linear layers of its blocks to float8 once at load (torchao: dynamic activation +
+    # weight on GPUs of compute capability >= 8.9, weight-only on older GPUs; embeddings, norms and
+    # the output head stay bf16). A restart lever; refused (LeverUnavailable) on a CPU and without
+    # torchao (`pip install 'cinevivid[gpu]'`). Approximate: loadtests/bench_gpu.py reports its PSNR.
+    transformer_dtype: Literal["model", "fp8"] = "model"
     vae_tile_px: int = Field(default=256, ge=32)  # a tile's size in pixels (frames larger than this tile)
     vae_tile_stride_px: int = Field(default=192, ge=16)  # tiles overlap by vae_tile_px - stride
     # request batching across jobs of the same shape
@@ -638,6 +656,12 @@ class AppArgs(_Strict):
                 if n in seen:
                     raise ValueError(f"models: the name {n!r} is used by both {seen[n]} and {m.name}")
                 seen[n] = m.name
+        if self.levers.transformer_dtype == "fp8":
+            with_lora = [m.name for m in self.models if m.lora.enabled]
+            if with_lora:
+                raise ValueError(f"levers.transformer_dtype: fp8 and LoRA adapters (models {with_lora}) exclude "
+                                 "each other: peft cannot lay a LoRA over torchao's float8 weights; use "
+                                 "transformer_dtype: model for these models' app")
         return self
 
 

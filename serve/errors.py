@@ -361,3 +361,18 @@ def is_disk_full(exc: BaseException) -> bool:
             return True
         cur = cur.__cause__ or cur.__context__ or getattr(cur, "orig", None)
     return False
+
+
+# -- the configuration --------------------------------------------------------------------------
+
+class ConfigError(CineVividError):
+    """A configuration the service cannot run as given (raised when a stage loads, or by the CLI)."""
+
+    code = "invalid_config"
+
+
+class LeverUnavailable(ConfigError):
+    """A speed lever the hardware or the installed packages cannot run here (FP8 on a CPU, an
+    attention kernel that is not installed): the message names the lever, why, and what is available."""
+
+    code = "lever_unavailable"

@@ -29,6 +29,35 @@ def test_bench_gpu_tiny_config_runs_and_matches_diffusers(tmp_path):
     assert v["vae_tiling"]["max_abs_diff"] <= 1e-5  # 64 px frames: smaller than one tile
 
 
+def test_bench_gpu_refuses_real_sizes_on_cpu_and_runs_the_lever_variants_tiny(tmp_path, capsys):
+    """The 30-step lever suite needs a GPU: on a CPU it stops at once with a clear message (no model
+    built); its variants run on the tiny model: exact ones equal diffusers, fp8 is refused."""
+    import torch
+
+    from loadtests.bench_gpu import main
+
+    assert main(["--suite", "levers30", "--device", "cpu", "--out", str(tmp_path / "no.json")]) == 2
+    assert "1.3B, 14B need a CUDA GPU" in capsys.readouterr().err and not (tmp_path / "no.json").exists()
+
+    out = tmp_path / "bench_gpu_levers.json"
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # the tiny tensors: threads only wait on each other on a busy machine
+    try:
+        assert main(["--config", "tiny", "--steps", "3", "--budget-s", "9999", "--out", str(out), "--variants",
+                     "fp8,diffusers,fp32,attn=_native_math,step_cache=0.1,cache_dit=0.1"]) == 0
+    finally:
+        torch.set_num_threads(before)
+    v = json.loads(out.read_text())["models"]["tiny"]["variants"]
+    assert list(v) == ["diffusers", "fp32", "attn=_native_math", "step_cache=0.1", "cache_dit=0.1", "fp8"]  # fp8 last
+    assert v["diffusers"]["reference"] is True
+    assert v["fp32"]["max_abs_diff"] <= 1e-5  # the tiny run is fp32 already
+    assert v["attn=_native_math"]["attention_backend"] == "_native_math" and v["attn=_native_math"]["max_abs_diff"] <= 1e-5
+    for key, backend in (("step_cache=0.1", "first_block"), ("cache_dit=0.1", "cache_dit")):
+        assert (v[key]["threshold"], v[key]["step_cache_backend"]) == (0.1, backend) and "psnr_db" in v[key]
+        assert v[key]["forwards_computed"] + v[key]["forwards_skipped"] == 2 * 3  # cond + uncond, 3 steps
+    assert "needs a CUDA GPU" in v["fp8"]["refused"]
+
+
 def test_bench_batching_sizes_tiny_step_level_is_exact(tmp_path):
     from loadtests.bench_batching import main, parse_sizes
 

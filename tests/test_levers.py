@@ -149,7 +149,7 @@ def test_step_cache_follows_the_batch_when_a_job_is_cancelled(pipe, embeds, cfg_
 
 def test_apply_levers_with_defaults_changes_nothing(pipe):
     applied = apply_levers(pipe.transformer, pipe.vae, LeversConfig(), ModelConfig())
-    assert applied == {"transformer_dtype": "float32", "vae_dtype": "float32"}
+    assert applied == {"transformer_dtype": "float32", "attention_backend": "native", "vae_dtype": "float32"}
     assert not pipe.vae.use_tiling
 
 

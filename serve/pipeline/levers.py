@@ -11,6 +11,10 @@ Quality cost of each lever (measured in tests/test_levers.py and loadtests/bench
   tables) stay fp32, exactly as `from_pretrained(torch_dtype=...)` leaves them.
 - VAE dtype: keep float32 (the default) unless memory is short; the decode is where bf16 shows.
 - compile_transformer: exact up to floating-point reassociation by the compiler (~1e-6 on CPU fp32).
+- transformer_dtype fp8: approximate; the DiT blocks' Linear layers in float8 (torchao), the rest in
+  bf16; GPUs only (`serve.pipeline.fp8`). A restart lever.
+- model.attention_backend: the DiT's attention kernel (`serve.pipeline.attention_backend`): exact
+  backends equal native's frames (fp32 CPU <= 1e-5), sage is approximate. Set at load.
 - vae_tiling: lowers peak memory of decode for large frames; tiles are blended at the seams, so it
   is approximate once the frames are larger than one tile (PSNR reported), exact below that.
 """
@@ -19,12 +23,12 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import Counter
 from typing import Any
 
 import torch
 
 from serve.config import LeversConfig, validate_live_levers
+from serve.pipeline.dtypes import cast_model, main_dtype  # noqa: F401 - also imported from here
 from serve.pipeline.loading import torch_dtype
 
 logger = logging.getLogger(__name__)
@@ -63,29 +67,6 @@ class PendingLevers:
         return self._next is not None
 
 
-def main_dtype(module: torch.nn.Module) -> torch.dtype:
-    """The dtype most of a module's parameters (by element count) have."""
-    counts: Counter = Counter()
-    for p in module.parameters():
-        counts[p.dtype] += p.numel()
-    return counts.most_common(1)[0][0] if counts else torch.float32
-
-
-def cast_model(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
-    """Cast like `from_pretrained(torch_dtype=dtype)` does: everything to `dtype` except the
-    parameters under a module named in the class' `_keep_in_fp32_modules`, which stay float32."""
-    keep = list(getattr(model, "_keep_in_fp32_modules", None) or [])
-    torch.nn.Module.to(model, dtype)  # bypass ModelMixin.to's warning: the fp32 modules are restored below
-    if dtype != torch.float32 and keep:
-        for name, param in model.named_parameters():
-            if any(k in name.split(".") for k in keep):
-                param.data = param.data.float()
-        for name, buf in model.named_buffers():
-            if buf.is_floating_point() and any(k in name.split(".") for k in keep):
-                buf.data = buf.data.float()
-    return model
-
-
 def compile_transformer(transformer: torch.nn.Module, **compile_kwargs: Any) -> str:
     """Regional compilation: `torch.compile` each repeated block (diffusers' `compile_repeated_blocks`),
     which compiles once for all blocks and keeps the model's own forward (and the step cache, which
@@ -108,9 +89,21 @@ def apply_levers(transformer, vae, levers, model_cfg=None) -> dict:
     applied: dict[str, Any] = {}
     if transformer is not None and model_cfg is not None:
         want = torch_dtype(model_cfg.dtype)
-        if main_dtype(transformer) != want:
+        if main_dtype(transformer) != want and not getattr(transformer, "_cinevivid_fp8", None):
             cast_model(transformer, want)
         applied["transformer_dtype"] = str(want).removeprefix("torch.")
+    if transformer is not None and model_cfg is not None:
+        from serve.pipeline.attention_backend import set_attention_backend
+
+        applied["attention_backend"] = set_attention_backend(
+            transformer, model_cfg.attention_backend, _device_of(transformer),
+            masked=model_cfg.diffusion_forcing is not None)  # DF's causal blocks attend through a mask
+    if transformer is not None and getattr(levers, "transformer_dtype", "model") == "fp8":
+        from serve.pipeline.fp8 import fp8_mode, quantize_fp8
+
+        mode = fp8_mode(_device_of(transformer))  # LeverUnavailable on a CPU / without torchao
+        applied["fp8"] = {"mode": mode, "linears": quantize_fp8(transformer, mode)}
+        applied["transformer_dtype"] = "fp8"
     if vae is not None and model_cfg is not None:
         want = torch_dtype(model_cfg.vae_dtype)
         if main_dtype(vae) != want:
@@ -132,6 +125,10 @@ def apply_levers(transformer, vae, levers, model_cfg=None) -> dict:
     return applied
 
 
+def _device_of(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
 def lever_state(transformer=None, vae=None) -> dict:
     """What is in effect in these loaded models, read from the models themselves (not from the
     config): the dtypes, how many DiT blocks are compiled, whether the VAE tiles and its tile size."""
@@ -141,6 +138,11 @@ def lever_state(transformer=None, vae=None) -> dict:
         state["transformer_dtype"] = str(main_dtype(transformer)).removeprefix("torch.")
         state["compiled_blocks"] = sum(getattr(b, "_compiled_call_impl", None) is not None for b in blocks)
         state["blocks"] = len(blocks)
+        from serve.pipeline.attention_backend import attention_backend_of
+        from serve.pipeline.fp8 import fp8_linear_count
+
+        state["attention_backend"] = attention_backend_of(transformer)
+        state["fp8_linears"] = fp8_linear_count(transformer)
     if vae is not None:
         state["vae_dtype"] = str(main_dtype(vae)).removeprefix("torch.")
         state["vae_tiling"] = bool(getattr(vae, "use_tiling", False))

@@ -328,3 +328,44 @@ def make_tiny_loras(model_dir: str | os.PathLike, transformer=None, rank: int = 
                     shutil.rmtree(tmp, ignore_errors=True)
             out[name] = path
     return out
+
+
+# diffusers' module names of a SkyReels-V2 / Wan2.1 block -> the original Wan checkpoint's, which the
+# step-distilled LoRAs of LightX2V (`wan2.1_t2v_14b_lora_rank64_lightx2v_4step.safetensors`,
+# `Wan21_T2V_14B_lightx2v_cfg_step_distill_lora_rank64.safetensors`) are keyed by
+WAN_ORIGINAL_NAMES = {"attn1.to_q": "self_attn.q", "attn1.to_k": "self_attn.k", "attn1.to_v": "self_attn.v",
+                      "attn1.to_out.0": "self_attn.o", "attn2.to_q": "cross_attn.q", "attn2.to_k": "cross_attn.k",
+                      "attn2.to_v": "cross_attn.v", "attn2.to_out.0": "cross_attn.o",
+                      "ffn.net.0.proj": "ffn.0", "ffn.net.2": "ffn.2"}
+
+
+def make_tiny_distill_lora(out_file: str | os.PathLike, transformer, rank: int = 4, alpha: float = 8.0,
+                           seed: int = 0, std: float = 0.5) -> Path:
+    """Write a random LoRA for `transformer` in the format of LightX2V's step-distilled Wan2.1 LoRAs
+    (the original Wan checkpoint's names, not diffusers'): one `.safetensors` file with
+    `diffusion_model.blocks.<i>.<self_attn|cross_attn>.<q|k|v|o>.lora_down.weight` (rank, in),
+    `....lora_up.weight` (out, rank) and `....alpha` (a scalar; scaling alpha/rank), the same for
+    `ffn.0` / `ffn.2`, and the zeroed `norm3.diff` / `.diff_b` entries those files carry. diffusers'
+    `SkyReelsV2LoraLoaderMixin.lora_state_dict` converts it on load (`serve.pipeline.lora` reads it so).
+    Seeded: the same arguments give the same tensors."""
+    import torch
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(seed)
+    tensors: dict[str, torch.Tensor] = {}
+    modules = dict(transformer.named_modules())
+    for i in range(len(transformer.blocks)):
+        for ours, theirs in WAN_ORIGINAL_NAMES.items():
+            linear = modules[f"blocks.{i}.{ours}"]
+            key = f"diffusion_model.blocks.{i}.{theirs}"
+            tensors[f"{key}.lora_down.weight"] = torch.randn(rank, linear.in_features, generator=gen) / linear.in_features ** 0.5
+            tensors[f"{key}.lora_up.weight"] = torch.randn(linear.out_features, rank, generator=gen) * std / rank ** 0.5
+            tensors[f"{key}.alpha"] = torch.tensor(float(alpha))
+        norm3 = modules[f"blocks.{i}.norm3"]
+        if getattr(norm3, "weight", None) is not None:
+            tensors[f"diffusion_model.blocks.{i}.norm3.diff"] = torch.zeros_like(norm3.weight, device="cpu")
+            tensors[f"diffusion_model.blocks.{i}.norm3.diff_b"] = torch.zeros_like(norm3.bias, device="cpu")
+    out = Path(out_file).expanduser()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out))
+    return out
