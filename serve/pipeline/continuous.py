@@ -55,7 +55,6 @@ caller); `join` during a `step` raises.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -64,9 +63,6 @@ from serve.pipeline.denoise_step import (
     ClassifierFreeGuidance, DenoiseJob, JobTensors, LoopSettings, ModelInput, drop_cancelled, is_i2v_batch,
     job_tokens, prepare_job,
 )
-
-if TYPE_CHECKING:
-    from serve.pipeline.denoising import DenoiseLoop
 
 __all__ = ["ContinuousBatch", "job_tokens", "lockstep_key", "shape_key", "step_batch_key"]
 
@@ -121,9 +117,11 @@ class ContinuousBatch:
     `max_size`: the most jobs at once. `cfg_batch`: the conditional and unconditional rows go
     through the transformer in one call (`LoopSettings.cfg_batch` of the joining jobs is ignored:
     the batch has one way of calling the model). `lockstep`: request-level batching (module doc):
-    jobs of one schedule join before the first step, and the loop's step cache is used."""
+    jobs of one schedule join before the first step, and the loop's step cache is used.
+    `loop`: the `serve.pipeline.denoising.DenoiseLoop` it runs on (its transformer forward, scheduler
+    config, device, dtype and step counter)."""
 
-    def __init__(self, loop: DenoiseLoop, token_budget: int | None, max_size: int, cfg_batch: bool = False,
+    def __init__(self, loop, token_budget: int | None, max_size: int, cfg_batch: bool = False,
                  lockstep: bool = False):
         if max_size < 1:
             raise ValueError("max_size must be at least 1")
