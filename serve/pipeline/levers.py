@@ -3,7 +3,7 @@
 
 The request-level levers (CFG as one batched forward, the prompt-embedding LRU, request batching)
 live in the deployments; the step cache is `serve.pipeline.step_cache.make_step_cache` (the hand-written
-first-block `StepCache`, or cache-dit's DBCache in `serve.pipeline.step_cache.dbcache`).
+first-block `FirstBlockCache`, or cache-dit's DBCache in `serve.pipeline.step_cache.dbcache`).
 
 Quality cost of each lever (measured in tests/test_levers.py and loadtests/bench_gpu.py):
 - dtype bfloat16/float16 for the DiT: approximate (PSNR against fp32 reported); the modules diffusers
