@@ -87,8 +87,6 @@ class _Stream:
 class Transformer:
     def __init__(self, model: dict, levers: dict | None = None, fault: str | None = None,
                  liveness: dict | None = None, chaos_delay_s: float = 0.0, torch_threads: int | None = None):
-        import torch
-
         setup_replica_logging()
         from diffusers import SkyReelsV2Transformer3DModel, UniPCMultistepScheduler
 
