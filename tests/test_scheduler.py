@@ -182,6 +182,23 @@ def test_step_level_batching_runs_jobs_of_one_shape_together_whatever_their_sche
 
 
 @pytest.mark.fast
+def test_a_job_joins_a_running_step_batch_at_the_next_step_boundary(pipe, embeds):
+    h = Harness(pipe, embeds, batch_max_size=4, continuous_batching=True)
+
+    async def scenario():
+        h.submit("long", spec(1, steps=4))
+        await h.sched.turn()  # its first step
+        h.submit("joiner", spec(2, steps=2, guidance=1.0))
+        await h.sched.run_until_idle()
+
+    asyncio.run(scenario())
+    stats = h.sched.stats()["continuous"]
+    assert stats["joined_mid_batch"] == 1 and stats["max_active"] == 2 and stats["steps_run"] == 4
+    assert h.order(done) == ["joiner", "long"]
+    assert np.abs(h.result("long") - solo(pipe, embeds, spec(1, steps=4))).max() <= 1e-5
+
+
+@pytest.mark.fast
 def test_step_level_admission_is_first_come_first_served_across_shapes(pipe, embeds):
     """A job of another shape stops the admissions: the job after it waits, though it fits the batch."""
     h = Harness(pipe, embeds, batch_max_size=4, continuous_batching=True)
