@@ -12,9 +12,10 @@ from collections import OrderedDict
 import numpy as np
 from ray import serve
 
-from serve.config import ModelConfig, TextEncoderBatching, validate_live_levers
+from serve.config import LeversConfig, ModelConfig, TextEncoderBatching
 from serve.errors import StageError, StageOutOfMemory
 from serve.contracts import PromptEmbeds
+from serve.pipeline.levers import LiveLevers
 from serve.pipeline.loading import resolve_subfolder, torch_device, torch_dtype
 from serve.pipeline.text_encoding import clean_prompt, encode_prompts
 from serve.runtime.replica import replica_id, setup_replica_logging
@@ -87,6 +88,9 @@ class TextEncoder:
             resolve_subfolder(self.model_cfg, "text_encoder"), torch_dtype=dtype).to(self.device).eval()
         self._torch = torch
         self.cache = EmbeddingCache(embedding_cache_size)
+        # live levers from reconfigure(): the cache resizes under its own lock, so they apply at once
+        self.live = LiveLevers(STAGE, LeversConfig(embedding_cache_size=embedding_cache_size),
+                               apply=lambda levers: self.cache.resize(levers.embedding_cache_size), boundary="now")
         self.batch_sizes: list[int] = []  # sizes of the batches actually run (observability)
         self.encoder_calls = 0
         self.threads_in_use: int | None = None
@@ -97,9 +101,8 @@ class TextEncoder:
     def reconfigure(self, user_config: dict | None) -> None:
         """Live levers (Serve's `user_config`, `LIVE_LEVERS["text_encoder"]`): the embedding cache's
         size; a smaller one drops the least recently used prompts. A bad value raises, changing nothing."""
-        new = validate_live_levers(STAGE, {"embedding_cache_size": self.cache.size}, user_config)
-        self.cache.resize(new.embedding_cache_size)
-        logger.info("embedding cache size: %d", self.cache.size)
+        self.live.receive(user_config)
+        self.live.apply_pending()
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
     async def _encode_batch(self, prompts: list[str]) -> list[np.ndarray]:
@@ -139,7 +142,7 @@ class TextEncoder:
     def stats(self) -> dict:
         return {"batch_sizes": list(self.batch_sizes), "encoder_calls": self.encoder_calls,
                 "cache_hits": self.cache.hits, "cache_misses": self.cache.misses,
-                "cache_size": len(self.cache), "levers": {"embedding_cache_size": self.cache.size},
+                "cache_size": len(self.cache), "levers": {"embedding_cache_size": self.cache.size}, **self.live.stats(),
                 "torch_threads": self.torch_threads,
                 "torch_threads_in_use": self.threads_in_use, "replica_id": replica_id(), "time": time.time()}
 

@@ -40,7 +40,7 @@ from serve.pipeline.vae_decode import (
     CausalDecodeSession, is_tiled, iter_decode, to_float_frames, video_to_uint8,
 )
 from serve.errors import StageError, StageOutOfMemory
-from serve.pipeline.levers import PendingLevers, apply_levers, lever_state
+from serve.pipeline.levers import LiveLevers, apply_levers, lever_state
 from serve.pipeline.loading import resolve_subfolder, torch_device, torch_dtype
 from serve.runtime.replica import CallerWatch, replica_id, setup_replica_logging
 from serve.stages import VAE
@@ -62,8 +62,8 @@ class VAECodec:
         self._callers = CallerWatch(LivenessConfig.model_validate(liveness or {}).caller_check_interval_s)
         self.model_cfg = ModelConfig.model_validate(model)
         levers_cfg = LeversConfig.model_validate(levers or {})
-        self.levers = levers_cfg
-        self._pending_levers = PendingLevers(STAGE)  # from reconfigure(), applied before the next decode
+        # live levers from reconfigure(), applied before the next decode
+        self.live = LiveLevers(STAGE, levers_cfg, apply=self._apply_tiling, boundary="the next decode")
         self.device = torch_device(self.model_cfg)
         self.torch_threads = apply_torch_threads(torch_threads, self.device, STAGE)
         self._torch = torch
@@ -84,24 +84,23 @@ class VAECodec:
         """Live levers (Serve's `user_config`, `LIVE_LEVERS["vae"]`): VAE tiling and its tile size,
         in effect from the next decode (one in progress finishes as it started). A bad value raises,
         changing nothing."""
-        new = self._pending_levers.receive(self.levers, user_config)
-        logger.info("live levers received (in effect from the next decode): %s", new.live_for(STAGE))
+        self.live.receive(user_config)
 
-    def _apply_pending_levers(self) -> None:
-        """Before a decode, under the decode lock: switch tiling on/off or change the tile size."""
-        levers = self._pending_levers.take(self.levers)
-        if levers is None:
-            return
-        self.levers = levers
-        if self.levers.vae_tiling:
-            apply_levers(None, self.vae, self.levers)
+    @property
+    def levers(self) -> LeversConfig:
+        return self.live.current
+
+    def _apply_tiling(self, levers: LeversConfig) -> None:
+        """Before a decode, under the decode lock (`LiveLevers.apply_pending`): switch tiling on/off
+        or change the tile size."""
+        if levers.vae_tiling:
+            apply_levers(None, self.vae, levers)
         elif getattr(self.vae, "use_tiling", False):
             self.vae.disable_tiling()
-        logger.info("live levers in effect: %s", self.levers.live_for(STAGE))
 
     def _chunks(self, latents: np.ndarray, want_float: bool, stop: threading.Event | None = None):
         """DecodedFrames per decoded chunk (runs in a worker thread)."""
-        self._apply_pending_levers()
+        self.live.apply_pending()
         self.threads_in_use = self._torch.get_num_threads()  # what torch uses in the thread that decodes
         if self.fault:
             inject_fault(self.fault)
@@ -272,7 +271,7 @@ class VAECodec:
 
     def stats(self) -> dict:
         """What is in effect in this replica (read from the loaded VAE) and what it has done."""
-        return {"levers": lever_state(vae=self.vae), "levers_pending": self._pending_levers.pending,
+        return {"levers": lever_state(vae=self.vae), **self.live.stats(),
                 "decodes": self.decodes, "tiled_decodes": self.tiled_decodes, "torch_threads": self.torch_threads,
                 "torch_threads_in_use": self.threads_in_use, "replica_id": replica_id(),
                 "decode_sessions": len(self._sessions)}

@@ -1,9 +1,9 @@
-"""Step-level continuous batching: jobs of the same shape join a running denoising batch at the next
-step boundary and leave it as soon as they finish (or are cancelled), each with its own schedule.
+"""The T2V/I2V denoising engine. Step-level continuous batching: jobs of the same shape join a
+running denoising batch at the next step boundary and leave it as soon as they finish (or are
+cancelled), each with its own schedule; its lockstep case is request-level batching
+(`DenoiseLoop.run`: the jobs start together, share one schedule and leave together).
 
-`DenoiseLoop.run` batches at the request level: the jobs of a batch start together and share one
-scheduler, so they must share steps, guidance and shift, and a job arriving a step later waits for
-the whole batch to end. `ContinuousBatch` keeps one entry per job instead:
+`ContinuousBatch` keeps one entry per job:
 
 - its own UniPC scheduler (`DenoiseLoop.make_scheduler(flow_shift)`, `set_timesteps(steps)`), so
   its own `num_inference_steps`, `flow_shift`, timesteps and step index;
@@ -26,14 +26,19 @@ number of images (first, or first and last) and the image token shape; and the p
 `text_encoding.encode_prompts`), so the length is per model; a job whose length differs is refused,
 not padded.
 
+Lockstep (`lockstep=True`) is request-level batching, what `DenoiseLoop.run` runs: every job joins
+before the first step, all share one schedule (steps, guidance, shift: `lockstep_key`), so they
+step together and leave together, and the step cache (`loop.step_cache`) is used: it is reset at
+the first step and follows the rows that a cancel drops (`select`).
+
 Not used here, by design:
-- the step cache (`loop.step_cache`): its reuse decisions and residuals are per batch and per
-  schedule, which a batch whose members sit at different steps does not have. Continuous batching
-  and the step cache are exclusive - the caller picks one; the engine's forwards bypass the cache
-  (`use_step_cache=False`) even if the loop has one.
+- the step cache in a step-level (not lockstep) batch: its reuse decisions and residuals are per
+  batch and per schedule, which a batch whose members sit at different steps does not have.
+  Step-level batching and the step cache are exclusive - the caller picks one; the engine's
+  forwards bypass the cache (`use_step_cache=False`) even if the loop has one.
 - diffusion forcing (per-frame timesteps, windows): `serve.pipeline.diffusion_forcing`.
 
-The step is `serve.pipeline.denoise_step`'s, as in `DenoiseLoop.run`: the job's tensors
+The step is `serve.pipeline.denoise_step`'s: the job's tensors
 (`prepare_job`), its scheduler (`make_scheduler`), the guider (`ClassifierFreeGuidance`, per-row
 guidance scales) over the loop's `TransformerForward`, so faults (`loop.fault`) are raised from the
 same model call. An exception in
@@ -55,11 +60,11 @@ import numpy as np
 import torch
 
 from serve.pipeline.denoise_step import (
-    ClassifierFreeGuidance, JobTensors, ModelInput, check_jobs, drop_cancelled, job_tokens, prepare_job,
+    ClassifierFreeGuidance, DenoiseJob, JobTensors, LoopSettings, ModelInput, drop_cancelled, is_i2v_batch,
+    job_tokens, prepare_job,
 )
-from serve.pipeline.denoising import DenoiseJob, DenoiseLoop, LoopSettings
 
-__all__ = ["ContinuousBatch", "job_tokens", "shape_key", "step_batch_key"]
+__all__ = ["ContinuousBatch", "job_tokens", "lockstep_key", "shape_key", "step_batch_key"]
 
 
 @dataclass(eq=False)
@@ -96,22 +101,35 @@ def step_batch_key(job: DenoiseJob, settings: LoopSettings) -> tuple:
 shape_key = step_batch_key  # the former name
 
 
+def lockstep_key(job: DenoiseJob, settings: LoopSettings) -> tuple:
+    """What must be equal for two jobs to run in lockstep (request-level batching, one schedule):
+    `step_batch_key` and the schedule (steps, guidance, shift) - `ResolvedSpec.request_batch_key`
+    on the engine's side."""
+    return (*step_batch_key(job, settings), settings.num_inference_steps, settings.guidance_scale,
+            settings.flow_shift)
+
+
 class ContinuousBatch:
     """A denoising batch that jobs of one shape join and leave between steps.
 
-    `token_budget`: the most DiT tokens the active jobs may sum to (`job_tokens`: x2 with guidance);
-    an empty batch takes any one job, however large, as `Transformer._take_batch` does.
+    `token_budget`: the most DiT tokens the active jobs may sum to (`job_tokens`: x2 with guidance;
+    None: no bound); an empty batch takes any one job, however large, as request batching does.
     `max_size`: the most jobs at once. `cfg_batch`: the conditional and unconditional rows go
     through the transformer in one call (`LoopSettings.cfg_batch` of the joining jobs is ignored:
-    the batch has one way of calling the model)."""
+    the batch has one way of calling the model). `lockstep`: request-level batching (module doc):
+    jobs of one schedule join before the first step, and the loop's step cache is used.
+    `loop`: the `serve.pipeline.denoising.DenoiseLoop` it runs on (its transformer forward, scheduler
+    config, device, dtype and step counter)."""
 
-    def __init__(self, loop: DenoiseLoop, token_budget: int, max_size: int, cfg_batch: bool = False):
+    def __init__(self, loop, token_budget: int | None, max_size: int, cfg_batch: bool = False,
+                 lockstep: bool = False):
         if max_size < 1:
             raise ValueError("max_size must be at least 1")
         self.loop = loop
         self.token_budget = token_budget
         self.max_size = max_size
         self.cfg_batch = cfg_batch
+        self.lockstep = lockstep
         self._running: list[_Running] = []
         self._key: tuple | None = None
         self._stepping = False
@@ -144,11 +162,14 @@ class ContinuousBatch:
     def refusal(self, job: DenoiseJob, settings: LoopSettings) -> str | None:
         """Why `job` cannot join now (None: it can)."""
         if self._running:
-            if step_batch_key(job, settings) != self._key:
-                return "a different shape from the running batch"
+            if self._key_of(job, settings) != self._key:
+                return ("a different shape or schedule from the lockstep batch" if self.lockstep
+                        else "a different shape from the running batch")
+            if self.lockstep and self.started:
+                return "a lockstep batch takes its jobs before its first step"
             if len(self._running) >= self.max_size:
                 return f"the batch is full ({self.max_size} jobs)"
-            if self.tokens + job_tokens(settings) > self.token_budget:
+            if self.token_budget is not None and self.tokens + job_tokens(settings) > self.token_budget:
                 return f"over the token budget ({self.tokens} + {job_tokens(settings)} > {self.token_budget})"
         return None
 
@@ -164,13 +185,16 @@ class ContinuousBatch:
         if why is not None:
             raise ValueError(f"the job cannot join: {why}")
         loop = self.loop
-        i2v = check_jobs(loop.transformer.config, [job])
+        i2v = is_i2v_batch(loop.transformer.config, [job])
         tensors = prepare_job(loop.transformer.config, job, settings, i2v, loop.device, loop.dtype)
         scheduler = loop.make_scheduler(settings.flow_shift, settings.num_inference_steps)
         if not self._running:
-            self._key = step_batch_key(job, settings)
+            self._key = self._key_of(job, settings)
         self._running.append(_Running(job=job, settings=settings, scheduler=scheduler,
                                       timesteps=scheduler.timesteps, tensors=tensors, tokens=job_tokens(settings)))
+
+    def _key_of(self, job: DenoiseJob, settings: LoopSettings) -> tuple:
+        return lockstep_key(job, settings) if self.lockstep else step_batch_key(job, settings)
 
     def abort(self) -> list[DenoiseJob]:
         """Empties the batch (after a failed step): the jobs that were in it, without results."""
@@ -193,10 +217,20 @@ class ContinuousBatch:
         finally:
             self._stepping = False
 
+    @property
+    def _step_cache(self):
+        """The loop's step cache when this batch uses it (lockstep only), else None."""
+        return self.loop.step_cache if self.lockstep else None
+
     def _step(self) -> list[DenoiseJob]:
+        cache = self._step_cache
+        if cache is not None and self._running and not self.started:
+            cache.reset(num_steps=self._running[0].total)  # a lockstep batch's first step
         gone, kept = drop_cancelled(self._running, lambda r: r.job)
         left: list[DenoiseJob] = [r.job for r in gone]
         keep = [self._running[k] for k in kept]
+        if gone and keep and cache is not None:
+            cache.select(torch.tensor(kept, device=self.loop.device))  # the cache's rows follow the batch's
         self._running = keep
         if not keep:
             self._key = None
@@ -236,6 +270,6 @@ class ContinuousBatch:
         guided = [p.uncond for p, g in zip(parts, scales) if g > 1.0]
         uncond = torch.cat(guided) if guided else None
         guider = ClassifierFreeGuidance(batch_cond_uncond=self.cfg_batch)
-        noise_pred = guider(loop.forward, inp, cond, uncond, scales, use_step_cache=False)
+        noise_pred = guider(loop.forward, inp, cond, uncond, scales, use_step_cache=self._step_cache is not None)
         self.rows_run += len(running) + len(guided)
         return noise_pred

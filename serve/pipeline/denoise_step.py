@@ -7,7 +7,7 @@ As in diffusers' modular pipelines, where a loop denoiser calls a guider compone
 (`ClassifierFreeGuidance`) around the model, a loop here:
 
 1. prepares each job's tensors once (`prepare_job`: noise from the seed, prompt and negative
-   embeddings, an I2V condition and image embeddings, after `check_jobs`), or its own (DF windows);
+   embeddings, an I2V condition and image embeddings, after `is_i2v_batch`), or its own (DF windows);
 2. gets a scheduler from `make_scheduler` (UniPC from the model's config, the job's `flow_shift`);
 3. each step, builds a `ModelInput` (latents with the condition concatenated, one timestep per
    row - or per frame for DF -, image embeddings, DF's fps) and asks the guider
@@ -22,14 +22,52 @@ As in diffusers' modular pipelines, where a loop denoiser calls a guider compone
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Sequence
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import torch
 
 from serve.contracts import VAE_SPATIAL_FACTOR, dit_tokens, latent_frames
 from serve.runtime.faults import inject_fault
+
+if TYPE_CHECKING:
+    from serve.contracts import ResolvedSpec
+
+
+# -- a job and its settings ---------------------------------------------------------------------
+@dataclass
+class DenoiseJob:
+    """One request inside a (possibly batched) loop."""
+
+    seed: int
+    prompt_embeds: np.ndarray  # (1, L, D)
+    negative_prompt_embeds: np.ndarray | None  # (1, L, D) when guidance > 1
+    is_cancelled: Callable[[], bool] = lambda: False
+    on_step: Callable[[int, int], None] = lambda step, total: None
+    result: np.ndarray | None = None
+    cancelled: bool = False
+    # image-to-video (both or neither): `image_conditioning.clip_image_embeds` (n, tokens, D), n = 2
+    # with a last image; `image_conditioning.i2v_condition` (1, 4 + 16, T, H/8, W/8)
+    image_embeds: np.ndarray | None = None
+    condition: np.ndarray | None = None
+
+
+@dataclass
+class LoopSettings:
+    width: int
+    height: int
+    num_frames: int
+    num_inference_steps: int
+    guidance_scale: float
+    flow_shift: float
+    cfg_batch: bool = False  # a replica's lever (`levers.cfg_batch`), not a request's
+
+    @classmethod
+    def from_spec(cls, spec: ResolvedSpec, cfg_batch: bool = False) -> LoopSettings:
+        """The loop's settings of a job: every field but `cfg_batch` is the spec's field of that name."""
+        return cls(**{f.name: getattr(spec, f.name) for f in fields(cls) if f.name != "cfg_batch"},
+                   cfg_batch=cfg_batch)
 
 
 # -- facts about a job ---------------------------------------------------------------------------
@@ -98,7 +136,7 @@ def drop_cancelled(entries: list, job_of: Callable = lambda e: e) -> tuple[list,
 
 
 # -- a job's tensors -----------------------------------------------------------------------------
-def check_jobs(transformer_config, jobs: Sequence) -> bool:
+def is_i2v_batch(transformer_config, jobs: Sequence) -> bool:
     """Whether the jobs (`DenoiseJob`s run together) are image-to-video; refuses what the
     transformer cannot run correctly (ValueError)."""
     cfg = transformer_config
@@ -144,7 +182,7 @@ class JobTensors:
 
 def prepare_job(transformer_config, job, settings, i2v: bool, device: torch.device,
                 dtype: torch.dtype) -> JobTensors:
-    """A `DenoiseJob`'s tensors for `settings` (a `LoopSettings`), after `check_jobs`."""
+    """A `DenoiseJob`'s tensors for `settings` (a `LoopSettings`), after `is_i2v_batch`."""
     cfg = settings.guidance_scale > 1.0
     if cfg and job.negative_prompt_embeds is None:
         raise ValueError("a job with guidance > 1 needs negative_prompt_embeds")

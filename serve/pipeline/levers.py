@@ -3,7 +3,7 @@
 
 The request-level levers (CFG as one batched forward, the prompt-embedding LRU, request batching)
 live in the deployments; the step cache is `serve.pipeline.step_cache.make_step_cache` (the hand-written
-first-block `StepCache`, or cache-dit's DBCache in `serve.pipeline.step_cache.dbcache`).
+first-block `FirstBlockCache`, or cache-dit's DBCache in `serve.pipeline.step_cache.dbcache`).
 
 Quality cost of each lever (measured in tests/test_levers.py and loadtests/bench_gpu.py):
 - dtype bfloat16/float16 for the DiT: approximate (PSNR against fp32 reported); the modules diffusers
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -65,6 +65,51 @@ class PendingLevers:
     @property
     def pending(self) -> bool:
         return self._next is not None
+
+
+class LiveLevers:
+    """A stage's live levers, the one handshake of every stage (Transformer, VAE, TextEncoder): the
+    levers in effect (`current`), a `PendingLevers` for what `reconfigure()` receives, and how the
+    stage applies them (`apply(new_levers)`, called by `apply_pending` at the stage's boundary: between
+    batches, before a decode, or at once when the stage has no boundary to wait for)."""
+
+    def __init__(self, stage: str, levers: LeversConfig, apply: Callable[[LeversConfig], None] | None = None,
+                 boundary: str = "the next batch"):
+        self.stage = stage
+        self.current = levers
+        self._apply = apply
+        self.boundary = boundary
+        self._pending = PendingLevers(stage)
+
+    def receive(self, user_config: dict | None) -> LeversConfig:
+        """Serve's `reconfigure(user_config)`: validated over the levers in effect (a bad value raises
+        and changes nothing), pending until `apply_pending`."""
+        new = self._pending.receive(self.current, user_config)
+        logger.info("%s: live levers received (in effect from %s): %s", self.stage, self.boundary,
+                    new.live_for(self.stage))
+        return new
+
+    def apply_pending(self) -> bool:
+        """At the stage's boundary: apply the pending levers (if any) and make them current."""
+        levers = self._pending.take(self.current)
+        if levers is None:
+            return False
+        if self._apply is not None:
+            self._apply(levers)
+        self.current = levers
+        logger.info("%s: live levers in effect: %s", self.stage, levers.live_for(self.stage))
+        return True
+
+    @property
+    def pending(self) -> bool:
+        return self._pending.pending
+
+    @property
+    def received(self) -> int:
+        return self._pending.received
+
+    def stats(self) -> dict:
+        return {"levers_pending": self.pending, "reconfigures": self.received}
 
 
 def compile_transformer(transformer: torch.nn.Module, **compile_kwargs: Any) -> str:

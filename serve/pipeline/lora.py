@@ -236,12 +236,24 @@ class AdapterCache:
         self._enabled = False  # whether the LoRA layers are switched on
         self.active: tuple[str, float] | None = None
         self.loads = self.evictions = self.hits = 0
+        self.config = None  # what `find` resolves again (set by `from_config`)
 
     @classmethod
     def from_config(cls, transformer, cfg) -> "AdapterCache":
         """From a `ModelConfig` or a `LoraAdaptersConfig`: its adapters, resolved, and its `max_loaded`."""
         lora = getattr(cfg, "lora", cfg)
-        return cls(transformer, resolve_adapters(cfg), max_loaded=lora.max_loaded)
+        cache = cls(transformer, resolve_adapters(cfg), max_loaded=lora.max_loaded)
+        cache.config = cfg
+        return cache
+
+    def find(self, name: str) -> AdapterSpec:
+        """The adapter called `name`, resolving the config again when it is not known yet (the request
+        layer lists adapters_dir on each request, `adapter_catalog`: one added there since this cache
+        was made is found). `UnknownAdapter` when there is none; `AdapterResolveError` when the config
+        no longer resolves. The loader of Serve's multiplexing (`Transformer._register_adapter`)."""
+        if name not in self.adapters and self.config is not None:
+            self.adapters = resolve_adapters(self.config)  # one reference swap: the denoising thread reads it
+        return self.spec(name)
 
     @property
     def loaded(self) -> list[str]:

@@ -2,7 +2,7 @@
 the first `Fn` blocks probe, the middle blocks are skipped, the last `Bn` blocks always run) with an
 optional TaylorSeer calibrator (the skipped blocks' residual is extrapolated by a first-order Taylor
 step from the last two computed steps instead of reused as is). Called by `DenoiseLoop` exactly like
-`serve.pipeline.step_cache.first_block.StepCache`: `cache(transformer, latents, timestep, embeds, branch)`,
+`serve.pipeline.step_cache.first_block.FirstBlockCache`: `cache(transformer, latents, timestep, embeds, branch)`,
 `reset(num_steps=)`, `select(idx)`, `stats()`.
 
 How cache-dit is used here. cache-dit normally patches a whole pipeline (`cache_dit.enable_cache`):
@@ -22,16 +22,16 @@ blocks, and the epilogue (`dit_forward.unpatchify`): the same ops as the plain f
 threshold 0 reproduces it exactly.
 
 Settings mapped onto `DBCacheConfig`: `threshold` -> `residual_diff_threshold` (cache-dit's relative
-L1 change of the Fn blocks' residual: mean|now - then| / mean|then|, the same measure as StepCache's;
+L1 change of the Fn blocks' residual: mean|now - then| / mean|then|, the same measure as FirstBlockCache's;
 cache-dit treats a threshold >= 1 as "always reuse", so it must be < 1 here), `fn`/`bn` ->
 `Fn_compute_blocks`/`Bn_compute_blocks`, `warmup_steps` -> `max_warmup_steps`,
 `max_consecutive_skips` -> `max_continuous_cached_steps`, and `compute_last_step` -> a
 `steps_computation_mask` whose last entry is 1. With fn=1, bn=0, no TaylorSeer and one job it takes
-the same decisions as StepCache (tests check it).
+the same decisions as FirstBlockCache (tests check it).
 
-Differences from StepCache: cache-dit averages the change over the whole batch where StepCache takes
-the worst row (a batch of jobs, or the "cfg" branch's cond+uncond batch, may skip a step StepCache
-would compute). `select` slices cache-dit's buffers and TaylorSeer's derivative ladders by row,
+Differences from FirstBlockCache: cache-dit averages the change over the whole batch where
+FirstBlockCache takes the worst row (a batch of jobs, or the "cfg" branch's cond+uncond batch, may
+skip a step FirstBlockCache would compute). `select` slices cache-dit's buffers and TaylorSeer's derivative ladders by row,
 which the library does not do itself (it reads private-ish attributes: `CachedContext.buffers`,
 `TaylorSeerCalibrator.states`); an unknown calibrator state makes `select` drop that branch's
 context, so the next step is computed in full (safe, not faster).
@@ -183,7 +183,7 @@ class CacheDitStepCache:
         return sum(self._branch_counts(b)[1] for b in self._branches)
 
     def stats(self) -> dict:
-        """Counters of the current (last) loop per branch, plus lifetime totals (StepCache's keys)."""
+        """Counters of the current (last) loop per branch, plus lifetime totals (FirstBlockCache's keys)."""
         branches = {}
         for b in self._branches:
             computed, skipped = self._branch_counts(b)

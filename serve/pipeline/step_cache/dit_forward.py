@@ -11,8 +11,8 @@ import torch
 
 
 class StepCacheBackend(Protocol):
-    """What `DenoiseLoop` calls: `cache(transformer, latents, timestep, embeds, branch, image_embeds=)`
-    returns the noise prediction the plain forward would (exactly so when the step is computed);
+    """The step-cache protocol, what the engine calls (lockstep batches):
+    `cache(transformer, latents, timestep, embeds, branch, image_embeds=)` returns the noise prediction the plain forward would (exactly so when the step is computed);
     `reset(num_steps=)` before a run, `select(idx)` when a batch loses rows, `stats()` for metrics."""
 
     backend: str

@@ -41,7 +41,7 @@ class _BranchState:
     changes: list[float] = field(default_factory=list)
 
 
-class StepCache:
+class FirstBlockCache:
     """The hand-written first-block cache (`step_cache_backend` "first_block"). Callable as
     `cache(transformer, latents, timestep, embeds, branch) -> noise_pred`, the same
     tensor `transformer(hidden_states=latents, timestep=timestep, encoder_hidden_states=embeds,
@@ -157,3 +157,6 @@ class StepCache:
         else:
             st.skipped += 1
             self.total_skipped += 1
+
+
+StepCache = FirstBlockCache  # the former name (tests and benchmarks still construct it by it)
