@@ -62,6 +62,7 @@ from serve.pipeline.continuous import ContinuousBatch
 from serve.pipeline.denoise_step import job_tokens
 from serve.pipeline.denoising import DenoiseJob, DenoiseLoop, LoopSettings
 from serve.pipeline.diffusion_forcing import DFJob, DFRun, DFSettings, DiffusionForcingLoop
+from serve.runtime.deadlines import OverdueCalls, stage_deadline_s
 from serve.runtime.faults import chaos_pause
 from serve.errors import GenerationCancelled, StageError, StageOutOfMemory
 from serve.contracts import (
@@ -123,6 +124,7 @@ class Transformer:
         self.levers = LeversConfig.model_validate(levers or {})
         self.liveness = LivenessConfig.model_validate(liveness or {})
         self._callers = CallerWatch(self.liveness.caller_check_interval_s)
+        self._calls = OverdueCalls()  # check_health fails while one is past its deadline
         self.device = torch_device(self.model_cfg)
         self.torch_threads = apply_torch_threads(torch_threads, self.device, STAGE)
         self._torch = torch
@@ -239,6 +241,8 @@ class Transformer:
         self._pending.append(ticket)
         self._wakeup.set()
         windows: list = []  # a DF job's window latents (refs), kept alive while this stream is open
+        # the Generator's deadline for this call, kept here too (serve.runtime.deadlines)
+        call = self._calls.start(f"denoise of job {job_id}", self._deadline_s(spec.num_inference_steps))
         try:
             while True:
                 event = await ticket.events.get()
@@ -248,7 +252,12 @@ class Transformer:
                     raise event
                 if isinstance(event, DenoisedLatents):
                     windows.append(event.ref)
+                elif event.type == "stage":  # the batch started: the denoising's own deadline
+                    self._calls.restart(call)
+                elif event.type == "step" and event.total_steps:
+                    self._calls.extend_to(call, self._deadline_s(event.total_steps))
                 yield event
+            self._calls.end(call)  # done; holding the output is not work
             # Hold the latents (`event.ref`, or the windows') until the caller closes this stream, is
             # gone, or the hold times out; then the refs are dropped and the objects freed.
             self.held_outputs += 1
@@ -262,8 +271,12 @@ class Transformer:
         finally:
             # Cancelled by the caller (or finished): a job still in a batch leaves it at the
             # next step boundary; one still pending is never started.
+            self._calls.end(call)
             unwatch()
             ticket.cancelled.set()
+
+    def _deadline_s(self, steps: int) -> float:
+        return stage_deadline_s(steps, self.liveness.stage_deadline_per_step_s, self.liveness.stage_deadline_floor_s)
 
     def _caller_gone(self, ticket: _Ticket, died_at: float) -> None:
         """The caller of this job died: stop its denoising as a cancel does, end its stream."""
@@ -566,3 +579,4 @@ class Transformer:
     def check_health(self) -> None:
         if self._fatal:
             raise RuntimeError(f"transformer device unusable: {self._fatal}")
+        self._calls.check()  # a denoise stuck past its deadline: Serve replaces this replica

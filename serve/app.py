@@ -18,6 +18,7 @@ from typing import Any
 from ray.serve import Application
 
 from serve.config import LIVE_LEVERS, AppArgs, Settings, validate_live_levers
+from serve.runtime.loopback_grpc import with_hook
 
 
 def parse_args(args: AppArgs | dict[str, Any] | None) -> AppArgs:
@@ -93,6 +94,10 @@ def _stage(deployment, stage: str, args: AppArgs, name: str, plan: dict[str, dic
     what needs a restart (the constructor args, live levers left out), so a redeploy that changes only
     the live levers reconfigures the running replicas instead of replacing them."""
     opts = dict(plan[name], name=name)
+    # every replica's inter-deployment gRPC server on loopback on a loopback node (serve.runtime.loopback_grpc)
+    actor_options = dict(opts.get("ray_actor_options") or {})
+    actor_options["runtime_env"] = with_hook(actor_options.get("runtime_env"))
+    opts["ray_actor_options"] = actor_options
     if stage in LIVE_LEVERS:
         base = args.levers.live_for(stage)
         opts["user_config"] = validate_live_levers(stage, base, opts.get("user_config")).live_for(stage)
