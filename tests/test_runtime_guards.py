@@ -134,6 +134,9 @@ def test_every_deployment_gets_the_hook_and_a_configured_one_wins():
                     walk(child)
     walk(app)
     assert {"Generator", "Transformer", "VAEDecoder", "TextEncoder"} <= set(seen), seen
+    from ray._private.ray_constants import WORKER_PROCESS_SETUP_HOOK_ENV_VAR as HOOK_VAR
+
     assert all(env.get("worker_process_setup_hook") == loopback_grpc.HOOK for env in seen.values()), seen
+    assert all(env["env_vars"][HOOK_VAR] == loopback_grpc.HOOK for env in seen.values()), seen
     assert loopback_grpc.with_hook({"worker_process_setup_hook": "mine.hook", "env_vars": {"A": "1"}}) == {
-        "worker_process_setup_hook": "mine.hook", "env_vars": {"A": "1"}}
+        "worker_process_setup_hook": "mine.hook", "env_vars": {"A": "1", HOOK_VAR: "mine.hook"}}

@@ -11,8 +11,8 @@ loopback cluster (`cinevivid up`, `make run`, the tests: every Ray process on 12
 127.0.0.1, so binding 127.0.0.1 instead takes the same calls and nothing from outside the machine.
 
 `bind_loopback` is a Ray `runtime_env` `worker_process_setup_hook` (the app builder puts it in every
-deployment's `ray_actor_options.runtime_env`, as Ray Serve LLM does with its own hook): it runs in
-each replica's worker process before the replica is created, and swaps the name
+deployment's `ray_actor_options.runtime_env`, see `with_hook`): it runs in each replica's worker
+process before the replica is created, and swaps the name
 `add_port_to_grpc_server` in that module for one that turns `[::]:0` into `127.0.0.1:0`. On a node
 whose IP is not a loopback address (a real multi-node cluster, whose nodes must reach each other)
 it changes nothing.
@@ -106,7 +106,16 @@ def bind_loopback() -> None:
 
 
 def with_hook(runtime_env: dict | None) -> dict:
-    """`runtime_env` with this hook as its `worker_process_setup_hook` (one the config sets wins)."""
+    """`runtime_env` with this hook as its `worker_process_setup_hook` (one the config sets wins).
+
+    Ray turns a job's hook (`ray.init(runtime_env=...)`) into the environment variable its workers
+    run the hook from (`ray._private.runtime_env.setup_hook.export_setup_func_module`), but leaves
+    an actor's `worker_process_setup_hook` as is, unused. A replica's runtime_env therefore carries
+    that variable too, set the way Ray sets it for a hook given by module path."""
+    from ray._private import ray_constants
+
     env = dict(runtime_env or {})
-    env.setdefault("worker_process_setup_hook", HOOK)
+    hook = env.setdefault("worker_process_setup_hook", HOOK)
+    if isinstance(hook, str):
+        env["env_vars"] = {ray_constants.WORKER_PROCESS_SETUP_HOOK_ENV_VAR: hook, **(env.get("env_vars") or {})}
     return env
