@@ -241,8 +241,9 @@ class Transformer:
         self._pending.append(ticket)
         self._wakeup.set()
         windows: list = []  # a DF job's window latents (refs), kept alive while this stream is open
-        # the Generator's deadline for this call, kept here too (serve.runtime.deadlines)
-        call = self._calls.start(f"denoise of job {job_id}", self._deadline_s(spec.num_inference_steps))
+        # the Generator's deadline for this call's work, kept here too from the batch's start (a
+        # ticket waiting for a slot is not stuck work; serve.runtime.deadlines)
+        call = None
         try:
             while True:
                 event = await ticket.events.get()
@@ -252,8 +253,8 @@ class Transformer:
                     raise event
                 if isinstance(event, DenoisedLatents):
                     windows.append(event.ref)
-                elif event.type == "stage":  # the batch started: the denoising's own deadline
-                    self._calls.restart(call)
+                elif event.type == "stage" and call is None:  # the batch started
+                    call = self._calls.start(f"denoise of job {job_id}", self._deadline_s(spec.num_inference_steps))
                 elif event.type == "step" and event.total_steps:
                     self._calls.extend_to(call, self._deadline_s(event.total_steps))
                 yield event

@@ -14,8 +14,9 @@ window's for a long video, the Transformer's `total_steps`). Both sides keep it:
   replica that is frozen altogether (SIGSTOP) cannot answer its health check at all; Serve's health
   check timeout replaces that one.
 
-A Transformer call's clock starts again when the job's batch starts (its "stage" event): the wait for
-a batch slot is bounded by one deadline, the denoising by another.
+A Transformer call's clock starts again when the job's batch starts (its "stage" event): on the
+Generator's side the wait for a batch slot is bounded by one deadline, the denoising by another; on
+the replica's side only the denoising counts (a ticket waiting for a slot is not stuck work).
 """
 
 from __future__ import annotations
