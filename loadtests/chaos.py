@@ -120,8 +120,10 @@ def stream_flood(stack, n: int, samples: int) -> dict:
 
     client = httpx.Client(base_url=stack.url, headers=stack.headers, timeout=60)
     before = health_latencies(stack.url, samples)
-    job = {"prompt": "flood", "size": "64x48", "num_frames": 9, "num_inference_steps": 400, "seed": 1}
-    vid = client.post("/v1/videos", json=job).json()["id"]
+    job = {"prompt": "flood", "size": "128x128", "num_frames": 33, "num_inference_steps": 100, "seed": 1}
+    r = client.post("/v1/videos", json=job)
+    assert r.status_code == 200, r.text
+    vid = r.json()["id"]
     statuses: Counter = Counter()
     opened = asyncio.Event()
     release = asyncio.Event()
@@ -327,6 +329,8 @@ def main() -> None:
             "lost": len(lost), "lost_ids": lost, "mismatched": len(mismatched),
             "wall_s": round(time.time() - started, 1),
         }
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(result, indent=2))
         if a.stream_flood:
             log(f"stream flood: {a.stream_flood} SSE streams on a running job")
             result["stream_flood"] = stream_flood(stack, a.stream_flood, a.health_samples)
