@@ -230,9 +230,10 @@ def test_a_killed_ingress_replica_the_job_is_rerun_and_the_video_is_the_same(env
 # ---- a hung replica: the job is retried after one deadline, the replica replaced ----------------
 def test_a_hung_vae_replica_costs_the_job_one_deadline_and_the_video_is_the_same(env, h, reference):
     """SIGSTOP the VAE replica's process as it starts decoding the job: its call never answers.
-    The Generator's call misses its deadline (45 s here) and the job is retried (the same path as a
-    dead replica); Serve's health check finds the frozen replica, kills it and starts another, and
-    the retry runs there. The video equals an undisturbed run's."""
+    The Generator's call misses its deadline (45 s here), or fails sooner when Serve's health check
+    has found the frozen replica and killed it, and the job is retried (the same path as a dead
+    replica); the retry runs on the replica Serve started instead. The video equals an undisturbed
+    run's."""
     _wait_running()
     vid = httpx.post(f"{env.url}/v1/videos", json=JOB, headers=h, timeout=30).json()["id"]
     events, frozen, frozen_at = [], None, None
@@ -256,8 +257,9 @@ def test_a_hung_vae_replica_costs_the_job_one_deadline_and_the_video_is_the_same
     assert [e["retry"] for e, _ in retries] == [1], events
     (retry, retried_at), = retries
     assert retry["error"]["code"] == "stage_unavailable" and "the vae replica" in retry["error"]["message"], retry
-    # retried when the deadline passed (not before), and done well within a second deadline
-    assert DEADLINE_S - 1 <= retried_at - frozen_at, (retried_at - frozen_at, events)
+    # retried at the deadline, or sooner when Serve's health check has already killed the frozen
+    # replica (then the call fails as a dead one's); done well within a second deadline
+    assert retried_at - frozen_at <= DEADLINE_S + 10, (retried_at - frozen_at, events)
     assert finished < 3 * DEADLINE_S, (finished, events)
     progress = [e["progress"] for _, e, _ in events]
     assert progress == sorted(progress), progress
