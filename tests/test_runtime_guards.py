@@ -140,3 +140,34 @@ def test_every_deployment_gets_the_hook_and_a_configured_one_wins():
     assert all(env["env_vars"][HOOK_VAR] == loopback_grpc.HOOK for env in seen.values()), seen
     assert loopback_grpc.with_hook({"worker_process_setup_hook": "mine.hook", "env_vars": {"A": "1"}}) == {
         "worker_process_setup_hook": "mine.hook", "env_vars": {"A": "1", HOOK_VAR: "mine.hook"}}
+
+
+# ---- the Generator's side: a stage stream that stops answering --------------------------------
+async def test_a_stage_stream_past_its_deadline_fails_as_an_unavailable_stage():
+    """The Generator's `_within` hands a stage stream's items on while the deadline allows, and
+    raises StageUnavailable naming the stage (the error the job service retries) once it passes."""
+    import asyncio
+
+    from deployments.generator import Generator, _Run
+    from serve.contracts import ResolvedSpec
+    from serve.errors import StageUnavailable
+
+    gen = Generator.func_or_class
+    run = _Run(spec=ResolvedSpec.model_construct(), job_id="j", deadline_s=0.3)
+
+    async def hangs_after_two():
+        yield 1
+        yield 2
+        await asyncio.Event().wait()  # a frozen replica: never another item
+
+    got = []
+    with pytest.raises(StageUnavailable, match="the vae replica did not answer within its deadline") as err:
+        async for item in gen._within(gen, hangs_after_two(), Deadline(0.3), "vae", run):
+            got.append(item)
+    assert got == [1, 2] and err.value.stage == "vae"
+
+    async def finishes():
+        for i in range(3):
+            await asyncio.sleep(0.01)
+            yield i
+    assert [i async for i in gen._within(gen, finishes(), Deadline(5.0), "vae", run)] == [0, 1, 2]
