@@ -47,6 +47,7 @@ from serve.errors import (
 )
 from serve.media.fmp4 import FragmentedPreview
 from serve.media.mp4 import Mp4Writer, thumbnail_jpeg
+from serve.runtime.deadlines import Deadline, stage_deadline_s
 from serve.runtime.replica import CallerWatch, caller_id, setup_replica_logging
 from serve.stages import GENERATOR, INGRESS, model_of_deployment, stage_of_deployment
 from serve.media.prepare import prepare_job
@@ -119,6 +120,7 @@ class _Run:
     frames_done: int = 0
     skip_frames: int = 0  # extend: decoded frames still to drop (they re-make the source's end)
     progress: float = 0.0  # of the last step event
+    deadline_s: float = 0.0  # of each stage call (serve.runtime.deadlines), from the job's steps
     thumbnail_frame: np.ndarray | None = None
     float_chunks: list = field(default_factory=list)
 
@@ -138,7 +140,8 @@ class Generator:
         `models`: the set's ModelConfigs, the default first."""
         setup_replica_logging()
         self.me = caller_id()  # passed to the stages with each call
-        self._callers = CallerWatch(LivenessConfig.model_validate(liveness or {}).caller_check_interval_s)
+        self.liveness = LivenessConfig.model_validate(liveness or {})
+        self._callers = CallerWatch(self.liveness.caller_check_interval_s)
         self.models = [ModelConfig.model_validate(m) for m in (models if isinstance(models, list) else [models])]
         self.model_cfg = self.models[0]
         self.text_encoder = text_encoder
@@ -185,7 +188,7 @@ class Generator:
         log = _JobLog(logger, {"job_id": job_id})
         # 1. Resolve the spec (once; a ResolvedSpec from the job service is used as is)
         resolved, inputs = await asyncio.to_thread(self._prepare, spec, inputs)
-        run = _Run(spec=resolved, job_id=job_id, inputs=inputs)
+        run = _Run(spec=resolved, job_id=job_id, inputs=inputs, deadline_s=self._deadline_s(resolved.num_inference_steps))
         unwatch = self._callers.watch(caller, functools.partial(self._caller_gone, asyncio.current_task(), log))
         self.active += 1
         try:
@@ -223,6 +226,31 @@ class Generator:
             if run.tts_call is not None:
                 run.tts_call.cancel()
 
+    def _deadline_s(self, steps: int) -> float:
+        return stage_deadline_s(steps, self.liveness.stage_deadline_per_step_s, self.liveness.stage_deadline_floor_s)
+
+    @staticmethod
+    def _overdue(stage: str, run: _Run) -> StageUnavailable:
+        """A stage call past its deadline: its replica is treated like a dead one (the job service
+        retries the job; the replica's check_health fails while the call is overdue)."""
+        logger.warning("[job %s] the %s call missed its deadline (%.1f s); treating its replica as dead",
+                       run.job_id, stage, run.deadline_s)
+        return StageUnavailable(f"the {stage} replica did not answer within its deadline", stage=stage)
+
+    async def _within(self, stream, deadline: Deadline, stage: str, run: _Run) -> AsyncIterator:
+        """The items of a stage's stream, each awaited no longer than what is left of `deadline`
+        (which the caller may restart or extend as items arrive); past it, StageUnavailable."""
+        items = stream.__aiter__()
+        while True:
+            try:
+                async with asyncio.timeout(max(0.0, deadline.remaining())):
+                    item = await items.__anext__()
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                raise self._overdue(stage, run) from None
+            yield item
+
     def _collect_if_idle(self) -> None:
         if self.active == 0:
             gc.collect()
@@ -249,8 +277,9 @@ class Generator:
         del embeds  # (the denoise call holds the embeddings' ref while it needs it)
         run.open_calls.append(denoise)
         denoise_started = run.started
+        deadline = Deadline(run.deadline_s)
         try:
-            async for item in denoise:
+            async for item in self._within(denoise, deadline, "transformer", run):
                 self._raise_if_tts_failed(run.tts_call, run.job_id)
                 if isinstance(item, DenoisedLatents) and item.window is not None:  # diffusion forcing
                     async for event in self._deliver_window(run, item):
@@ -264,12 +293,16 @@ class Generator:
                     run.latents, run.denoise_call = item, denoise
                     break
                 elif item.type == "stage":  # the Transformer started this job's batch
+                    deadline.restart()  # the wait for a batch slot had one deadline, the denoising has one
                     # text encoding (and any wait for a batch slot) ends where denoising starts
                     denoise_started = run.mark("text_encoder", run.started)
                     yield ProgressEvent(type="stage", stage="text_encoder", stage_status="finished",
                                         progress=ENCODE_DONE)
                     yield item.model_copy(update={"progress": ENCODE_DONE})
                 elif item.type == "step":
+                    if item.total_steps:  # every window's steps, for a long video
+                        run.deadline_s = max(run.deadline_s, self._deadline_s(item.total_steps))
+                        deadline.extend_to(run.deadline_s)
                     share = (DENOISE_DONE - ENCODE_DONE) * item.step / item.total_steps
                     run.progress = ENCODE_DONE + share
                     yield item.model_copy(update={"progress": run.progress})
@@ -336,11 +369,12 @@ class Generator:
                 self._open_outputs(run, spec.width, spec.height)
                 await self._write_source(run)
         decoding = self.vae.options(stream=True).decode_part_stream.remote(
-            run.session_key, latents.window, latents.num_windows, latents.ref, spec.return_frames, caller=self.me)
+            run.session_key, latents.window, latents.num_windows, latents.ref, spec.return_frames, caller=self.me,
+            deadline_s=run.deadline_s)
         run.open_calls.append(decoding)
         window_frames: list[np.ndarray] = []
         try:
-            async for chunk in decoding:
+            async for chunk in self._within(decoding, Deadline(run.deadline_s), "vae", run):
                 frames, float_frames = chunk.frames, chunk.float_frames
                 if run.skip_frames:  # extend: frames that re-make the end of the source
                     n = min(run.skip_frames, len(frames))
@@ -402,8 +436,11 @@ class Generator:
     async def _await_tts(self, run: _Run) -> None:
         """The voice-over (if any, and not awaited yet) into `run.audio`, with its timing."""
         if run.tts_call is not None:
+            remaining = run.deadline_s - (time.time() - run.started)  # the TTS call started with the job
             try:
-                run.audio = await run.tts_call
+                run.audio = await asyncio.wait_for(asyncio.shield(run.tts_call), max(0.0, remaining))
+            except asyncio.TimeoutError:
+                raise self._overdue("tts", run) from None
             except Exception as exc:  # noqa: BLE001
                 _raise_typed(exc, "tts", run.job_id)
             run.tts_call = None
@@ -436,10 +473,10 @@ class Generator:
         chunks: list[np.ndarray] = []
         float_chunks: list[np.ndarray] = []
         decoding = self.vae.options(stream=True).decode_stream.remote(run.latents.ref, spec.return_frames,
-                                                                        caller=self.me)
+                                                                        caller=self.me, deadline_s=run.deadline_s)
         run.open_calls.append(decoding)
         try:
-            async for item in decoding:
+            async for item in self._within(decoding, Deadline(run.deadline_s), "vae", run):
                 if isinstance(item, ProgressEvent):  # the VAE started decoding this job
                     self._release_latents(run)  # it has fetched them: the Transformer may drop them
                     yield item.model_copy(update={"progress": DENOISE_DONE})

@@ -66,6 +66,7 @@ from serve.pipeline.denoise_step import job_tokens  # noqa: F401 - the one token
 from serve.pipeline.denoising import DenoiseLoop
 from serve.pipeline.diffusion_forcing import DiffusionForcingLoop
 from serve.pipeline.levers import LiveLevers, apply_levers, lever_state
+from serve.runtime.deadlines import OverdueCalls, stage_deadline_s
 from serve.pipeline.loading import resolve_subfolder, torch_device, torch_dtype
 from serve.pipeline.scheduler import DenoiseScheduler, JobDone, Ticket
 from serve.runtime.replica import CallerWatch, replica_id as _replica_id, setup_replica_logging
@@ -137,6 +138,7 @@ class Transformer:
         levers_cfg = LeversConfig.model_validate(levers or {})
         self.liveness = LivenessConfig.model_validate(liveness or {})
         self._callers = CallerWatch(self.liveness.caller_check_interval_s)
+        self._calls = OverdueCalls()  # check_health fails while one is past its deadline
         self.device = torch_device(self.model_cfg)
         self.torch_threads = apply_torch_threads(torch_threads, self.device, STAGE)
         transformer = SkyReelsV2Transformer3DModel.from_pretrained(
@@ -213,6 +215,9 @@ class Transformer:
         self._ensure_worker()
         self.scheduler.submit(ticket)
         windows: list = []  # a DF job's window latents (refs), kept alive while this stream is open
+        # the Generator's deadline for this call's work, kept here too from the batch's start (a
+        # ticket waiting for a slot is not stuck work; serve.runtime.deadlines)
+        call = None
         try:
             while True:
                 event = await stream.events.get()
@@ -222,7 +227,12 @@ class Transformer:
                     raise event
                 if isinstance(event, DenoisedLatents):
                     windows.append(event.ref)
+                elif event.type == "stage" and call is None:  # the batch started
+                    call = self._calls.start(f"denoise of job {job_id}", self._deadline_s(spec.num_inference_steps))
+                elif event.type == "step" and event.total_steps:
+                    self._calls.extend_to(call, self._deadline_s(event.total_steps))
                 yield event
+            self._calls.end(call)  # done; holding the output is not work
             # Hold the latents (`event.ref`, or the windows') until the caller closes this stream, is
             # gone, or the hold times out; then the refs are dropped and the objects freed. The
             # caller closing the stream now is how it releases the hold: the call has finished.
@@ -240,6 +250,7 @@ class Transformer:
         finally:
             # Cancelled by the caller (or finished): a job still in a batch leaves it at the
             # next step boundary; one still pending is never started.
+            self._calls.end(call)
             unwatch()
             ticket.cancel()
 
@@ -247,6 +258,9 @@ class Transformer:
         """The scheduler's event delivery (from the event loop or the denoising thread): to the
         ticket's stream, in order."""
         self._event_loop.call_soon_threadsafe(ticket.stream.events.put_nowait, event)
+
+    def _deadline_s(self, steps: int) -> float:
+        return stage_deadline_s(steps, self.liveness.stage_deadline_per_step_s, self.liveness.stage_deadline_floor_s)
 
     def _caller_gone(self, ticket: Ticket, died_at: float) -> None:
         """The caller of this job died: stop its denoising as a cancel does, end its stream."""
@@ -270,3 +284,4 @@ class Transformer:
     def check_health(self) -> None:
         if self.scheduler.fatal:
             raise RuntimeError(f"transformer device unusable: {self.scheduler.fatal}")
+        self._calls.check()  # a denoise stuck past its deadline: Serve replaces this replica

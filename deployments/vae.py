@@ -43,6 +43,7 @@ from serve.errors import StageError, StageOutOfMemory
 from serve.pipeline.levers import LiveLevers, apply_levers, lever_state
 from serve.pipeline.loading import resolve_subfolder, torch_device, torch_dtype
 from serve.runtime.replica import CallerWatch, replica_id, setup_replica_logging
+from serve.runtime.deadlines import OverdueCalls
 from serve.stages import VAE
 from serve.runtime.threads import apply_torch_threads
 
@@ -59,7 +60,9 @@ class VAECodec:
         from diffusers import AutoencoderKLWan
 
         setup_replica_logging()
-        self._callers = CallerWatch(LivenessConfig.model_validate(liveness or {}).caller_check_interval_s)
+        self.liveness = LivenessConfig.model_validate(liveness or {})
+        self._callers = CallerWatch(self.liveness.caller_check_interval_s)
+        self._calls = OverdueCalls()  # check_health fails while one is past its deadline
         self.model_cfg = ModelConfig.model_validate(model)
         levers_cfg = LeversConfig.model_validate(levers or {})
         # live levers from reconfigure(), applied before the next decode
@@ -144,7 +147,8 @@ class VAECodec:
         return session
 
     async def decode_part_stream(self, session_key: str, part: int, num_parts: int, latents,
-                                 return_float: bool = False, caller: str | None = None):
+                                 return_float: bool = False, caller: str | None = None,
+                                 deadline_s: float | None = None):
         """Streaming: DecodedFrames chunks of part `part` (0-based) of `num_parts` of one video;
         the frames of all parts in order are those of `decode` of all the latents."""
         latents = await self._resolve(latents)
@@ -152,7 +156,7 @@ class VAECodec:
             session = self._session(session_key, part)
             try:
                 async for chunk in self._stream(lambda stop: self._part_chunks(session, latents, return_float, stop),
-                                                latents, caller):
+                                                latents, caller, deadline_s):
                     yield chunk
             except BaseException:
                 self._sessions.pop(session_key, None)
@@ -162,10 +166,11 @@ class VAECodec:
                 self._sessions.pop(session_key, None)
                 session.close()
 
-    async def _stream(self, chunks, latents, caller: str | None = None):
+    async def _stream(self, chunks, latents, caller: str | None = None, deadline_s: float | None = None):
         """Run a chunk generator in a worker thread, yielding its chunks here as they come. A caller
         that closes the stream, or dies (`caller`, its Ray actor id), stops it after the chunk being
-        decoded."""
+        decoded. `deadline_s`: the caller's deadline for the call (else the configured floor);
+        check_health fails while the decode runs past it."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         stop = threading.Event()
@@ -183,6 +188,7 @@ class VAECodec:
                 loop.call_soon_threadsafe(queue.put_nowait, done)
 
         unwatch = self._callers.watch(caller, functools.partial(self._caller_gone, stop, queue, done))
+        call = self._calls.start("decode", deadline_s or self.liveness.stage_deadline_floor_s)
         worker = loop.run_in_executor(None, work)
         try:
             while (item := await queue.get()) is not done:
@@ -193,6 +199,7 @@ class VAECodec:
             unwatch()
             stop.set()  # the caller went away: stop after the chunk being decoded
             await asyncio.shield(worker)
+            self._calls.end(call)
 
     def _decode(self, latents: np.ndarray, want_float: bool) -> DecodedFrames:
         parts = list(self._chunks(latents, want_float))
@@ -221,14 +228,16 @@ class VAECodec:
             except Exception as exc:
                 raise self._stage_error(exc, latents) from exc
 
-    async def decode_stream(self, latents, return_float: bool = False, caller: str | None = None):
+    async def decode_stream(self, latents, return_float: bool = False, caller: str | None = None,
+                            deadline_s: float | None = None):
         """Streaming `decode` (call with `handle.options(stream=True)`): a "stage started"
         ProgressEvent, then DecodedFrames chunks in order; their concatenation is what `decode`
         returns."""
         latents = await self._resolve(latents)
         async with self._lock:
             yield ProgressEvent(type="stage", stage=STAGE, stage_status="started")
-            async for chunk in self._stream(lambda stop: self._chunks(latents, return_float, stop), latents, caller):
+            async for chunk in self._stream(lambda stop: self._chunks(latents, return_float, stop), latents, caller,
+                                            deadline_s):
                 yield chunk
 
     # -- the other direction: conditioning latents ----------------------------------------------
@@ -279,3 +288,4 @@ class VAECodec:
     def check_health(self) -> None:
         if self.vae is None:
             raise RuntimeError("vae not loaded")
+        self._calls.check()  # a decode stuck past its deadline: Serve replaces this replica

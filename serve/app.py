@@ -18,6 +18,7 @@ from typing import Any
 from ray.serve import Application
 
 from serve.config import LIVE_LEVERS, AppArgs, Settings, validate_live_levers
+from serve.runtime.loopback_grpc import with_hook
 from serve.stages import GENERATOR, IMAGE_ENCODER, INGRESS, TEXT_ENCODER, TRANSFORMER, TTS, VAE, Stage
 
 
@@ -97,6 +98,10 @@ def _stage(stage: Stage, args: AppArgs, plan: dict[str, dict[str, Any]], *init_a
     reconfigures the running replicas instead of replacing them."""
     name = serve_name or stage.deployment
     opts = dict(plan[name], name=name)
+    # every replica's inter-deployment gRPC server on loopback on a loopback node (serve.runtime.loopback_grpc)
+    actor_options = dict(opts.get("ray_actor_options") or {})
+    actor_options["runtime_env"] = with_hook(actor_options.get("runtime_env"))
+    opts["ray_actor_options"] = actor_options
     if stage.live_levers:
         base = args.levers.live_for(stage.name)
         opts["user_config"] = validate_live_levers(stage.name, base, opts.get("user_config")).live_for(stage.name)

@@ -399,6 +399,13 @@ class LivenessConfig(_Strict):
     # How long the Transformer keeps a finished job's latents for a Generator that never comes to
     # release them (it releases them as soon as the VAE has started decoding); covers a VAE queue.
     output_hold_s: float = Field(default=600.0, gt=0)
+    # Deadlines of the Generator's stage calls (`serve.runtime.deadlines`): a call must finish within
+    # max(stage_deadline_floor_s, denoising steps x stage_deadline_per_step_s) of the job (every
+    # window's steps for a long video), or its replica is treated like a dead one: the job is
+    # retried, and the replica's check_health fails while the call is overdue, so Serve replaces it.
+    # Size the per-step bound to a step's worst case on the hardware (with a batch's worth of jobs).
+    stage_deadline_per_step_s: float = Field(default=60.0, gt=0)
+    stage_deadline_floor_s: float = Field(default=300.0, gt=0)
 
 
 class TextEncoderBatching(_Strict):

@@ -32,14 +32,7 @@ def listening_sockets(env_key: str, env_value: str) -> list[tuple[str, int, str,
 
 
 def beyond_loopback(found: list[tuple[str, int, str, str]]) -> list[tuple[str, int, str, str]]:
-    """The sockets not on loopback, less the one known exception: each Serve replica's
-    inter-deployment gRPC server, which Ray 2.60 binds to [::]:0 with no option to change it
-    (ray/serve/_private/replica.py, `_on_initialized`); it takes only calls with the cluster's token.
-    At most one per replica."""
-    exposed = [s for s in found if s[0] not in LOOPBACK]
-    per_replica: dict[str, int] = {}
-    for ip, _, kind, name in exposed:
-        if ip == "::" and kind == "tcp" and name.startswith("ray::ServeReplica:"):
-            per_replica[name] = per_replica.get(name, 0) + 1
-    known = {name for name, n in per_replica.items() if n == 1}
-    return [s for s in exposed if not (s[0] == "::" and s[3] in known)]
+    """The sockets not on loopback. No exception: each Serve replica's inter-deployment gRPC server,
+    which Ray 2.60 binds to [::]:0, is moved to 127.0.0.1 by the worker-process setup hook
+    (serve/runtime/loopback_grpc.py)."""
+    return [s for s in found if s[0] not in LOOPBACK]

@@ -5,6 +5,12 @@ equals an undisturbed run with the same seed; with its retries used up it fails 
 (a real one: a small tmpfs filled to the last page) fails the job with `insufficient_storage` and
 leaves no file.
 
+A hung replica (SIGSTOP: the process is there, its calls never answer) is treated like a dead one:
+the Generator's call misses its deadline (`liveness.stage_deadline_*`), the job is retried, Serve's
+health check replaces the frozen replica, and the video is the same. A long (diffusion-forcing)
+video whose Transformer dies mid-job keeps its preview and counters: a watcher never sees them go
+back.
+
 The app here is its own ("chaos", with its own data dir): the kills never touch the shared
 fixtures' replicas. `chaos_delay_s` slows each stage down (without changing its output) so that a
 kill lands mid-call; the test waits for the job's own SSE events to know which stage it is in.
@@ -17,6 +23,7 @@ import io
 import os
 import re
 import signal
+import threading
 import time
 
 import av
@@ -32,10 +39,18 @@ from tests.http_fixtures import *  # noqa: F401,F403
 from serve.jobs.db import Database
 from serve.jobs.store import JobStore
 from tests.http_fixtures import (SMALL, HttpEnv, http_ingress_args, local_service, make_local_user, run_sync,
-                                 wait_local)
+                                 wait_for_status, wait_local)
 from serve.stages import GENERATOR, INGRESS, TRANSFORMER, TTS, VAE, stage_of_deployment
 
 APP = "chaos"
+# each stage call's deadline here: max(floor, steps x per step) = 45 s for JOB (6 steps). It also
+# bounds the wait for a killed replica's replacement (a re-run's call waits for it), which takes
+# tens of seconds on a loaded 2-core box: shorter deadlines turn one retry into two.
+LIVENESS = {"stage_deadline_per_step_s": 5.0, "stage_deadline_floor_s": 45.0}
+DEADLINE_S = 45.0
+# the VAE's health checks, tight enough that a frozen replica is replaced within one deadline
+# (Serve: 3 failed checks in a row; RAY_SERVE_FORCE_STOP_UNHEALTHY_REPLICAS kills it at once)
+VAE_OPTIONS = {"ray_actor_options": {"num_cpus": 0.1}, "health_check_period_s": 1.0, "health_check_timeout_s": 4.0}
 KEY = TEST_API_KEY  # the session cluster's processes have it (conftest: session_cluster_key)
 JOB = {"prompt": "a storm over the sea", "size": "64x48", "num_frames": 9, "num_inference_steps": 6, "seed": 11,
        "voiceover": {"text": "Waves.", "provider": "elevenlabs"}}
@@ -56,7 +71,8 @@ def env(ray_cluster, session_dir, fake) -> HttpEnv:
 
     data_dir = session_dir / "chaos-data"
     ingress = http_ingress_args(data_dir, dispatcher={"stage_retries": 2, "stage_retry_backoff_s": 0.2})
-    args = tiny_app_args(name=APP, with_ingress=True, ingress=ingress, deployments={"ingress": SMALL},
+    args = tiny_app_args(name=APP, with_ingress=True, ingress=ingress, deployments={"ingress": SMALL, "vae": VAE_OPTIONS},
+                         liveness=LIVENESS,
                          tts={"providers": ["elevenlabs", "none"], "elevenlabs_base_url": fake.url},
                          chaos_delay_s={"transformer": 0.3, "vae": 1.0, "tts": 2.5})
     serve.run(build_app(args), name=APP, route_prefix=f"/{APP}")
@@ -210,6 +226,113 @@ def test_a_killed_ingress_replica_the_job_is_rerun_and_the_video_is_the_same(env
     _assert_same_video(httpx.get(f"{env.url}/v1/videos/{vid}/content", headers=h, timeout=30).content, reference)
     row = run_sync(JobStore(Database(env.database_url)).get(vid))
     assert row["attempts"] == 2 and row["lease_owner"] is None  # the crash spent one attempt
+
+
+# ---- a hung replica: the job is retried after one deadline, the replica replaced ----------------
+def test_a_hung_vae_replica_costs_the_job_one_deadline_and_the_video_is_the_same(env, h, reference):
+    """SIGSTOP the VAE replica's process as it starts decoding the job: its call never answers.
+    The Generator's call misses its deadline (45 s here), or fails sooner when Serve's health check
+    has found the frozen replica and killed it, and the job is retried (the same path as a dead
+    replica); the retry runs on the replica Serve started instead. The video equals an undisturbed
+    run's."""
+    _wait_running()
+    vid = httpx.post(f"{env.url}/v1/videos", json=JOB, headers=h, timeout=30).json()["id"]
+    events, frozen, frozen_at = [], None, None
+    try:
+        with httpx.Client(base_url=env.url, headers=h, timeout=240) as http:
+            for kind, e in iter_events(http, vid):
+                if frozen is None and KILL_WHEN[VAE.deployment](kind, e):
+                    frozen, frozen_at = _replica_pid(VAE.deployment), time.monotonic()
+                    os.kill(frozen, signal.SIGSTOP)
+                events.append((kind, e, time.monotonic()))
+    finally:
+        if frozen is not None:
+            try:
+                os.kill(frozen, signal.SIGCONT)  # (Serve has killed it by now; if not, let it go on)
+            except ProcessLookupError:
+                pass
+    assert frozen is not None, events
+    finished = events[-1][2] - frozen_at
+    assert events[-1][1]["status"] == "completed", events
+    retries = [(e, t) for k, e, t in events if k == "status" and e.get("retry")]
+    assert [e["retry"] for e, _ in retries] == [1], events
+    (retry, retried_at), = retries
+    assert retry["error"]["code"] == "stage_unavailable" and "the vae replica" in retry["error"]["message"], retry
+    # retried at the deadline, or sooner when Serve's health check has already killed the frozen
+    # replica (then the call fails as a dead one's); done well within a second deadline
+    assert retried_at - frozen_at <= DEADLINE_S + 10, (retried_at - frozen_at, events)
+    assert finished < 3 * DEADLINE_S, (finished, events)
+    progress = [e["progress"] for _, e, _ in events]
+    assert progress == sorted(progress), progress
+    _assert_same_video(httpx.get(f"{env.url}/v1/videos/{vid}/content", headers=h, timeout=30).content, reference)
+    _wait_running()
+    import psutil
+
+    assert not psutil.pid_exists(frozen) or psutil.Process(frozen).status() == psutil.STATUS_ZOMBIE, \
+        "the frozen replica was not replaced"
+
+
+# ---- a long video whose Transformer dies: what a watcher sees never goes back ------------------
+# 3 windows of 4 latent frames, each adding 2 (8 frames): 29 frames at 8 fps
+DF_JOB = {"prompt": "a long walk along the shore", "size": "64x64", "num_frames": 29, "fps": 8, "seed": 11,
+          "num_inference_steps": 8, "base_num_frames": 13, "overlap_history": 5}
+
+
+def _watch(env, h, vid: str, seen: list, stop: threading.Event) -> None:
+    """Poll GET /v1/videos/{id} and the preview's length until `stop`: (windows_done,
+    playable_seconds, progress, preview bytes) of each look while the job runs."""
+    with httpx.Client(base_url=env.url, headers=h, timeout=30) as http:
+        while not stop.is_set():
+            v = http.get(f"/v1/videos/{vid}").json()
+            if v.get("status") != "in_progress":
+                if v.get("status") in ("completed", "failed"):
+                    return
+                continue
+            p = http.get(f"/v1/videos/{vid}/content", params={"variant": "preview"})
+            if p.status_code == 200 and p.headers.get("x-video-status") != "in_progress":
+                continue  # it completed meanwhile: the "preview" is the final video
+            size = len(p.content) if p.status_code == 200 else 0  # no window yet: no preview
+            seen.append((v.get("windows_done") or 0, v.get("playable_seconds") or 0.0, v["progress"], size))
+            stop.wait(0.1)
+
+
+def test_a_long_videos_progress_never_goes_back_when_its_transformer_dies(env, h):
+    """Kill the Transformer once the first window is delivered. The job is re-run from the start,
+    and while the re-run makes windows the preview already has, the preview, `windows_done`,
+    `playable_seconds` and the progress stay as they were (polled and in the SSE stream); then they
+    grow again. The final video equals an undisturbed run's."""
+    _wait_running()
+    ref_id = httpx.post(f"{env.url}/v1/videos", json=DF_JOB, headers=h, timeout=30).json()["id"]
+    assert wait_for_status(env.url, h, ref_id, {"completed", "failed"}, 240)["status"] == "completed"
+    reference = httpx.get(f"{env.url}/v1/videos/{ref_id}/content", headers=h, timeout=30).content
+
+    vid = httpx.post(f"{env.url}/v1/videos", json=DF_JOB, headers=h, timeout=30).json()["id"]
+    seen, stop = [], threading.Event()
+    watcher = threading.Thread(target=_watch, args=(env, h, vid, seen, stop), daemon=True)
+    watcher.start()
+    events, killed = [], False
+    try:
+        with httpx.Client(base_url=env.url, headers=h, timeout=240) as http:
+            for kind, e in iter_events(http, vid):
+                events.append((kind, e))
+                if not killed and kind == "window" and e["window"] == 0:
+                    _kill(TRANSFORMER.deployment)
+                    killed = True
+    finally:
+        stop.set()
+        watcher.join(60)
+    assert killed and events[-1][1]["status"] == "completed", events
+    assert [e["retry"] for k, e in events if k == "status" and e.get("retry")] == [1], events
+    windows = [(e["window"], e["playable_s"]) for k, e in events if k == "window"]
+    assert windows == [(0, 13 / 8), (1, 21 / 8), (2, 29 / 8)], windows  # each window once, in order
+    progress = [e["progress"] for _, e in events]
+    assert progress == sorted(progress), progress
+    assert len(seen) >= 3, seen
+    for i, name in enumerate(("windows_done", "playable_seconds", "progress", "preview bytes")):
+        values = [s[i] for s in seen]
+        assert values == sorted(values), (name, values)
+    final = httpx.get(f"{env.url}/v1/videos/{vid}/content", headers=h, timeout=30).content
+    assert np.array_equal(_decoded_video(final), _decoded_video(reference)), "the frames differ"
 
 
 # ---- retries used up: a short, clear failure ---------------------------------------------------

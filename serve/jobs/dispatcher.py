@@ -205,7 +205,10 @@ class Dispatcher:
         log.info("job %s: claimed (attempt %d) by %s", job_id, job["attempts"], self.owner)
         self._publish(job_id, type="status", status=IN_PROGRESS, progress=0)
         stream = None
-        state = {"progress": 0, "stage": None, "last_write": 0.0, "dirty": False}
+        state = {"progress": 0, "stage": None, "last_write": 0.0, "dirty": False,
+                 # a long video's windows already in its preview (an earlier attempt's, when a replica
+                 # died): a re-run does not show them again, so what a watcher sees never goes back
+                 "windows_done": self._windows_in_preview(job_id)}
         heartbeat = asyncio.create_task(self._heartbeat(job_id, state))
         retries = 0
         try:
@@ -391,7 +394,17 @@ class Dispatcher:
     def _publish(self, job_id: str, **fields) -> None:
         self.broker.publish(job_id, ProgressEvent(id=job_id, **fields))
 
+    def _windows_in_preview(self, job_id: str) -> int:
+        preview = self.artifacts.preview_state(job_id)
+        return int(preview.get("windows_done") or 0) if preview else 0
+
     async def _on_event(self, job_id: str, event: ProgressEvent, state: dict) -> None:
+        if event.type == "window" and event.window < state["windows_done"]:
+            # a re-run (same spec and seed: the same frames) passing a window the preview already
+            # has: the preview, windows_done and playable_seconds stay as they are until it passes them
+            return
+        if event.type == "window":
+            state["windows_done"] = event.window + 1
         if event.type == "window" and not state.get("preview_broken"):  # its fragments join the preview first
             try:
                 await self.artifacts.append_preview(job_id, event.fragment or b"", windows_done=event.window + 1,

@@ -34,6 +34,11 @@ SERVE_ENV: dict[str, str] = {
     # (the controller pushes the new replica set and HAProxy reloads), and HAProxy retries refused
     # connections, so a few seconds suffice and `cinevivid down` / redeploys don't stall for 30 s.
     "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "3",
+    # A replica that fails its health checks (a hung one: frozen, or a stage call past its deadline,
+    # serve/runtime/deadlines.py) is killed at once instead of being given its graceful stop
+    # (`graceful_shutdown_timeout_s`, 600 s for the stages): a frozen process never drains, and it
+    # would hold its GPU share, so its replacement could not start. Its jobs are retried anyway.
+    "RAY_SERVE_FORCE_STOP_UNHEALTHY_REPLICAS": "1",
 }
 
 
