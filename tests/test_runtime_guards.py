@@ -14,6 +14,7 @@ import pytest
 from serve.config import AppArgs, LivenessConfig
 from serve.runtime import loopback_grpc
 from serve.runtime.deadlines import Deadline, OverdueCalls, stage_deadline_s
+from serve.stages import GENERATOR, TEXT_ENCODER, TRANSFORMER, VAE
 
 pytestmark = pytest.mark.fast
 
@@ -133,7 +134,7 @@ def test_every_deployment_gets_the_hook_and_a_configured_one_wins():
                 if hasattr(child, "_bound_deployment"):
                     walk(child)
     walk(app)
-    assert {"Generator", "Transformer", "VAEDecoder", "TextEncoder"} <= set(seen), seen
+    assert {s.deployment for s in (GENERATOR, TRANSFORMER, VAE, TEXT_ENCODER)} <= set(seen), seen
     from ray._private.ray_constants import WORKER_PROCESS_SETUP_HOOK_ENV_VAR as HOOK_VAR
 
     assert all(env.get("worker_process_setup_hook") == loopback_grpc.HOOK for env in seen.values()), seen
