@@ -495,6 +495,32 @@ class DispatcherConfig(_Strict):
     stage_retry_backoff_s: float = Field(default=1.0, ge=0)
 
 
+# Cloud metadata services (AWS/GCP/Azure/OpenStack 169.254.169.254 is link-local already; these are
+# the others: AWS's IPv6 one, Alibaba's, Oracle's)
+METADATA_ADDRESSES = ("fd00:ec2::254", "100.100.100.200", "192.0.0.192")
+
+
+def webhook_address_refusal(address: str, allowed_networks: list[str]) -> str | None:
+    """What kind of internal address `address` is (loopback, private, ...), unless it lies in one of
+    `allowed_networks`; None for a public address or an allowed one."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if any(ip in ipaddress.ip_network(n, strict=False) for n in allowed_networks):
+        return None
+    for kind, hit in (("a metadata", str(ip) in METADATA_ADDRESSES), ("an unspecified", ip.is_unspecified),
+                      ("a loopback", ip.is_loopback), ("a link-local", ip.is_link_local),
+                      ("a multicast", ip.is_multicast),
+                      ("a unique-local", isinstance(ip, ipaddress.IPv6Address) and ip in _UNIQUE_LOCAL),
+                      ("a private", ip.is_private), ("a reserved", ip.is_reserved or not ip.is_global)):
+        if hit:
+            return f"{ip} is {kind} address"
+    return None
+
+
+_UNIQUE_LOCAL = ipaddress.ip_network("fc00::/7")
+
+
 class WebhooksConfig(_Strict):
     """Webhook endpoints and their deliveries (`POST /v1/webhooks`; `serve.jobs.webhooks`)."""
 
@@ -509,29 +535,38 @@ class WebhooksConfig(_Strict):
     max_concurrent_deliveries: int = Field(default=8, ge=1)  # POSTs in flight on one replica
     # A claimed delivery is this replica's until then; a replica that died mid-send loses it after.
     lease_seconds: float = Field(default=60.0, gt=0)
-    # Where receivers may be: CIDR networks (e.g. ["127.0.0.0/8", "::1/128"] for a test stack whose
-    # receivers are all on this machine). A URL whose host resolves to an address outside them is a
-    # 400 naming `url` at registration, and a delivery to one fails without a request being sent
-    # (the name is resolved again then). None: any address.
-    allowed_networks: list[str] | None = None
+    # Where receivers may be. By default a receiver must be on the public internet: every address
+    # its host resolves to is checked at registration (a 400 naming `url`) and again before each
+    # delivery (the connection goes to the address that was checked), and loopback, link-local,
+    # private, unique-local, multicast, unspecified, reserved and cloud metadata addresses are
+    # refused (`webhook_address_refusal`). `allowed_networks` (CIDR) and `allowed_hosts` (exact
+    # host names) are the operator's exceptions, e.g. ["127.0.0.0/8", "::1/128"] for a test stack
+    # whose receivers are all on this machine.
+    allowed_networks: list[str] = Field(default_factory=list)
+    allowed_hosts: list[str] = Field(default_factory=list)
 
-    @field_validator("allowed_networks")
+    @field_validator("allowed_networks", mode="before")
     @classmethod
     def _networks(cls, value):
-        if value is not None:
-            for net in value:
-                try:
-                    ipaddress.ip_network(net, strict=False)
-                except ValueError as exc:
-                    raise ValueError(f"webhooks.allowed_networks: {net!r} is not a network ({exc})") from None
+        if value is None:
+            return []
+        for net in value:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"webhooks.allowed_networks: {net!r} is not a network ({exc})") from None
         return value
 
-    def allows(self, addresses: list[str]) -> bool:
-        """Whether every one of a host's addresses is inside allowed_networks (None: any)."""
-        if self.allowed_networks is None:
-            return True
-        nets = [ipaddress.ip_network(n, strict=False) for n in self.allowed_networks]
-        return bool(addresses) and all(any(ipaddress.ip_address(a) in n for n in nets) for a in addresses)
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts(cls, value):
+        return [h.strip().lower().rstrip(".") for h in value]
+
+    def address_refusal(self, host: str, address: str) -> str | None:
+        """Why `host`, resolved to `address`, may not receive webhooks; None when it may."""
+        if host.strip("[]").lower().rstrip(".") in self.allowed_hosts:
+            return None
+        return webhook_address_refusal(address, self.allowed_networks)
 
     @model_validator(mode="after")
     def _lease_outlives_a_send(self):
