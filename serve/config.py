@@ -282,6 +282,17 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+# Serve slots of an Ingress replica beyond its request slots and its streams: for /health, /metrics
+# and requests being refused (a refusal takes a slot for a moment). serve.api.admission.
+INGRESS_RESERVED_SLOTS = 16
+
+
+def ingress_serve_slots(request_slots: int, max_streams_total: int) -> int:
+    """Serve's `max_ongoing_requests` for an Ingress with `request_slots` for ordinary requests
+    (`deployments.ingress.max_ongoing_requests`) and up to `max_streams_total` streams."""
+    return request_slots + max_streams_total + INGRESS_RESERVED_SLOTS
+
+
 class DeploymentsConfig(_Strict):
     text_encoder: DeploymentOptions = Field(default_factory=DeploymentOptions)
     transformer: DeploymentOptions = Field(default_factory=DeploymentOptions)
@@ -478,6 +489,11 @@ class LimitsConfig(_Strict):
     max_list_limit: int = Field(default=100, ge=1)
     # active (unrevoked) API keys one user may hold; POST /v1/api-keys past it -> 409 api_key_limit_reached
     max_api_keys_per_user: int = Field(default=20, ge=1)
+    # Server-Sent Events streams and downloads (video, thumbnail, preview) open at once, per user and
+    # per ingress replica; more -> 429 too_many_streams. They do not take the replica's request slots
+    # (deployments.ingress.max_ongoing_requests): serve.api.admission.
+    max_streams_per_user: int = Field(default=8, ge=1)
+    max_streams_total: int = Field(default=128, ge=1)
     failed_auth: FailedAuthConfig = Field(default_factory=FailedAuthConfig)
 
 

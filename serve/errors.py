@@ -146,6 +146,11 @@ class TooManyJobsError(RateLimited):
     code = "too_many_active_jobs"
 
 
+class TooManyStreams(RateLimited):
+    """Too many progress streams (SSE) and downloads open: the caller's own, or the replica's."""
+    code = "too_many_streams"
+
+
 class TooManyFailedAttempts(RateLimited):
     """Sign-ins from this client or for this username are locked after repeated failures."""
 

@@ -23,6 +23,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Route
 
 from serve.api import schemas as m
+from serve.api.admission import AdmissionMiddleware, CountedStream, StreamLimiter
 from serve.api.auth import Authenticator, Principal, load_jwt_secret
 from serve.api.content import file_response
 from serve.api.errors import EXCEPTION_HANDLERS
@@ -60,6 +61,7 @@ class Api:
     rate_limiter: SharedRateLimiter
     http_metrics: HttpMetrics
     trusted_proxies: list
+    streams: StreamLimiter
 
     @property
     def config(self) -> IngressConfig:
@@ -287,9 +289,24 @@ async def remix_video(request: Request, user: Principal) -> Response:
     return _json(m.Video, api.service.video_view(job), headers={"openai-poll-after-ms": api.poll_after_ms})
 
 
+def _counted(api: "Api", user: Principal, respond: Callable[[], Response]) -> Response:
+    """The stream `respond()` makes, counted against the caller's and the replica's stream limits
+    (429 too_many_streams beyond) until it ends."""
+    release = api.streams.acquire(user.user_id)
+    try:
+        return CountedStream(respond(), release)  # type: ignore[return-value] - an ASGI response
+    except BaseException:
+        release()
+        raise
+
+
 async def video_content(request: Request, user: Principal) -> Response:
     api: Api = request.app.state.api
     job = await api.service.get_job(user.user_id, request.path_params["video_id"])
+    return _counted(api, user, lambda: _content(request, api, job))
+
+
+def _content(request: Request, api: "Api", job: dict) -> Response:
     variant = request.query_params.get("variant", "video")
     if variant not in ("video", "thumbnail", "preview"):
         raise InvalidSpecError(f"variant must be 'video', 'thumbnail' or 'preview' (got {variant!r})",
@@ -328,8 +345,9 @@ def _preview_response(request: Request, api: "Api", job: dict) -> Response:
 async def video_events(request: Request, user: Principal) -> Response:
     api: Api = request.app.state.api
     job = await api.service.get_job(user.user_id, request.path_params["video_id"])
-    return StreamingResponse(job_events(api.service, job), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return _counted(api, user, lambda: StreamingResponse(
+        job_events(api.service, job), media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}))
 
 
 async def voices(request: Request, user: Principal) -> Response:
@@ -514,7 +532,8 @@ def create_app(service: JobService, *, manage_lifecycle: bool = True) -> Starlet
                                              app_name=service.app_args.name,
                                              shared=limits.rate_limit_scope == "cluster"),
               http_metrics=HttpMetrics(service.metrics.registry, replica=service.dispatcher.replica),
-              trusted_proxies=parse_networks(config.trusted_proxies))
+              trusted_proxies=parse_networks(config.trusted_proxies),
+              streams=StreamLimiter(limits.max_streams_per_user, limits.max_streams_total))
 
     @contextlib.asynccontextmanager
     async def lifespan(app) -> AsyncIterator[None]:
@@ -535,6 +554,8 @@ def create_app(service: JobService, *, manage_lifecycle: bool = True) -> Starlet
     media_bodies = {"/v1/videos": max(lim.max_upload_bytes, 2 * lim.max_image_bytes + lim.max_upload_bytes),
                     "/v1/videos/extensions": max(lim.max_upload_bytes, lim.max_video_bytes + lim.max_upload_bytes)}
     app.add_middleware(BodyLimitMiddleware, max_bytes=lim.max_upload_bytes, per_path=media_bodies)
+    # ordinary requests beyond the replica's request slots: 503 at once (streams and /health apart)
+    app.add_middleware(AdmissionMiddleware, slots=service.app_args.deployments.ingress.max_ongoing_requests)
     app.add_middleware(MetricsMiddleware, metrics=api.http_metrics)
     app.state.api = api
     app.state.service = service
