@@ -443,18 +443,24 @@ class TTSConfig(_Strict):
 
 class FailedAuthConfig(_Strict):
     """Brute-force throttles (`serve.api.throttle`, kept in the database): failed logins per
-    username and per client address, failed API keys / tokens per client address. Past a
-    threshold the next attempt is a 429 too_many_failed_attempts with Retry-After; every attempt
-    while locked (right or wrong) locks again for twice as long, up to `max_lockout_s`. Counts are
-    forgotten after `window_s` without a failure; a successful login clears its username's."""
+    (username, client address) pair, per username and per client address; failed API keys /
+    tokens per client address. Past a threshold the next attempt is a 429 too_many_failed_attempts
+    with Retry-After for `lockout_s`; after a lock ends, each new failure locks again for twice as
+    long, up to `max_lockout_s`. Attempts during a sign-in lock neither count nor extend it, and a
+    correct password from an address the user has signed in from before passes the username's and
+    the address's locks (not the pair's). Counts are forgotten after `window_s` without a failure;
+    a successful login clears its pair's. docs/security.md has the policy."""
 
     enabled: bool = True
-    login_failures_per_username: int = Field(default=5, ge=1)
-    login_failures_per_address: int = Field(default=20, ge=1)
+    login_failures_per_pair: int = Field(default=5, ge=1)  # one username from one address
+    login_failures_per_username: int = Field(default=20, ge=1)  # from all addresses together
+    login_failures_per_address: int = Field(default=20, ge=1)  # to all usernames together
     credential_failures_per_address: int = Field(default=20, ge=1)  # bad API keys / bearer tokens
     window_s: float = Field(default=900.0, gt=0)
     lockout_s: float = Field(default=60.0, gt=0)  # the first lockout; doubles with each further one
     max_lockout_s: float = Field(default=900.0, gt=0)
+    # how long an address a user signed in from stays "known" (passes the username/address locks)
+    known_address_days: float = Field(default=30.0, ge=0)
 
     @model_validator(mode="after")
     def _cap_above_first(self):

@@ -170,13 +170,27 @@ async def login(request: Request, user: Principal | None) -> Response:
     api: Api = request.app.state.api
     req = await read_body(request, m.LoginRequest)
     address = api.client_address(request)
-    await api.throttle.check_login(req.username, address)  # 429 while locked, before any password check
-    try:
-        token = await api.auth.login(req.username, req.password)
-    except AuthError:
+    token: dict | None = None
+    refused: AuthError | None = None
+
+    async def password_ok() -> bool:
+        nonlocal token, refused
+        try:
+            token = await api.auth.login(req.username, req.password)
+        except AuthError as exc:
+            refused = exc
+        return token is not None
+
+    # 429 while locked (serve.api.throttle: the password is checked during a lock only where a
+    # right one may pass, and nothing during a lock extends it)
+    await api.throttle.check_login(req.username, address, password_ok)
+    if token is None and refused is None:
+        await password_ok()
+    if token is None:
         await api.throttle.login_failed(req.username, address)
-        raise
-    await api.throttle.login_succeeded(req.username)
+        assert refused is not None
+        raise refused
+    await api.throttle.login_succeeded(req.username, address)
     return _json(m.TokenResponse, token)
 
 
