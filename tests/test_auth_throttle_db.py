@@ -21,6 +21,10 @@ async def _never() -> bool:
     raise AssertionError("the password is checked during a lock only from a known address")
 
 
+async def _right() -> bool:
+    return True
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 async def url(request, tmp_path):
     if request.param == "sqlite":
@@ -42,8 +46,10 @@ async def test_two_replicas_share_one_count(url):
             await tb.check_login("carol", "192.0.2.99", _never)
         assert 25 <= locked.value.retry_after_s <= 30  # refused while locked, and not extended
         await ta.check_login("dave", "192.0.2.1", _never)  # other names are not affected
-        await ta.login_succeeded("carol", "192.0.2.1")
-        await tb.check_login("carol", "192.0.2.1", _never)
+        await ta.login_succeeded("carol", "192.0.2.1")  # (carol's known address, seen by both replicas)
+        await tb.check_login("carol", "192.0.2.1", _right)  # the right password passes the name's lock
+        with pytest.raises(TooManyFailedAttempts):
+            await tb.check_login("carol", "192.0.2.99", _never)
     finally:
         await a.dispose()
         await b.dispose()
