@@ -18,7 +18,8 @@ class NoGenerator:
 
 
 @contextlib.asynccontextmanager
-async def ingress_only(tmp_path: Path, *, deployments: dict | None = None, **ingress_overrides):
+async def ingress_only(tmp_path: Path, *, deployments: dict | None = None, models: list | None = None,
+                       **ingress_overrides):
     """(service, httpx.AsyncClient) for the HTTP app over its own database in `tmp_path` (or `data_dir=`)."""
     from serve.api.routes import create_app
     from serve.config import AppArgs
@@ -27,7 +28,8 @@ async def ingress_only(tmp_path: Path, *, deployments: dict | None = None, **ing
     data_dir = ingress_overrides.pop("data_dir", tmp_path)
     args = AppArgs.model_validate(tiny_app_args(name="ingress-only", with_ingress=True,
                                                 ingress=http_ingress_args(data_dir, **ingress_overrides),
-                                                **({"deployments": deployments} if deployments else {})))
+                                                **({"deployments": deployments} if deployments else {}),
+                                                **({"models": models} if models else {})))
     service = JobService(args, NoGenerator())
     app = create_app(service)
     async with app.router.lifespan_context(app):

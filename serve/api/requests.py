@@ -62,6 +62,8 @@ def _parse_json(raw: str | bytes, where: str | None) -> Any:
     except RecursionError:
         raise InvalidJSON(f"{what} nests deeper than {MAX_JSON_DEPTH} levels", param=where) from None
     except ValueError as exc:
+        if "int_max_str_digits" in str(exc):  # Python's own limit, named in its message: not ours to show
+            raise InvalidJSON(f"{what} holds a number with too many digits", param=where) from None
         raise InvalidJSON(f"{what} is not valid JSON: {exc}", param=where) from None
 
 

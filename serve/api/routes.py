@@ -28,6 +28,7 @@ from serve.api.auth import Authenticator, Principal, load_jwt_secret
 from serve.api.content import file_response
 from serve.api.errors import EXCEPTION_HANDLERS
 from serve.api.metrics import HttpMetrics, MetricsMiddleware
+from serve.api.headers import SecurityHeadersMiddleware
 from serve.api.middleware import BodyLimitMiddleware
 from serve.api.ratelimit import SharedRateLimiter
 from serve.api import media_requests as media
@@ -571,6 +572,7 @@ def create_app(service: JobService, *, manage_lifecycle: bool = True) -> Starlet
     # ordinary requests beyond the replica's request slots: 503 at once (streams and /health apart)
     app.add_middleware(AdmissionMiddleware, slots=service.app_args.deployments.ingress.max_ongoing_requests)
     app.add_middleware(MetricsMiddleware, metrics=api.http_metrics)
+    app.add_middleware(SecurityHeadersMiddleware)
     app.state.api = api
     app.state.service = service
     app.state.api_routes = API_ROUTES

@@ -88,6 +88,7 @@ class JobService:
         self.artifacts.ensure()
         try:
             await self.db.migrate()
+            self.db.restrict_file_modes()
         except Exception:  # the database may be down; /health says so, the dispatcher retries
             logger.exception("database migration failed at startup (%s); will retry", self._safe_db_url())
             self._migrate_task = asyncio.create_task(self._retry_migrate())
@@ -254,7 +255,7 @@ class JobService:
         except Exception as exc:  # noqa: BLE001
             services["database"] = {"status": "unhealthy", "detail": f"unreachable: {type(exc).__name__}: {exc}"[:300]}
         try:
-            disk = await asyncio.to_thread(self.artifacts.check_writable)
+            disk = await asyncio.to_thread(self.artifacts.check_writable, *self.db.local_folders())
             services["storage"] = {"status": "healthy", "detail": f"{disk['free_bytes'] // 2**20} MiB free"}
         except Exception as exc:  # noqa: BLE001
             services["storage"] = {"status": "unhealthy", "detail": f"{type(exc).__name__}: {exc}"[:300]}
