@@ -1,6 +1,6 @@
 """The HTTP app alone, in this process, with no Ray and no model stage: for tests of what the
 ingress itself answers (auth, throttles, limits, storage, headers). Its Generator is absent (the
-`/health` page says so); a route that would reach it is not what these tests call."""
+`/health` page says so) and its dispatcher is not started: a job that is created stays queued."""
 
 from __future__ import annotations
 
@@ -31,6 +31,10 @@ async def ingress_only(tmp_path: Path, *, deployments: dict | None = None, model
                                                 **({"deployments": deployments} if deployments else {}),
                                                 **({"models": models} if models else {})))
     service = JobService(args, NoGenerator())
+
+    async def no_dispatching() -> None:  # nothing could run a job here: they stay queued
+        return None
+    service.dispatcher.start = no_dispatching
     app = create_app(service)
     async with app.router.lifespan_context(app):
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://local",

@@ -63,6 +63,7 @@ class Api:
     http_metrics: HttpMetrics
     trusted_proxies: list
     streams: StreamLimiter
+    image_slots: asyncio.Semaphore
 
     @property
     def config(self) -> IngressConfig:
@@ -219,23 +220,29 @@ async def revoke_key(request: Request, user: Principal) -> Response:
 async def create_video(request: Request, user: Principal) -> Response:
     api: Api = request.app.state.api
     limits = api.config.limits
+    await api.service.check_job_capacity(user.user_id)  # before the body is read or decoded
     req, uploads = await read_body_with_files(request, m.VideoCreateRequest, ("input_reference", "last_frame"),
                                               limits.max_image_bytes)
-    image = await media.read_image(api.service, req.input_reference, uploads.get("input_reference"),
-                                   "input_reference")
-    last = await media.read_image(api.service, req.last_frame, uploads.get("last_frame"), "last_frame")
-    if image is None:
-        if last is not None:
-            raise InvalidSpecError("last_frame needs input_reference (the first frame) too", param="last_frame")
+    if req.input_reference in (None, "") and req.last_frame in (None, ""):
         job = await api.service.submit(user.user_id, spec_from_openai(req, api.service.model_for(req.model)))
     else:
-        resolved, files = await media.image_job(api.service, req, image, last)
+        # one image request at a time decodes and fits its images: a decoded 40 MP image is
+        # hundreds of MB until it is fitted to the job's size (media.DECODE_SLOTS)
+        async with api.image_slots:
+            image = await media.read_image(api.service, req.input_reference, uploads.get("input_reference"),
+                                           "input_reference")
+            last = await media.read_image(api.service, req.last_frame, uploads.get("last_frame"), "last_frame")
+            if image is None:
+                raise InvalidSpecError("last_frame needs input_reference (the first frame) too", param="last_frame")
+            resolved, files = await media.image_job(api.service, req, image, last)
+            del image, last
         job = await api.service.submit(user.user_id, resolved, input_files=files)
     return _json(m.Video, api.service.video_view(job), headers={"openai-poll-after-ms": api.poll_after_ms})
 
 
 async def extend_video(request: Request, user: Principal) -> Response:
     api: Api = request.app.state.api
+    await api.service.check_job_capacity(user.user_id)  # before the body is read or decoded
     req, uploads = await read_body_with_files(request, m.VideoExtendRequest, ("video",),
                                               api.config.limits.max_video_bytes)
     resolved, files = await media.extension_job(api.service, user.user_id, req, uploads.get("video"))
@@ -548,7 +555,8 @@ def create_app(service: JobService, *, manage_lifecycle: bool = True) -> Starlet
                                              shared=limits.rate_limit_scope == "cluster"),
               http_metrics=HttpMetrics(service.metrics.registry, replica=service.dispatcher.replica),
               trusted_proxies=parse_networks(config.trusted_proxies),
-              streams=StreamLimiter(limits.max_streams_per_user, limits.max_streams_total))
+              streams=StreamLimiter(limits.max_streams_per_user, limits.max_streams_total),
+              image_slots=asyncio.Semaphore(media.DECODE_SLOTS))
 
     @contextlib.asynccontextmanager
     async def lifespan(app) -> AsyncIterator[None]:

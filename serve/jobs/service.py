@@ -16,7 +16,7 @@ from serve.contracts import (
     CANCELLED, COMPLETED, DELETED, FAILED, IN_PROGRESS, QUEUED, SIZE_MULTIPLE, GenerationInputs,
     GenerationSpec, ResolvedSpec,
 )
-from serve.errors import InvalidSpecError, NotFound
+from serve.errors import InvalidSpecError, NotFound, TooManyJobsError
 from serve.frames import largest_frame_count
 from serve.jobs.artifacts import ArtifactStore
 from serve.jobs.db import Database
@@ -182,6 +182,14 @@ class JobService:
                     resolved.width, resolved.height, resolved.num_frames, resolved.num_inference_steps)
         self.dispatcher.wake()
         return job
+
+    async def check_job_capacity(self, user_id: str) -> None:
+        """429 too_many_active_jobs when the user already has the most active jobs allowed: asked
+        before a request's body is read or decoded (submit checks again, atomically)."""
+        cap = self.config.limits.max_concurrent_jobs_per_user
+        active = await self.store.active_count(user_id)
+        if active >= cap:
+            raise TooManyJobsError(f"you have {active} queued or running jobs; the limit is {cap}", retry_after_s=5)
 
     async def get_job(self, user_id: str, job_id: str) -> dict:
         job = await self.store.get(job_id, user_id)
