@@ -19,11 +19,12 @@ from starlette.routing import Route
 from serve.api.admission import AdmissionMiddleware, StreamLimiter
 from serve.errors import TooManyStreams
 from tests.http_fixtures import *  # noqa: F401,F403
-from tests.http_fixtures import HttpEnv, deploy_http_app, wait_healthy
+from tests.http_fixtures import HttpEnv, wait_healthy
 
 APP = "streams"
 SLOTS = 2  # the Ingress's request slots in the test app
-HEAVY = {"prompt": "a long one", "size": "256x256", "num_frames": 65, "num_inference_steps": 100}
+HEAVY = {"prompt": "held at the VAE", "num_inference_steps": 2}
+VAE_PAUSE_S = 60  # chaos_delay_s: each decode waits this long, so the jobs (and their streams) stay open
 
 
 def _err(r: httpx.Response, status: int, code: str) -> dict:
@@ -108,9 +109,16 @@ def test_open_streams_twice_the_slots_leave_health_and_requests_answering(ray_cl
     from ray import serve
 
     data_dir = session_dir / f"{APP}-data"
-    deploy_http_app(APP, data_dir, ray_cluster["http_url"], ingress_deployment={"max_ongoing_requests": SLOTS},
-                    limits={"max_streams_per_user": 3, "max_streams_total": 2 * SLOTS},
-                    dispatcher={"max_concurrent_jobs": 1})
+    from conftest import tiny_app_args
+    from http_fixtures import SMALL, http_ingress_args
+    from serve.app import build_app
+
+    args = tiny_app_args(name=APP, with_ingress=True, chaos_delay_s={"vae": VAE_PAUSE_S},
+                         ingress=http_ingress_args(data_dir, limits={
+                             **http_ingress_args(data_dir)["limits"], "max_streams_per_user": 3,
+                             "max_streams_total": 2 * SLOTS}),
+                         deployments={"ingress": {**SMALL, "max_ongoing_requests": SLOTS}, "image_encoder": SMALL})
+    serve.run(build_app(args), name=APP, route_prefix=f"/{APP}")
     url = f"{ray_cluster['http_url']}/{APP}"
     try:
         wait_healthy(url)
