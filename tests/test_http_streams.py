@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 
 import httpx
@@ -94,8 +95,10 @@ async def _open_stream(stack: contextlib.AsyncExitStack, client: httpx.AsyncClie
         await r.aread()
         return r
     lines = r.aiter_lines()
-    while not (await lines.__anext__()).startswith("data:"):
+    while not (line := await lines.__anext__()).startswith("data:"):
         pass
+    status = json.loads(line[5:])["status"]
+    assert status in ("queued", "in_progress"), f"the stream's job is {status}: {line}"  # an open stream
     return r
 
 
