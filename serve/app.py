@@ -17,7 +17,7 @@ from typing import Any
 
 from ray.serve import Application
 
-from serve.config import LIVE_LEVERS, AppArgs, Settings, validate_live_levers
+from serve.config import LIVE_LEVERS, AppArgs, Settings, ingress_serve_slots, validate_live_levers
 from serve.runtime.loopback_grpc import with_hook
 from serve.stages import GENERATOR, IMAGE_ENCODER, INGRESS, TEXT_ENCODER, TRANSFORMER, TTS, VAE, Stage
 
@@ -68,6 +68,9 @@ def deployment_plan(args: AppArgs, serve_overrides: dict[str, dict] | None = Non
     plan[GENERATOR.deployment] = d.generator.serve_options()
     if args.with_ingress:
         plan[INGRESS.deployment] = d.ingress.serve_options()
+        # the configured slots are for ordinary requests; streams and /health get their own on top
+        plan[INGRESS.deployment]["max_ongoing_requests"] = ingress_serve_slots(
+            d.ingress.max_ongoing_requests, args.ingress.limits.max_streams_total)
     for name, over in (serve_overrides or {}).items():
         if name in plan:
             plan[name] = _over(plan[name], over)

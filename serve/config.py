@@ -290,6 +290,17 @@ class DeploymentOptions(_Strict):
 STAGE_DEFAULTS: dict[str, dict[str, Any]] = {s.name: dict(s.default_options) for s in STAGES}
 
 
+# Serve slots of an Ingress replica beyond its request slots and its streams: for /health, /metrics
+# and requests being refused (a refusal takes a slot for a moment). serve.api.admission.
+INGRESS_RESERVED_SLOTS = 16
+
+
+def ingress_serve_slots(request_slots: int, max_streams_total: int) -> int:
+    """Serve's `max_ongoing_requests` for an Ingress with `request_slots` for ordinary requests
+    (`deployments.ingress.max_ongoing_requests`) and up to `max_streams_total` streams."""
+    return request_slots + max_streams_total + INGRESS_RESERVED_SLOTS
+
+
 class DeploymentsConfig(_Strict):
     text_encoder: DeploymentOptions = Field(default_factory=DeploymentOptions)
     transformer: DeploymentOptions = Field(default_factory=DeploymentOptions)
@@ -448,18 +459,24 @@ class TTSConfig(_Strict):
 
 class FailedAuthConfig(_Strict):
     """Brute-force throttles (`serve.api.throttle`, kept in the database): failed logins per
-    username and per client address, failed API keys / tokens per client address. Past a
-    threshold the next attempt is a 429 too_many_failed_attempts with Retry-After; every attempt
-    while locked (right or wrong) locks again for twice as long, up to `max_lockout_s`. Counts are
-    forgotten after `window_s` without a failure; a successful login clears its username's."""
+    (username, client address) pair, per username and per client address; failed API keys /
+    tokens per client address. Past a threshold the next attempt is a 429 too_many_failed_attempts
+    with Retry-After for `lockout_s`; after a lock ends, each new failure locks again for twice as
+    long, up to `max_lockout_s`. Attempts during a sign-in lock neither count nor extend it, and a
+    correct password from an address the user has signed in from before passes the username's and
+    the address's locks (not the pair's). Counts are forgotten after `window_s` without a failure;
+    a successful login clears its pair's. docs/security.md has the policy."""
 
     enabled: bool = True
-    login_failures_per_username: int = Field(default=5, ge=1)
-    login_failures_per_address: int = Field(default=20, ge=1)
+    login_failures_per_pair: int = Field(default=5, ge=1)  # one username from one address
+    login_failures_per_username: int = Field(default=20, ge=1)  # from all addresses together
+    login_failures_per_address: int = Field(default=20, ge=1)  # to all usernames together
     credential_failures_per_address: int = Field(default=20, ge=1)  # bad API keys / bearer tokens
     window_s: float = Field(default=900.0, gt=0)
     lockout_s: float = Field(default=60.0, gt=0)  # the first lockout; doubles with each further one
     max_lockout_s: float = Field(default=900.0, gt=0)
+    # how long an address a user signed in from stays "known" (passes the username/address locks)
+    known_address_days: float = Field(default=30.0, ge=0)
 
     @model_validator(mode="after")
     def _cap_above_first(self):
@@ -494,6 +511,11 @@ class LimitsConfig(_Strict):
     max_list_limit: int = Field(default=100, ge=1)
     # active (unrevoked) API keys one user may hold; POST /v1/api-keys past it -> 409 api_key_limit_reached
     max_api_keys_per_user: int = Field(default=20, ge=1)
+    # Server-Sent Events streams and downloads (video, thumbnail, preview) open at once, per user and
+    # per ingress replica; more -> 429 too_many_streams. They do not take the replica's request slots
+    # (deployments.ingress.max_ongoing_requests): serve.api.admission.
+    max_streams_per_user: int = Field(default=8, ge=1)
+    max_streams_total: int = Field(default=128, ge=1)
     failed_auth: FailedAuthConfig = Field(default_factory=FailedAuthConfig)
 
 
@@ -511,6 +533,32 @@ class DispatcherConfig(_Strict):
     stage_retry_backoff_s: float = Field(default=1.0, ge=0)
 
 
+# Cloud metadata services (AWS/GCP/Azure/OpenStack 169.254.169.254 is link-local already; these are
+# the others: AWS's IPv6 one, Alibaba's, Oracle's)
+METADATA_ADDRESSES = ("fd00:ec2::254", "100.100.100.200", "192.0.0.192")
+
+
+def webhook_address_refusal(address: str, allowed_networks: list[str]) -> str | None:
+    """What kind of internal address `address` is (loopback, private, ...), unless it lies in one of
+    `allowed_networks`; None for a public address or an allowed one."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if any(ip in ipaddress.ip_network(n, strict=False) for n in allowed_networks):
+        return None
+    for kind, hit in (("a metadata", str(ip) in METADATA_ADDRESSES), ("an unspecified", ip.is_unspecified),
+                      ("a loopback", ip.is_loopback), ("a link-local", ip.is_link_local),
+                      ("a multicast", ip.is_multicast),
+                      ("a unique-local", isinstance(ip, ipaddress.IPv6Address) and ip in _UNIQUE_LOCAL),
+                      ("a private", ip.is_private), ("a reserved", ip.is_reserved or not ip.is_global)):
+        if hit:
+            return f"{ip} is {kind} address"
+    return None
+
+
+_UNIQUE_LOCAL = ipaddress.ip_network("fc00::/7")
+
+
 class WebhooksConfig(_Strict):
     """Webhook endpoints and their deliveries (`POST /v1/webhooks`; `serve.jobs.webhooks`)."""
 
@@ -525,29 +573,38 @@ class WebhooksConfig(_Strict):
     max_concurrent_deliveries: int = Field(default=8, ge=1)  # POSTs in flight on one replica
     # A claimed delivery is this replica's until then; a replica that died mid-send loses it after.
     lease_seconds: float = Field(default=60.0, gt=0)
-    # Where receivers may be: CIDR networks (e.g. ["127.0.0.0/8", "::1/128"] for a test stack whose
-    # receivers are all on this machine). A URL whose host resolves to an address outside them is a
-    # 400 naming `url` at registration, and a delivery to one fails without a request being sent
-    # (the name is resolved again then). None: any address.
-    allowed_networks: list[str] | None = None
+    # Where receivers may be. By default a receiver must be on the public internet: every address
+    # its host resolves to is checked at registration (a 400 naming `url`) and again before each
+    # delivery (the connection goes to the address that was checked), and loopback, link-local,
+    # private, unique-local, multicast, unspecified, reserved and cloud metadata addresses are
+    # refused (`webhook_address_refusal`). `allowed_networks` (CIDR) and `allowed_hosts` (exact
+    # host names) are the operator's exceptions, e.g. ["127.0.0.0/8", "::1/128"] for a test stack
+    # whose receivers are all on this machine.
+    allowed_networks: list[str] = Field(default_factory=list)
+    allowed_hosts: list[str] = Field(default_factory=list)
 
-    @field_validator("allowed_networks")
+    @field_validator("allowed_networks", mode="before")
     @classmethod
     def _networks(cls, value):
-        if value is not None:
-            for net in value:
-                try:
-                    ipaddress.ip_network(net, strict=False)
-                except ValueError as exc:
-                    raise ValueError(f"webhooks.allowed_networks: {net!r} is not a network ({exc})") from None
+        if value is None:
+            return []
+        for net in value:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"webhooks.allowed_networks: {net!r} is not a network ({exc})") from None
         return value
 
-    def allows(self, addresses: list[str]) -> bool:
-        """Whether every one of a host's addresses is inside allowed_networks (None: any)."""
-        if self.allowed_networks is None:
-            return True
-        nets = [ipaddress.ip_network(n, strict=False) for n in self.allowed_networks]
-        return bool(addresses) and all(any(ipaddress.ip_address(a) in n for n in nets) for a in addresses)
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts(cls, value):
+        return [h.strip().lower().rstrip(".") for h in value]
+
+    def address_refusal(self, host: str, address: str) -> str | None:
+        """Why `host`, resolved to `address`, may not receive webhooks; None when it may."""
+        if host.strip("[]").lower().rstrip(".") in self.allowed_hosts:
+            return None
+        return webhook_address_refusal(address, self.allowed_networks)
 
     @model_validator(mode="after")
     def _lease_outlives_a_send(self):

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from serve.frames import VAE_TEMPORAL_FACTOR, latent_frames
 
@@ -56,6 +56,13 @@ class LoraSpec(BaseModel):
 
     name: str = Field(min_length=1, max_length=64)
     scale: float | None = Field(default=None, ge=-10.0, le=10.0)
+
+    @field_validator("scale", mode="before")
+    @classmethod
+    def _not_a_boolean(cls, v):
+        if isinstance(v, bool):  # true/false is not a number (pydantic would take it as 1.0/0.0)
+            raise ValueError("must be a number, not true/false")
+        return v
 
 
 class GenerationSpec(BaseModel):

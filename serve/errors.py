@@ -153,6 +153,11 @@ class TooManyJobsError(RateLimited):
     code = "too_many_active_jobs"
 
 
+class TooManyStreams(RateLimited):
+    """Too many progress streams (SSE) and downloads open: the caller's own, or the replica's."""
+    code = "too_many_streams"
+
+
 class TooManyFailedAttempts(RateLimited):
     """Sign-ins from this client or for this username are locked after repeated failures."""
 
@@ -205,6 +210,13 @@ class MaxAttemptsExceeded(CineVividError):
     """A job whose replicas kept dying: failed after its last attempt (a job record's error code)."""
 
     code = "max_attempts_exceeded"
+
+
+class StorageUnavailable(CineVividError):
+    """The server cannot write where it keeps its data (a read-only file system, a permission
+    taken away): nothing was saved; an operator must fix it."""
+    code = "storage_unavailable"
+    status = 503
 
 
 class InsufficientStorage(CineVividError):
@@ -345,6 +357,22 @@ def replica_stopped(exc: BaseException) -> BaseException | None:
         cause = getattr(cur, "cause", None)  # RayTaskError(X): X is its .cause
         cur = cause if isinstance(cause, BaseException) else (cur.__cause__ or cur.__context__)
     return None
+
+
+def is_storage_unwritable(exc: BaseException) -> bool:
+    """EACCES / EPERM / EROFS anywhere in the chain (a file write), or SQLite's own way of saying it."""
+    import errno
+
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, OSError) and cur.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            return True
+        if any(m in str(cur) for m in ("attempt to write a readonly database", "unable to open database file")):
+            return True
+        cur = cur.__cause__ or cur.__context__ or getattr(cur, "orig", None)
+    return False
 
 
 def is_disk_full(exc: BaseException) -> bool:

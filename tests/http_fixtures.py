@@ -77,7 +77,7 @@ def http_ingress_args(data_dir: Path, **overrides) -> dict:
                "limits": {"rate_limit_per_minute": 100000, "rate_limit_burst": 100000,
                           "max_concurrent_jobs_per_user": 100,
                           # every test client is 127.0.0.1: one address for the whole session
-                          "failed_auth": {"login_failures_per_username": 1000,
+                          "failed_auth": {"login_failures_per_username": 1000, "login_failures_per_pair": 1000,
                                           "login_failures_per_address": 100000,
                                           "credential_failures_per_address": 100000}}}
     for k, v in overrides.items():

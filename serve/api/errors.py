@@ -12,7 +12,9 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from serve.errors import CineVividError, is_disk_full, unwrap_error
+from serve.errors import (
+    CineVividError, InsufficientStorage, StorageUnavailable, is_disk_full, is_storage_unwritable, unwrap_error,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -67,17 +69,23 @@ async def handle_validation_error(request: Request, exc: Exception) -> JSONRespo
 
 
 async def handle_storage_error(request: Request, exc: Exception) -> JSONResponse:
-    """A file or database error: a full disk is a 507 and a database too busy to take the write a
-    503, each saying so; anything else a 500."""
+    """A file or database error: a full disk or quota (ENOSPC, EDQUOT) is a 507 insufficient_storage,
+    storage that cannot be written (EACCES, EPERM, EROFS) a 503 storage_unavailable, a database too
+    busy to take the write a 503 database_busy, each saying so; anything else a 500."""
     if "database is locked" in str(exc):
         logger.warning("database busy on %s %s: %s", request.method, request.url.path, exc)
         return error_response(503, "database_busy", "the job database is busy; nothing was saved. Try again.",
                               headers={"Retry-After": "2"})
-    if is_disk_full(exc):
+    if is_disk_full(exc):  # ENOSPC, EDQUOT
         logger.error("disk full on %s %s: %s", request.method, request.url.path, exc)
-        return error_response(507, "insufficient_storage",
+        return error_response(InsufficientStorage.status, InsufficientStorage.code,
                               "the server's storage is full; nothing was saved. Try again later.",
                               headers={"Retry-After": "60"})
+    if is_storage_unwritable(exc):  # EACCES, EPERM, EROFS
+        logger.error("storage not writable on %s %s: %s", request.method, request.url.path, exc)
+        return error_response(StorageUnavailable.status, StorageUnavailable.code,
+                              "the server cannot write to its storage right now; nothing was saved. "
+                              "Try again later.", headers={"Retry-After": "30"})
     return await handle_unexpected(request, exc)
 
 

@@ -17,6 +17,8 @@ by the new segment; its size and frame rate are the source's.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import threading
 import io
 from pathlib import Path
 from typing import Any
@@ -65,7 +67,31 @@ async def read_image(service: JobService, value: Any, upload: bytes | None, fiel
         if not isinstance(url, str) or not url:
             raise InvalidSpecError(f"{field} needs image_url (a data: URL) or an uploaded file", param=field)
         data = inputs.decode_data_url(url, field, limits)
-    return await asyncio.to_thread(inputs.decode_image, data, field, limits)
+    return await asyncio.to_thread(_bounded_decode, inputs.decode_image, data, field, limits)
+
+
+# Image decodes at once in one ingress process: a 40 MP image costs a few hundred MB while it is
+# decoded; a slot each keeps the replica's memory at DECODE_SLOTS of them, whatever the number of
+# concurrent uploads (the others wait their turn, in threads), and the memory goes back to the OS
+# after each (`_give_back_memory`).
+DECODE_SLOTS = 1
+_decode_slots = threading.BoundedSemaphore(DECODE_SLOTS)
+
+
+def _bounded_decode(decode, data: bytes, field: str, limits) -> np.ndarray:
+    with _decode_slots:
+        try:
+            return decode(data, field, limits)
+        finally:
+            _give_back_memory()
+
+
+def _give_back_memory() -> None:
+    """glibc keeps freed heap pages for reuse: hand them back (a no-op elsewhere)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 async def image_job(service: JobService, req, image: np.ndarray, last: np.ndarray | None

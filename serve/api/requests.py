@@ -7,8 +7,10 @@ from __future__ import annotations
 import json
 import math
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 from pydantic import BaseModel
+from starlette.formparsers import FormParser, MultiPartException, MultiPartParser
 from starlette.requests import Request
 
 from serve.config import ModelConfig
@@ -18,6 +20,13 @@ from serve.errors import CineVividError, InvalidForm, InvalidJSON, InvalidSpecEr
 # A request body nests objects and lists at most this deep (the deepest real one, a voice-over
 # inside a video request, is 2); deeper is a 400, whatever the parser could take.
 MAX_JSON_DEPTH = 16
+# Form fields that carry an object: a JSON-encoded string (or name[key] fields), parsed here with the
+# same checks as a JSON body (depth, lone surrogates), so every kind of body meets one parser.
+FORM_OBJECT_FIELDS = ("voiceover", "lora")
+# What a form may hold (Starlette's defaults): more is a 400
+MAX_FORM_FIELDS = 1000
+MAX_FORM_FILES = 16
+MAX_FORM_PART_BYTES = 1024 * 1024
 
 
 def _bad_json(message: str) -> CineVividError:
@@ -33,7 +42,9 @@ def check_structure(data: Any) -> None:
         node, where, depth = stack.pop()
         if isinstance(node, (dict, list)):
             if depth >= MAX_JSON_DEPTH:
-                raise _bad_json(f"the request body nests deeper than {MAX_JSON_DEPTH} levels")
+                top = where.split(".")[0] or None
+                raise InvalidJSON(f"{top or 'the request body'} nests deeper than {MAX_JSON_DEPTH} levels",
+                                  param=top)
             items = node.items() if isinstance(node, dict) else enumerate(node)
             for key, value in items:
                 if isinstance(key, str):
@@ -41,6 +52,31 @@ def check_structure(data: Any) -> None:
                 stack.append((value, f"{where}.{key}" if where else str(key), depth + 1))
         elif isinstance(node, str):
             _check_text(node, where or "body")
+
+
+def _parse_json(raw: str | bytes, where: str | None) -> Any:
+    """JSON text (a body, or a form field's value) with the body's rules: 400 naming `where`."""
+    what = f"{where}" if where else "the request body"
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise InvalidJSON(f"{what} nests deeper than {MAX_JSON_DEPTH} levels", param=where) from None
+    except ValueError as exc:
+        if "int_max_str_digits" in str(exc):  # Python's own limit, named in its message: not ours to show
+            raise InvalidJSON(f"{what} holds a number with too many digits", param=where) from None
+        raise InvalidJSON(f"{what} is not valid JSON: {exc}", param=where) from None
+
+
+def _decode_form_objects(data: dict) -> dict:
+    """The object fields of a form (FORM_OBJECT_FIELDS) sent as JSON strings, parsed."""
+    for name in FORM_OBJECT_FIELDS:
+        value = data.get(name)
+        if isinstance(value, str):
+            parsed = _parse_json(value, name)
+            if not isinstance(parsed, dict):
+                raise InvalidSpecError(f"{name} must be a JSON object", param=name)
+            data[name] = parsed
+    return data
 
 
 def _check_text(value: str, where: str) -> None:
@@ -59,7 +95,7 @@ async def read_body(request: Request, model: type[BaseModel], *, allow_empty: bo
     if form_ok and ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):
         form = await _read_form(request)
         try:
-            data = unflatten_form(form.multi_items())
+            data = _decode_form_objects(unflatten_form(form.multi_items()))
         finally:
             await form.close()
     else:
@@ -69,24 +105,60 @@ async def read_body(request: Request, model: type[BaseModel], *, allow_empty: bo
                 raise InvalidJSON("the request body is empty; send a JSON object")
             data = {}
         else:
-            try:
-                data = json.loads(raw)
-            except RecursionError:
-                raise _bad_json(f"the request body nests deeper than {MAX_JSON_DEPTH} levels") from None
-            except ValueError as exc:
-                raise _bad_json(f"the request body is not valid JSON: {exc}") from None
+            data = _parse_json(raw, None)
     if not isinstance(data, dict):
         raise _bad_json("the request body must be a JSON object")
     check_structure(data)
     return model.model_validate(data)
 
 
-async def _read_form(request: Request):
-    """The request's form (413 for too many bytes; 400 for a malformed body); close it when done."""
+def _utf8(raw: bytes | bytearray, where: str) -> str:
     try:
-        return await request.form()
-    except PayloadTooLarge:
+        return bytes(raw).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidSpecError(f"{where or 'a form field name'} is not valid UTF-8 text ({exc.reason} at byte "
+                               f"{exc.start})", param=where or None) from None
+
+
+class _StrictFormParser(FormParser):
+    """Starlette's urlencoded parser, with UTF-8 text only (Starlette falls back to Latin-1)."""
+
+    def on_field_end(self) -> None:
+        self._current_fields += 1
+        if self._current_fields > self.max_fields:
+            raise MultiPartException(f"too many fields; the limit is {self.max_fields}")
+        name = _utf8(unquote_to_bytes(bytes(self._field_name).replace(b"+", b" ")), "")
+        value = _utf8(unquote_to_bytes(bytes(self._field_value).replace(b"+", b" ")), name)
+        self._items.append((name, value))
+
+
+class _StrictMultiPartParser(MultiPartParser):
+    """Starlette's multipart parser, with UTF-8 text fields only (Starlette falls back to Latin-1)."""
+
+    def on_part_end(self) -> None:
+        part = self._current_part
+        if part.file is None:
+            self.items.append((part.field_name, _utf8(part.data, part.field_name)))
+        else:
+            super().on_part_end()
+
+
+async def _read_form(request: Request):
+    """The request's form (413 for too many bytes; 400 for a malformed body or text that is not
+    UTF-8, naming the field); close it when done."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    try:
+        if ctype == "multipart/form-data":
+            parser = _StrictMultiPartParser(request.headers, request.stream(), max_files=MAX_FORM_FILES,
+                                            max_fields=MAX_FORM_FIELDS, max_part_size=MAX_FORM_PART_BYTES)
+        else:
+            parser = _StrictFormParser(request.headers, request.stream(), max_fields=MAX_FORM_FIELDS,
+                                       max_part_size=MAX_FORM_PART_BYTES)
+        return await parser.parse()
+    except CineVividError:
         raise
+    except MultiPartException as exc:
+        raise InvalidForm(f"malformed form body: {exc.message}") from None
     except Exception as exc:  # noqa: BLE001 - malformed multipart
         raise InvalidForm(f"malformed form body: {exc}") from None
 
@@ -119,7 +191,7 @@ async def read_body_with_files(request: Request, model: type[BaseModel], file_fi
             fields.append((key, "(uploaded file)"))  # the field is there; its bytes are in `files`
     finally:
         await form.close()
-    data = unflatten_form(fields)
+    data = _decode_form_objects(unflatten_form(fields))
     check_structure(data)
     return model.model_validate(data), files
 

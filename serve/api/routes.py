@@ -23,10 +23,12 @@ from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Route
 
 from serve.api import schemas as m
+from serve.api.admission import AdmissionMiddleware, CountedStream, StreamLimiter
 from serve.api.auth import Authenticator, Principal, load_jwt_secret
 from serve.api.content import file_response
 from serve.api.errors import EXCEPTION_HANDLERS
 from serve.api.metrics import HttpMetrics, MetricsMiddleware
+from serve.api.headers import SecurityHeadersMiddleware
 from serve.api.middleware import BodyLimitMiddleware
 from serve.api.ratelimit import SharedRateLimiter
 from serve.api import media_requests as media
@@ -60,6 +62,8 @@ class Api:
     rate_limiter: SharedRateLimiter
     http_metrics: HttpMetrics
     trusted_proxies: list
+    streams: StreamLimiter
+    image_slots: asyncio.Semaphore
 
     @property
     def config(self) -> IngressConfig:
@@ -168,13 +172,27 @@ async def login(request: Request, user: Principal | None) -> Response:
     api: Api = request.app.state.api
     req = await read_body(request, m.LoginRequest)
     address = api.client_address(request)
-    await api.throttle.check_login(req.username, address)  # 429 while locked, before any password check
-    try:
-        token = await api.auth.login(req.username, req.password)
-    except AuthError:
+    token: dict | None = None
+    refused: AuthError | None = None
+
+    async def password_ok() -> bool:
+        nonlocal token, refused
+        try:
+            token = await api.auth.login(req.username, req.password)
+        except AuthError as exc:
+            refused = exc
+        return token is not None
+
+    # 429 while locked (serve.api.throttle: the password is checked during a lock only where a
+    # right one may pass, and nothing during a lock extends it)
+    await api.throttle.check_login(req.username, address, password_ok)
+    if token is None and refused is None:
+        await password_ok()
+    if token is None:
         await api.throttle.login_failed(req.username, address)
-        raise
-    await api.throttle.login_succeeded(req.username)
+        assert refused is not None
+        raise refused
+    await api.throttle.login_succeeded(req.username, address)
     return _json(m.TokenResponse, token)
 
 
@@ -202,23 +220,29 @@ async def revoke_key(request: Request, user: Principal) -> Response:
 async def create_video(request: Request, user: Principal) -> Response:
     api: Api = request.app.state.api
     limits = api.config.limits
+    await api.service.check_job_capacity(user.user_id)  # before the body is read or decoded
     req, uploads = await read_body_with_files(request, m.VideoCreateRequest, ("input_reference", "last_frame"),
                                               limits.max_image_bytes)
-    image = await media.read_image(api.service, req.input_reference, uploads.get("input_reference"),
-                                   "input_reference")
-    last = await media.read_image(api.service, req.last_frame, uploads.get("last_frame"), "last_frame")
-    if image is None:
-        if last is not None:
-            raise InvalidSpecError("last_frame needs input_reference (the first frame) too", param="last_frame")
+    if req.input_reference in (None, "") and req.last_frame in (None, ""):
         job = await api.service.submit(user.user_id, spec_from_openai(req, api.service.model_for(req.model)))
     else:
-        resolved, files = await media.image_job(api.service, req, image, last)
+        # one image request at a time decodes and fits its images: a decoded 40 MP image is
+        # hundreds of MB until it is fitted to the job's size (media.DECODE_SLOTS)
+        async with api.image_slots:
+            image = await media.read_image(api.service, req.input_reference, uploads.get("input_reference"),
+                                           "input_reference")
+            last = await media.read_image(api.service, req.last_frame, uploads.get("last_frame"), "last_frame")
+            if image is None:
+                raise InvalidSpecError("last_frame needs input_reference (the first frame) too", param="last_frame")
+            resolved, files = await media.image_job(api.service, req, image, last)
+            del image, last
         job = await api.service.submit(user.user_id, resolved, input_files=files)
     return _json(m.Video, api.service.video_view(job), headers={"openai-poll-after-ms": api.poll_after_ms})
 
 
 async def extend_video(request: Request, user: Principal) -> Response:
     api: Api = request.app.state.api
+    await api.service.check_job_capacity(user.user_id)  # before the body is read or decoded
     req, uploads = await read_body_with_files(request, m.VideoExtendRequest, ("video",),
                                               api.config.limits.max_video_bytes)
     resolved, files = await media.extension_job(api.service, user.user_id, req, uploads.get("video"))
@@ -287,9 +311,24 @@ async def remix_video(request: Request, user: Principal) -> Response:
     return _json(m.Video, api.service.video_view(job), headers={"openai-poll-after-ms": api.poll_after_ms})
 
 
+def _counted(api: "Api", user: Principal, respond: Callable[[], Response]) -> Response:
+    """The stream `respond()` makes, counted against the caller's and the replica's stream limits
+    (429 too_many_streams beyond) until it ends."""
+    release = api.streams.acquire(user.user_id)
+    try:
+        return CountedStream(respond(), release)  # type: ignore[return-value] - an ASGI response
+    except BaseException:
+        release()
+        raise
+
+
 async def video_content(request: Request, user: Principal) -> Response:
     api: Api = request.app.state.api
     job = await api.service.get_job(user.user_id, request.path_params["video_id"])
+    return _counted(api, user, lambda: _content(request, api, job))
+
+
+def _content(request: Request, api: "Api", job: dict) -> Response:
     variant = request.query_params.get("variant", "video")
     if variant not in ("video", "thumbnail", "preview"):
         raise InvalidSpecError(f"variant must be 'video', 'thumbnail' or 'preview' (got {variant!r})",
@@ -328,8 +367,9 @@ def _preview_response(request: Request, api: "Api", job: dict) -> Response:
 async def video_events(request: Request, user: Principal) -> Response:
     api: Api = request.app.state.api
     job = await api.service.get_job(user.user_id, request.path_params["video_id"])
-    return StreamingResponse(job_events(api.service, job), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return _counted(api, user, lambda: StreamingResponse(
+        job_events(api.service, job), media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}))
 
 
 async def voices(request: Request, user: Principal) -> Response:
@@ -514,7 +554,9 @@ def create_app(service: JobService, *, manage_lifecycle: bool = True) -> Starlet
                                              app_name=service.app_args.name,
                                              shared=limits.rate_limit_scope == "cluster"),
               http_metrics=HttpMetrics(service.metrics.registry, replica=service.dispatcher.replica),
-              trusted_proxies=parse_networks(config.trusted_proxies))
+              trusted_proxies=parse_networks(config.trusted_proxies),
+              streams=StreamLimiter(limits.max_streams_per_user, limits.max_streams_total),
+              image_slots=asyncio.Semaphore(media.DECODE_SLOTS))
 
     @contextlib.asynccontextmanager
     async def lifespan(app) -> AsyncIterator[None]:
@@ -535,7 +577,10 @@ def create_app(service: JobService, *, manage_lifecycle: bool = True) -> Starlet
     media_bodies = {"/v1/videos": max(lim.max_upload_bytes, 2 * lim.max_image_bytes + lim.max_upload_bytes),
                     "/v1/videos/extensions": max(lim.max_upload_bytes, lim.max_video_bytes + lim.max_upload_bytes)}
     app.add_middleware(BodyLimitMiddleware, max_bytes=lim.max_upload_bytes, per_path=media_bodies)
+    # ordinary requests beyond the replica's request slots: 503 at once (streams and /health apart)
+    app.add_middleware(AdmissionMiddleware, slots=service.app_args.deployments.ingress.max_ongoing_requests)
     app.add_middleware(MetricsMiddleware, metrics=api.http_metrics)
+    app.add_middleware(SecurityHeadersMiddleware)
     app.state.api = api
     app.state.service = service
     app.state.api_routes = API_ROUTES

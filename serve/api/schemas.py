@@ -86,7 +86,8 @@ class _GenerationExtensions(_Request):
         default=None, description="Noise mixed into the carried frames, 0..60 (20 recommended)")
 
     @field_validator("seed", "num_inference_steps", "guidance_scale", "num_frames", "fps", "base_num_frames",
-                     "overlap_history", "ar_step", "causal_block_size", "addnoise_condition", mode="before")
+                     "overlap_history", "ar_step", "causal_block_size", "addnoise_condition", "seconds",
+                     mode="before", check_fields=False)
     @classmethod
     def _not_a_boolean(cls, v: Any) -> Any:
         if isinstance(v, bool):  # JSON true/false is not a number (pydantic would take it as 1/0)
@@ -95,15 +96,10 @@ class _GenerationExtensions(_Request):
 
     @field_validator("voiceover", "lora", mode="before")
     @classmethod
-    def _object_from_form(cls, v: Any, info) -> Any:
-        # multipart forms carry the object as a JSON-encoded string (or as name[key] fields)
-        if isinstance(v, (str, bytes)):
-            import json
-
-            try:
-                return json.loads(v)
-            except ValueError as exc:
-                raise ValueError(f"{info.field_name} must be a JSON object: {exc}") from None
+    def _an_object(cls, v: Any, info) -> Any:
+        # a form's JSON-encoded object is parsed by serve.api.requests (one parser for every body)
+        if v is not None and not isinstance(v, dict):
+            raise ValueError(f"{info.field_name} must be an object")
         return v
 
 

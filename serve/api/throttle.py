@@ -1,11 +1,26 @@
-"""Brute-force throttles on sign-in: failed logins per username and per client address, failed
-API keys and bearer tokens per client address. Past a threshold of failures (counted until
-`window_s` passes without one) the next attempt is a 429 `too_many_failed_attempts` with
-Retry-After; every attempt while locked, right or wrong, is refused without looking at the
-password and locks again for twice as long (capped), so a correct guess cannot be told apart
-during a lockout and a client that keeps hammering keeps waiting longer. A successful login
-clears its username's count (never the address's: one valid account must not reset the count
-of an address that sprays passwords at others).
+"""Brute-force throttles on sign-in, built so that they cannot be turned against a user.
+
+Failed logins are counted per (username, client address) pair, per username (across addresses) and
+per client address (across usernames); failed API keys and bearer tokens per client address. Past
+a threshold of failures (counted until `window_s` passes without one) the key is locked: a 429
+`too_many_failed_attempts` with Retry-After. Lockouts grow exponentially (OWASP Authentication
+Cheat Sheet, "Account Lockout": an exponential back-off, not a permanent lock): after a lock ends,
+the next failure locks again for twice as long, up to `max_lockout_s`.
+
+What keeps a lockout from being a denial of service:
+- Attempts *during* a lock are refused without being counted: nothing an attacker sends, right
+  or wrong, extends a lock (a correct password during a lock never re-arms it).
+- The tight bound is the pair's: an attacker guessing from their own address locks only their own
+  pair, not the user signing in from elsewhere.
+- The username's and the address's bounds (distributed guessing, password spraying) let through a
+  correct password from an address this username has signed in from before (a *known* address,
+  remembered for `known_address_days`; the OWASP cheat sheet's "device cookie" idea, keyed by
+  address): the user keeps signing in while their name is under attack from elsewhere, and users
+  behind the same address as an attacker keep signing in. Only then is the password checked
+  during a lock; anywhere else a locked attempt is refused unchecked, so a guess cannot be told
+  right from wrong.
+A successful login clears its pair's count only: the username's count (guesses from elsewhere)
+and the address's (guesses at other names) are not the signing-in user's to reset.
 
 A valid API key or token is never refused for its address's failures: keys are 256-bit random
 and tokens are signed, so there is nothing to guess there, and users behind the same address
@@ -31,9 +46,9 @@ import ipaddress
 import logging
 import math
 import time
-from typing import Iterable
+from typing import Awaitable, Callable, Iterable
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, insert, select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.dialects import postgresql, sqlite
 from starlette.requests import Request
@@ -95,34 +110,49 @@ class FailedAuthThrottle:
         self._since_prune = 0
 
     # ---- logins ----
-    async def check_login(self, username: str, address: str) -> None:
-        """Before a password is checked: 429 while the username or the address is locked (and
-        the attempt counts, locking them longer)."""
+    async def check_login(self, username: str, address: str, password_ok: Callable[[], Awaitable[bool]]) -> None:
+        """Before a password counts: 429 while the pair, the username or the address is locked,
+        unless only the username's or the address's bound is locked, the address is known for the
+        username and `password_ok()` says the password is right. Nothing is recorded here."""
         if not self.config.enabled:
             return
-        keys = self._login_keys(username, address)
+        now = time.time()
+        pair, user, addr, known = (_pair_key(username, address), _user_key(username), f"addr:{address}",
+                                   _known_key(username, address))
         async with self.db.read() as conn:
-            locked = (await conn.execute(select(auth_failures.c.key).where(
-                auth_failures.c.key.in_(list(keys)), auth_failures.c.locked_until > time.time()))).first()
-        if locked:
-            outcome = await self._record_or_skip(keys)
-            raise self._refusal(max(until for _, until in outcome.values()) if outcome
-                                else time.time() + self.config.lockout_s)
+            rows = {r.key: r.locked_until for r in (await conn.execute(
+                select(auth_failures.c.key, auth_failures.c.locked_until).where(
+                    auth_failures.c.key.in_([pair, user, addr, known])))).all()}
+        locked = {k: until for k, until in rows.items() if k != known and until > now}
+        if not locked:
+            return
+        if pair not in locked and rows.get(known, 0.0) > now:
+            if await password_ok():
+                logger.info("sign-in from a known address passed a lock of its %s",
+                            " and ".join(k.split(":", 1)[0] for k in sorted(locked)))
+                return
+            # a wrong guess from a known address counts towards its pair (which then locks it)
+            await self.login_failed(username, address)
+        raise self._refusal(max(locked.values()))
 
     async def login_failed(self, username: str, address: str) -> None:
         if self.config.enabled:
             await self._record_or_skip(self._login_keys(username, address))
 
-    async def login_succeeded(self, username: str) -> None:
-        """Clear the username's count; a write only when there is one (most logins find none)."""
+    async def login_succeeded(self, username: str, address: str) -> None:
+        """Clear the pair's count and remember the address for the username (one write)."""
         if not self.config.enabled:
             return
-        key = _user_key(username)
-        async with self.db.read() as conn:
-            counted = (await conn.execute(select(auth_failures.c.key).where(auth_failures.c.key == key))).first()
-        if counted:
-            async with self.db.write() as conn:
-                await conn.execute(delete(auth_failures).where(auth_failures.c.key == key))
+        now = time.time()
+        known = _known_key(username, address)
+        async with self.db.write() as conn:
+            await conn.execute(delete(auth_failures).where(auth_failures.c.key.in_(
+                [_pair_key(username, address), known])))
+            # a known address: a row that is never a lock (check_login reads it apart); its
+            # locked_until is when it is forgotten
+            await conn.execute(insert(auth_failures).values(
+                key=known, failures=0, lockouts=0, last_failure_at=now,
+                locked_until=now + self.config.known_address_days * 86400.0))
 
     # ---- API keys and bearer tokens ----
     async def credential_failed(self, address: str) -> None:
@@ -130,26 +160,28 @@ class FailedAuthThrottle:
         if not self.config.enabled:
             return
         key = f"cred:{address}"
-        outcome = await self._record_or_skip({key: self.config.credential_failures_per_address})
+        outcome = await self._record_or_skip({key: self.config.credential_failures_per_address}, extend_locked=True)
         if outcome and outcome[key][0]:
             raise self._refusal(outcome[key][1])
 
     # ---- the counts ----
     def _login_keys(self, username: str, address: str) -> dict[str, int]:
-        return {_user_key(username): self.config.login_failures_per_username,
+        return {_pair_key(username, address): self.config.login_failures_per_pair,
+                _user_key(username): self.config.login_failures_per_username,
                 f"addr:{address}": self.config.login_failures_per_address}
 
     def _refusal(self, until: float) -> TooManyFailedAttempts:
         wait = max(1.0, until - time.time())
-        return TooManyFailedAttempts(f"too many failed sign-in attempts; try again in {math.ceil(wait)} s. "
-                                     "Each attempt before then doubles the wait", retry_after_s=wait)
+        return TooManyFailedAttempts(f"too many failed sign-in attempts; try again in {math.ceil(wait)} s "
+                                     "(each lockout after a new failure is twice as long)", retry_after_s=wait)
 
-    async def _record_or_skip(self, thresholds: dict[str, int]) -> dict[str, tuple[bool, float]] | None:
+    async def _record_or_skip(self, thresholds: dict[str, int], *,
+                              extend_locked: bool = False) -> dict[str, tuple[bool, float]] | None:
         """`_record`, or nothing when the database cannot take the write, too busy or its disk
         full: the request is refused all the same (its 401 does not become a 503 or a 507), one
         failure goes uncounted."""
         try:
-            return await self._record(thresholds)
+            return await self._record(thresholds, extend_locked=extend_locked)
         except OperationalError as exc:
             busy = "database is locked" in str(exc)
             if not busy and not is_disk_full(exc):
@@ -158,9 +190,13 @@ class FailedAuthThrottle:
                            ", ".join(k.split(":", 1)[0] for k in thresholds))
             return None
 
-    async def _record(self, thresholds: dict[str, int]) -> dict[str, tuple[bool, float]]:
+    async def _record(self, thresholds: dict[str, int], *, extend_locked: bool = False
+                      ) -> dict[str, tuple[bool, float]]:
         """One failure for each key (key -> its threshold), in one transaction. Returns, per key,
-        whether it was locked before this failure and when its lock ends (0: not locked)."""
+        whether it was locked before this failure and when its lock ends (0: not locked). With
+        `extend_locked` a failure during a lock locks again for twice as long (bad API keys and
+        tokens: a valid key is never refused, so that cannot lock a user out); without, a lock is
+        left as it is (sign-ins)."""
         cfg = self.config
         now = time.time()
         outcome: dict[str, tuple[bool, float]] = {}
@@ -175,7 +211,10 @@ class FailedAuthThrottle:
                 if not was_locked and now - row["last_failure_at"] > cfg.window_s:
                     failures = lockouts = 0  # a quiet window forgives
                 failures += 1
-                if was_locked or failures >= thresholds[key]:
+                if was_locked and not extend_locked:  # a sign-in lock is never extended during it
+                    outcome[key] = (True, until)
+                    continue
+                if failures >= thresholds[key]:
                     until = now + min(cfg.lockout_s * 2.0 ** min(lockouts, 40), cfg.max_lockout_s)
                     lockouts += 1
                     if not was_locked:
@@ -198,3 +237,11 @@ class FailedAuthThrottle:
 
 def _user_key(username: str) -> str:
     return f"user:{username[:190]}"
+
+
+def _pair_key(username: str, address: str) -> str:
+    return f"pair:{address[:64]}|{username[:120]}"
+
+
+def _known_key(username: str, address: str) -> str:
+    return f"known:{address[:64]}|{username[:120]}"

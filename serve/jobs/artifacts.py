@@ -28,6 +28,11 @@ class ArtifactStore:
         self.videos = self.root / "videos"
 
     def ensure(self) -> None:
+        """The data dir (mode 700 when this user owns it: videos, inputs and the database are the
+        users' own) and its videos/ folder."""
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if self.root.stat().st_uid == os.geteuid() and self.root.stat().st_mode & 0o077:
+            os.chmod(self.root, 0o700)
         self.videos.mkdir(parents=True, exist_ok=True)
 
     # ---- a job's inputs ----
@@ -139,12 +144,18 @@ class ArtifactStore:
                     Path(p).unlink(missing_ok=True)
         await asyncio.to_thread(_delete)
 
-    def check_writable(self) -> dict:
+    def check_writable(self, *extra: Path) -> dict:
+        """Write and remove a probe file in videos/, inputs/ and each of `extra` (the database's
+        folder); an OSError names the folder that failed."""
         self.ensure()
-        probe = self.root / f".probe.{secrets.token_hex(4)}"
-        try:
-            probe.write_bytes(b"ok")
-        finally:  # on a full disk the file is made and the write fails: leave nothing either way
-            probe.unlink(missing_ok=True)
+        for folder in (self.videos, self.root / "inputs", *extra):
+            probe = Path(folder) / f".probe.{secrets.token_hex(4)}"
+            try:
+                Path(folder).mkdir(parents=True, exist_ok=True)
+                probe.write_bytes(b"ok")
+            except OSError as exc:
+                raise OSError(exc.errno, f"{folder} is not writable: {exc.strerror}") from None
+            finally:  # on a full disk the file is made and the write fails: leave nothing either way
+                probe.unlink(missing_ok=True)
         usage = shutil.disk_usage(self.root)
         return {"free_bytes": usage.free, "total_bytes": usage.total}

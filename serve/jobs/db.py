@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 import weakref
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -216,6 +217,27 @@ class Database:
         else:
             self.read_engine = self.write_engine = create_async_engine(
                 url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+
+    def _sqlite_path(self) -> Path | None:
+        db_path = make_url(self.url).database if self.sqlite else None
+        return Path(db_path).expanduser() if db_path and db_path != ":memory:" else None
+
+    def local_folders(self) -> list[Path]:
+        """Where the database writes on this machine (a SQLite file's folder: its journal goes there)."""
+        path = self._sqlite_path()
+        return [path.parent] if path is not None else []
+
+    def restrict_file_modes(self) -> None:
+        """A SQLite file (and its WAL and shared-memory files) readable by this user only (600)."""
+        path = self._sqlite_path()
+        if path is None:
+            return
+        for f in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+            try:
+                if f.stat().st_uid == os.geteuid() and f.stat().st_mode & 0o077:
+                    os.chmod(f, 0o600)
+            except FileNotFoundError:
+                pass
 
     @staticmethod
     def _sqlite_engine(url: str, begin: str, busy_timeout_ms: int) -> AsyncEngine:

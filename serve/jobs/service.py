@@ -16,7 +16,7 @@ from serve.contracts import (
     CANCELLED, COMPLETED, DELETED, FAILED, IN_PROGRESS, QUEUED, SIZE_MULTIPLE, GenerationInputs,
     GenerationSpec, ResolvedSpec,
 )
-from serve.errors import InvalidSpecError, NotFound
+from serve.errors import InvalidSpecError, NotFound, TooManyJobsError
 from serve.frames import largest_frame_count
 from serve.jobs.artifacts import ArtifactStore
 from serve.jobs.db import Database
@@ -89,6 +89,7 @@ class JobService:
         self.artifacts.ensure()
         try:
             await self.db.migrate()
+            self.db.restrict_file_modes()
         except Exception:  # the database may be down; /health says so, the dispatcher retries
             logger.exception("database migration failed at startup (%s); will retry", self._safe_db_url())
             self._migrate_task = asyncio.create_task(self._retry_migrate())
@@ -208,6 +209,14 @@ class JobService:
         self.dispatcher.wake()
         return job
 
+    async def check_job_capacity(self, user_id: str) -> None:
+        """429 too_many_active_jobs when the user already has the most active jobs allowed: asked
+        before a request's body is read or decoded (submit checks again, atomically)."""
+        cap = self.config.limits.max_concurrent_jobs_per_user
+        active = await self.store.active_count(user_id)
+        if active >= cap:
+            raise TooManyJobsError(f"you have {active} queued or running jobs; the limit is {cap}", retry_after_s=5)
+
     async def get_job(self, user_id: str, job_id: str) -> dict:
         job = await self.store.get(job_id, user_id)
         if job is None:
@@ -280,7 +289,7 @@ class JobService:
         except Exception as exc:  # noqa: BLE001
             services["database"] = {"status": "unhealthy", "detail": f"unreachable: {type(exc).__name__}: {exc}"[:300]}
         try:
-            disk = await asyncio.to_thread(self.artifacts.check_writable)
+            disk = await asyncio.to_thread(self.artifacts.check_writable, *self.db.local_folders())
             services["storage"] = {"status": "healthy", "detail": f"{disk['free_bytes'] // 2**20} MiB free"}
         except Exception as exc:  # noqa: BLE001
             services["storage"] = {"status": "unhealthy", "detail": f"{type(exc).__name__}: {exc}"[:300]}

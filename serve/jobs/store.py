@@ -57,6 +57,12 @@ class JobStore:
             created = (await conn.execute(select(jobs).where(jobs.c.id == row["id"]))).mappings().one()
         return dict(created)
 
+    async def active_count(self, user_id: str) -> int:
+        """The user's queued and running jobs (a read: the check that counts is `create`'s)."""
+        async with self.db.read() as conn:
+            return (await conn.execute(select(func.count()).select_from(jobs).where(
+                jobs.c.user_id == user_id, jobs.c.status.in_(ACTIVE_STATUSES)))).scalar_one()
+
     async def get(self, job_id: str, user_id: str | None = None) -> dict | None:
         stmt = select(jobs).where(jobs.c.id == job_id)
         if user_id is not None:

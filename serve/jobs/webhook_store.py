@@ -67,21 +67,29 @@ def validate_endpoint_url(url: str, max_length: int) -> str:
     return url
 
 
-async def receiver_refusal(url: str, config: WebhooksConfig) -> str | None:
-    """Why a delivery to `url` may not be sent under `config.allowed_networks` (its host resolved
-    now, every address checked), or None when it may."""
-    if config.allowed_networks is None:
-        return None
-    parts = urlsplit(url)
+async def resolve_receiver(host: str, port: int | None, config: WebhooksConfig) -> tuple[list[str], str | None]:
+    """The addresses `host` resolves to now, and why a delivery to it may not be sent (any one of
+    its addresses internal and not allowed, see `WebhooksConfig.address_refusal`), or None when it may."""
     try:
-        infos = await asyncio.get_running_loop().getaddrinfo(parts.hostname, None, type=socket.SOCK_STREAM)
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (OSError, UnicodeError):  # UnicodeError: a name IDNA refuses (an empty or over-long label)
-        return f"url's host {parts.hostname!r} does not resolve"
+        return [], f"url's host {host!r} does not resolve"
     addresses = sorted({info[4][0] for info in infos})
-    if not config.allows(addresses):
-        return (f"url's host {parts.hostname!r} is at {', '.join(addresses)}, outside the networks this "
-                f"server delivers to ({', '.join(config.allowed_networks)})")
-    return None
+    if not addresses:
+        return [], f"url's host {host!r} does not resolve"
+    for address in addresses:
+        why = config.address_refusal(host, address)
+        if why is not None:
+            return addresses, (f"url's host {host!r} resolves to {why}; webhooks go only to public addresses, "
+                               "outside the networks this server refuses (an operator may allow one: "
+                               "webhooks.allowed_networks / allowed_hosts)")
+    return addresses, None
+
+
+async def receiver_refusal(url: str, config: WebhooksConfig) -> str | None:
+    """Why a delivery to `url` may not be sent (its host resolved now, every address checked), or
+    None when it may."""
+    return (await resolve_receiver(urlsplit(url).hostname or "", None, config))[1]
 
 
 def backoff_s(attempt: int, config: WebhooksConfig) -> float:

@@ -21,11 +21,58 @@ from standardwebhooks import Webhook
 
 from serve.config import WebhooksConfig
 from serve.jobs.metrics import JobMetrics
-from serve.jobs.webhook_store import WebhookStore, receiver_refusal
+from serve.jobs.webhook_store import WebhookStore, resolve_receiver
 
 logger = logging.getLogger(__name__)
 
 USER_AGENT = "CineVivid-Webhooks/1"
+
+
+class _CheckedBackend:
+    """httpcore's network backend that resolves the receiver's host itself, refuses it when any of
+    its addresses is internal (`resolve_receiver`), and connects to the address it checked: a name
+    that resolves to a public address for the check and to an internal one a moment later (DNS
+    rebinding) cannot slip through. TLS still verifies the certificate against the host name."""
+
+    def __init__(self, config: WebhooksConfig):
+        import httpcore
+
+        self.config = config
+        self.inner = httpcore.AnyIOBackend()
+
+    async def connect_tcp(self, host: str, port: int, timeout: float | None = None,
+                          local_address: str | None = None, socket_options=None):
+        import httpcore
+
+        addresses, refusal = await resolve_receiver(host, port, self.config)
+        if refusal is not None:
+            raise httpcore.ConnectError(f"not sent: {refusal}")
+        last: Exception | None = None
+        for address in addresses:
+            try:
+                return await self.inner.connect_tcp(address, port, timeout=timeout, local_address=local_address,
+                                                    socket_options=socket_options)
+            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
+                last = exc
+        assert last is not None
+        raise last
+
+    async def connect_unix_socket(self, path, timeout=None, socket_options=None):
+        raise RuntimeError("webhooks are sent over TCP only")
+
+    async def sleep(self, seconds: float) -> None:
+        await self.inner.sleep(seconds)
+
+
+def checked_transport(config: WebhooksConfig) -> httpx.AsyncHTTPTransport:
+    """An httpx transport whose every connection goes through `_CheckedBackend`; no proxy from the
+    environment (a proxy would do its own resolving)."""
+    import httpcore
+
+    transport = httpx.AsyncHTTPTransport(trust_env=False)
+    transport._pool = httpcore.AsyncConnectionPool(  # noqa: SLF001 - httpx takes no network backend
+        ssl_context=httpx.create_ssl_context(), network_backend=_CheckedBackend(config))
+    return transport
 
 
 def signed_headers(secret: str, msg_id: str, payload: str, timestamp: float | None = None) -> dict[str, str]:
@@ -54,7 +101,8 @@ class WebhookWorker:
             return
         self._stopping = False
         # no redirects: a 3xx is a failed attempt, the endpoint's URL is what the user registered
-        self._client = httpx.AsyncClient(timeout=self.config.timeout_s, follow_redirects=False)
+        self._client = httpx.AsyncClient(timeout=self.config.timeout_s, follow_redirects=False, trust_env=False,
+                                         transport=checked_transport(self.config))
         self._loop_task = asyncio.create_task(self._loop(), name="cinevivid-webhooks")
         logger.info("webhook worker %s started", self.owner)
 
@@ -119,21 +167,20 @@ class WebhookWorker:
         t0 = time.monotonic()
         status_code: int | None = None
         error: str | None = None
-        refusal = await receiver_refusal(d["url"], self.config)  # resolved again: a name may have moved
         try:
             assert self._client is not None
-            if refusal is not None:
-                error = f"not sent: {refusal}"
-            else:
-                r = await self._client.post(d["url"], content=d["payload"].encode(),
-                                            headers=signed_headers(d["secret"], d["id"], d["payload"]))
-                status_code = r.status_code
-                if not 200 <= r.status_code < 300:
-                    error = f"HTTP {r.status_code}: {r.text[:200]}".rstrip(": ")
+            # the host is resolved and checked again as the connection opens (`_CheckedBackend`)
+            async with self._client.stream("POST", d["url"], content=d["payload"].encode(),
+                                           headers=signed_headers(d["secret"], d["id"], d["payload"])) as r:
+                status_code = r.status_code  # the body is never read
+            if not 200 <= r.status_code < 300:
+                # the status only: the receiver's answer is never shown (it could be an internal page)
+                error = f"HTTP {r.status_code}"
         except httpx.TimeoutException:
             error = f"timed out after {self.config.timeout_s:g} s"
         except httpx.HTTPError as exc:
-            error = f"{type(exc).__name__}: {exc}"[:500]
+            text = str(exc)
+            error = text[:500] if text.startswith("not sent: ") else f"{type(exc).__name__}: {text}"[:500]
         ok = error is None
         try:
             status = await asyncio.shield(self.store.record_attempt(

@@ -17,7 +17,11 @@ pid, same command line, so Ray's process checks still work):
   replaced, so it cannot choose the address the ingress's failed-auth throttles count by);
 - the answers HAProxy gives itself are in the API's error envelope (JSON): 400 (a malformed
   request, a bad Content-Length, a request line or headers larger than HAProxy's buffer: HAProxy
-  2.8 answers all of these 400, it has no 414/431), 408, and Ray's 500 for 502/503/504.
+  2.8 answers all of these 400, it has no 414/431), 408, and Ray's 500 for 502/503/504;
+- a method the API has no use for (anything but ALLOWED_METHODS) is a JSON 405 with `Allow`, and
+  `OPTIONS *` a JSON 200 with `Allow`, answered here (uvicorn answers the first in plain text,
+  Ray's proxy the second with a plain-text 404);
+- every answer, HAProxy's own included, carries `X-Content-Type-Options: nosniff`.
 
 Standard library only: it runs as `python -I -S haproxy_front.py REAL_HAPROXY ARGS...`, fast,
 with no package import.
@@ -34,6 +38,7 @@ import sys
 STATS_ENV = "CINEVIVID_HAPROXY_STATS"
 REQUEST_TIMEOUT_ENV = "CINEVIVID_HTTP_REQUEST_TIMEOUT_S"
 MARK = "# cinevivid-front"
+ALLOWED_METHODS = ("GET", "HEAD", "POST", "DELETE", "OPTIONS")
 
 ERRORS = {
     400: ("Bad Request", "invalid_request",
@@ -50,6 +55,27 @@ def error_page(status: int) -> bytes:
     head = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\nCache-Control: no-cache\r\nConnection: close\r\n\r\n")
     return head.encode() + body
+
+
+# Bodies HAProxy answers with `http-request return` (body only: HAProxy writes the head)
+BODIES = {
+    "405": {"error": {"code": "method_not_allowed", "param": None,
+                      "message": f"this API answers the methods {', '.join(ALLOWED_METHODS)}"}},
+    "options": {"object": "server_options", "methods": list(ALLOWED_METHODS)},
+}
+
+
+def write_bodies(folder: str) -> dict[str, str]:
+    paths = {}
+    for name, body in BODIES.items():
+        path = os.path.join(folder, f"cinevivid-{name}.json")
+        data = json.dumps(body).encode()
+        tmp = f"{path}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+        paths[name] = path
+    return paths
 
 
 def write_error_pages(folder: str) -> dict[int, str]:
@@ -88,6 +114,8 @@ def rewrite(text: str, folder: str, env: dict[str, str]) -> str:
     if MARK in text:
         return text
     pages = write_error_pages(folder)
+    bodies = write_bodies(folder)
+    allow = ", ".join(ALLOWED_METHODS)
     stats = env.get(STATS_ENV, "0") == "1"
     timeout = env.get(REQUEST_TIMEOUT_ENV, "")
     out: list[str] = []
@@ -111,6 +139,11 @@ def rewrite(text: str, folder: str, env: dict[str, str]) -> str:
                 # the client's address for the ingress (its failed-auth throttles count by it):
                 # replace whatever X-Forwarded-For the client sent with the address HAProxy sees
                 body.append(f"    http-request set-header X-Forwarded-For %[src]  {MARK}")
+                body.append(f"    http-request return status 200 content-type application/json file "
+                            f"{bodies['options']} hdr Allow \"{allow}\" if {{ method OPTIONS }} {{ url * }}")
+                body.append(f"    http-request return status 405 content-type application/json file "
+                            f"{bodies['405']} hdr Allow \"{allow}\" unless {{ method {' '.join(ALLOWED_METHODS)} }}")
+                body.append("    http-after-response set-header X-Content-Type-Options nosniff")
         if head == "defaults":
             body.append(f"    {MARK}")
             body.append(f"    errorfile 400 {pages[400]}")
