@@ -62,6 +62,7 @@ from serve.pipeline.continuous import ContinuousBatch
 from serve.pipeline.denoise_step import job_tokens
 from serve.pipeline.denoising import DenoiseJob, DenoiseLoop, LoopSettings
 from serve.pipeline.diffusion_forcing import DFJob, DFRun, DFSettings, DiffusionForcingLoop
+from serve.runtime.autoscale import LOAD_METRIC, job_load
 from serve.runtime.faults import chaos_pause
 from serve.errors import GenerationCancelled, StageError, StageOutOfMemory
 from serve.contracts import (
@@ -562,6 +563,18 @@ class Transformer:
                 "levers_pending": self._pending_levers.pending, "reconfigures": self._pending_levers.received,
                 "torch_threads": self.torch_threads, "replica_id": _replica_id(),
                 "step_cache": cache.stats() if cache is not None and hasattr(cache, "stats") else None}
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's custom autoscaling metrics (`serve.runtime.autoscale.backlog_policy` reads them):
+        this replica's waiting and running jobs in standard jobs (a job of the model's default shape
+        weighs 1; a running request batch, whose tickets are out of sight here, counts 1)."""
+        m = self.model_cfg
+        default = (m.num_frames, m.height, m.width, m.num_inference_steps)
+        tickets = [*self._pending, *(r.ticket for r in self._df_running), *self._cbatch_tickets.values()]
+        load = sum(job_load(t.spec.num_frames, t.spec.height, t.spec.width, t.spec.num_inference_steps,
+                            default=default) for t in tickets)
+        batches = max(0, self.running - len(self._df_running) - (1 if self._cbatch_tickets else 0))
+        return {LOAD_METRIC: float(load + batches)}
 
     def check_health(self) -> None:
         if self._fatal:

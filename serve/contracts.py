@@ -34,6 +34,8 @@ DELETED = "deleted"
 CANCELLED, CALLER_GONE = "cancelled", "caller_gone"
 CANCEL_REASONS = (CANCELLED, DELETED, CALLER_GONE)
 CANCELLED_MESSAGE = "the job was cancelled"
+# the progress phase (`stage`) of a queued job whose model is at zero replicas while one starts
+STARTING_MODEL = "starting the model"
 
 
 class VoiceoverSpec(BaseModel):
