@@ -16,7 +16,7 @@ from typing import Callable
 from client import cli as client_cmds
 from client.http import DEFAULT_URL
 from serve.config import DEFAULT_DASHBOARD_PORT, DEFAULT_HOST, DEFAULT_HTTP_PORT, Settings
-from serve.ops import admin, config_doc, kuberay, launcher, models
+from serve.ops import admin, config_doc, kuberay, launcher, models, plan
 
 
 def _command(sub: argparse._SubParsersAction, name: str, summary: str,
@@ -79,6 +79,14 @@ def _add_launcher(sub: argparse._SubParsersAction) -> None:
                          "ports then listen on every interface, guarded by the cluster token); default: "
                          f"{DEFAULT_HOST} only")
     dashboard_args(up)
+
+    pl = _command(sub, "plan", "show a config's GPUs x replicas per deployment against a cluster, before deploying",
+                  plan.cmd_plan, epilog="Exit status 1 when the minimum replicas do not fit the given cluster.")
+    pl.add_argument("config", nargs="?", default=Settings().serve_config or launcher.DEFAULT_CONFIG,
+                    help=f"the Serve config file (default: $CINEVIVID_SERVE_CONFIG, else {launcher.DEFAULT_CONFIG})")
+    pl.add_argument("--gpus", type=int, default=None, help="plan against a node with this many GPUs")
+    pl.add_argument("--cpus", type=float, default=None, help="... and this many CPUs (with --gpus)")
+    pl.add_argument("--address", default=None, help="plan against this running Ray cluster (e.g. auto)")
 
     down = _command(sub, "down", "stop Serve (and the Ray cluster `up` started)", launcher.cmd_down)
     down.add_argument("--address", default=None,

@@ -380,6 +380,9 @@ def up(config_path: str = DEFAULT_CONFIG, *, address: str | None = None, num_cpu
         if others and not replace:
             raise RuntimeError(f"this cluster runs other Serve apps {sorted(others)} that deploying {config_path} "
                                "would remove; pass --replace to do it anyway")
+        from serve.ops.plan import check_cluster_fits
+
+        check_cluster_fits(config)  # a config that cannot be placed is refused now, not left pending
         print(f"deploying {config_path} ...", file=sys.stderr)
         deploy_serve_config(config, wait_timeout_s=timeout_s)
         url = service_url(config)
