@@ -80,3 +80,16 @@ def test_replicas_get_the_planned_gpu_share_and_pack_as_planned(gpus, tmp_path, 
         for gpu_id in r["gpu_ids"]:
             by_gpu[gpu_id].append(name)
     assert sorted(sorted(v) for v in by_gpu.values()) == out["predicted"], (dict(by_gpu), out["predicted"])
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("gpus,rc", [(2, 1), (3, 0)])
+def test_the_plan_command_against_a_cluster_size(gpus, rc):
+    proc = subprocess.run([sys.executable, "-m", "serve.ops.cli", "plan", "configs/skyreels-v2-t2v-14b-540p.yaml",
+                           "--gpus", str(gpus)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == rc, proc.stdout + proc.stderr
+    assert "total: GPUs 2.5..7.1" in proc.stdout
+    if rc:
+        assert "does not fit: the minimum replicas ask 2.5 GPUs" in proc.stdout and "the cluster has 2" in proc.stdout
+    else:
+        assert "GPU 2: 0.5 used: TextEncoder 0.2, VAEDecoder 0.2, ImageEncoder 0.1" in proc.stdout
