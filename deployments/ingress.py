@@ -21,14 +21,15 @@ logger = logging.getLogger(__name__)
 @serve.deployment(name=INGRESS.deployment)
 @serve.ingress()
 class Ingress:
-    def __init__(self, generator: DeploymentHandle, app_args: dict):
+    def __init__(self, generator: DeploymentHandle, app_args: dict, scaling: dict | None = None):
         setup_replica_logging()  # the dispatcher's and the API's lines go to this replica's log file
         # Serve starts this replica's own uvicorn after __init__; by default uvicorn takes
         # X-Forwarded-For from any 127.0.0.1 peer as the client. The app sees the real TCP peer and
         # believes X-Forwarded-For only from `trusted_proxies` (serve.api.throttle.client_address).
         os.environ["FORWARDED_ALLOW_IPS"] = ""
         # Configuration errors (e.g. no JWT secret in production mode) fail the deployment here.
-        self.service = JobService(app_args, GeneratorHandleBackend(generator))
+        # `scaling` (serve.app.scaling_facts): the dispatch limit and each model's Transformer range
+        self.service = JobService(app_args, GeneratorHandleBackend(generator), scaling=scaling)
         self.http_app = create_app(self.service)  # (not `app`: Serve's ASGI wrapper owns that name)
 
     def __serve_build_asgi_app__(self):

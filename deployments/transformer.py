@@ -67,6 +67,7 @@ from serve.pipeline.denoising import DenoiseLoop
 from serve.pipeline.diffusion_forcing import DiffusionForcingLoop
 from serve.pipeline.levers import LiveLevers, apply_levers, lever_state
 from serve.runtime.deadlines import OverdueCalls, stage_deadline_s
+from serve.runtime.autoscale import LOAD_METRIC, job_load
 from serve.pipeline.loading import resolve_subfolder, torch_device, torch_dtype
 from serve.pipeline.scheduler import DenoiseScheduler, JobDone, Ticket
 from serve.runtime.replica import CallerWatch, replica_id as _replica_id, setup_replica_logging
@@ -280,6 +281,17 @@ class Transformer:
                 "watched_callers": self._callers.watched,
                 "levers": {**lever_state(transformer=self.loop.transformer), **self.levers.live_for(STAGE)},
                 **self.live.stats(), "torch_threads": self.torch_threads, "replica_id": _replica_id()}
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's custom autoscaling metrics (`serve.runtime.autoscale.backlog_policy` reads them):
+        this replica's waiting and running jobs in standard jobs (a job of the model's default shape
+        weighs 1; a running request batch, whose tickets are out of sight here, counts 1)."""
+        m = self.model_cfg
+        default = (m.num_frames, m.height, m.width, m.num_inference_steps)
+        tickets, batches = self.scheduler.work_in_sight()
+        load = sum(job_load(t.spec.num_frames, t.spec.height, t.spec.width, t.spec.num_inference_steps,
+                            default=default) for t in tickets)
+        return {LOAD_METRIC: float(load + batches)}
 
     def check_health(self) -> None:
         if self.scheduler.fatal:

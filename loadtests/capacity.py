@@ -50,6 +50,7 @@ OUT_DIR = Path("loadtests/results/capacity")
 # Serve's per-deployment queue metrics (Ray 2.60 names, with Ray's `ray_` prefix on the export port)
 QUEUED = "ray_serve_deployment_queued_queries"
 ONGOING = "ray_serve_replica_processing_queries"
+HEALTHY = "ray_serve_deployment_replica_healthy"  # the controller's gauge: healthy replicas per deployment
 # hold a job from dispatch to the end: their queues grow with any stage's
 NOT_STAGES = (INGRESS.deployment, GENERATOR.deployment)
 JOB_QUEUE = "job queue (DB)"
@@ -184,6 +185,32 @@ def parse_serve_queues(text: str, app: str | None = None) -> dict[str, dict[str,
     return out
 
 
+def parse_serve_replicas(text: str, app: str | None = None) -> dict[str, float]:
+    """Ray's Prometheus text -> {deployment: healthy replicas} (the controller's gauge, summed)."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line.startswith(HEALTHY + "{"):
+            continue
+        labels_end = line.rindex("}")
+        labels = dict(_LABEL.findall(line[: labels_end + 1]))
+        if app and labels.get("application") not in (None, app):
+            continue
+        dep = labels.get("deployment")
+        if dep:
+            with contextlib.suppress(ValueError):
+                out[dep] = out.get(dep, 0.0) + float(line[labels_end + 1:].split()[0])
+    return out
+
+
+def replica_summary(samples: list[dict]) -> dict[str, dict[str, float]]:
+    """Samples' {"replicas": {dep: n}} -> per deployment the mean, min and max replicas over the step."""
+    out: dict[str, dict[str, float]] = {}
+    for d in sorted({d for s in samples for d in (s.get("replicas") or {})}):
+        n = [s["replicas"][d] for s in samples if d in (s.get("replicas") or {})]
+        out[d] = {"mean": round(sum(n) / len(n), 2), "min": min(n), "max": max(n)}
+    return out
+
+
 def parse_app_metrics(text: str) -> dict:
     """CineVivid's /metrics -> job queue depth, running jobs, and per-stage duration sums and counts."""
     out: dict = {"queue_depth": None, "running_jobs": 0.0, "stage_sum": {}, "stage_count": {}}
@@ -272,10 +299,13 @@ class QueueSampler:
     def sample(self) -> dict:
         import httpx
 
-        s: dict = {"t": time.time(), "serve": {}, "job_queue": None}
+        s: dict = {"t": time.time(), "serve": {}, "job_queue": None, "replicas": {}}
         for url in self.metrics_urls:
             try:
-                for d, q in parse_serve_queues(httpx.get(url, timeout=10).text, self.app).items():
+                text = httpx.get(url, timeout=10).text
+                for d, n in parse_serve_replicas(text, self.app).items():
+                    s["replicas"][d] = s["replicas"].get(d, 0.0) + n
+                for d, q in parse_serve_queues(text, self.app).items():
                     e = s["serve"].setdefault(d, {"queued": 0.0, "ongoing": 0.0})
                     e["queued"] += q["queued"]
                     e["ongoing"] += q["ongoing"]
@@ -333,7 +363,9 @@ def plot(steps: list[dict], sat: dict, path: Path, *, title: str = "", max_p95_s
 
     x = [s["offered_jpm"] for s in steps]
     has_q = any(s.get("queues") for s in steps)
-    fig, axes = plt.subplots(3 if has_q else 2, 1, figsize=(8, 10.5 if has_q else 7.5), sharex=True)
+    has_r = any(s.get("replicas") for s in steps)
+    rows = 2 + has_q + has_r
+    fig, axes = plt.subplots(rows, 1, figsize=(8, 3.5 * rows), sharex=True)
     ax = axes[0]
     top = max(x + [s["completed_jpm"] for s in steps] + [1.0]) * 1.1
     ax.plot([0, top], [0, top], ls=":", color="grey", label="y = x (keeps up)")
@@ -358,7 +390,15 @@ def plot(steps: list[dict], sat: dict, path: Path, *, title: str = "", max_p95_s
         ax.set_ylabel("mean queue + in service")
         ax.set_yscale("symlog", linthresh=1.0)
         ax.legend(fontsize=7, ncol=2)
-    axes[-1].set_xlabel("offered load (jobs/min)")
+    if has_r:  # the steps run one after another at rising load: replicas over time against the offered load
+        ax = axes[-1]
+        deps = sorted({d for s in steps for d in (s.get("replicas") or {})})
+        for d in deps:
+            ax.plot(x, [(s.get("replicas") or {}).get(d, {}).get("max") for s in steps], label=f"{d} (max)",
+                    marker="o", drawstyle="steps-post")
+        ax.set_ylabel("replicas per stage (each step)")
+        ax.legend(fontsize=7, ncol=2)
+    axes[-1].set_xlabel("offered load (jobs/min), one step after another")
     if sat.get("index") is not None:
         xs = steps[sat["index"]]["offered_jpm"]
         for a in axes:
@@ -557,6 +597,7 @@ def run_steps(a, url: str, api_key: str, sampler: QueueSampler | None, out_dir: 
             s = step_stats(read_jobs(jobs_path), {"step": i, "jpm": jpm, "t0": t0, "t1": t1}, now=t1)
             samples = sampler.take() if sampler else []
             s["queues"] = queue_summary(samples)
+            s["replicas"] = replica_summary(samples)
             s["stage_seconds"] = stage_seconds(app_before, sampler.last_app if sampler else None)
             s["reasons"] = saturation_reasons(s, min_ratio=a.min_ratio, max_p95_s=a.max_p95_s,
                                               max_fail_ratio=a.max_fail_ratio)

@@ -20,6 +20,7 @@ from ray.serve import Application
 from serve.config import LIVE_LEVERS, AppArgs, Settings, ingress_serve_slots, validate_live_levers
 from serve.runtime.loopback_grpc import with_hook
 from serve.stages import GENERATOR, IMAGE_ENCODER, INGRESS, TEXT_ENCODER, TRANSFORMER, TTS, VAE, Stage
+from serve.runtime.autoscale import POLICY_FUNCTION
 
 
 def parse_args(args: AppArgs | dict[str, Any] | None) -> AppArgs:
@@ -74,7 +75,44 @@ def deployment_plan(args: AppArgs, serve_overrides: dict[str, dict] | None = Non
     for name, over in (serve_overrides or {}).items():
         if name in plan:
             plan[name] = _over(plan[name], over)
+    for m in args.models:  # a Transformer that autoscales follows its model's backlog (serve.runtime.autoscale)
+        opts = plan[transformer_deployment_name(args, m.name)]
+        auto = opts.get("autoscaling_config")
+        if isinstance(auto, dict) and not auto.get("policy"):
+            opts["autoscaling_config"] = {**auto, "policy": {"policy_function": POLICY_FUNCTION}}
     return plan
+
+
+def replica_range(opts: dict[str, Any]) -> tuple[int, int]:
+    """A deployment's (min, max) replicas from its Serve options."""
+    auto = opts.get("autoscaling_config")
+    if isinstance(auto, dict):
+        return int(auto.get("min_replicas", 1)), int(auto.get("max_replicas", 1))
+    n = int(opts.get("num_replicas") or 1)
+    return n, n
+
+
+def scaling_facts(args: AppArgs, plan: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """What the ingress's dispatcher needs from the plan: per model, its Transformer deployment, its
+    replica range and whether it follows the backlog policy (only those are held back at zero
+    replicas: their policy reads the backlog, Serve's default one would never see the held jobs); and
+    `dispatch_limit`, the jobs one ingress replica hands over at once: what the Transformers can hold
+    (max_replicas x max_ongoing_requests, summed) within what the Generator can (same), shared by
+    the ingress replicas."""
+    models = {}
+    holds = 0
+    for m in args.models:
+        name = transformer_deployment_name(args, m.name)
+        opts = plan[name]
+        low, high = replica_range(opts)
+        policy = (opts.get("autoscaling_config") or {}).get("policy") or {}
+        models[m.name] = {"deployment": name, "min_replicas": low, "max_replicas": high,
+                          "backlog_policy": policy.get("policy_function") == POLICY_FUNCTION}
+        holds += high * int(opts.get("max_ongoing_requests", 1))
+    gen_low, gen_high = replica_range(plan["Generator"])
+    holds = min(holds, gen_high * int(plan["Generator"].get("max_ongoing_requests", 1)))
+    ingress = replica_range(plan["Ingress"])[0] if "Ingress" in plan else 1
+    return {"models": models, "dispatch_limit": max(1, -(-holds // max(1, ingress)))}
 
 
 @functools.lru_cache(maxsize=1)
@@ -168,8 +206,8 @@ def build_app(args: AppArgs | dict[str, Any] | None = None,
     generator = build_generator(args, serve_overrides)
     if not args.with_ingress:
         return generator
-    return _stage(INGRESS, args, deployment_plan(args, serve_overrides),
-                  generator, args.model_dump(mode="json"))
+    plan = deployment_plan(args, serve_overrides)
+    return _stage(INGRESS, args, plan, generator, args.model_dump(mode="json"), scaling_facts(args, plan))
 
 
 def default_app_args() -> AppArgs:

@@ -223,11 +223,18 @@ class AutoscalingConfig(_Strict):
     target_ongoing_requests: float = Field(default=2.0, gt=0)
     upscale_delay_s: float = 30.0
     downscale_delay_s: float = 600.0
+    # from 1 replica to 0 (None: downscale_delay_s), as in Serve
+    downscale_to_zero_delay_s: float | None = Field(default=None, ge=0)
+    # Serve's custom policy, {policy_function: "module:function"}. A Transformer that autoscales gets
+    # the backlog policy (`serve.runtime.autoscale:backlog_policy`) unless this names another one.
+    policy: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _bounds(self):
         if self.min_replicas > self.max_replicas:
             raise ValueError("autoscaling_config.min_replicas must be <= max_replicas")
+        if self.policy is not None and not isinstance(self.policy.get("policy_function"), str):
+            raise ValueError("autoscaling_config.policy needs a policy_function ('module:function')")
         return self
 
 
@@ -520,7 +527,10 @@ class LimitsConfig(_Strict):
 
 
 class DispatcherConfig(_Strict):
-    max_concurrent_jobs: int = Field(default=2, ge=1)  # jobs this ingress replica runs at once
+    # jobs this ingress replica hands to the Generator at once; None: what the stages can hold, from
+    # the deployment plan (each model's Transformer max_replicas x max_ongoing_requests, within the
+    # Generator's, shared by the ingress replicas; `serve.app.scaling_facts`), 2 without a plan
+    max_concurrent_jobs: int | None = Field(default=None, ge=1)
     lease_seconds: float = Field(default=30.0, gt=0)  # a claimed job's lease; renewed while it runs
     max_attempts: int = Field(default=3, ge=1)  # claims before a job interrupted by crashes is failed
     poll_interval_s: float = Field(default=0.5, gt=0)  # look for queued / expired jobs this often

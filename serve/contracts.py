@@ -35,6 +35,8 @@ DELETED = "deleted"
 CANCELLED, CALLER_GONE, SHUTDOWN = "cancelled", "caller_gone", "shutdown"
 CANCEL_REASONS = (CANCELLED, DELETED, CALLER_GONE, SHUTDOWN)
 CANCELLED_MESSAGE = "the job was cancelled"
+# the progress phase (`stage`) of a queued job whose model is at zero replicas while one starts
+STARTING_MODEL = "starting the model"
 
 
 class VoiceoverSpec(BaseModel):

@@ -175,7 +175,7 @@ def test_runner_summary_reads_locust_csv(tmp_path):
 def _synthetic_steps():
     """Four steps of a service that keeps up to ~30 jobs/min and then plateaus, with queue samples
     in which the Transformer's queue grows first and longest."""
-    from loadtests.capacity import queue_summary, saturation_reasons, step_stats
+    from loadtests.capacity import queue_summary, replica_summary, saturation_reasons, step_stats
 
     jobs, seq, t = [], 0, 0.0
     steps = []
@@ -196,11 +196,27 @@ def _synthetic_steps():
                     "serve": {TRANSFORMER.deployment: {"queued": 0.0, "ongoing": tq},
                               TEXT_ENCODER.deployment: {"queued": 0.0, "ongoing": 0.1},
                               VAE.deployment: {"queued": 0.0, "ongoing": [0.1, 0.2, 0.6, 0.7][i]},
-                              GENERATOR.deployment: {"queued": 0.0, "ongoing": 4.0}}}] * 3
+                              GENERATOR.deployment: {"queued": 0.0, "ongoing": 4.0}},
+                    "replicas": {TRANSFORMER.deployment: [0, 1, 2, 2][i], VAE.deployment: 1}}] * 3
         s["queues"] = queue_summary(samples)
+        s["replicas"] = replica_summary(samples)
         s["reasons"] = saturation_reasons(s, max_p95_s=30.0)
         out.append(s)
     return out
+
+
+def test_capacity_reads_replicas_per_stage_from_serve_metrics():
+    from loadtests.capacity import parse_serve_replicas, replica_summary
+
+    text = "\n".join([
+        '# TYPE ray_serve_deployment_replica_healthy gauge',
+        'ray_serve_deployment_replica_healthy{application="cinevivid",deployment="Transformer",replica="a"} 1.0',
+        'ray_serve_deployment_replica_healthy{application="cinevivid",deployment="Transformer",replica="b"} 1.0',
+        'ray_serve_deployment_replica_healthy{application="cinevivid",deployment="VAEDecoder",replica="c"} 1.0',
+        'ray_serve_deployment_replica_healthy{application="other",deployment="Transformer",replica="d"} 1.0'])
+    assert parse_serve_replicas(text, "cinevivid") == {"Transformer": 2.0, "VAEDecoder": 1.0}
+    summary = replica_summary([{"replicas": {"Transformer": 0.0}}, {"replicas": {"Transformer": 2.0}}, {}])
+    assert summary == {"Transformer": {"mean": 1.0, "min": 0.0, "max": 2.0}}
 
 
 def test_capacity_finds_the_saturation_step_and_stage(tmp_path):

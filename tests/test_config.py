@@ -93,7 +93,9 @@ def test_serve_config_overrides_take_effect(ray_cluster):
         assert details[TEXT_ENCODER.deployment]["deployment_config"]["ray_actor_options"]["num_cpus"] == 0.3
         transformer = details[TRANSFORMER.deployment]["deployment_config"]
         assert transformer["max_queued_requests"] == 32
-        assert transformer["autoscaling_config"]["max_replicas"] == 1
+        assert transformer["autoscaling_config"]["max_replicas"] == 2
+        # an autoscaling Transformer follows its model's backlog (serve.runtime.autoscale)
+        assert transformer["autoscaling_config"]["policy"]["policy_function"] == "serve.runtime.autoscale:backlog_policy"
         assert transformer["graceful_shutdown_timeout_s"] == 300
         assert transformer["health_check_period_s"] == 7  # the model's own, over deployments.transformer
         assert set(details) == {TEXT_ENCODER.deployment, TRANSFORMER.deployment, VAE.deployment, GENERATOR.deployment}

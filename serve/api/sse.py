@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from typing import AsyncIterator
 
-from serve.contracts import DELETED, TERMINAL_STATUSES, ErrorInfo, ProgressEvent
+from serve.contracts import DELETED, QUEUED, TERMINAL_STATUSES, ErrorInfo, ProgressEvent
 from serve.jobs.service import JobService
 
 
@@ -32,6 +32,7 @@ async def job_events(service: JobService, job: dict, keepalive_s: float = 15.0) 
     queue, history = service.broker.subscribe(job_id)
     last_progress = 0
     last_status = None
+    last_stage = job.get("stage")
 
     def emit(ev: ProgressEvent) -> bytes:
         nonlocal last_progress, last_status
@@ -65,7 +66,8 @@ async def job_events(service: JobService, job: dict, keepalive_s: float = 15.0) 
                 if row is None:
                     yield deleted()
                     return
-                if row["status"] != last_status:
+                if row["status"] != last_status or (row["status"] == QUEUED and row["stage"] != last_stage):
+                    last_stage = row["stage"]  # a queued job's phase ("starting the model") is news too
                     yield emit(_status_of(row))
                 elif row["progress"] > last_progress:  # running elsewhere: progress from its record
                     yield emit(_status_of(row, "progress"))

@@ -1,7 +1,10 @@
 """The job dispatcher inside the ingress: claims queued jobs (conditional UPDATE + lease), drives
 the Generator's progress stream, publishes progress (live to subscribers, throttled to the DB),
 stores the artifacts and finishes the record. Interrupted jobs (lease expired, shutdown) are
-re-queued or, after `max_attempts`, failed with a reason. At most `max_concurrent_jobs` run here.
+re-queued or, after `max_attempts`, failed with a reason. At most `limit` run here: the config's
+`max_concurrent_jobs`, else what the stages can hold (the plan's `dispatch_limit`), else 2. Each poll
+the backlog is published for the Transformers' autoscaling policy (`serve.jobs.backlog`), and the
+jobs of a model at zero replicas are left queued ("starting the model") until its replica runs.
 
 The lease owner names the replica: `<replica>@<host>:<pid> actor=<Ray actor id> ray=<cluster tag>`
 (`<host>:<pid>:<random>` outside a Ray actor). On start and at each recovery poll the dispatcher
@@ -30,6 +33,7 @@ from serve.errors import (
     StorageError, TTSError, is_disk_full, replica_stopped, unwrap_error,
 )
 from serve.jobs.artifacts import ArtifactStore
+from serve.jobs.backlog import BacklogMonitor
 from serve.jobs.events import ProgressBroker
 from serve.jobs.generation_backend import GenerationBackend
 from serve.jobs.metrics import JobMetrics
@@ -72,8 +76,11 @@ async def owner_is_gone(owner: str, cluster: str | None) -> bool:
 class Dispatcher:
     def __init__(self, store: JobStore, generator: GenerationBackend, artifacts: ArtifactStore,
                  broker: ProgressBroker, metrics: JobMetrics, config: DispatcherConfig,
-                 tts_config: TTSConfig | None = None):
+                 tts_config: TTSConfig | None = None, backlog: BacklogMonitor | None = None,
+                 dispatch_limit: int | None = None):
         self.store = store
+        self.backlog = backlog
+        self.limit = config.max_concurrent_jobs or dispatch_limit or 2
         self.generator = generator
         self.artifacts = artifacts
         self.broker = broker
@@ -92,7 +99,7 @@ class Dispatcher:
     async def start(self) -> None:
         self._stopping = False
         self._loop_task = asyncio.create_task(self._loop(), name="cinevivid-dispatcher")
-        logger.info("dispatcher %s started (max %d concurrent jobs)", self.owner, self.config.max_concurrent_jobs)
+        logger.info("dispatcher %s started (max %d concurrent jobs)", self.owner, self.limit)
 
     async def stop(self) -> None:
         """Stop claiming; give running jobs back to the queue so another replica (or this app
@@ -153,8 +160,9 @@ class Dispatcher:
                             if status == FAILED:
                                 self.metrics.observe_failure("max_attempts_exceeded")
                     await self._recover_gone_owners()
-                while len(self._running) < self.config.max_concurrent_jobs and not self._stopping:
-                    job = await self.store.claim(self.owner, self.config.lease_seconds)
+                hold = await self.backlog.refresh() if self.backlog is not None else frozenset()
+                while len(self._running) < self.limit and not self._stopping:
+                    job = await self.store.claim(self.owner, self.config.lease_seconds, hold_models=hold)
                     if job is None:
                         break
                     self._launch(job)

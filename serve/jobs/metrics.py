@@ -45,6 +45,13 @@ class JobMetrics:
         self.step_duration = Histogram(
             "cinevivid_denoising_step_seconds", "Seconds per denoising step (a job's transformer time over its "
             "steps, observed once per step)", ["model"], buckets=STEP_BUCKETS, registry=r)
+        self.cold_start = Histogram(
+            "cinevivid_model_cold_start_seconds", "Seconds a model's jobs waited for its first Transformer replica "
+            "when it was at zero replicas (from the first such job seen queued to the replica running)", ["model"],
+            buckets=JOB_BUCKETS, registry=r)
+        self.models_waiting = Gauge(
+            "cinevivid_model_starting", "1 while a model is at zero Transformer replicas with jobs waiting for one",
+            ["model"], registry=r)
         self.tts_failures = Counter("cinevivid_tts_failures", "Voice-over failures by provider and error code",
                                     ["provider", "code"], registry=r)
         self.service_healthy = Gauge(

@@ -19,6 +19,7 @@ from serve.contracts import (
 from serve.errors import InvalidSpecError, NotFound, TooManyJobsError
 from serve.frames import largest_frame_count
 from serve.jobs.artifacts import ArtifactStore
+from serve.jobs.backlog import BacklogMonitor
 from serve.jobs.db import Database
 from serve.jobs.dispatcher import Dispatcher
 from serve.jobs.events import ProgressBroker
@@ -38,7 +39,7 @@ VERSION = "0.1.0"
 
 
 class JobService:
-    def __init__(self, app_args: AppArgs | dict, generator: GenerationBackend):
+    def __init__(self, app_args: AppArgs | dict, generator: GenerationBackend, scaling: dict | None = None):
         self.app_args = app_args if isinstance(app_args, AppArgs) else AppArgs.model_validate(app_args)
         self.config: IngressConfig = self.app_args.ingress
         self.generator = generator
@@ -51,8 +52,12 @@ class JobService:
         self.artifacts = ArtifactStore(self.config.resolved_data_dir())
         self.metrics = JobMetrics(data_dir=self.artifacts.root)
         self.broker = ProgressBroker(self.config.dispatcher.subscriber_history)
+        # `scaling` (serve.app.scaling_facts, from the Ingress): each model's Transformer range, the dispatch limit
+        self.backlog = BacklogMonitor(self.store, self.metrics, self.models, scaling,
+                                      self.config.dispatcher.poll_interval_s)
         self.dispatcher = Dispatcher(self.store, generator, self.artifacts, self.broker, self.metrics,
-                                     self.config.dispatcher, self.tts_cfg)
+                                     self.config.dispatcher, self.tts_cfg, backlog=self.backlog,
+                                     dispatch_limit=(scaling or {}).get("dispatch_limit"))
         self.webhook_store = WebhookStore(self.db, self.config.webhooks)
         self.webhooks = WebhookWorker(self.webhook_store, self.config.webhooks, self.metrics)
         self.store.on_webhooks = self.webhooks.wake  # a job that finishes here is announced at once

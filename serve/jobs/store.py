@@ -86,13 +86,18 @@ class JobStore:
         return rows[:limit], len(rows) > limit
 
     # ---- dispatcher side ----
-    async def claim(self, owner: str, lease_s: float) -> dict | None:
-        """Claim the oldest queued job: one conditional UPDATE (`... WHERE id = :id AND status =
-        'queued'`) so two dispatchers never run the same job."""
+    async def claim(self, owner: str, lease_s: float, *, hold_models: set[str] | frozenset[str] = frozenset()
+                    ) -> dict | None:
+        """Claim the oldest queued job (of a model not in `hold_models`: those wait for a replica):
+        one conditional UPDATE (`... WHERE id = :id AND status = 'queued'`) so two dispatchers never
+        run the same job."""
         now = time.time()
+        cond = jobs.c.status == QUEUED
+        if hold_models:
+            cond = and_(cond, jobs.c.model.notin_(sorted(hold_models)))
         async with self.db.write() as conn:
             for _ in range(3):
-                cand = (await conn.execute(select(jobs.c.id).where(jobs.c.status == QUEUED)
+                cand = (await conn.execute(select(jobs.c.id).where(cond)
                                            .order_by(jobs.c.seq).limit(1))).scalar_one_or_none()
                 if cand is None:
                     return None
@@ -258,6 +263,23 @@ class JobStore:
                 return None
             await conn.execute(delete(jobs).where(jobs.c.id == job_id))
         return dict(row)
+
+    # ---- the backlog (serve.jobs.backlog) ----
+    async def backlog(self) -> list[dict]:
+        """The active jobs (queued and in progress): id, model, status, stage and spec, oldest first."""
+        async with self.db.read() as conn:
+            rows = (await conn.execute(select(jobs.c.id, jobs.c.model, jobs.c.status, jobs.c.stage, jobs.c.spec)
+                                       .where(jobs.c.status.in_(ACTIVE_STATUSES)).order_by(jobs.c.seq))).mappings()
+            return [dict(r) for r in rows]
+
+    async def set_queued_stage(self, job_ids: list[str], stage: str | None) -> int:
+        """Set the progress phase of queued jobs (e.g. "starting the model"); running ones are left alone."""
+        if not job_ids:
+            return 0
+        async with self.db.write() as conn:
+            res = await conn.execute(update(jobs).where(jobs.c.id.in_(job_ids), jobs.c.status == QUEUED)
+                                     .values(stage=stage, updated_at=time.time()))
+            return res.rowcount
 
     # ---- stats ----
     async def counts_by_status(self) -> dict[str, int]:

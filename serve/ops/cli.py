@@ -105,6 +105,14 @@ def _add_launcher(sub: argparse._SubParsersAction) -> None:
                          f"{DEFAULT_HOST} only")
     dashboard_args(up)
 
+    pl = _command(sub, "plan", "show a config's GPUs x replicas per deployment against a cluster, before deploying",
+                  "serve.ops.plan:cmd_plan", epilog="Exit status 1 when the minimum replicas do not fit the given cluster.")
+    pl.add_argument("config", nargs="?", default=Settings().serve_config or DEFAULT_CONFIG,
+                    help=f"the Serve config file (default: $CINEVIVID_SERVE_CONFIG, else {DEFAULT_CONFIG})")
+    pl.add_argument("--gpus", type=int, default=None, help="plan against a node with this many GPUs")
+    pl.add_argument("--cpus", type=float, default=None, help="... and this many CPUs (with --gpus)")
+    pl.add_argument("--address", default=None, help="plan against this running Ray cluster (e.g. auto)")
+
     down = _command(sub, "down", "stop Serve (and the Ray cluster `up` started)", "serve.ops.launcher:cmd_down")
     down.add_argument("--address", default=None,
                       help="the cluster to stop Serve on (default: the one `up` started)")

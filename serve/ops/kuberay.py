@@ -33,9 +33,9 @@ from typing import Any
 
 import yaml
 
-from serve.app import deployment_plan
 from serve.config import DEFAULT_DASHBOARD_PORT, DEFAULT_HTTP_PORT
-from serve.ops.deploy import APP_IMPORT_PATH, load_serve_config, validate_serve_config
+from serve.ops.deploy import load_serve_config, validate_serve_config
+from serve.ops.plan import plan_rows
 from serve.ops.serve_env import SERVE_ENV
 
 GPUS_PER_WORKER = 8
@@ -44,34 +44,14 @@ DATA_DIR = "/data/cinevivid"
 CACHE_DIR = "/cache"
 HEALTH_PATH = "/health"
 
-def _replica_bounds(opts: dict[str, Any]) -> tuple[int, int]:
-    auto = opts.get("autoscaling_config")
-    if auto:
-        return int(auto.get("min_replicas", 1)), int(auto.get("max_replicas", 1))
-    n = int(opts.get("num_replicas") or 1)
-    return n, n
-
-
 def resource_demand(config: dict[str, Any]) -> dict[str, float]:
-    """What the config's CineVivid apps ask of the cluster: GPUs and CPUs at their largest replica
-    counts (`max_gpus`, `max_cpus`) and at their smallest (`min_gpus`). Serve's own `deployments:`
-    overrides in an app entry count over the app's `args`."""
-    total = {"max_gpus": 0.0, "min_gpus": 0.0, "max_cpus": 0.0}
-    validated = validate_serve_config(config)
-    for app in config.get("applications") or []:
-        if app.get("import_path") != APP_IMPORT_PATH:
-            continue
-        args = validated[app.get("name", "default")]
-        # Serve's own per-deployment overrides (a config's `deployments:` list, by deployment name)
-        overrides = {d["name"]: {k: v for k, v in d.items() if k != "name"} for d in app.get("deployments") or []}
-        for opts in deployment_plan(args, overrides).values():
-            actor = opts.get("ray_actor_options") or {}  # an override replaces it whole, as in Serve
-            lo, hi = _replica_bounds(opts)
-            gpus, cpus = float(actor.get("num_gpus") or 0), float(actor.get("num_cpus") or 0)
-            total["max_gpus"] += gpus * hi
-            total["min_gpus"] += gpus * lo
-            total["max_cpus"] += cpus * hi
-    return total
+    """What the config's CineVivid apps ask of the cluster, from the plan (`serve.ops.plan`, the same
+    rows `cinevivid plan` prints): GPUs and CPUs at their largest replica counts (`max_gpus`,
+    `max_cpus`) and at their smallest (`min_gpus`). Serve's own `deployments:` overrides in an app
+    entry count over the app's `args`."""
+    rows = plan_rows(config)
+    return {"max_gpus": sum(r.max_gpus for r in rows), "min_gpus": sum(r.min_gpus for r in rows),
+            "max_cpus": sum(r.cpus * r.max_replicas for r in rows)}
 
 
 class _ManifestDumper(yaml.SafeDumper):

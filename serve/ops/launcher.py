@@ -553,6 +553,9 @@ def up(config_path: str = DEFAULT_CONFIG, *, address: str | None = None, num_cpu
         if others and not replace:
             raise LaunchError(f"this cluster runs other Serve apps {sorted(others)} that deploying {config_path} "
                                "would remove; pass --replace to do it anyway")
+        from serve.ops.plan import check_cluster_fits
+
+        check_cluster_fits(config)  # a config that cannot be placed is refused now, not left pending
         print(f"deploying {config_path} ...", file=sys.stderr)
         # this driver's Serve INFO lines ("Started Serve ...", "Deployed app ...") say what `up` says
         logging.getLogger("ray.serve").setLevel(logging.WARNING)

@@ -436,6 +436,14 @@ class DenoiseScheduler:
         return f"{jobs} job(s) at {spec.width}x{spec.height}, {spec.num_frames} frames"
 
     # -- observability -------------------------------------------------------------------------------
+    def work_in_sight(self) -> tuple[list[Ticket], int]:
+        """The work on this replica, for autoscaling: the tickets waiting, in the step batch and in
+        DF jobs between slices, and the number of running request batches (their tickets are
+        out of sight while the batch runs)."""
+        tickets = [*self._pending, *(r.ticket for r in self._df_running), *self._cbatch_tickets.values()]
+        batches = max(0, self.running - len(self._df_running) - (1 if self._cbatch_tickets else 0))
+        return tickets, batches
+
     def stats(self) -> dict:
         cache, cb = self.loop.step_cache, self.cbatch
         return {"batches_run": list(self.batches_run), "pending": len(self._pending), "running": self.running,
