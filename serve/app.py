@@ -109,9 +109,9 @@ def scaling_facts(args: AppArgs, plan: dict[str, dict[str, Any]]) -> dict[str, A
         models[m.name] = {"deployment": name, "min_replicas": low, "max_replicas": high,
                           "backlog_policy": policy.get("policy_function") == POLICY_FUNCTION}
         holds += high * int(opts.get("max_ongoing_requests", 1))
-    gen_low, gen_high = replica_range(plan["Generator"])
-    holds = min(holds, gen_high * int(plan["Generator"].get("max_ongoing_requests", 1)))
-    ingress = replica_range(plan["Ingress"])[0] if "Ingress" in plan else 1
+    gen_low, gen_high = replica_range(plan[GENERATOR.deployment])
+    holds = min(holds, gen_high * int(plan[GENERATOR.deployment].get("max_ongoing_requests", 1)))
+    ingress = replica_range(plan[INGRESS.deployment])[0] if INGRESS.deployment in plan else 1
     return {"models": models, "dispatch_limit": max(1, -(-holds // max(1, ingress)))}
 
 

@@ -21,6 +21,7 @@ from tests.http_fixtures import *  # noqa: F401,F403
 from tests.http_fixtures import HttpEnv, http_ingress_args, wait_for_status, wait_healthy
 from tests.media_probe import decode_rgb_frames
 from conftest import tiny_app_args
+from serve.stages import TRANSFORMER
 
 SCALE_APP = "scale"
 SMALL = {"ray_actor_options": {"num_cpus": 0.1}}
@@ -48,9 +49,9 @@ def test_plan_gives_autoscaling_transformers_the_backlog_policy_and_the_dispatch
         "transformer": {"autoscaling_config": {"min_replicas": 0, "max_replicas": 3}, "max_ongoing_requests": 2},
         "generator": {"num_replicas": 1, "max_ongoing_requests": 4}, "ingress": {"num_replicas": 2}}))
     plan = deployment_plan(args)
-    assert plan["Transformer"]["autoscaling_config"]["policy"] == {"policy_function": POLICY_FUNCTION}
+    assert plan[TRANSFORMER.deployment]["autoscaling_config"]["policy"] == {"policy_function": POLICY_FUNCTION}
     facts = scaling_facts(args, plan)
-    assert facts["models"][args.models[0].name] == {"deployment": "Transformer", "min_replicas": 0,
+    assert facts["models"][args.models[0].name] == {"deployment": TRANSFORMER.deployment, "min_replicas": 0,
                                                     "max_replicas": 3, "backlog_policy": True}
     # the Transformer holds 3 x 2 = 6, the Generator 1 x 4 = 4: 4 jobs over 2 ingress replicas
     assert facts["dispatch_limit"] == 2
@@ -64,9 +65,9 @@ def _transformer_replicas(app: str = SCALE_APP) -> int:
     from ray import serve
 
     status = serve.status().applications.get(app)
-    if status is None or "Transformer" not in status.deployments:
+    if status is None or TRANSFORMER.deployment not in status.deployments:
         return -1
-    return int(status.deployments["Transformer"].replica_states.get("RUNNING", 0))
+    return int(status.deployments[TRANSFORMER.deployment].replica_states.get("RUNNING", 0))
 
 
 def _wait_replicas(want: int, timeout_s: float) -> None:

@@ -214,9 +214,9 @@ def test_capacity_reads_replicas_per_stage_from_serve_metrics():
         'ray_serve_deployment_replica_healthy{application="cinevivid",deployment="Transformer",replica="b"} 1.0',
         'ray_serve_deployment_replica_healthy{application="cinevivid",deployment="VAEDecoder",replica="c"} 1.0',
         'ray_serve_deployment_replica_healthy{application="other",deployment="Transformer",replica="d"} 1.0'])
-    assert parse_serve_replicas(text, "cinevivid") == {"Transformer": 2.0, "VAEDecoder": 1.0}
-    summary = replica_summary([{"replicas": {"Transformer": 0.0}}, {"replicas": {"Transformer": 2.0}}, {}])
-    assert summary == {"Transformer": {"mean": 1.0, "min": 0.0, "max": 2.0}}
+    assert parse_serve_replicas(text, "cinevivid") == {TRANSFORMER.deployment: 2.0, VAE.deployment: 1.0}
+    summary = replica_summary([{"replicas": {TRANSFORMER.deployment: 0.0}}, {"replicas": {TRANSFORMER.deployment: 2.0}}, {}])
+    assert summary == {TRANSFORMER.deployment: {"mean": 1.0, "min": 0.0, "max": 2.0}}
 
 
 def test_capacity_finds_the_saturation_step_and_stage(tmp_path):

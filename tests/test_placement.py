@@ -18,6 +18,7 @@ import pytest
 
 from serve.ops.plan import PlanDoesNotFit, check_fits, format_plan, pack, plan_rows
 from serve.ops.deploy import load_serve_config
+from serve.stages import GENERATOR, IMAGE_ENCODER, TEXT_ENCODER, TRANSFORMER, VAE
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,7 +28,8 @@ def test_the_14b_preset_packs_whole_gpus_first_and_is_refused_on_two():
     rows = plan_rows(load_serve_config(ROOT / "configs/skyreels-v2-t2v-14b-540p.yaml"))
     packing = pack(rows, 3)
     assert [sorted(d for d, _ in g) for g in packing] == [
-        ["Transformer"], ["Transformer-skyreels-v2-i2v-14b-540p"], ["ImageEncoder", "TextEncoder", "VAEDecoder"]]
+        [TRANSFORMER.deployment], [TRANSFORMER.deployment_for("skyreels-v2-i2v-14b-540p")],
+        sorted([IMAGE_ENCODER.deployment, TEXT_ENCODER.deployment, VAE.deployment])]
     with pytest.raises(PlanDoesNotFit) as e:
         check_fits(rows, {"GPU": 2})
     assert "2.5 GPUs" in str(e.value) and "Transformer 1 x 1" in str(e.value) and "the cluster has 2" in str(e.value)
@@ -64,11 +66,11 @@ def test_replicas_get_the_planned_gpu_share_and_pack_as_planned(gpus, tmp_path, 
     assert out["resources"]["GPU"] == gpus
 
     # the config that needs one GPU more than the cluster has: refused, naming the deployments and the sum
-    assert out["refusal"] and f"the cluster has {gpus}" in out["refusal"] and "Transformer" in out["refusal"], out
+    assert out["refusal"] and f"the cluster has {gpus}" in out["refusal"] and TRANSFORMER.deployment in out["refusal"], out
 
     # each replica asked for (and got) the share the plan gives its deployment
     replicas = out["replicas"]
-    assert set(replicas) == {"TextEncoder", "Transformer", "VAEDecoder", "Generator"}, replicas
+    assert set(replicas) == {s.deployment for s in (TEXT_ENCODER, TRANSFORMER, VAE, GENERATOR)}, replicas
     for name, r in replicas.items():
         assert r["num_gpus"] == out["plan"][name], (name, r)
         want = 0 if out["plan"][name] == 0 else max(1, int(out["plan"][name]))
