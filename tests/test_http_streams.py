@@ -95,6 +95,8 @@ async def _open_stream(stack: contextlib.AsyncExitStack, client: httpx.AsyncClie
         await r.aread()
         return r
     lines = r.aiter_lines()
+    # held by the stack: a line iterator dropped here would be finalised, closing the stream with it
+    stack.push_async_callback(lines.aclose)
     while not (line := await lines.__anext__()).startswith("data:"):
         pass
     status = json.loads(line[5:])["status"]
