@@ -4,6 +4,8 @@ the result it gets, and the small models that cross stage boundaries (tensors tr
 
 from __future__ import annotations
 
+import typing
+
 from typing import Any, Literal
 
 import numpy as np
@@ -67,33 +69,59 @@ class LoraSpec(BaseModel):
         return v
 
 
-class GenerationSpec(BaseModel):
+def _numeric(annotation) -> bool:
+    """Whether a field's type takes numbers (int or float, not only bool)."""
+    return annotation in (int, float) or any(_numeric(a) for a in typing.get_args(annotation))
+
+
+class GenerationFields(BaseModel):
+    """The generation fields a caller may set on every route (the JSON body of `POST /v1/videos`,
+    its extensions, the original routes and the handle client's `GenerationSpec`): ONE home, so a
+    new generation field is added here, in `ResolvedSpec`, in its resolution
+    (`serve.pipeline.spec`) and in the loop's settings (`LoopSettings`/`DFSettings`). Every
+    numeric field refuses true/false (pydantic would take them as 1/0)."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    negative_prompt: str | None = None
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    num_frames: int | None = None
+    fps: int | None = None
+    voiceover: VoiceoverSpec | None = None
+    lora: LoraSpec | None = Field(
+        default=None, description="A LoRA adapter of the model for this job: {\"name\": ..., \"scale\": ...} "
+                                  "(GET /v1/models lists each model's; in a form: lora[name], lora[scale])")
+    # Long video by diffusion forcing (models with a `diffusion_forcing` config); setting any of
+    # these makes the job a DF job. Defaults: the model's.
+    base_num_frames: int | None = Field(default=None, description="Frames per window, 4k+1 (e.g. 97)")
+    overlap_history: int | None = Field(
+        default=None, description="Frames each window carries over from the one before, 4k+1 (e.g. 17)")
+    ar_step: int | None = Field(default=None, description="0: synchronous; > 0: asynchronous (e.g. 5)")
+    causal_block_size: int | None = Field(
+        default=None, description="Latent frames per causal block; divides a window's latent frames")
+    addnoise_condition: float | None = Field(
+        default=None, description="Noise mixed into the carried frames, 0..60 (20 recommended)")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _not_a_boolean(cls, v: Any, info) -> Any:
+        if isinstance(v, bool) and _numeric(cls.model_fields[info.field_name].annotation):
+            raise ValueError("must be a number, not true/false")
+        return v
+
+
+class GenerationSpec(GenerationFields):
     """One text-to-video generation as a caller asks for it. `serve.pipeline.spec.resolve_spec`
     fills the defaults that depend on the model (`ModelConfig`) and checks every bound, once,
     before any model work, giving the `ResolvedSpec` the stages run."""
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-
     prompt: str
-    negative_prompt: str | None = None
     model: str | None = None
     width: int | None = None
     height: int | None = None
-    num_frames: int | None = None
-    fps: int | None = None
-    num_inference_steps: int | None = None
-    guidance_scale: float | None = None
     flow_shift: float | None = None
-    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
-    voiceover: VoiceoverSpec | None = None
-    lora: LoraSpec | None = None  # a LoRA adapter of the model, for this job only
-    # Long video by diffusion forcing (models with a `diffusion_forcing` config); setting any of
-    # these makes the job a DF job. Defaults: the model's.
-    base_num_frames: int | None = None  # frames per window, 4k+1
-    overlap_history: int | None = None  # frames each window carries over from the one before, 4k+1
-    ar_step: int | None = None  # 0: synchronous; > 0: each causal block this many steps behind the last
-    causal_block_size: int | None = None  # latent frames per causal block
-    addnoise_condition: float | None = None  # noise mixed into the carried frames (0: none)
     # What the job starts from: a prompt only, a reference image (image-to-video; the image itself
     # travels beside the spec, in `GenerationInputs`), or a finished video to extend. Set by the
     # API from the request's inputs; None: text-to-video.

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from serve.contracts import LoraSpec, VoiceoverSpec
+from serve.contracts import GenerationFields
 
 
 class _Request(BaseModel):
@@ -64,35 +64,10 @@ class ApiKeyList(_Response):
 
 
 # ---- videos (OpenAI Videos API + CineVivid extensions) ----
-class _GenerationExtensions(_Request):
-    negative_prompt: str | None = None
-    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
-    num_inference_steps: int | None = None
-    guidance_scale: float | None = None
-    num_frames: int | None = None
-    fps: int | None = None
-    voiceover: VoiceoverSpec | None = None
-    lora: LoraSpec | None = Field(
-        default=None, description="A LoRA adapter of the model for this job: {\"name\": ..., \"scale\": ...} "
-                                  "(GET /v1/models lists each model's; in a form: lora[name], lora[scale])")
-    # long video by diffusion forcing (on models that do it); any of these makes the job a DF job
-    base_num_frames: int | None = Field(default=None, description="Frames per window, 4k+1 (e.g. 97)")
-    overlap_history: int | None = Field(
-        default=None, description="Frames each window carries over from the one before, 4k+1 (e.g. 17)")
-    ar_step: int | None = Field(default=None, description="0: synchronous; > 0: asynchronous (e.g. 5)")
-    causal_block_size: int | None = Field(
-        default=None, description="Latent frames per causal block; divides a window's latent frames")
-    addnoise_condition: float | None = Field(
-        default=None, description="Noise mixed into the carried frames, 0..60 (20 recommended)")
-
-    @field_validator("seed", "num_inference_steps", "guidance_scale", "num_frames", "fps", "base_num_frames",
-                     "overlap_history", "ar_step", "causal_block_size", "addnoise_condition", "seconds",
-                     mode="before", check_fields=False)
-    @classmethod
-    def _not_a_boolean(cls, v: Any) -> Any:
-        if isinstance(v, bool):  # JSON true/false is not a number (pydantic would take it as 1/0)
-            raise ValueError("must be a number, not true/false")
-        return v
+class _GenerationExtensions(_Request, GenerationFields):
+    """The generation fields beyond OpenAI's (`serve.contracts.GenerationFields`, their one home),
+    on every route that generates. A numeric field (here or in a subclass: `seconds`, `width`)
+    refuses true/false (`GenerationFields._not_a_boolean`)."""
 
     @field_validator("voiceover", "lora", mode="before")
     @classmethod
@@ -312,12 +287,6 @@ class TextToVideoRequest(_GenerationExtensions):
     height: int | None = None
     flow_shift: float | None = None
 
-    @field_validator("width", "height", "flow_shift", mode="before")
-    @classmethod
-    def _size_not_a_boolean(cls, v: Any) -> Any:
-        if isinstance(v, bool):
-            raise ValueError("must be a number, not true/false")
-        return v
 
 
 class TaskCreated(_Response):
