@@ -5,7 +5,7 @@ the Ray dashboard on. One stack for the module:
 - the dashboard's Serve REST API lists the app's nine deployments with RUNNING replicas, with the
   cluster's token (header, or the sign-in cookie), and refuses requests without it;
 - docs/operations.md's "Using it from a Ray job" snippet runs as printed in a separate driver
-  process, and as a Ray job sent with the page's `ray job submit` line after `eval "$(cinevivid env)"`;
+  process, and as a Ray job sent with the page's `cinevivid submit` line after `eval "$(cinevivid env)"`;
 - `eval "$(cinevivid env)"` then a plain `ray.init()` joins the same cluster;
 - every socket the stack listens on is on the loopback address (the default config);
 - a client that trickles its request head or body is answered 408 and cut after the configured
@@ -219,7 +219,7 @@ def test_cinevivid_env_points_plain_ray_init_at_the_stack(stack):
 
 def readme_job_lines() -> tuple[str, str]:
     """The page's shell lines (after the snippet) that send a script as a Ray job: the `eval`
-    line, and the `ray job submit` command after "# or: " on the next one."""
+    line, and the `cinevivid submit` command after "# or: " on the next one."""
     readme = RAY_JOB_PAGE.read_text()
     section = readme[readme.index("## Using it from a Ray job"):]
     block = section.split("```bash\n", 1)[1].split("```", 1)[0]
@@ -229,10 +229,10 @@ def readme_job_lines() -> tuple[str, str]:
 
 def test_the_readme_snippet_runs_as_a_ray_job(stack):
     """The page's two lines, as printed, in a user's shell with the virtualenv active, with the
-    snippet as my_job.py: the job runs in the cluster and succeeds, `ray job submit` prints its
-    output, and its fox.mp4 is where the page says."""
+    snippet as my_job.py: the job runs in the cluster and succeeds, `cinevivid submit` (Ray's
+    `ray job submit`) prints its output, and its fox.mp4 is where the page says."""
     eval_line, submit = readme_job_lines()
-    assert eval_line == 'eval "$(cinevivid env)"' and submit.startswith("ray job submit "), (eval_line, submit)
+    assert eval_line == 'eval "$(cinevivid env)"' and submit.startswith("cinevivid submit -- "), (eval_line, submit)
     work = stack["base"] / "job"
     work.mkdir()
     (work / "my_job.py").write_text(README_SNIPPET)
