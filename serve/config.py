@@ -689,9 +689,21 @@ class HTTPFrontConfig(_Strict):
     # `timeout client`: a client silent this long while it should be sending (the rest of a larger
     # upload) or reading is cut (Ray's default is 3600 s; SSE streams send a keepalive every 15 s)
     client_idle_timeout_s: int = Field(default=60, ge=1, le=86400)
+    # An upload's body that stops arriving (no byte for this long, once the body has begun) is
+    # answered 408 request_timeout by the Ingress replica (serve.api.middleware.BodyTimeoutMiddleware).
+    # Below `client_idle_timeout_s`: HAProxy 2.8 answers a client that
+    # times out in mid-body with a 400, so the replica must answer first. Applies on deploy.
+    body_idle_timeout_s: int = Field(default=30, ge=1, le=86400)
     # HAProxy's stats page (no auth, shows the backends' addresses): off; true puts it on
     # 127.0.0.1 at the port in RAY_SERVE_HAPROXY_STATS_PORT (a free one per cluster by default)
     stats: bool = False
+
+    @model_validator(mode="after")
+    def _body_before_client(self) -> "HTTPFrontConfig":
+        if self.body_idle_timeout_s >= self.client_idle_timeout_s:
+            raise ValueError(f"body_idle_timeout_s ({self.body_idle_timeout_s}) must be below client_idle_timeout_s "
+                             f"({self.client_idle_timeout_s}): HAProxy cuts a silent client at the latter with a 400")
+        return self
 
 
 class AppArgs(_Strict):

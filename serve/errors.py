@@ -98,6 +98,14 @@ class PayloadTooLarge(CineVividError):
     status = 413
 
 
+class RequestTimeout(CineVividError):
+    """A request that did not arrive in time: its body stalled (`http_front.body_idle_timeout_s`;
+    HAProxy answers the same code for a head that did not arrive, serve.ops.haproxy_front)."""
+
+    code = "request_timeout"
+    status = 408
+
+
 # -- auth and limits --------------------------------------------------------------------------
 class AuthError(CineVividError):
     code = "invalid_api_key"

@@ -19,6 +19,8 @@ import pytest
 from conftest import HTTP_APP, TINY_MODELS, tiny_app_args
 
 SMALL = {"ray_actor_options": {"num_cpus": 0.1}}
+# the apps' http_front.body_idle_timeout_s: short, for the stalled-upload test (tests/test_stalled_upload.py)
+BODY_IDLE_TIMEOUT_S = 4
 # Test stacks deliver webhooks only to receivers on this machine (tests/webhook_receiver.py)
 LOOPBACK_NETWORKS = ["127.0.0.0/8", "::1/128"]
 
@@ -95,7 +97,8 @@ def deploy_http_app(name: str, data_dir: Path, http_url: str, ingress_deployment
 
     args = tiny_app_args(name=name, with_ingress=True, ingress=http_ingress_args(data_dir, **ingress_overrides),
                          deployments={"ingress": {**SMALL, **(ingress_deployment or {})}, "image_encoder": SMALL},
-                         **({"models": TINY_MODELS} if name == HTTP_APP else {}), **({"levers": levers} if levers else {}))
+                         **({"models": TINY_MODELS} if name == HTTP_APP else {}), **({"levers": levers} if levers else {}),
+                         http_front={"body_idle_timeout_s": BODY_IDLE_TIMEOUT_S})
     serve.run(build_app(args), name=name, route_prefix=f"/{name}" if name != HTTP_APP else "/")
 
 

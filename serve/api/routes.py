@@ -29,7 +29,7 @@ from serve.api.content import file_response
 from serve.api.errors import EXCEPTION_HANDLERS
 from serve.api.metrics import HttpMetrics, MetricsMiddleware
 from serve.api.headers import SecurityHeadersMiddleware
-from serve.api.middleware import BodyLimitMiddleware
+from serve.api.middleware import BodyLimitMiddleware, BodyTimeoutMiddleware
 from serve.api.ratelimit import SharedRateLimiter
 from serve.api import media_requests as media
 from serve.api.requests import read_body, read_body_with_files, spec_from_openai
@@ -577,6 +577,8 @@ def create_app(service: JobService, *, manage_lifecycle: bool = True) -> Starlet
     media_bodies = {"/v1/videos": max(lim.max_upload_bytes, 2 * lim.max_image_bytes + lim.max_upload_bytes),
                     "/v1/videos/extensions": max(lim.max_upload_bytes, lim.max_video_bytes + lim.max_upload_bytes)}
     app.add_middleware(BodyLimitMiddleware, max_bytes=lim.max_upload_bytes, per_path=media_bodies)
+    # a body that stops arriving: 408 (before HAProxy's own cut, a 400)
+    app.add_middleware(BodyTimeoutMiddleware, idle_timeout_s=service.app_args.http_front.body_idle_timeout_s)
     # ordinary requests beyond the replica's request slots: 503 at once (streams and /health apart)
     app.add_middleware(AdmissionMiddleware, slots=service.app_args.deployments.ingress.max_ongoing_requests)
     app.add_middleware(MetricsMiddleware, metrics=api.http_metrics)

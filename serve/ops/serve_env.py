@@ -39,6 +39,13 @@ SERVE_ENV: dict[str, str] = {
     # (`graceful_shutdown_timeout_s`, 600 s for the stages): a frozen process never drains, and it
     # would hold its GPU share, so its replacement could not start. Its jobs are retried anyway.
     "RAY_SERVE_FORCE_STOP_UNHEALTHY_REPLICAS": "1",
+    # Who restarts HAProxy when it dies: Serve's controller health-checks each node's HAProxyManager
+    # actor (`show info` on HAProxy's admin socket) every RAY_SERVE_PROXY_HEALTH_CHECK_PERIOD_S and,
+    # after 3 failures in a row (ray/serve/_private/constants.py, PROXY_HEALTH_CHECK_UNHEALTHY_THRESHOLD,
+    # no knob), replaces the actor, which starts a new HAProxy. Ray's 10 s period left HTTP down
+    # ~34 s after a `kill -9` of HAProxy; 2 s brings it back within ~10 s (docs/security.md,
+    # tests/test_haproxy_restart.py). A check is one admin-socket command, cheap at this period.
+    "RAY_SERVE_PROXY_HEALTH_CHECK_PERIOD_S": "2",
 }
 
 
