@@ -45,7 +45,10 @@ def haproxy():
     port = _free_port()
     cfg = HAProxyConfig(http_options=HTTPOptions(host="127.0.0.1", port=port), socket_path=str(folder / "a.sock"),
                         server_state_base=str(folder), server_state_file=str(folder / "state"),
-                        metrics_socket_path=str(folder / "m.sock"))
+                        metrics_socket_path=str(folder / "m.sock"),
+                        # its own ports: Ray's defaults (or a session cluster's, read from the
+                        # environment at import) are another HAProxy's on this machine
+                        stats_port=_free_port(), metrics_port=_free_port())
     HAProxyApi(cfg=cfg, config_file_path=str(folder / "haproxy.cfg"))._generate_config_file_internal()
     haproxy_front.apply(str(folder / "haproxy.cfg"), {})
     proc = subprocess.Popen([get_haproxy_binary(), "-f", str(folder / "haproxy.cfg")],
