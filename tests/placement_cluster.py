@@ -14,6 +14,7 @@ import json
 import socket
 import sys
 import time
+from pathlib import Path
 
 
 def config(app: dict) -> dict:
@@ -40,6 +41,9 @@ def main() -> None:
     from serve.app import build_app
     from serve.ops.plan import PlanDoesNotFit, check_fits, plan_rows
 
+    from serve.ops.serve_env import apply_serve_env
+
+    apply_serve_env(haproxy_dir=Path(temp_dir) / "hap")  # this cluster's own HAProxy files and ports
     for attempt in range(3):  # Ray gives a raylet 30 s (hard-coded) to register: a busy box can miss it
         try:
             ray.init(address="local", num_cpus=4, num_gpus=gpus, include_dashboard=False, _temp_dir=temp_dir,

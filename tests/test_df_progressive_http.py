@@ -58,7 +58,9 @@ def test_preview_of_a_running_long_video_grows_window_by_window(http_env, alice)
     assert [f for f, _ in running] == sorted(f for f, _ in running) and running[0][0] < running[-1][0] <= 53
 
     v = wait_for_status(url, h, vid, {"completed", "failed"})
-    assert v["status"] == "completed" and v.get("windows_done") is None
+    # a finished long video reports its windows (all done), its whole length and its mode
+    assert v["status"] == "completed" and v["windows_done"] == v["windows_total"] == 6, v
+    assert v["mode"] == "long-video" and v["playable_seconds"] == 53 / 8, v
     final = httpx.get(f"{url}/v1/videos/{vid}/content", headers=h).content
     assert httpx.get(f"{url}/v1/videos/{vid}/content", params={"variant": "preview"}, headers=h).content == final
     assert len(decode_rgb_frames(final)) == 53

@@ -50,7 +50,9 @@ def test_a_fraction_that_fits_the_sum_but_not_one_gpu_is_refused_by_name():
 
 @pytest.mark.parametrize("gpus", [1, 2])
 def test_replicas_get_the_planned_gpu_share_and_pack_as_planned(gpus, tmp_path, tiny_model_dir):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    # not the session cluster's address, nor its HAProxy's files and ports (placement_cluster.py
+    # gives its own cluster fresh ones, as the launcher does for every cluster it starts)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_SERVE_HAPROXY_"))}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")])
     temp_dir = Path("/tmp") / f"cvplace-{os.getpid()}-{gpus}"
     try:

@@ -23,7 +23,7 @@ from serve.jobs.store import JobStore
 from serve.jobs.webhook_store import WebhookStore
 from tests.http_fixtures import *  # noqa: F401,F403
 from tests.http_fixtures import wait_local
-from tests.http_fixtures import local_service, make_local_user
+from tests.http_fixtures import LOOPBACK_NETWORKS, local_service, make_local_user
 from tests.webhook_receiver import WebhookReceiver
 
 from pg_server import new_database
@@ -278,7 +278,7 @@ SPEC = ('{"prompt": "p", "width": 64, "height": 64, "num_frames": 9, "fps": 8, "
 
 async def test_claims_are_exclusive_and_failures_back_off_until_failed(hook_db):
     config = WebhooksConfig(max_attempts=2, backoff_initial_s=0.5, backoff_max_s=1.0, lease_seconds=30,
-                            timeout_s=1)
+                            timeout_s=1, allowed_networks=LOOPBACK_NETWORKS)  # its dead receivers: loopback
     hooks = WebhookStore(hook_db, config)
     woken = []
     jobs = JobStore(hook_db, on_webhooks=lambda: woken.append(1))
