@@ -161,44 +161,34 @@ def should_stop(steps: list[dict]) -> bool:
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
 
-def parse_serve_queues(text: str, app: str | None = None) -> dict[str, dict[str, float]]:
-    """Ray's Prometheus text -> {deployment: {"queued": .., "ongoing": ..}}, summed over handles and replicas."""
-    out: dict[str, dict[str, float]] = {}
+def _deployment_samples(text: str, metrics: dict[str, str], app: str | None):
+    """(deployment, key, value) of each sample of `metrics` ({metric name: key}) in Ray's
+    Prometheus text, for the application `app` (any when None)."""
     for line in text.splitlines():
-        if line.startswith(QUEUED + "{"):
-            key = "queued"
-        elif line.startswith(ONGOING + "{"):
-            key = "ongoing"
-        else:
+        key = next((k for name, k in metrics.items() if line.startswith(name + "{")), None)
+        if key is None:
             continue
         labels_end = line.rindex("}")
         labels = dict(_LABEL.findall(line[: labels_end + 1]))
-        if app and labels.get("application") not in (None, app):
-            continue
-        dep = labels.get("deployment")
-        if not dep:
+        if (app and labels.get("application") not in (None, app)) or not labels.get("deployment"):
             continue
         with contextlib.suppress(ValueError):
-            value = float(line[labels_end + 1:].split()[0])
-            entry = out.setdefault(dep, {"queued": 0.0, "ongoing": 0.0})
-            entry[key] += value
+            yield labels["deployment"], key, float(line[labels_end + 1:].split()[0])
+
+
+def parse_serve_queues(text: str, app: str | None = None) -> dict[str, dict[str, float]]:
+    """Ray's Prometheus text -> {deployment: {"queued": .., "ongoing": ..}}, summed over handles and replicas."""
+    out: dict[str, dict[str, float]] = {}
+    for dep, key, value in _deployment_samples(text, {QUEUED: "queued", ONGOING: "ongoing"}, app):
+        out.setdefault(dep, {"queued": 0.0, "ongoing": 0.0})[key] += value
     return out
 
 
 def parse_serve_replicas(text: str, app: str | None = None) -> dict[str, float]:
     """Ray's Prometheus text -> {deployment: healthy replicas} (the controller's gauge, summed)."""
     out: dict[str, float] = {}
-    for line in text.splitlines():
-        if not line.startswith(HEALTHY + "{"):
-            continue
-        labels_end = line.rindex("}")
-        labels = dict(_LABEL.findall(line[: labels_end + 1]))
-        if app and labels.get("application") not in (None, app):
-            continue
-        dep = labels.get("deployment")
-        if dep:
-            with contextlib.suppress(ValueError):
-                out[dep] = out.get(dep, 0.0) + float(line[labels_end + 1:].split()[0])
+    for dep, _, value in _deployment_samples(text, {HEALTHY: "healthy"}, app):
+        out[dep] = out.get(dep, 0.0) + value
     return out
 
 

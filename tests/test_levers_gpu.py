@@ -27,24 +27,11 @@ from serve.pipeline.denoising import DenoiseJob, DenoiseLoop, LoopSettings, clon
 from serve.pipeline.fp8 import fp8_filter, fp8_linear_count, fp8_mode, quantize_fp8
 from serve.pipeline.levers import apply_levers, lever_state
 from serve.pipeline.text_encoding import encode_prompts
+from tests.tiny_fixtures import one_thread, pipe  # noqa: F401 - the module's fixtures
 from serve.pipeline.tiny_model import build_tiny_pipeline
 
 CPU = torch.device("cpu")
 W, H, F, STEPS = 64, 64, 9, 3
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model's tensors are too small for intra-op threads to pay (as tests/test_lora.py)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    return build_tiny_pipeline(0)
 
 
 @pytest.fixture(scope="module")

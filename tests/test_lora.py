@@ -16,28 +16,14 @@ from serve.pipeline.denoising import DenoiseJob, DenoiseLoop, LoopSettings, clon
 from serve.pipeline.lora import (AdapterCache, AdapterResolveError, UnknownAdapter, resolve_adapters,
                                  scan_adapters_dir)
 from serve.pipeline.text_encoding import encode_prompts
-from serve.pipeline.tiny_model import build_tiny_pipeline, make_tiny_lora, make_tiny_loras
+from tests.tiny_fixtures import one_thread, pipe  # noqa: F401 - the module's fixtures
+from serve.pipeline.tiny_model import make_tiny_lora, make_tiny_loras
 from serve.pipeline.vae_decode import denormalize_and_decode, to_float_frames
 
 W, H, F, STEPS, GUIDANCE, SHIFT = 64, 64, 9, 3, 6.0, 8.0
 PROMPT, NEGATIVE, SEED = "a cat walks on the grass", "low quality", 7
 SCALE = 0.8
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model's tensors are too small for intra-op threads to pay; on a busy machine they
-    only wait on each other (this module ran ~20x slower with 2 threads under load)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    return build_tiny_pipeline(0)
 
 
 @pytest.fixture(scope="module")

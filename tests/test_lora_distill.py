@@ -27,26 +27,13 @@ from serve.pipeline.denoising import DenoiseJob, DenoiseLoop, LoopSettings, clon
 from serve.pipeline.lora import AdapterCache, resolve_adapters
 from serve.pipeline.spec import resolve_spec
 from serve.pipeline.text_encoding import encode_prompts
-from serve.pipeline.tiny_model import WAN_ORIGINAL_NAMES, build_tiny_pipeline, make_tiny_distill_lora
+from tests.tiny_fixtures import one_thread, pipe  # noqa: F401 - the module's fixtures
+from serve.pipeline.tiny_model import WAN_ORIGINAL_NAMES, make_tiny_distill_lora
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
 RANK, ALPHA = 4, 8.0
 NAME = "lightx2v-4step"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model's tensors are too small for intra-op threads to pay (as tests/test_lora.py)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    return build_tiny_pipeline(0)
 
 
 @pytest.fixture(scope="module")
