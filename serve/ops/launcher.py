@@ -87,10 +87,13 @@ def _port_free(host: str, port: int) -> bool:
 
 
 def _bind_error(host: str, port: int) -> OSError | None:
-    """Why (host, port) cannot be bound now, or None."""
+    """Why (host, port) cannot be bound now, or None. With SO_REUSEADDR, as the servers that take
+    the port set it: a port whose last connections linger in TIME_WAIT (a stack just killed and
+    started again) is free to them, and only a listener holds it."""
     import socket
 
     with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
             return None
