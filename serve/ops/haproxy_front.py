@@ -69,11 +69,7 @@ def write_bodies(folder: str) -> dict[str, str]:
     paths = {}
     for name, body in BODIES.items():
         path = os.path.join(folder, f"cinevivid-{name}.json")
-        data = json.dumps(body).encode()
-        tmp = f"{path}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
+        _replace_file(path, json.dumps(body).encode())
         paths[name] = path
     return paths
 
@@ -89,12 +85,18 @@ def write_error_pages(folder: str) -> dict[int, str]:
         except OSError:
             same = False
         if not same:
-            tmp = f"{path}.tmp"
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
+            _replace_file(path, data)
         paths[status] = path
     return paths
+
+
+def _replace_file(path: str, data: bytes) -> None:
+    """Write `path` whole or not at all (a temporary file, then an atomic rename): HAProxy never
+    reads half a file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
 
 
 def _sections(text: str) -> list[list[str]]:
