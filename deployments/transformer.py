@@ -65,10 +65,10 @@ from serve.errors import GenerationCancelled, StageError
 from serve.pipeline.denoise_step import job_tokens  # noqa: F401 - the one token cost (tests check it is this one)
 from serve.pipeline.denoising import DenoiseLoop
 from serve.pipeline.diffusion_forcing import DiffusionForcingLoop
-from serve.pipeline.levers import LiveLevers, apply_levers, lever_state
+from serve.pipeline.levers import LiveLevers, lever_state, load_transformer
 from serve.runtime.deadlines import OverdueCalls, stage_deadline_s
 from serve.runtime.autoscale import LOAD_METRIC, job_load
-from serve.pipeline.loading import resolve_subfolder, torch_device, torch_dtype
+from serve.pipeline.loading import resolve_subfolder, torch_device
 from serve.pipeline.scheduler import DenoiseScheduler, JobDone, Ticket
 from serve.runtime.replica import CallerWatch, replica_id as _replica_id, setup_replica_logging
 from serve.stages import TRANSFORMER
@@ -133,7 +133,7 @@ class Transformer:
                  liveness: dict | None = None, chaos_delay_s: float = 0.0, torch_threads: int | None = None):
         setup_replica_logging()
         self._released_log = _ReleasedCallLog.install()
-        from diffusers import SkyReelsV2Transformer3DModel, UniPCMultistepScheduler
+        from diffusers import UniPCMultistepScheduler
 
         self.model_cfg = ModelConfig.model_validate(model)
         levers_cfg = LeversConfig.model_validate(levers or {})
@@ -142,12 +142,21 @@ class Transformer:
         self._calls = OverdueCalls()  # check_health fails while one is past its deadline
         self.device = torch_device(self.model_cfg)
         self.torch_threads = apply_torch_threads(torch_threads, self.device, STAGE)
-        transformer = SkyReelsV2Transformer3DModel.from_pretrained(
-            resolve_subfolder(self.model_cfg, "transformer"), torch_dtype=torch_dtype(self.model_cfg.dtype))
-        transformer = transformer.to(self.device).eval()
-        scheduler = UniPCMultistepScheduler.from_pretrained(resolve_subfolder(self.model_cfg, "scheduler"))
+        # a replica over several devices (model.parallel): its workers start loading in the other
+        # bundles of its placement group while it loads its own DiT (serve.pipeline.parallel)
+        self.parallel = None
+        if self.model_cfg.parallel.devices > 1:
+            from serve.pipeline.parallel import ParallelGroup
+
+            levers_cfg = self._parallel_levers(levers_cfg)
+            self.parallel = ParallelGroup(self.model_cfg.model_dump(mode="json"), levers_cfg.model_dump(mode="json"),
+                                          torch_threads, self.device)
         # attention backend, fp8 and torch.compile as configured (LeverUnavailable where the hardware has none)
-        apply_levers(transformer, None, levers_cfg, model_cfg=self.model_cfg)
+        transformer = load_transformer(self.model_cfg, levers_cfg, self.device,
+                                       self.parallel.join if self.parallel else None)
+        if self.parallel:
+            transformer = self.parallel.wrap(transformer)
+        scheduler = UniPCMultistepScheduler.from_pretrained(resolve_subfolder(self.model_cfg, "scheduler"))
         # T2V/I2V (request batches in lockstep, or step batches) and, on the same transformer, long video
         self.loop = DenoiseLoop(transformer, scheduler.config, self.device, fault=fault)
         self.loop.configure_step_cache(levers_cfg)
@@ -195,7 +204,22 @@ class Transformer:
         (its live levers, `serve.config.LIVE_LEVERS["transformer"]`). A bad value raises here and
         changes nothing; good values take effect at the next batch boundary (a batch in flight
         finishes with the levers it started with)."""
+        if self.parallel:
+            user_config = self._parallel_levers(user_config or {})
         self.live.receive(user_config)
+
+    def _parallel_levers(self, levers):
+        """The levers of a replica over several devices: `cfg_batch` always with cfg parallel (its two
+        groups split each cfg-batched forward), and no step cache (it decides on the whole sequence,
+        which each rank holds a part of). `levers`: a LeversConfig or a user_config dict."""
+        get = levers.get if isinstance(levers, dict) else functools.partial(getattr, levers)
+        if (get("step_cache_threshold", 0) or 0) > 0:
+            raise ValueError(f"step_cache_threshold > 0: model {self.model_cfg.name} is split over "
+                             f"{self.model_cfg.parallel.devices} devices (parallel), which the step cache cannot run")
+        if self.model_cfg.parallel.cfg > 1:
+            return ({**levers, "cfg_batch": True} if isinstance(levers, dict)
+                    else levers.model_copy(update={"cfg_batch": True}))
+        return levers
 
     @property
     def levers(self) -> LeversConfig:
@@ -280,7 +304,15 @@ class Transformer:
         return {**self.scheduler.stats(), "held_outputs": self.held_outputs,
                 "watched_callers": self._callers.watched,
                 "levers": {**lever_state(transformer=self.loop.transformer), **self.levers.live_for(STAGE)},
-                **self.live.stats(), "torch_threads": self.torch_threads, "replica_id": _replica_id()}
+                **self.live.stats(), "torch_threads": self.torch_threads, "replica_id": _replica_id(),
+                "parallel": {**self.model_cfg.parallel.model_dump(), "devices": self.model_cfg.parallel.devices}}
+
+    async def parallel_stats(self) -> list[dict]:
+        """A replica over several devices (model.parallel): what each rank ran, rank 0 first
+        (`serve.pipeline.parallel.RankStats`); [] for a one-device replica."""
+        if not self.parallel:
+            return []
+        return await asyncio.to_thread(self.loop.transformer.rank_stats)
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve's custom autoscaling metrics (`serve.runtime.autoscale.backlog_policy` reads them):
@@ -294,6 +326,9 @@ class Transformer:
         return {LOAD_METRIC: float(load + batches)}
 
     def check_health(self) -> None:
+        if self.parallel and self.loop.transformer.broken:
+            raise RuntimeError(f"transformer replica over {self.model_cfg.parallel.devices} devices: "
+                               f"{self.loop.transformer.broken}")
         if self.scheduler.fatal:
             raise RuntimeError(f"transformer device unusable: {self.scheduler.fatal}")
         self._calls.check()  # a denoise stuck past its deadline: Serve replaces this replica

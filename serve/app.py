@@ -17,7 +17,8 @@ from typing import Any
 
 from ray.serve import Application
 
-from serve.config import LIVE_LEVERS, AppArgs, Settings, ingress_serve_slots, validate_live_levers
+from serve.config import LIVE_LEVERS, AppArgs, ModelConfig, Settings, ingress_serve_slots, validate_live_levers
+from serve.errors import ConfigError
 from serve.runtime.loopback_grpc import with_hook
 from serve.stages import GENERATOR, IMAGE_ENCODER, INGRESS, TEXT_ENCODER, TRANSFORMER, TTS, VAE, Stage
 from serve.runtime.autoscale import POLICY_FUNCTION
@@ -77,10 +78,29 @@ def deployment_plan(args: AppArgs, serve_overrides: dict[str, dict] | None = Non
             plan[name] = _over(plan[name], over)
     for m in args.models:  # a Transformer that autoscales follows its model's backlog (serve.runtime.autoscale)
         opts = plan[transformer_deployment_name(args, m.name)]
+        if m.parallel.devices > 1:
+            opts.update(parallel_bundles(m, opts))
         auto = opts.get("autoscaling_config")
         if isinstance(auto, dict) and not auto.get("policy"):
             opts["autoscaling_config"] = {**auto, "policy": {"policy_function": POLICY_FUNCTION}}
     return plan
+
+
+def parallel_bundles(model: ModelConfig, opts: dict[str, Any]) -> dict[str, Any]:
+    """The Serve options that give each replica of `model`'s Transformer the devices of its
+    `parallel` split: one placement-group bundle per device, each the deployment's
+    `ray_actor_options` (the replica takes bundle 0, a worker each other one), packed."""
+    actor = opts.get("ray_actor_options") or {}
+    n, gpus = model.parallel.devices, float(actor.get("num_gpus") or 0)
+    if gpus not in (0.0, 1.0):
+        raise ConfigError(f"model {model.name}: parallel spans {n} devices, one GPU each: its Transformer's "
+                          f"ray_actor_options.num_gpus must be 1 (or 0 on CPUs), not {gpus:g}", param="num_gpus")
+    bundle = {**(actor.get("resources") or {}), **({"CPU": float(actor["num_cpus"])} if actor.get("num_cpus") else {}),
+              **({"GPU": gpus} if gpus else {}), **({"memory": actor["memory"]} if actor.get("memory") else {})}
+    if not bundle:
+        raise ConfigError(f"model {model.name}: parallel needs its Transformer's ray_actor_options to ask for "
+                          "num_cpus or num_gpus (each device is a placement-group bundle of them)", param="num_cpus")
+    return {"placement_group_bundles": [dict(bundle) for _ in range(n)], "placement_group_strategy": "PACK"}
 
 
 def replica_range(opts: dict[str, Any]) -> tuple[int, int]:
@@ -164,6 +184,14 @@ def _without_live(value):
     return value
 
 
+def bind_transformer(args: AppArgs, plan: dict[str, dict[str, Any]], model: ModelConfig) -> Application:
+    """`model`'s Transformer deployment, bound with its options from `plan` (`deployment_plan`)."""
+    return _stage(TRANSFORMER, args, plan, model.model_dump(mode="json"), args.levers.model_dump(mode="json"),
+                  args.fault_injection.get(TRANSFORMER.name), args.liveness.model_dump(mode="json"),
+                  args.chaos_delay_s.get(TRANSFORMER.name, 0.0), serve_name=transformer_deployment_name(args, model.name),
+                  torch_threads=args.deployments.transformer.torch_threads)
+
+
 def build_generator(args: AppArgs, serve_overrides: dict[str, dict] | None = None) -> Application:
     """The generation graph without HTTP: what a Ray job reaches through `serve.get_app_handle`.
     One text encoder and one VAE for every model of the set (all SkyReels-V2 models share UMT5 and
@@ -177,13 +205,7 @@ def build_generator(args: AppArgs, serve_overrides: dict[str, dict] | None = Non
     text_encoder = _stage(TEXT_ENCODER, args, plan,
                           model, args.text_encoder_batching.model_dump(mode="json"),
                           torch_threads=d.text_encoder.torch_threads)
-    transformers = {}
-    for m in args.models:
-        name = transformer_deployment_name(args, m.name)
-        transformers[m.name] = _stage(TRANSFORMER, args, plan,
-                                      m.model_dump(mode="json"), levers, args.fault_injection.get(TRANSFORMER.name),
-                                      liveness, args.chaos_delay_s.get(TRANSFORMER.name, 0.0),
-                                      serve_name=name, torch_threads=d.transformer.torch_threads)
+    transformers = {m.name: bind_transformer(args, plan, m) for m in args.models}
     vae = _stage(VAE, args, plan,
                  model, levers, args.fault_injection.get(VAE.name), liveness, args.chaos_delay_s.get(VAE.name, 0.0),
                  torch_threads=d.vae.torch_threads)

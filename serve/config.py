@@ -141,6 +141,27 @@ class LoraAdaptersConfig(_Strict):
         return bool(self.adapters) or self.adapters_dir is not None
 
 
+class ParallelConfig(_Strict):
+    """One Transformer replica spread over several devices (`serve.pipeline.parallel`): `ulysses` x
+    `ring` ranks share each forward's token sequence (diffusers' context parallelism), and `cfg: 2`
+    runs the conditional and unconditional rows on two such groups. The replica spans
+    ulysses x ring x cfg devices: Serve gives it that many placement-group bundles, each of the
+    deployment's `ray_actor_options` (so `num_gpus` must be 0 or 1), and it starts one worker actor
+    in each bundle after its own."""
+
+    ulysses: int = Field(default=1, ge=1, le=64)
+    ring: int = Field(default=1, ge=1, le=64)
+    cfg: Literal[1, 2] = 1
+
+    @property
+    def sequence_degree(self) -> int:
+        return self.ulysses * self.ring
+
+    @property
+    def devices(self) -> int:
+        return self.sequence_degree * self.cfg
+
+
 class ModelConfig(_Strict):
     """One model the graph serves, with its defaults and the bounds a request must stay within."""
 
@@ -192,6 +213,9 @@ class ModelConfig(_Strict):
         base_num_frames=65, max_base_num_frames=65))
     # LoRA adapters a request may pick by name (`serve.pipeline.lora`); none by default
     lora: LoraAdaptersConfig = Field(default_factory=LoraAdaptersConfig)
+    # One job across several devices (docs/multi-gpu.md): {ulysses: 2, cfg: 2} = 4 devices per
+    # Transformer replica. The default: one device.
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
 
     def all_names(self) -> set[str]:
         return {self.name, *self.aliases}
@@ -213,6 +237,22 @@ class ModelConfig(_Strict):
             raise ValueError(f"model {self.name}: an i2v model does not do diffusion forcing")
         if self.pipeline == "i2v":
             self.diffusion_forcing = None
+        return self
+
+    @model_validator(mode="after")
+    def _parallel(self):
+        p = self.parallel
+        if p.devices == 1:
+            return self
+        if self.lora.enabled:
+            raise ValueError(f"model {self.name}: LoRA adapters and parallel (several devices per replica) exclude "
+                             "each other: the workers do not load adapters; serve the adapters from a one-device model")
+        from serve.frames import parallel_refusal
+
+        refusal = parallel_refusal(self.width, self.height, p.sequence_degree,
+                                   self.diffusion_forcing.causal_block_size if self.diffusion_forcing else 1)
+        if refusal:
+            raise ValueError(f"model {self.name}: its default {refusal[0]}")
         return self
 
 
@@ -742,6 +782,11 @@ class AppArgs(_Strict):
                 if n in seen:
                     raise ValueError(f"models: the name {n!r} is used by both {seen[n]} and {m.name}")
                 seen[n] = m.name
+        split = [m.name for m in self.models if m.parallel.devices > 1]
+        if split and self.levers.step_cache_threshold > 0:
+            raise ValueError(f"levers.step_cache_threshold > 0 and parallel (models {split}) exclude each other: "
+                             "the step cache decides on the whole sequence, which each rank holds a part of; "
+                             "set step_cache_threshold: 0")
         if self.levers.transformer_dtype == "fp8":
             with_lora = [m.name for m in self.models if m.lora.enabled]
             if with_lora:

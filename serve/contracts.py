@@ -11,17 +11,9 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from serve.frames import VAE_TEMPORAL_FACTOR, latent_frames
-
-# -- geometry of the Wan VAE and DiT (every SkyReels-V2 model) ---------------------------------
-VAE_SPATIAL_FACTOR = 8  # pixels per latent row/column
-PATCH_SIZE = 2  # the DiT's spatial patch (1, 2, 2)
-SIZE_MULTIPLE = VAE_SPATIAL_FACTOR * PATCH_SIZE  # width and height are multiples of 16
-
-
-def dit_tokens(num_frames: int, height: int, width: int) -> int:
-    """The DiT's sequence length for one video: latent frames x patches per frame."""
-    return latent_frames(num_frames) * (height // SIZE_MULTIPLE) * (width // SIZE_MULTIPLE)
+from serve.frames import (  # noqa: F401 - the geometry of the Wan VAE and DiT, re-exported here
+    PATCH_SIZE, SIZE_MULTIPLE, VAE_SPATIAL_FACTOR, VAE_TEMPORAL_FACTOR, dit_tokens, latent_frames,
+)
 
 
 # -- job statuses (the OpenAI Videos API's) ----------------------------------------------------

@@ -8,6 +8,10 @@ from __future__ import annotations
 from serve.errors import InvalidSpecError
 
 VAE_TEMPORAL_FACTOR = 4  # frames per latent frame after the first: num_frames = 4k + 1
+# the geometry of the Wan VAE and DiT (every SkyReels-V2 model)
+VAE_SPATIAL_FACTOR = 8  # pixels per latent row/column
+PATCH_SIZE = 2  # the DiT's spatial patch (1, 2, 2)
+SIZE_MULTIPLE = VAE_SPATIAL_FACTOR * PATCH_SIZE  # width and height are multiples of 16
 
 
 def latent_frames(num_frames: int) -> int:
@@ -63,3 +67,30 @@ def df_window_count(num_frames: int, base_num_frames: int, overlap_history: int,
     if not extend and num_frames <= base_num_frames:
         return 1
     return 1 + (total - base - 1) // (base - overlap) + 1
+
+
+def dit_tokens(num_frames: int, height: int, width: int) -> int:
+    """The DiT's sequence length for one video: latent frames x patches per frame."""
+    return latent_frames(num_frames) * (height // SIZE_MULTIPLE) * (width // SIZE_MULTIPLE)
+
+
+def parallel_refusal(width: int, height: int, sequence_degree: int,
+                     causal_block_size: int = 1) -> tuple[str, str] | None:
+    """Why a video cannot run on a replica whose ranks share its token sequence
+    (`serve.pipeline.parallel`, `sequence_degree` = ulysses x ring), as (message, param), or None.
+    Each latent frame's tokens must split evenly over the ranks (then every window of any length
+    does), and diffusion forcing's causal-block mask (a full-sequence attention mask) is not taken
+    by diffusers' context-parallel attention."""
+    if sequence_degree <= 1:
+        return None
+    per_frame = dit_tokens(1, height, width)
+    if per_frame % sequence_degree:
+        return (f"size {width}x{height} has {per_frame} DiT tokens per latent frame ({width // SIZE_MULTIPLE} x "
+                f"{height // SIZE_MULTIPLE}), which do not split evenly over the model's {sequence_degree} "
+                f"sequence-parallel ranks (parallel ulysses x ring); pick a size whose (width/{SIZE_MULTIPLE}) x "
+                f"(height/{SIZE_MULTIPLE}) is a multiple of {sequence_degree}", "width")
+    if causal_block_size > 1:
+        return ("causal_block_size > 1 attends through a full-sequence mask, which diffusers' context-parallel "
+                "attention does not take; this model splits the sequence (parallel ulysses x ring > 1): use "
+                "causal_block_size 1", "causal_block_size")
+    return None

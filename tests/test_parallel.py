@@ -100,3 +100,134 @@ def test_plan_and_checks():
         check_parallel_job(45, ParallelPlan(ulysses=2))
     with pytest.raises(ConfigError, match="causal_block_size"):
         check_parallel_job(48, ParallelPlan(ulysses=2), causal_block_size=2)
+
+
+# -- the Serve wiring: a Transformer replica over 4 ranks (2-way Ulysses x CFG parallel) ------------
+
+PAR_APP = "parallel"
+# T2V: 32x32 (4 DiT tokens per latent frame), 9 frames = 12 tokens; DF: 25 frames in 3 windows of 16, 16, 12
+PAR_T2V = dict(prompt="a lighthouse at dusk", seed=11, width=32, height=32, num_frames=9, num_inference_steps=3,
+               guidance_scale=6.0)
+PAR_DF = dict(prompt="a long drive through hills", seed=12, width=32, height=32, num_frames=25, num_inference_steps=3,
+              guidance_scale=6.0, base_num_frames=13, overlap_history=5, ar_step=0, causal_block_size=1, fps=8)
+
+
+@pytest.fixture
+def parallel_transformer(graph_app):
+    """App "parallel": only the tiny model's Transformer, split ulysses 2 x cfg 2 (4 placement-group
+    bundles: the replica and 3 ParallelWorker actors), deployed with its options from the plan."""
+    from ray import serve
+
+    from serve.app import bind_transformer, deployment_plan, parse_args, transformer_deployment_name
+    from tests.conftest import tiny_app_args
+
+    args = parse_args(tiny_app_args(name=PAR_APP, model={"name": "cinevivid-tiny", "parallel": {"ulysses": 2, "cfg": 2}},
+                                    deployments={"transformer": {"ray_actor_options": {"num_cpus": 0.1},
+                                                                 "torch_threads": 1}}))
+    plan = deployment_plan(args)
+    name = transformer_deployment_name(args, args.model.name)
+    assert plan[name]["placement_group_bundles"] == [{"CPU": 0.1}] * 4
+    serve.run(bind_transformer(args, plan, args.model), name=PAR_APP, route_prefix=None)
+    try:
+        yield serve.get_deployment_handle(name, app_name=PAR_APP)
+    finally:
+        serve.delete(PAR_APP)
+
+
+async def test_a_replica_over_four_ranks_gives_the_one_replica_latents(parallel_transformer, stage_handle):
+    import ray
+
+    from tests.test_df_fairness import _denoise, _prepare
+    from serve.stages import TRANSFORMER
+
+    one = stage_handle(TRANSFORMER.deployment)  # the session app's one-device replica of the same weights
+    for job_id, job in (("par-t2v", PAR_T2V), ("par-df", PAR_DF)):
+        spec, embeds = await _prepare(stage_handle, job)
+        assert spec.is_diffusion_forcing == (job is PAR_DF)
+        split = await _denoise(parallel_transformer.options(stream=True).denoise.remote(embeds, spec, job_id))
+        alone = await _denoise(one.options(stream=True).denoise.remote(embeds, spec, job_id))
+        assert split.shape == alone.shape
+        np.testing.assert_allclose(split, alone, atol=1e-5, err_msg=job_id)
+        ranks = await parallel_transformer.parallel_stats.remote()
+        # 4 ranks ran every forward: the cond row on ranks 0-1, the uncond row on ranks 2-3, each
+        # rank's attention over half of the tokens of the last window (DF: 12 -> 6; T2V: 12 -> 6)
+        assert [r["rank"] for r in ranks] == [0, 1, 2, 3]
+        assert [r["rows"] for r in ranks] == [1, 1, 1, 1] and {r["tokens"] for r in ranks} == {6}, ranks
+        assert len({r["forwards"] for r in ranks}) == 1, ranks
+
+    # four processes in the replica's placement group of four bundles, one rank each
+    stats = await parallel_transformer.stats.remote()
+    assert stats["parallel"] == {"ulysses": 2, "ring": 1, "cfg": 2, "devices": 4}
+    assert len({r["pid"] for r in ranks}) == 4 and len({r["placement_group"] for r in ranks}) == 1
+    group = ray.util.placement_group_table()[ranks[0]["placement_group"]]
+    assert group["state"] == "CREATED" and group["strategy"] == "PACK"
+    assert [b for _, b in sorted(group["bundles"].items())] == [{"CPU": 0.1}] * 4
+
+
+def _parallel_app(parallel: dict, transformer: dict | None = None, **model) -> dict:
+    return {"name": "p", "import_path": "serve.app:build_app", "args": {
+        "model": {"name": "big", "width": 960, "height": 544, **model, "parallel": parallel},
+        "deployments": {"transformer": {"ray_actor_options": {"num_gpus": 1, "num_cpus": 4}, "num_replicas": 1,
+                                        **(transformer or {})},
+                        "text_encoder": {"ray_actor_options": {"num_gpus": 0.5}},
+                        "vae": {"ray_actor_options": {"num_gpus": 0.5}}}}}
+
+
+@pytest.mark.fast
+def test_the_plan_and_kuberay_count_every_device_a_replica_spans():
+    from serve.ops.kuberay import worker_group_size
+    from serve.ops.plan import PlanDoesNotFit, check_fits, format_plan, pack, plan_rows
+    from serve.stages import TEXT_ENCODER, TRANSFORMER, VAE
+
+    config = {"applications": [_parallel_app({"ulysses": 2, "cfg": 2}, {"num_replicas": 2})]}
+    rows = {r.deployment: r for r in plan_rows(config)}
+    split = rows[TRANSFORMER.deployment]
+    assert (split.gpus, split.cpus, split.devices, split.min_gpus) == (4, 16, 4, 8)
+    # two replicas of 4 whole GPUs each, then the two halves on a ninth GPU
+    packing = pack(list(rows.values()), 9)
+    assert packing[:8] == [[(TRANSFORMER.deployment, 1.0)]] * 8
+    assert sorted(packing[8]) == sorted([(TEXT_ENCODER.deployment, 0.5), (VAE.deployment, 0.5)])
+    with pytest.raises(PlanDoesNotFit, match="the minimum replicas ask 9 GPUs .*Transformer 4 x 2"):
+        check_fits(list(rows.values()), {"GPU": 8})
+    text = format_plan(list(rows.values()), {"GPU": 9})
+    assert "devices" in text.splitlines()[0] and "total: GPUs 9..9" in text
+    assert worker_group_size(config)["gpus"] == 9
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("parallel,transformer,model,refusal", [
+    ({"ulysses": 2}, {"ray_actor_options": {"num_gpus": 0.5}}, {}, "num_gpus must be 1"),
+    ({"ulysses": 7}, None, {}, "do not split evenly over the model's 7 sequence-parallel ranks"),
+    ({"cfg": 2}, None, {"lora": {"adapters_dir": "embedded"}}, "LoRA adapters and parallel"),
+])
+def test_what_a_split_replica_cannot_run_is_refused_by_the_config(parallel, transformer, model, refusal):
+    from serve.ops.plan import plan_rows
+
+    with pytest.raises(Exception, match=refusal):
+        plan_rows({"applications": [_parallel_app(parallel, transformer, **model)]})
+
+
+@pytest.mark.fast
+def test_the_step_cache_and_a_split_replica_exclude_each_other():
+    from serve.config import AppArgs
+
+    with pytest.raises(ValueError, match="step_cache_threshold > 0 and parallel"):
+        AppArgs.model_validate({"model": {"parallel": {"ulysses": 2}}, "levers": {"step_cache_threshold": 0.1}})
+
+
+@pytest.mark.fast
+def test_a_request_the_split_cannot_run_is_a_400_naming_its_field():
+    from serve.config import ModelConfig
+    from serve.contracts import GenerationSpec
+    from serve.errors import InvalidSpecError
+    from serve.pipeline.spec import resolve_spec
+
+    model = ModelConfig.model_validate({"parallel": {"ulysses": 2}})
+    assert resolve_spec(GenerationSpec(prompt="a cat", width=32, height=32), model).width == 32
+    with pytest.raises(InvalidSpecError) as e:  # 48x16: 3 x 1 tokens per latent frame
+        resolve_spec(GenerationSpec(prompt="a cat", width=48, height=16), model)
+    assert e.value.status == 400 and e.value.param == "width" and "3 DiT tokens per latent frame" in str(e.value)
+    with pytest.raises(InvalidSpecError) as e:
+        resolve_spec(GenerationSpec(prompt="a cat", num_frames=17, base_num_frames=9, overlap_history=5,
+                                    causal_block_size=2), model)
+    assert e.value.param == "causal_block_size"

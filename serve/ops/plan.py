@@ -33,8 +33,9 @@ class PlanDoesNotFit(RuntimeError):
 class PlanRow:
     app: str
     deployment: str
-    gpus: float  # per replica
+    gpus: float  # per replica (all of its devices)
     cpus: float  # per replica
+    devices: int  # per replica: > 1 for a Transformer split over several devices (its bundles)
     min_replicas: int
     max_replicas: int
 
@@ -45,6 +46,17 @@ class PlanRow:
     @property
     def max_gpus(self) -> float:
         return self.gpus * self.max_replicas
+
+
+def replica_resources(opts: dict[str, Any]) -> tuple[float, float, int]:
+    """(GPUs, CPUs, devices) of one replica: its `ray_actor_options`, or, for a replica that spans
+    several devices (`models[].parallel`), the sum of its placement-group bundles."""
+    bundles = opts.get("placement_group_bundles")
+    if bundles:
+        return (sum(float(b.get("GPU", 0)) for b in bundles), sum(float(b.get("CPU", 0)) for b in bundles),
+                len(bundles))
+    actor = opts.get("ray_actor_options") or {}
+    return float(actor.get("num_gpus") or 0), float(actor.get("num_cpus") or 0), 1
 
 
 def plan_rows(config: dict[str, Any]) -> list[PlanRow]:
@@ -58,10 +70,8 @@ def plan_rows(config: dict[str, Any]) -> list[PlanRow]:
         name = app.get("name", "default")
         overrides = {d["name"]: {k: v for k, v in d.items() if k != "name"} for d in app.get("deployments") or []}
         for deployment, opts in deployment_plan(validated[name], overrides).items():
-            actor = opts.get("ray_actor_options") or {}
             low, high = replica_range(opts)
-            rows.append(PlanRow(name, deployment, float(actor.get("num_gpus") or 0), float(actor.get("num_cpus") or 0),
-                                low, high))
+            rows.append(PlanRow(name, deployment, *replica_resources(opts), low, high))
     return rows
 
 
@@ -123,10 +133,13 @@ def check_fits(rows: list[PlanRow], resources: dict[str, float]) -> list[list[tu
 def format_plan(rows: list[PlanRow], resources: dict[str, float] | None = None) -> str:
     """The plan as a table, the totals, and (given the cluster's resources) the packing or the refusal."""
     w = max([len("deployment")] + [len(f"{r.app}/{r.deployment}") for r in rows])
-    lines = [f"{'deployment':<{w}} {'GPUs':>5} {'CPUs':>5} {'replicas':>9} {'GPUs min..max':>14}"]
+    spans = any(r.devices > 1 for r in rows)  # a column for the replicas split over several devices
+    lines = [f"{'deployment':<{w}} {'GPUs':>5} {'CPUs':>5} {'replicas':>9} {'GPUs min..max':>14}"
+             + (f" {'devices':>7}" if spans else "")]
     for r in rows:
         lines.append(f"{r.app + '/' + r.deployment:<{w}} {r.gpus:>5g} {r.cpus:>5g} "
-                     f"{f'{r.min_replicas}..{r.max_replicas}':>9} {f'{r.min_gpus:g}..{r.max_gpus:g}':>14}")
+                     f"{f'{r.min_replicas}..{r.max_replicas}':>9} {f'{r.min_gpus:g}..{r.max_gpus:g}':>14}"
+                     + (f" {r.devices:>7}" if spans else ""))
     min_g, max_g = sum(r.min_gpus for r in rows), sum(r.max_gpus for r in rows)
     min_c, max_c = sum(r.cpus * r.min_replicas for r in rows), sum(r.cpus * r.max_replicas for r in rows)
     lines.append(f"total: GPUs {min_g:g}..{max_g:g}, CPUs {min_c:g}..{max_c:g} (min..max replicas)")

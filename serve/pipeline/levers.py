@@ -29,7 +29,7 @@ import torch
 
 from serve.config import LeversConfig, validate_live_levers
 from serve.pipeline.dtypes import cast_model, main_dtype  # noqa: F401 - also imported from here
-from serve.pipeline.loading import torch_dtype
+from serve.pipeline.loading import resolve_subfolder, torch_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -193,3 +193,22 @@ def lever_state(transformer=None, vae=None) -> dict:
         state["vae_tiling"] = bool(getattr(vae, "use_tiling", False))
         state["vae_tile_px"] = getattr(vae, "tile_sample_min_width", None)
     return state
+
+
+def load_transformer(model: ModelConfig, levers, device, before_compile=None):
+    """The model's DiT on `device`, in eval mode, with its load-time levers (`levers`: a
+    LeversConfig: dtype, attention backend, fp8; torch.compile last). `before_compile(transformer)`
+    runs before the compile: the context-parallel split of a replica that spans several devices
+    (`serve.pipeline.parallel`), whose hooks the compiled blocks must see. The Transformer
+    deployment and each of its parallel workers load through here."""
+    from diffusers import SkyReelsV2Transformer3DModel
+
+    transformer = SkyReelsV2Transformer3DModel.from_pretrained(
+        resolve_subfolder(model, "transformer"), torch_dtype=torch_dtype(model.dtype))
+    transformer = transformer.to(device).eval()
+    apply_levers(transformer, None, levers.model_copy(update={"compile_transformer": False}), model_cfg=model)
+    if before_compile is not None:
+        before_compile(transformer)
+    if levers.compile_transformer:
+        apply_levers(transformer, None, levers.model_copy(update={"transformer_dtype": "model"}))
+    return transformer

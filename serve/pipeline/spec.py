@@ -11,7 +11,7 @@ from serve.errors import InvalidSpecError, UnknownModelError
 from serve.contracts import (
     DF_FIELDS, DF_MODE, SIZE_MULTIPLE, VAE_TEMPORAL_FACTOR, GenerationSpec, LoraSpec, ResolvedSpec,
 )
-from serve.frames import check_causal_block, check_df_window, check_frame_count, is_frame_count
+from serve.frames import check_causal_block, check_df_window, check_frame_count, is_frame_count, parallel_refusal
 
 # diffusers warns above this much added noise ("may cause inconsistencies"); SkyReels-V2 advises <= 50
 MAX_ADDNOISE_CONDITION = 60.0
@@ -70,6 +70,11 @@ def resolve_spec(spec: GenerationSpec, models: ModelConfig | Sequence[ModelConfi
                                "the DF models do", param="last_frame")
     df = resolve_diffusion_forcing(spec, model, frames, force=mode != "text-to-video" and model.pipeline == "df",
                                    df_mode=DF_MODE[mode], last_image=has_last_image)
+
+    # 4. What a replica spread over several devices can run (`model.parallel`)
+    refusal = parallel_refusal(width, height, model.parallel.sequence_degree, df.get("causal_block_size", 1))
+    if refusal:
+        raise InvalidSpecError(f"model {model.name}: {refusal[0]}", param=refusal[1])
 
     seed = spec.seed if spec.seed is not None else secrets.randbelow(2**31)
     return ResolvedSpec(
