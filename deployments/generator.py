@@ -23,6 +23,7 @@ frames are kept beyond the thumbnail's (and the float frames when `return_frames
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import gc
 import logging
@@ -43,7 +44,8 @@ from serve.contracts import (
     StageTiming,
 )
 from serve.errors import (
-    CineVividError, GenerationCancelled, StageError, StageUnavailable, replica_stopped, unwrap_error,
+    CineVividError, GenerationCancelled, StageBusy, StageError, StageUnavailable, busy, replica_stopped,
+    unwrap_error,
 )
 from serve.media.fmp4 import FragmentedPreview
 from serve.media.mp4 import Mp4Writer, thumbnail_jpeg
@@ -77,6 +79,9 @@ def _raise_typed(exc: BaseException, stage: str, job_id: str = "-") -> None:
     err = unwrap_error(exc)
     if isinstance(err, CineVividError):
         raise err from None
+    if busy(exc):
+        raise StageBusy(f"the {stage} stage is at capacity (its queue, max_queued_requests, is full)",
+                        stage=stage) from None
     if (stop := replica_stopped(exc)) is not None:
         # Ray's text names the replica that died (a chained call's upstream stage, e.g. the
         # TextEncoder whose embeddings the Transformer was waiting for)
@@ -218,7 +223,10 @@ class Generator:
             if self.active == 0:
                 asyncio.get_running_loop().call_later(IDLE_GC_DELAY_S, self._collect_if_idle)
             for call in run.open_calls:
-                call.cancel()
+                # cancelling a call that Serve never assigned (refused: BackPressureError) raises its
+                # error again; it must not replace the typed error this generation ends with
+                with contextlib.suppress(Exception):
+                    call.cancel()
             if run.writer is not None:
                 run.writer.close()  # no-op once finished
             if run.preview is not None:

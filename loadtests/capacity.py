@@ -192,6 +192,22 @@ def parse_serve_replicas(text: str, app: str | None = None) -> dict[str, float]:
     return out
 
 
+def serve_running_replicas(app: str | None) -> dict[str, float] | None:
+    """{deployment: RUNNING replicas} of `app` from Serve's own status, exact at the moment of the
+    call; None without a Ray connection (a `--host` run without `--ray-address`: then the
+    controller's Prometheus gauge, which lags by its export interval, is what there is)."""
+    import ray
+
+    if not app or not ray.is_initialized():
+        return None
+    from ray import serve
+
+    status = serve.status().applications.get(app)
+    if status is None:
+        return {}
+    return {d: float(st.replica_states.get("RUNNING", 0)) for d, st in status.deployments.items()}
+
+
 def replica_summary(samples: list[dict]) -> dict[str, dict[str, float]]:
     """Samples' {"replicas": {dep: n}} -> per deployment the mean, min and max replicas over the step."""
     out: dict[str, dict[str, float]] = {}
@@ -290,17 +306,24 @@ class QueueSampler:
         import httpx
 
         s: dict = {"t": time.time(), "serve": {}, "job_queue": None, "replicas": {}}
+        try:
+            running = serve_running_replicas(self.app)
+        except Exception:  # noqa: BLE001 - a missed status read is a gap
+            running, self.errors = None, self.errors + 1
         for url in self.metrics_urls:
             try:
                 text = httpx.get(url, timeout=10).text
-                for d, n in parse_serve_replicas(text, self.app).items():
-                    s["replicas"][d] = s["replicas"].get(d, 0.0) + n
+                if running is None:
+                    for d, n in parse_serve_replicas(text, self.app).items():
+                        s["replicas"][d] = s["replicas"].get(d, 0.0) + n
                 for d, q in parse_serve_queues(text, self.app).items():
                     e = s["serve"].setdefault(d, {"queued": 0.0, "ongoing": 0.0})
                     e["queued"] += q["queued"]
                     e["ongoing"] += q["ongoing"]
             except Exception:  # noqa: BLE001 - a missed scrape is a gap, not an error of the run
                 self.errors += 1
+        if running is not None:
+            s["replicas"] = running
         if self.app_url:
             try:
                 m = parse_app_metrics(httpx.get(f"{self.app_url}/metrics", timeout=10).text)
@@ -355,7 +378,8 @@ def plot(steps: list[dict], sat: dict, path: Path, *, title: str = "", max_p95_s
     has_q = any(s.get("queues") for s in steps)
     has_r = any(s.get("replicas") for s in steps)
     rows = 2 + has_q + has_r
-    fig, axes = plt.subplots(rows, 1, figsize=(8, 3.5 * rows), sharex=True)
+    fig, axes = plt.subplots(rows, 1, figsize=(8, 3.5 * rows))
+    by_load = axes[:rows - has_r]  # x: the offered load; the replicas panel's x is time
     ax = axes[0]
     top = max(x + [s["completed_jpm"] for s in steps] + [1.0]) * 1.1
     ax.plot([0, top], [0, top], ls=":", color="grey", label="y = x (keeps up)")
@@ -380,18 +404,14 @@ def plot(steps: list[dict], sat: dict, path: Path, *, title: str = "", max_p95_s
         ax.set_ylabel("mean queue + in service")
         ax.set_yscale("symlog", linthresh=1.0)
         ax.legend(fontsize=7, ncol=2)
-    if has_r:  # the steps run one after another at rising load: replicas over time against the offered load
-        ax = axes[-1]
-        deps = sorted({d for s in steps for d in (s.get("replicas") or {})})
-        for d in deps:
-            ax.plot(x, [(s.get("replicas") or {}).get(d, {}).get("max") for s in steps], label=f"{d} (max)",
-                    marker="o", drawstyle="steps-post")
-        ax.set_ylabel("replicas per stage (each step)")
-        ax.legend(fontsize=7, ncol=2)
-    axes[-1].set_xlabel("offered load (jobs/min), one step after another")
+    for a in by_load:
+        a.set_xlim(0, top)
+    by_load[-1].set_xlabel("offered load (jobs/min), one step after another")
+    if has_r:
+        plot_replicas(axes[-1], steps, sat)
     if sat.get("index") is not None:
         xs = steps[sat["index"]]["offered_jpm"]
-        for a in axes:
+        for a in by_load:
             a.axvline(xs, color="red", lw=1, alpha=0.7)
         axes[0].annotate(f"saturated at {xs:.1f} offered\npeak {sat['max_completed_jpm']:.1f} jobs/min",
                          (xs, sat["max_completed_jpm"]), textcoords="offset points", xytext=(-150, 10),
@@ -405,6 +425,35 @@ def plot(steps: list[dict], sat: dict, path: Path, *, title: str = "", max_p95_s
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def plot_replicas(ax, steps: list[dict], sat: dict) -> None:
+    """Replicas per stage over time (each step's mean, and its max dotted) against the offered load
+    (right axis, grey): the stages whose count changed; the others are named with their fixed count."""
+    start = steps[0]["t0"]
+    edges = [(s["t0"] - start) / 60 for s in steps] + [(steps[-1]["t1"] - start) / 60]
+    deps = sorted({d for s in steps for d in (s.get("replicas") or {})})
+    series = {d: [(s.get("replicas") or {}).get(d, {}) for s in steps] for d in deps}
+    changed = [d for d in deps if len({(r.get("min"), r.get("max")) for r in series[d]}) > 1] or deps
+    for i, d in enumerate(changed):
+        color = f"C{i % 10}"
+        ax.stairs([r.get("mean", 0) for r in series[d]], edges, color=color, lw=2, baseline=None, label=f"{d} (mean)")
+        ax.stairs([r.get("max", 0) for r in series[d]], edges, color=color, ls=":", baseline=None, label=f"{d} (max)")
+    fixed = sorted({f"{d} {series[d][0].get('max', 0):g}" for d in deps if d not in changed})
+    if fixed:
+        ax.set_title("fixed: " + ", ".join(fixed), fontsize=7)
+    ax.set_ylabel("replicas")
+    ax.set_ylim(0, max([r.get("max", 0) for d in changed for r in series[d]] + [1]) + 0.5)
+    ax.set_xlabel("minutes since the first step")
+    load = ax.twinx()
+    load.stairs([s["offered_jpm"] for s in steps], edges, color="grey", ls="--", baseline=None, label="offered jobs/min")
+    load.set_ylabel("offered load (jobs/min)", color="grey")
+    if sat.get("index") is not None:
+        ax.axvline(edges[sat["index"]], color="red", lw=1, alpha=0.7)
+    lines, labels = ax.get_legend_handles_labels()
+    more, more_labels = load.get_legend_handles_labels()
+    ax.legend(lines + more, labels + more_labels, fontsize=7, loc="upper left")
+    ax.grid(alpha=0.3)
 
 
 def statement(result: dict) -> str:

@@ -38,13 +38,13 @@ from serve.ops.serve_env import apply_serve_env, free_port
 CONFIG = Path(__file__).resolve().parent.parent / "serve_config.yaml"
 APP_IMPORT_PATH = "serve.app:build_app"
 MODEL_STAGES = ("text_encoder", "transformer", "vae")
-# what load generators with one API key need (the shipped limits would throttle them), and room for
-# the Locust mixes' concurrent jobs
+# what load generators with one API key need: the shipped per-user limits would throttle them (a
+# capacity run follows every job it submits with its own SSE stream). The dispatcher hands over what
+# the deployment plan says, as under `cinevivid up`.
 BENCH_INGRESS = {
     "poll_after_ms": 50,
-    "dispatcher": {"max_concurrent_jobs": 4},
     "limits": {"rate_limit_per_minute": 10_000_000, "rate_limit_burst": 1_000_000,
-               "max_concurrent_jobs_per_user": 1000},
+               "max_concurrent_jobs_per_user": 1000, "max_streams_per_user": 1000, "max_streams_total": 1000},
 }
 
 

@@ -581,6 +581,10 @@ class DispatcherConfig(_Strict):
     stage_retries: int = Field(default=2, ge=0)
     # Wait before such a re-run (doubling each time): Serve needs a moment to replace the replica.
     stage_retry_backoff_s: float = Field(default=1.0, ge=0)
+    # A job a stage refused because its Serve queue was full (`max_queued_requests`: StageBusy) waits
+    # in progress, stage "waiting for capacity", and is handed over again (after 0.5 s, doubling up to
+    # 5 s) for at most this long; then it fails with `overloaded`. These waits use no stage_retries.
+    busy_wait_max_s: float = Field(default=900.0, ge=0)
 
 
 # Cloud metadata services (AWS/GCP/Azure/OpenStack 169.254.169.254 is link-local already; these are

@@ -31,6 +31,9 @@ CANCEL_REASONS = (CANCELLED, DELETED, CALLER_GONE, SHUTDOWN)
 CANCELLED_MESSAGE = "the job was cancelled"
 # the progress phase (`stage`) of a queued job whose model is at zero replicas while one starts
 STARTING_MODEL = "starting the model"
+# the progress phase (`stage`) of a running job that a stage refused because its queue was full
+# (`serve.errors.StageBusy`): the job service hands it over again when there is room
+WAITING_FOR_CAPACITY = "waiting for capacity"
 
 
 class VoiceoverSpec(BaseModel):

@@ -249,6 +249,13 @@ class OverloadedError(CineVividError):
     status = 503
 
 
+class StageBusy(OverloadedError):
+    """A stage's Serve queue was full (its `max_queued_requests`): Serve refused the call at once
+    (`BackPressureError`), before any work. The job service waits it out: the job stays in
+    progress with stage "waiting for capacity" and is handed over again, for at most
+    `dispatcher.busy_wait_max_s`; past that it fails with `overloaded`."""
+
+
 class TTSError(CineVividError):
     """Speech synthesis failed; `code` says how (tts_invalid_api_key, tts_quota_exceeded, ...)."""
 
@@ -352,15 +359,28 @@ def replica_stopped(exc: BaseException) -> BaseException | None:
     from ray import exceptions as rx
     from ray.serve.exceptions import ReplicaUnavailableError
 
-    stopped = (rx.RayActorError, rx.WorkerCrashedError, rx.NodeDiedError, rx.ObjectLostError,
-               ReplicaUnavailableError)
+    return _ray_error_in_chain(exc, (rx.RayActorError, rx.WorkerCrashedError, rx.NodeDiedError,
+                                     rx.ObjectLostError, ReplicaUnavailableError))
+
+
+def busy(exc: BaseException) -> BaseException | None:
+    """Serve's `BackPressureError` in `exc`'s chain (a deployment's queue, `max_queued_requests`,
+    was full: the call was refused before any work), else None."""
+    from ray.serve.exceptions import BackPressureError
+
+    return _ray_error_in_chain(exc, (BackPressureError,))
+
+
+def _ray_error_in_chain(exc: BaseException, types: tuple[type, ...]) -> BaseException | None:
+    """The first error of `types` in `exc`'s chain (through RayTaskError causes), stopping at a
+    typed CineVividError (a stage's real answer)."""
     seen = set()
     cur: BaseException | None = exc
     while cur is not None and id(cur) not in seen:
         seen.add(id(cur))
         if isinstance(cur, CineVividError):
             return None
-        if isinstance(cur, stopped):
+        if isinstance(cur, types):
             return cur
         cause = getattr(cur, "cause", None)  # RayTaskError(X): X is its .cause
         cur = cause if isinstance(cause, BaseException) else (cur.__cause__ or cur.__context__)

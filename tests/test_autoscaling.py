@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from client.http import iter_events
 from serve.app import deployment_plan, parse_args, scaling_facts
-from serve.contracts import STARTING_MODEL
+from serve.contracts import STARTING_MODEL, WAITING_FOR_CAPACITY
 from serve.runtime.autoscale import POLICY_FUNCTION, desired_replicas, job_load, token_steps
 from tests.http_fixtures import *  # noqa: F401,F403
 from tests.http_fixtures import HttpEnv, http_ingress_args, wait_for_status, wait_healthy
@@ -183,3 +183,83 @@ def test_a_burst_takes_the_transformer_from_zero_to_two_and_idle_back_to_zero(sc
 
     # idle, it gives its replicas back
     _wait_replicas(0, 120)
+
+
+@pytest.mark.fast
+def test_a_full_queue_is_a_typed_busy_and_its_wait_is_bounded():
+    from ray.exceptions import RayTaskError
+    from ray.serve.exceptions import BackPressureError
+
+    from serve.errors import StageBusy, StageUnavailable
+    from serve.jobs.dispatcher import BusyWait
+
+    full = BackPressureError(num_queued_requests=1, max_queued_requests=1)
+    assert BusyWait.stage_of(full) == "generator"  # the Generator's own queue
+    assert BusyWait.stage_of(RayTaskError("stream", "tb", StageBusy("full", stage="transformer"))) == "transformer"
+    assert BusyWait.stage_of(StageUnavailable("gone", stage="vae")) is None
+    assert BusyWait.stage_of(RuntimeError("boom")) is None
+    wait = BusyWait(max_s=12)
+    assert [wait.next_pause() for _ in range(6)] == [0.5, 1.0, 2.0, 4.0, None, None]  # 7.5 s, then 5 s more > 12
+    assert (wait.waits, wait.waited_s) == (4, 7.5)
+
+
+@pytest.fixture
+def busy_app(http_env, tmp_path):
+    """App "busy" at /busy: one Transformer replica that takes one job and queues one more
+    (max_ongoing_requests 1, max_queued_requests 1), each step slowed down, and a dispatcher that
+    hands over 4 jobs at once: Serve refuses the others (BackPressureError) until there is room."""
+    from ray import serve
+
+    from serve.app import build_app
+
+    data_dir = tmp_path / "busy-data"
+    transformer = {**SMALL, "num_replicas": 1, "max_ongoing_requests": 1, "max_queued_requests": 1}
+    ingress = http_ingress_args(data_dir, dispatcher={"max_concurrent_jobs": 4})
+    args = tiny_app_args(name="busy", with_ingress=True, ingress=ingress, chaos_delay_s={"transformer": 0.3},
+                         deployments={"ingress": SMALL, "transformer": transformer})
+    serve.run(build_app(args), name="busy", route_prefix="/busy")
+    url = f"{http_env.url}/busy"
+    try:
+        wait_healthy(url)
+        yield HttpEnv(url, data_dir, f"sqlite+aiosqlite:///{data_dir / 'cinevivid.db'}")
+    finally:
+        serve.delete("busy")
+
+
+def test_jobs_a_full_stage_queue_refuses_wait_for_capacity_and_complete(busy_app):
+    user, admin = busy_app.user(), busy_app.user(admin=True)
+    events: dict[str, list] = {}
+    denoising = threading.Event()  # the first job is on the Transformer
+
+    def watch(vid):
+        with httpx.Client(base_url=busy_app.url, headers=user.headers, timeout=300) as http:
+            for kind, e in iter_events(http, vid):
+                events[vid].append((kind, e))
+                if kind == "step":
+                    denoising.set()
+
+    def submit(i: int) -> str:
+        vid = _submit_all(busy_app.url, user.headers, [{"prompt": f"busy {i}", "seed": 200 + i,
+                                                         "num_inference_steps": 8}])[0]
+        events[vid] = []
+        return vid
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        watchers = [pool.submit(watch, submit(0))]
+        assert denoising.wait(60), events  # the one slot is taken (8 slowed steps: 2.4 s) ...
+        watchers.append(pool.submit(watch, submit(1)))
+        time.sleep(0.5)  # ... the one queue place too, once the dispatcher has handed the job over
+        watchers += [pool.submit(watch, submit(i)) for i in (2, 3)]  # Serve refuses these at once
+        for w in watchers:
+            w.result(timeout=300)
+    # every job completed; those the Transformer's full queue refused said so while they waited
+    assert all(evs[-1][1]["status"] == "completed" for evs in events.values()), events
+    waited = [vid for vid, evs in events.items()
+              if any(k == "stage" and e.get("stage") == WAITING_FOR_CAPACITY for k, e in evs)]
+    assert waited, events
+    text = httpx.get(f"{busy_app.url}/metrics", headers=admin.headers, timeout=30).text
+    samples = {(s.name, s.labels.get("stage")): s.value for f in text_string_to_metric_families(text)
+               for s in f.samples if f.name in ("cinevivid_job_busy_waits", "cinevivid_job_retries")}
+    assert samples.get(("cinevivid_job_busy_waits_total", "transformer"), 0) >= len(waited), samples
+    # a wait for room is not a retry: no stage_retries were spent
+    assert not any(v for (name, _), v in samples.items() if name == "cinevivid_job_retries_total"), samples

@@ -10,8 +10,8 @@ import time
 
 import numpy as np
 
-from serve.contracts import DenoisedLatents, ResolvedSpec
-from serve.stages import GENERATOR, TEXT_ENCODER, TRANSFORMER
+from serve.stages import TRANSFORMER
+from stage_calls import denoise as _denoise, prepare as _prepare
 
 # 8 windows of 4 latent frames carrying 2 (69 frames), 6 iterations per window
 LONG = dict(prompt="a long walk along the coast", negative_prompt="blurry", seed=21, width=32, height=32,
@@ -19,30 +19,6 @@ LONG = dict(prompt="a long walk along the coast", negative_prompt="blurry", seed
             ar_step=0, causal_block_size=1, addnoise_condition=20.0, fps=8)
 SHORT = dict(prompt="a short clip of a cat", seed=3, width=32, height=32, num_frames=5, num_inference_steps=2,
              guidance_scale=1.0)
-
-
-async def _prepare(stage_handle, spec: dict):
-    resolved = ResolvedSpec.model_validate(await stage_handle(GENERATOR.deployment).check.remote(spec))
-    embeds = await stage_handle(TEXT_ENCODER.deployment).encode.remote(
-        resolved.prompt, resolved.negative_prompt if resolved.do_cfg else None)
-    return resolved, embeds
-
-
-async def _denoise(stream, on_step=None) -> np.ndarray:
-    """Runs a Transformer stream until it has delivered its latents (a DF job's windows, joined),
-    then closes it, as the Generator does (the stream holds the latents while it is open)."""
-    parts = []
-    try:
-        async for event in stream:
-            if isinstance(event, DenoisedLatents):
-                parts.append(await event.ref[0])
-                if event.window is None or event.window == event.num_windows - 1:
-                    break
-            elif event.type == "step" and on_step is not None:
-                on_step(event)
-    finally:
-        stream.cancel()
-    return np.concatenate(parts, axis=2) if parts else None
 
 
 async def test_short_job_runs_between_windows_of_a_long_one_and_leaves_it_unchanged(graph_app, stage_handle):

@@ -1,13 +1,23 @@
-"""One job across several devices (serve.pipeline.parallel): the tiny model's DiT split 2-way over a
-gloo group of two processes with diffusers' own context parallelism (Ulysses, `enable_parallelism`,
-the SkyReels-V2 plan) gives the latents of the single-process run (fp32 CPU, <= 1e-5) for a T2V job
-and for a 3-window diffusion-forcing job; the plan's checks refuse what the split cannot run."""
+"""One job across several devices (serve.pipeline.parallel).
+
+- In process: the tiny model's DiT split 2-way over a gloo group of two processes with diffusers'
+  own context parallelism (Ulysses, `enable_parallelism`, the SkyReels-V2 plan) gives the latents of
+  the single-process run (fp32 CPU, <= 1e-5) for a T2V job and for a 3-window diffusion-forcing job.
+- Through Serve: a Transformer replica over 4 ranks (ulysses 2 x cfg 2: its placement group's 4
+  bundles, 3 ParallelWorker actors) gives the latents of the session app's one-device replica, and a
+  rank that dies fails the job in flight as stage_unavailable and gets the replica replaced.
+- The plan and KubeRay count every device; what the split cannot run is refused, at deploy or as a 400.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +25,7 @@ import pytest
 import torch
 
 from serve.config import Settings
-from serve.errors import ConfigError
+from serve.errors import ConfigError, unwrap_error
 from serve.pipeline.parallel import ParallelPlan, check_parallel_job, skyreels_cp_plan
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,11 +129,11 @@ def parallel_transformer(graph_app):
     from ray import serve
 
     from serve.app import bind_transformer, deployment_plan, parse_args, transformer_deployment_name
-    from tests.conftest import tiny_app_args
+    from conftest import tiny_app_args
 
     args = parse_args(tiny_app_args(name=PAR_APP, model={"name": "cinevivid-tiny", "parallel": {"ulysses": 2, "cfg": 2}},
                                     deployments={"transformer": {"ray_actor_options": {"num_cpus": 0.1},
-                                                                 "torch_threads": 1}}))
+                                                                 "torch_threads": 1, "health_check_period_s": 1}}))
     plan = deployment_plan(args)
     name = transformer_deployment_name(args, args.model.name)
     assert plan[name]["placement_group_bundles"] == [{"CPU": 0.1}] * 4
@@ -137,10 +147,11 @@ def parallel_transformer(graph_app):
 async def test_a_replica_over_four_ranks_gives_the_one_replica_latents(parallel_transformer, stage_handle):
     import ray
 
-    from tests.test_df_fairness import _denoise, _prepare
     from serve.stages import TRANSFORMER
+    from stage_calls import denoise as _denoise, prepare as _prepare
 
     one = stage_handle(TRANSFORMER.deployment)  # the session app's one-device replica of the same weights
+    alone_of = {}
     for job_id, job in (("par-t2v", PAR_T2V), ("par-df", PAR_DF)):
         spec, embeds = await _prepare(stage_handle, job)
         assert spec.is_diffusion_forcing == (job is PAR_DF)
@@ -148,6 +159,7 @@ async def test_a_replica_over_four_ranks_gives_the_one_replica_latents(parallel_
         alone = await _denoise(one.options(stream=True).denoise.remote(embeds, spec, job_id))
         assert split.shape == alone.shape
         np.testing.assert_allclose(split, alone, atol=1e-5, err_msg=job_id)
+        alone_of[job_id] = alone
         ranks = await parallel_transformer.parallel_stats.remote()
         # 4 ranks ran every forward: the cond row on ranks 0-1, the uncond row on ranks 2-3, each
         # rank's attention over half of the tokens of the last window (DF: 12 -> 6; T2V: 12 -> 6)
@@ -162,6 +174,24 @@ async def test_a_replica_over_four_ranks_gives_the_one_replica_latents(parallel_
     group = ray.util.placement_group_table()[ranks[0]["placement_group"]]
     assert group["state"] == "CREATED" and group["strategy"] == "PACK"
     assert [b for _, b in sorted(group["bundles"].items())] == [{"CPU": 0.1}] * 4
+
+    # a rank's process dies: the job in flight fails as stage_unavailable (the job service runs such a
+    # job again), the replica reports itself unhealthy, and Serve replaces it: new processes, the same latents
+    os.kill(ranks[3]["pid"], signal.SIGKILL)
+    spec, embeds = await _prepare(stage_handle, PAR_T2V)
+    with pytest.raises(Exception) as failed:
+        await _denoise(parallel_transformer.options(stream=True).denoise.remote(embeds, spec, "par-broken"))
+    assert unwrap_error(failed.value).code == "stage_unavailable", failed.value
+    old_pids, deadline = {r["pid"] for r in ranks}, time.monotonic() + 240
+    while True:
+        with contextlib.suppress(Exception):  # the broken replica's stats fail until it is replaced
+            again = await parallel_transformer.parallel_stats.remote()
+            if len(again) == 4 and old_pids.isdisjoint(r["pid"] for r in again):
+                break
+        assert time.monotonic() < deadline, "the broken parallel replica was not replaced"
+        await asyncio.sleep(1)
+    split = await _denoise(parallel_transformer.options(stream=True).denoise.remote(embeds, spec, "par-again"))
+    np.testing.assert_allclose(split, alone_of["par-t2v"], atol=1e-5)
 
 
 def _parallel_app(parallel: dict, transformer: dict | None = None, **model) -> dict:

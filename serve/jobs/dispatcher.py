@@ -25,12 +25,12 @@ import uuid
 
 from serve.config import DispatcherConfig, TTSConfig
 from serve.contracts import (
-    CANCEL_REASONS, CANCELLED, CANCELLED_MESSAGE, COMPLETED, DELETED, FAILED, IN_PROGRESS, SHUTDOWN, ErrorInfo,
-    GenerationInputs, ProgressEvent, ResolvedSpec,
+    CANCEL_REASONS, CANCELLED, CANCELLED_MESSAGE, COMPLETED, DELETED, FAILED, IN_PROGRESS, SHUTDOWN,
+    WAITING_FOR_CAPACITY, ErrorInfo, GenerationInputs, ProgressEvent, ResolvedSpec,
 )
 from serve.errors import (
-    CineVividError, GenerationCancelled, InputsMissing, InsufficientStorage, JobLost, NoResult, StageUnavailable,
-    StorageError, TTSError, is_disk_full, replica_stopped, unwrap_error,
+    CineVividError, GenerationCancelled, InputsMissing, InsufficientStorage, JobLost, NoResult, OverloadedError,
+    StageBusy, StageUnavailable, StorageError, TTSError, busy, is_disk_full, replica_stopped, unwrap_error,
 )
 from serve.jobs.artifacts import ArtifactStore
 from serve.jobs.backlog import BacklogMonitor
@@ -219,6 +219,7 @@ class Dispatcher:
                  "windows_done": self._windows_in_preview(job_id)}
         heartbeat = asyncio.create_task(self._heartbeat(job_id, state))
         retries = 0
+        busy = BusyWait(self.config.busy_wait_max_s)
         try:
             # the spec was validated once, at submission; it travels as the typed ResolvedSpec
             spec = ResolvedSpec.model_validate_json(job["spec"])
@@ -233,6 +234,11 @@ class Dispatcher:
                             break
                         await self._on_event(job_id, event, state)
                 except Exception as exc:  # noqa: BLE001 - a replica that stopped is retried
+                    if (full := busy.stage_of(exc)) is not None:  # a full queue: wait for room, run again
+                        self._cancel_stream(stream)
+                        stream = None
+                        await self._wait_for_capacity(job_id, full, busy, state, log)
+                        continue
                     stopped = self._stopped_stage(exc)
                     if stopped is None:
                         raise
@@ -314,6 +320,20 @@ class Dispatcher:
         if not isinstance(err, CineVividError) and replica_stopped(exc) is not None:
             return "generator"
         return None
+
+    async def _wait_for_capacity(self, job_id: str, stage: str, busy: "BusyWait", state: dict, log) -> None:
+        """The job's stage `stage` refused it (its queue full): show "waiting for capacity", count it,
+        wait (BusyWait's backoff); OverloadedError once the job has waited busy_wait_max_s."""
+        pause = busy.next_pause()
+        if pause is None:
+            raise OverloadedError(f"the {stage} stage stayed at capacity (its queue, max_queued_requests, full) "
+                                  f"for {busy.waited_s:.0f} s; try again later", stage=stage)
+        if busy.waits == 1:
+            log.info("job %s: the %s stage is at capacity; waiting for room", job_id, stage)
+        self.metrics.busy_waits.labels(stage).inc()
+        await self._on_event(job_id, ProgressEvent(type="stage", stage=WAITING_FOR_CAPACITY, stage_status="started",
+                                                   progress=state["progress"]), state)
+        await asyncio.sleep(pause)
 
     async def _retry_after(self, job_id: str, stage: str, retry: int, exc: BaseException, state: dict,
                            log) -> None:
@@ -479,3 +499,32 @@ def _png_array(data: bytes | None):
 
     with Image.open(io.BytesIO(data)) as img:
         return np.asarray(img.convert("RGB"))
+
+
+class BusyWait:
+    """A job's waits for a stage whose queue was full (StageBusy, or Serve's BackPressureError from
+    the Generator's own queue): pauses of 0.5 s doubling up to 5 s, for at most `max_s` in all."""
+
+    FIRST_S, MAX_PAUSE_S = 0.5, 5.0
+
+    def __init__(self, max_s: float):
+        self.max_s, self.waits, self.waited_s = max_s, 0, 0.0
+
+    @staticmethod
+    def stage_of(exc: BaseException) -> str | None:
+        """The stage that was full, or None when `exc` is another failure."""
+        err = unwrap_error(exc)
+        if isinstance(err, StageBusy):
+            return err.stage or "generator"
+        if not isinstance(err, CineVividError) and busy(exc) is not None:
+            return "generator"  # the Generator's own queue
+        return None
+
+    def next_pause(self) -> float | None:
+        """Seconds to wait before the next try, or None once `max_s` is spent."""
+        pause = min(self.MAX_PAUSE_S, self.FIRST_S * 2 ** self.waits)
+        if self.waited_s + pause > self.max_s:
+            return None
+        self.waits += 1
+        self.waited_s += pause
+        return pause

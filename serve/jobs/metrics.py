@@ -32,6 +32,9 @@ class JobMetrics:
         self.job_retries = Counter(
             "cinevivid_job_retries", "Jobs re-run from the start because a stage replica stopped while running "
             "them, by the stage whose replica stopped", ["stage"], registry=r)
+        self.busy_waits = Counter(
+            "cinevivid_job_busy_waits", "Waits of running jobs that a stage refused because its queue "
+            "(max_queued_requests) was full, by that stage", ["stage"], registry=r)
         self.jobs_by_status = Gauge("cinevivid_jobs", "Job records by status (whole database)", ["status"],
                                     registry=r)
         self.queue_depth = Gauge("cinevivid_queue_depth", "Jobs waiting in the queue (whole database)", registry=r)

@@ -247,8 +247,11 @@ class RankStats:
 
 
 class ParallelGroupBroken(RuntimeError):
-    """A worker of a parallel replica failed or is gone: the replica reports itself unhealthy, and
+    """A worker of a parallel replica failed or is gone: the job in flight fails as
+    `stage_unavailable` (the job service runs it again), the replica reports itself unhealthy, and
     Serve replaces it (with a new placement group and new workers)."""
+
+    replica_unusable = True  # serve.pipeline.scheduler: the replica cannot run another job
 
 
 class ParallelTransformer:
@@ -280,7 +283,7 @@ class ParallelTransformer:
         args = {"hidden_states": hidden_states, **kwargs}
         rows = hidden_states.shape[0]
         bounds = split_rows(rows, self.plan.cfg)
-        pending = []  # (cfg group, ref of its leader's output)
+        pending = []  # (cfg group, the refs of its workers' outputs, its leader's first)
         for g, (start, stop) in enumerate(bounds):
             part = take_rows(args, rows, start, stop, device=torch.device("cpu"))
             members = [w for (wg, _), w in sorted(self.workers.items()) if wg == g]
@@ -289,15 +292,19 @@ class ParallelTransformer:
             ref = ray.put(part)
             refs = [w.forward.remote(ref) for w in members]
             pending.append((g, refs))
-        mine = take_rows(args, rows, *bounds[0])
-        outputs = {0: self.module(**mine, return_dict=False)[0]}
-        try:
-            for g, refs in pending:
-                got = ray.get(refs, timeout=GROUP_TIMEOUT_S)
-                if g:
-                    outputs[g] = got[0]
-        except Exception as exc:  # a worker died or raised: this replica cannot run another forward
-            self.broken = f"parallel worker failed: {type(exc).__name__}: {exc}"
+        try:  # any failure leaves the ranks out of step (a collective half done): the group is broken
+            outputs = {0: self.module(**take_rows(args, rows, *bounds[0]), return_dict=False)[0]}
+            leaders = {refs[0]: g for g, refs in pending if g}
+            waiting = [ref for _, refs in pending for ref in refs]
+            while waiting:  # the first worker that failed ends the wait (not the slowest one)
+                ready, waiting = ray.wait(waiting, num_returns=1, timeout=GROUP_TIMEOUT_S)
+                if not ready:
+                    raise TimeoutError(f"no answer from a worker in {GROUP_TIMEOUT_S} s")
+                out = ray.get(ready[0])
+                if ready[0] in leaders:
+                    outputs[leaders[ready[0]]] = out
+        except Exception as exc:  # a rank died or raised: this replica cannot run another forward
+            self.broken = f"a rank of the parallel replica failed: {type(exc).__name__}: {exc}"
             raise ParallelGroupBroken(self.broken) from exc
         joined = torch.cat([outputs[g].to(self.device) for g in sorted(outputs) if outputs[g] is not None])
         return (joined,)

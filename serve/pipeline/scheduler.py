@@ -45,7 +45,7 @@ import torch
 
 from serve.config import LeversConfig
 from serve.contracts import CALLER_GONE, CANCELLED, DenoisedLatents, ProgressEvent, PromptEmbeds, ResolvedSpec
-from serve.errors import GenerationCancelled, StageError, StageOutOfMemory
+from serve.errors import GenerationCancelled, StageError, StageOutOfMemory, StageUnavailable
 from serve.pipeline.continuous import ContinuousBatch
 from serve.pipeline.denoise_step import DenoiseJob, LoopSettings, job_tokens
 from serve.pipeline.denoising import DenoiseLoop
@@ -427,6 +427,10 @@ class DenoiseScheduler:
             logger.error("transformer OOM: %s", exc)
             return StageOutOfMemory(f"out of memory {task} {where}", stage=STAGE)
         logger.error("transformer failed (%s)", task, exc_info=exc)
+        if getattr(exc, "replica_unusable", False):  # a device of a replica over several is gone
+            self.fatal = str(exc)
+            return StageUnavailable(f"the transformer replica lost a device while running this job ({exc})",
+                                    stage=STAGE)
         if "CUDA error" in str(exc):
             self.fatal = str(exc)
         return StageError(f"{task} failed: {type(exc).__name__}: {exc}", stage=STAGE)
