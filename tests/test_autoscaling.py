@@ -117,6 +117,7 @@ def scale_app(http_env, tmp_path):
         serve.delete(SCALE_APP)
 
 
+@pytest.mark.fast  # issue 21: `make test` shows the scaling
 def test_a_burst_takes_the_transformer_from_zero_to_two_and_idle_back_to_zero(scale_app, http_env, alice):
     _wait_replicas(0, 60)  # min_replicas 0: no job, no replica
     user = scale_app.user()

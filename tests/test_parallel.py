@@ -71,6 +71,7 @@ def single_process(models, inputs) -> dict:
     return out
 
 
+@pytest.mark.fast
 def test_two_way_sequence_parallel_equals_one_process(models, tmp_path):
     from diffusers import SkyReelsV2Transformer3DModel
 
@@ -144,6 +145,7 @@ def parallel_transformer(graph_app):
         serve.delete(PAR_APP)
 
 
+@pytest.mark.fast
 async def test_a_replica_over_four_ranks_gives_the_one_replica_latents(parallel_transformer, stage_handle):
     import ray
 

@@ -48,7 +48,7 @@ def test_a_fraction_that_fits_the_sum_but_not_one_gpu_is_refused_by_name():
     assert "a/Transformer: replica 3 of its minimum 3 needs 0.6 of one GPU" in str(e.value)
 
 
-@pytest.mark.parametrize("gpus", [1, 2])
+@pytest.mark.parametrize("gpus", [1, pytest.param(2, marks=pytest.mark.fast)])  # 2 GPUs in the fast tier
 def test_replicas_get_the_planned_gpu_share_and_pack_as_planned(gpus, tmp_path, tiny_model_dir):
     # not the session cluster's address, nor its HAProxy's files and ports (placement_cluster.py
     # gives its own cluster fresh ones, as the launcher does for every cluster it starts)
