@@ -216,7 +216,7 @@ def busy_app(http_env, tmp_path):
     data_dir = tmp_path / "busy-data"
     transformer = {**SMALL, "num_replicas": 1, "max_ongoing_requests": 1, "max_queued_requests": 1}
     ingress = http_ingress_args(data_dir, dispatcher={"max_concurrent_jobs": 4})
-    args = tiny_app_args(name="busy", with_ingress=True, ingress=ingress, chaos_delay_s={"transformer": 0.3},
+    args = tiny_app_args(name="busy", with_ingress=True, ingress=ingress, chaos_delay_s={"transformer": 0.5},
                          deployments={"ingress": SMALL, "transformer": transformer})
     serve.run(build_app(args), name="busy", route_prefix="/busy")
     url = f"{http_env.url}/busy"
@@ -231,6 +231,7 @@ def test_jobs_a_full_stage_queue_refuses_wait_for_capacity_and_complete(busy_app
     user, admin = busy_app.user(), busy_app.user(admin=True)
     events: dict[str, list] = {}
     denoising = threading.Event()  # the first job is on the Transformer
+    started: dict[str, threading.Event] = {}  # a job's generation has started (its Transformer call follows)
 
     def watch(vid):
         with httpx.Client(base_url=busy_app.url, headers=user.headers, timeout=300) as http:
@@ -238,18 +239,22 @@ def test_jobs_a_full_stage_queue_refuses_wait_for_capacity_and_complete(busy_app
                 events[vid].append((kind, e))
                 if kind == "step":
                     denoising.set()
+                elif kind == "stage" and e.get("stage") == "text_encoder":
+                    started[vid].set()
 
     def submit(i: int) -> str:
         vid = _submit_all(busy_app.url, user.headers, [{"prompt": f"busy {i}", "seed": 200 + i,
                                                          "num_inference_steps": 8}])[0]
-        events[vid] = []
+        events[vid], started[vid] = [], threading.Event()
         return vid
 
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         watchers = [pool.submit(watch, submit(0))]
-        assert denoising.wait(60), events  # the one slot is taken (8 slowed steps: 2.4 s) ...
-        watchers.append(pool.submit(watch, submit(1)))
-        time.sleep(0.5)  # ... the one queue place too, once the dispatcher has handed the job over
+        assert denoising.wait(60), events  # the one slot is taken (8 slowed steps: 4 s) ...
+        second = submit(1)
+        watchers.append(pool.submit(watch, second))
+        assert started[second].wait(60), events  # ... and the one queue place, just after this job's start
+        time.sleep(0.3)
         watchers += [pool.submit(watch, submit(i)) for i in (2, 3)]  # Serve refuses these at once
         for w in watchers:
             w.result(timeout=300)
