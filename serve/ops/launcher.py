@@ -33,7 +33,7 @@ from serve.runtime.cluster_record import TOKEN_NAME, reachable as _reachable, re
 from serve.runtime.cluster_record import state_file as _state_file, use_loopback_cluster, use_token
 from serve.runtime.cluster_record import write_state as _write_state
 from serve.errors import LaunchError, PortInUse
-from serve.ops.serve_env import apply_serve_env, free_port
+from serve.ops.serve_env import apply_serve_env, free_port, made_haproxy_dir, remove_haproxy_dir
 
 APP_IMPORT_PATH = "serve.app:build_app"
 
@@ -530,7 +530,7 @@ def up(config_path: str = DEFAULT_CONFIG, *, address: str | None = None, num_cpu
     # before Ray starts: `ray start` below passes the environment on to the cluster
     haproxy_before = os.environ.get("RAY_SERVE_HAPROXY_CONFIG_FILE_LOC")
     apply_serve_env(front=_front_config(config))
-    made_haproxy_dir = haproxy_before is None and os.environ.get("RAY_SERVE_HAPROXY_CONFIG_FILE_LOC")
+    made_haproxy = made_haproxy_dir(haproxy_before)
     _prepare_auth(address)
     from ray import serve
 
@@ -538,10 +538,12 @@ def up(config_path: str = DEFAULT_CONFIG, *, address: str | None = None, num_cpu
         state = _join_or_start_cluster(address, start_if_missing=True, num_cpus=num_cpus, dashboard=dashboard,
                                        node_ip_address=node_ip_address)
     except BaseException:
-        if made_haproxy_dir:  # this call made it for the cluster it could not start
-            _remove_haproxy_dir(os.path.dirname(made_haproxy_dir))
+        if made_haproxy:  # this call made it for the cluster it could not start
+            remove_haproxy_dir(made_haproxy)
         raise
     started_now = state.pop("started_now", False)
+    if made_haproxy and not started_now:  # a running cluster was reused: its HAProxy has its own folder
+        remove_haproxy_dir(made_haproxy)
     try:
         state = {**state, "config": str(Path(config_path).resolve()), "app_name": app_name(config),
                  "http_port": int(config["http_options"].get("port", DEFAULT_HTTP_PORT))}
@@ -603,19 +605,9 @@ def _stop_started(state: dict) -> int:
     ray.shutdown()
     n = _stop_cluster(state.get("session_dir"), int(state["address"].rpartition(":")[2]),
                       mark=state.get("ray_temp_dir"))
-    _remove_haproxy_dir(state.get("haproxy_dir"))
+    remove_haproxy_dir(state.get("haproxy_dir"))
     _state_file().unlink(missing_ok=True)
     return n
-
-
-def _remove_haproxy_dir(haproxy_dir: str | None) -> None:
-    """Remove a HAProxy folder apply_serve_env made (a cvhap-* temp folder; never one set by hand)
-    and forget it in this process' environment."""
-    if haproxy_dir and Path(haproxy_dir).name.startswith("cvhap-"):
-        shutil.rmtree(haproxy_dir, ignore_errors=True)
-        for key, value in list(os.environ.items()):
-            if key.startswith("RAY_SERVE_HAPROXY_") and value.startswith(haproxy_dir):
-                del os.environ[key]
 
 
 def down(address: str | None = None) -> None:

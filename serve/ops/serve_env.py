@@ -165,3 +165,21 @@ def apply_serve_env(env: MutableMapping[str, str] | None = None, haproxy_dir: st
         applied.update({key: env[key] for key in ("RAY_SERVE_HAPROXY_LOG_TARGET", "RAY_SERVE_HAPROXY_BINARY_PATH")
                         if key in env})
     return applied
+
+
+def remove_haproxy_dir(haproxy_dir: str | None) -> None:
+    """Remove a HAProxy folder apply_serve_env made (a cvhap-* temp folder; never one set by hand)
+    and forget it in this process' environment."""
+    if haproxy_dir and Path(haproxy_dir).name.startswith("cvhap-"):
+        shutil.rmtree(haproxy_dir, ignore_errors=True)
+        for key, value in list(os.environ.items()):
+            if key.startswith("RAY_SERVE_HAPROXY_") and value.startswith(haproxy_dir):
+                del os.environ[key]
+
+
+def made_haproxy_dir(before: str | None) -> str | None:
+    """The HAProxy folder `apply_serve_env` just made in this process, given the value of
+    RAY_SERVE_HAPROXY_CONFIG_FILE_LOC before the call (None if it made none): its maker removes it
+    (`remove_haproxy_dir`) once the cluster that uses it is gone, or at once if none started."""
+    now = os.environ.get("RAY_SERVE_HAPROXY_CONFIG_FILE_LOC")
+    return os.path.dirname(now) if before is None and now else None
