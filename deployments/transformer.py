@@ -136,7 +136,7 @@ class Transformer:
         from diffusers import UniPCMultistepScheduler
 
         self.model_cfg = ModelConfig.model_validate(model)
-        levers_cfg = LeversConfig.model_validate(levers or {})
+        levers_cfg = LeversConfig.model_validate(self._parallel_levers(levers or {}))
         self.liveness = LivenessConfig.model_validate(liveness or {})
         self._callers = CallerWatch(self.liveness.caller_check_interval_s)
         self._calls = OverdueCalls()  # check_health fails while one is past its deadline
@@ -148,7 +148,6 @@ class Transformer:
         if self.model_cfg.parallel.devices > 1:
             from serve.pipeline.parallel import ParallelGroup
 
-            levers_cfg = self._parallel_levers(levers_cfg)
             self.parallel = ParallelGroup(self.model_cfg.model_dump(mode="json"), levers_cfg.model_dump(mode="json"),
                                           torch_threads, self.device)
         # attention backend, fp8 and torch.compile as configured (LeverUnavailable where the hardware has none)
@@ -204,22 +203,18 @@ class Transformer:
         (its live levers, `serve.config.LIVE_LEVERS["transformer"]`). A bad value raises here and
         changes nothing; good values take effect at the next batch boundary (a batch in flight
         finishes with the levers it started with)."""
-        if self.parallel:
-            user_config = self._parallel_levers(user_config or {})
-        self.live.receive(user_config)
+        self.live.receive(self._parallel_levers(user_config or {}))
 
-    def _parallel_levers(self, levers):
-        """The levers of a replica over several devices: `cfg_batch` always with cfg parallel (its two
-        groups split each cfg-batched forward), and no step cache (it decides on the whole sequence,
-        which each rank holds a part of). `levers`: a LeversConfig or a user_config dict."""
-        get = levers.get if isinstance(levers, dict) else functools.partial(getattr, levers)
-        if (get("step_cache_threshold", 0) or 0) > 0:
+    def _parallel_levers(self, levers: dict) -> dict:
+        """The levers (the args' levers, or a user_config) as this replica runs them: on a replica over
+        several devices, `cfg_batch` always with cfg parallel (its two groups split each cfg-batched
+        forward), and no step cache (it decides on the whole sequence, which each rank holds a part of)."""
+        if self.model_cfg.parallel.devices == 1:
+            return levers
+        if (levers.get("step_cache_threshold") or 0) > 0:
             raise ValueError(f"step_cache_threshold > 0: model {self.model_cfg.name} is split over "
                              f"{self.model_cfg.parallel.devices} devices (parallel), which the step cache cannot run")
-        if self.model_cfg.parallel.cfg > 1:
-            return ({**levers, "cfg_batch": True} if isinstance(levers, dict)
-                    else levers.model_copy(update={"cfg_batch": True}))
-        return levers
+        return {**levers, "cfg_batch": True} if self.model_cfg.parallel.cfg > 1 else levers
 
     @property
     def levers(self) -> LeversConfig:

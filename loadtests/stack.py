@@ -33,7 +33,7 @@ import httpx
 
 from client.http import iter_events
 from serve.contracts import TERMINAL_STATUSES
-from serve.ops.serve_env import apply_serve_env, free_port, made_haproxy_dir, remove_haproxy_dir
+from serve.ops.serve_env import apply_own_serve_env, free_port, remove_haproxy_dir
 
 CONFIG = Path(__file__).resolve().parent.parent / "serve_config.yaml"
 APP_IMPORT_PATH = "serve.app:build_app"
@@ -198,9 +198,8 @@ def local_stack(threads: int | None = None, levers: dict | None = None, ingress:
                                       threads=threads, extra_args=extra_args)
     app = _app(config)
     args = app["args"]
-    haproxy_before = os.environ.get("RAY_SERVE_HAPROXY_CONFIG_FILE_LOC")
-    apply_serve_env(front=AppArgs.model_validate(args).http_front)  # before Ray starts, as `up` does
-    made_haproxy = made_haproxy_dir(haproxy_before)
+    # before Ray starts, as `up` does
+    made_haproxy = apply_own_serve_env(front=AppArgs.model_validate(args).http_front)
     # `cinevivid up` starts Ray with this many logical CPUs (serve.ops.launcher)
     up_cpus = max(os.cpu_count() or 1, 8)
     deviations.append("Ray started in this process (ray.init), not by `ray start`"

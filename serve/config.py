@@ -15,7 +15,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from serve.stages import GENERATOR, INGRESS, STAGES
 from serve.errors import InvalidSpecError
-from serve.frames import check_causal_block, check_df_window, check_frame_count
+from serve.frames import check_causal_block, check_df_window, check_frame_count, parallel_refusal
 
 TINY_MODEL_SOURCE = "embedded:tiny"
 # The embedded tiny models, by source: T2V (the default), I2V (with a tiny CLIP image encoder) and DF.
@@ -247,8 +247,6 @@ class ModelConfig(_Strict):
         if self.lora.enabled:
             raise ValueError(f"model {self.name}: LoRA adapters and parallel (several devices per replica) exclude "
                              "each other: the workers do not load adapters; serve the adapters from a one-device model")
-        from serve.frames import parallel_refusal
-
         refusal = parallel_refusal(self.width, self.height, p.sequence_degree,
                                    self.diffusion_forcing.causal_block_size if self.diffusion_forcing else 1)
         if refusal:

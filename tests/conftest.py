@@ -43,11 +43,9 @@ os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "0.5")
 os.environ.setdefault("RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S", "1.0")
 os.environ.setdefault("RAY_SERVE_MAX_QUEUE_LENGTH_RESPONSE_DEADLINE_S", "5.0")
 os.environ.setdefault("RAY_SERVE_MULTIPLEXED_MODEL_ID_MATCHING_TIMEOUT_S", "5.0")
-from serve.ops.serve_env import apply_serve_env, free_port, made_haproxy_dir, remove_haproxy_dir  # noqa: E402
+from serve.ops.serve_env import apply_own_serve_env, free_port, remove_haproxy_dir  # noqa: E402
 
-_haproxy_before = os.environ.get("RAY_SERVE_HAPROXY_CONFIG_FILE_LOC")
-apply_serve_env()
-if _made_haproxy := made_haproxy_dir(_haproxy_before):
+if _made_haproxy := apply_own_serve_env():
     # the session cluster's HAProxy folder (stop_local_cluster removes it too); made at import, so a
     # run that starts no cluster, or a helper script that imports this file, removes it at its exit
     atexit.register(lambda pid=os.getpid(): os.getpid() == pid and remove_haproxy_dir(_made_haproxy))

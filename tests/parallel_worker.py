@@ -21,7 +21,8 @@ def run_rank(rank: int, world: int, port: int, work: str, model_dir: str, df_dir
 
         from serve.pipeline.denoising import DenoiseJob, DenoiseLoop, LoopSettings
         from serve.pipeline.diffusion_forcing import DFJob, DFSettings, DiffusionForcingLoop
-        from serve.pipeline.parallel import ParallelPlan, enable_context_parallel
+        from serve.config import ParallelConfig
+        from serve.pipeline.parallel import enable_context_parallel
 
         t0 = time.perf_counter()
         inputs = dict(np.load(os.path.join(work, "inputs.npz")))
@@ -30,7 +31,7 @@ def run_rank(rank: int, world: int, port: int, work: str, model_dir: str, df_dir
         for name, folder in (("t2v", model_dir), ("df", df_dir)):
             transformer = SkyReelsV2Transformer3DModel.from_pretrained(os.path.join(folder, "transformer")).eval()
             scheduler = UniPCMultistepScheduler.from_pretrained(os.path.join(folder, "scheduler"))
-            enable_context_parallel(transformer, ParallelPlan(ulysses=world))
+            enable_context_parallel(transformer, ParallelConfig(ulysses=world))
             seen: list[int] = []  # the sequence length each block's self-attention sees on this rank
             transformer.blocks[0].attn1.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1]))
             if name == "t2v":

@@ -24,9 +24,10 @@ import numpy as np
 import pytest
 import torch
 
-from serve.config import Settings
-from serve.errors import ConfigError, unwrap_error
-from serve.pipeline.parallel import ParallelPlan, check_parallel_job, skyreels_cp_plan
+from serve.config import ParallelConfig, Settings
+from serve.errors import unwrap_error
+from serve.frames import parallel_refusal
+from serve.pipeline.parallel import skyreels_cp_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -101,16 +102,17 @@ def test_two_way_sequence_parallel_equals_one_process(models, tmp_path):
 
 @pytest.mark.fast
 def test_plan_and_checks():
-    plan = ParallelPlan(ulysses=2, cfg=2)
+    plan = ParallelConfig(ulysses=2, cfg=2)
     assert (plan.sequence_degree, plan.devices) == (2, 4)
     cp = skyreels_cp_plan(3)
     assert set(cp) == {"rope", "norm_out", "blocks.0", "blocks.1", "blocks.2"}
     assert set(cp["blocks.0"]) == {"hidden_states", "temb"} and set(cp["blocks.2"]) == {"temb"}
-    check_parallel_job(48, ParallelPlan(ulysses=2))
-    with pytest.raises(ConfigError, match="do not split evenly"):
-        check_parallel_job(45, ParallelPlan(ulysses=2))
-    with pytest.raises(ConfigError, match="causal_block_size"):
-        check_parallel_job(48, ParallelPlan(ulysses=2), causal_block_size=2)
+    # the one rule (serve.frames.parallel_refusal): 64x48 has 4 x 3 = 12 tokens per latent frame
+    assert parallel_refusal(64, 48, 2) is None
+    width, param = parallel_refusal(48, 48, 2)  # 3 x 3 = 9 tokens per latent frame
+    assert param == "width" and "do not split evenly" in width
+    assert parallel_refusal(64, 48, 2, causal_block_size=2)[1] == "causal_block_size"
+    assert parallel_refusal(48, 48, 1, causal_block_size=2) is None  # one rank: nothing to split
 
 
 # -- the Serve wiring: a Transformer replica over 4 ranks (2-way Ulysses x CFG parallel) ------------

@@ -219,7 +219,7 @@ class Dispatcher:
                  "windows_done": self._windows_in_preview(job_id)}
         heartbeat = asyncio.create_task(self._heartbeat(job_id, state))
         retries = 0
-        busy = BusyWait(self.config.busy_wait_max_s)
+        waits = BusyWait(self.config.busy_wait_max_s)
         try:
             # the spec was validated once, at submission; it travels as the typed ResolvedSpec
             spec = ResolvedSpec.model_validate_json(job["spec"])
@@ -234,10 +234,10 @@ class Dispatcher:
                             break
                         await self._on_event(job_id, event, state)
                 except Exception as exc:  # noqa: BLE001 - a replica that stopped is retried
-                    if (full := busy.stage_of(exc)) is not None:  # a full queue: wait for room, run again
+                    if (full := waits.stage_of(exc)) is not None:  # a full queue: wait for room, run again
                         self._cancel_stream(stream)
                         stream = None
-                        await self._wait_for_capacity(job_id, full, busy, state, log)
+                        await self._wait_for_capacity(job_id, full, waits, state, log)
                         continue
                     stopped = self._stopped_stage(exc)
                     if stopped is None:
@@ -321,14 +321,14 @@ class Dispatcher:
             return "generator"
         return None
 
-    async def _wait_for_capacity(self, job_id: str, stage: str, busy: "BusyWait", state: dict, log) -> None:
+    async def _wait_for_capacity(self, job_id: str, stage: str, waits: "BusyWait", state: dict, log) -> None:
         """The job's stage `stage` refused it (its queue full): show "waiting for capacity", count it,
         wait (BusyWait's backoff); OverloadedError once the job has waited busy_wait_max_s."""
-        pause = busy.next_pause()
+        pause = waits.next_pause()
         if pause is None:
             raise OverloadedError(f"the {stage} stage stayed at capacity (its queue, max_queued_requests, full) "
-                                  f"for {busy.waited_s:.0f} s; try again later", stage=stage)
-        if busy.waits == 1:
+                                  f"for {waits.waited_s:.0f} s; try again later", stage=stage)
+        if waits.waits == 1:
             log.info("job %s: the %s stage is at capacity; waiting for room", job_id, stage)
         self.metrics.busy_waits.labels(stage).inc()
         await self._on_event(job_id, ProgressEvent(type="stage", stage=WAITING_FOR_CAPACITY, stage_status="started",

@@ -18,7 +18,6 @@ import hashlib
 import logging
 import os
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -33,7 +32,7 @@ from serve.runtime.cluster_record import TOKEN_NAME, reachable as _reachable, re
 from serve.runtime.cluster_record import state_file as _state_file, use_loopback_cluster, use_token
 from serve.runtime.cluster_record import write_state as _write_state
 from serve.errors import LaunchError, PortInUse
-from serve.ops.serve_env import apply_serve_env, free_port, made_haproxy_dir, remove_haproxy_dir
+from serve.ops.serve_env import apply_own_serve_env, free_port, remove_haproxy_dir
 
 APP_IMPORT_PATH = "serve.app:build_app"
 
@@ -528,9 +527,7 @@ def up(config_path: str = DEFAULT_CONFIG, *, address: str | None = None, num_cpu
         check_port_choice((dashboard or DashboardOptions()).port, "--dashboard-port")
         _check_http_port(config, config_path)
     # before Ray starts: `ray start` below passes the environment on to the cluster
-    haproxy_before = os.environ.get("RAY_SERVE_HAPROXY_CONFIG_FILE_LOC")
-    apply_serve_env(front=_front_config(config))
-    made_haproxy = made_haproxy_dir(haproxy_before)
+    made_haproxy = apply_own_serve_env(front=_front_config(config))
     _prepare_auth(address)
     from ray import serve
 

@@ -177,9 +177,11 @@ def remove_haproxy_dir(haproxy_dir: str | None) -> None:
                 del os.environ[key]
 
 
-def made_haproxy_dir(before: str | None) -> str | None:
-    """The HAProxy folder `apply_serve_env` just made in this process, given the value of
-    RAY_SERVE_HAPROXY_CONFIG_FILE_LOC before the call (None if it made none): its maker removes it
-    (`remove_haproxy_dir`) once the cluster that uses it is gone, or at once if none started."""
+def apply_own_serve_env(front: HTTPFrontConfig | None = None) -> str | None:
+    """`apply_serve_env` on this process' environment, for a cluster this process is about to
+    start. Returns the HAProxy folder it made (None when the environment already named one): the
+    caller removes it (`remove_haproxy_dir`) once that cluster is gone, or at once if none started."""
+    before = os.environ.get("RAY_SERVE_HAPROXY_CONFIG_FILE_LOC")
+    apply_serve_env(front=front)
     now = os.environ.get("RAY_SERVE_HAPROXY_CONFIG_FILE_LOC")
     return os.path.dirname(now) if before is None and now else None

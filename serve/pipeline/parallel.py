@@ -17,7 +17,7 @@ diffusers' dispatcher's):
 
 The text (cross-attention keys/values) is not split. A causal-block mask (DF `causal_block_size`
 > 1) is a full-sequence attention mask, which diffusers' context-parallel attention does not take:
-`check_parallel_job` refuses it.
+`serve.frames.parallel_refusal` refuses it (a 400 per request, a config error for a model's defaults).
 
 On a CPU the group runs over gloo. diffusers' `_resolve_parallel_config` computes the rank's device
 as `rank % torch.accelerator.device_count()`, which is 0 on a CPU-only torch (ZeroDivisionError,
@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import logging
+import os
 import socket
 from typing import Any
 
@@ -43,10 +45,6 @@ logger = logging.getLogger(__name__)
 # how long a rank waits for the others (the group's start, and each collective)
 GROUP_TIMEOUT_S = 900
 
-
-# A replica's split (`models[].parallel`): ulysses x ring ranks share each forward's sequence, and
-# cfg 2 puts the conditional and the unconditional rows on two such groups; devices = the product.
-ParallelPlan = ParallelConfig
 
 def skyreels_cp_plan(num_layers: int) -> dict:
     """The context-parallel plan of a `SkyReelsV2Transformer3DModel` with `num_layers` blocks."""
@@ -79,7 +77,7 @@ def _cpu_device_count():
         torch.accelerator.device_count = original
 
 
-def enable_context_parallel(transformer, plan: ParallelPlan) -> None:
+def enable_context_parallel(transformer, plan: ParallelConfig) -> None:
     """Split `transformer`'s sequence over the initialised torch.distributed group (its world size
     must be `plan.sequence_degree`) with diffusers' `enable_parallelism`; attention on a backend
     that supports it ("native" unless one that does is set)."""
@@ -103,16 +101,6 @@ def enable_context_parallel(transformer, plan: ParallelPlan) -> None:
     with _cpu_device_count():
         transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=plan.ulysses, ring_degree=plan.ring),
                                        cp_plan=skyreels_cp_plan(len(transformer.blocks)))
-
-
-def check_parallel_job(tokens: int, plan: ParallelPlan, causal_block_size: int = 1) -> None:
-    """Refuse what the split cannot run: a sequence the ranks cannot share evenly, a causal-block mask."""
-    if tokens % plan.sequence_degree:
-        raise ConfigError(f"{tokens} DiT tokens do not split evenly over {plan.sequence_degree} ranks")
-    if causal_block_size > 1 and plan.sequence_degree > 1:
-        raise ConfigError("diffusion forcing with causal_block_size > 1 attends through a full-sequence mask, "
-                          "which diffusers' context-parallel attention does not take; use causal_block_size 1",
-                          param="causal_block_size")
 
 
 # -- the Serve wiring: one Transformer replica over several devices ---------------------------------
@@ -143,6 +131,13 @@ def join_group(address: str, rank: int, world: int, device: torch.device) -> Non
         torch.cuda.set_device(device)
     torch.distributed.init_process_group(backend, init_method=f"tcp://{address}", rank=rank, world_size=world,
                                          timeout=datetime.timedelta(seconds=GROUP_TIMEOUT_S))
+
+
+def join_and_split(transformer, address: str, seq_rank: int, plan: ParallelConfig, device: torch.device) -> None:
+    """Join the cfg group's torch.distributed group at `address` as `seq_rank` and split
+    `transformer`'s sequence over it: what rank 0 and each worker do to their own DiT."""
+    join_group(address, seq_rank, plan.sequence_degree, device)
+    enable_context_parallel(transformer, plan)
 
 
 def split_rows(rows: int, groups: int) -> list[tuple[int, int]]:
@@ -203,10 +198,8 @@ class ParallelWorker:
         """Load the DiT; with a sequence split, join the group at `address` and split it."""
         from serve.pipeline.levers import load_transformer
 
-        def split(transformer):
-            join_group(address, self.seq_rank, self.plan.sequence_degree, self.device)
-            enable_context_parallel(transformer, self.plan)
-
+        split = functools.partial(join_and_split, address=address, seq_rank=self.seq_rank, plan=self.plan,
+                                  device=self.device)
         self.transformer = load_transformer(self.model_cfg, self.levers, self.device,
                                             split if self.plan.sequence_degree > 1 else None)
         self.seen = RankStats(self.rank, self.transformer)
@@ -238,8 +231,6 @@ class RankStats:
         self.rows, self.tokens = int(hidden.shape[0]), int(hidden.shape[1])
 
     def as_dict(self) -> dict:
-        import os
-
         import ray
 
         return {"rank": self.rank, "forwards": self.forwards, "rows": self.rows, "tokens": self.tokens,
@@ -336,7 +327,6 @@ class ParallelGroup:
                 resources={k: v for k, v in bundle.items() if k not in ("CPU", "GPU", "memory")} or None,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank),
             ).remote(model, levers, torch_threads, g, r)
-        self._loads = []
 
     def join(self, transformer) -> None:
         """Every worker loads its DiT (joining its group's rendezvous); rank 0 joins group 0 and splits its own."""
@@ -346,11 +336,10 @@ class ParallelGroup:
         addresses = {0: free_address() if seq > 1 else None}
         for g in range(1, self.plan.cfg):
             addresses[g] = ray.get(self.workers[(g, 0)].address.remote()) if seq > 1 else None
-        self._loads = [w.load.remote(addresses[g]) for (g, _), w in self.workers.items()]
+        loads = [w.load.remote(addresses[g]) for (g, _), w in self.workers.items()]
         if seq > 1:
-            join_group(addresses[0], 0, seq, self.device)
-            enable_context_parallel(transformer, self.plan)
-        ray.get(self._loads, timeout=GROUP_TIMEOUT_S)  # a worker that failed to load fails the replica's start
+            join_and_split(transformer, addresses[0], 0, self.plan, self.device)
+        ray.get(loads, timeout=GROUP_TIMEOUT_S)  # a worker that failed to load fails the replica's start
         logger.info("parallel replica: %d devices (ulysses %d x ring %d x cfg %d)", self.plan.devices,
                     self.plan.ulysses, self.plan.ring, self.plan.cfg)
 
